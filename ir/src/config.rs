@@ -1,0 +1,540 @@
+//! `config.json`: a raw serde mirror of the file in both published spellings, resolved into
+//! [`Llama4Config`], which has no optional fields left (derived lists and defaults filled in the way
+//! transformers' `Llama4TextConfig` fills them).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// The checkpoint layout, which decides the tensor-name prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Architecture {
+    /// `Llama4ForConditionalGeneration`: nested `text_config`, tensors under `language_model.`.
+    ConditionalGeneration,
+    /// `Llama4ForCausalLM`: text config at top level, tensors under `model.` and `lm_head.`.
+    CausalLm,
+}
+
+impl Architecture {
+    /// The name transformers gives the class.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Architecture::ConditionalGeneration => "Llama4ForConditionalGeneration",
+            Architecture::CausalLm => "Llama4ForCausalLM",
+        }
+    }
+
+    /// Prefix of the decoder's tensors (`{prefix}model.layers.0...`, `{prefix}lm_head.weight`).
+    pub fn text_prefix(self) -> &'static str {
+        match self {
+            Architecture::ConditionalGeneration => "language_model.",
+            Architecture::CausalLm => "",
+        }
+    }
+}
+
+/// Rotary frequency scaling.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RopeScaling {
+    /// Plain `theta^(-2j/d)` frequencies.
+    Default,
+    /// Llama 3 style frequency-dependent scaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// Rotary embedding parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RopeConfig {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+}
+
+impl RopeConfig {
+    /// Inverse frequencies for `head_dim`, computed in f32 like transformers, llama3 scaling applied with
+    /// select semantics (the smooth branch, which divides by zero when low = high, is never taken then).
+    pub fn inv_freq(&self, head_dim: usize) -> Vec<f32> {
+        let base = self.theta as f32;
+        (0..head_dim / 2)
+            .map(|j| {
+                let inv = 1.0 / base.powf((2 * j) as f32 / head_dim as f32);
+                match &self.scaling {
+                    RopeScaling::Default => inv,
+                    RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor,
+                        high_freq_factor,
+                        original_max_position_embeddings,
+                    } => {
+                        let (factor, low, high) = (
+                            *factor as f32,
+                            *low_freq_factor as f32,
+                            *high_freq_factor as f32,
+                        );
+                        let orig = *original_max_position_embeddings as f32;
+                        let wavelen = 2.0 * std::f32::consts::PI / inv;
+                        let low_wavelen = orig / low;
+                        let high_wavelen = orig / high;
+                        if wavelen > low_wavelen {
+                            inv / factor
+                        } else if wavelen < high_wavelen {
+                            inv
+                        } else {
+                            let smooth = (orig / wavelen - low) / (high - low);
+                            (1.0 - smooth) * inv / factor + smooth * inv
+                        }
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+/// The vision tower's configuration as far as the importer records it (compiling it is a later stage).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VisionSummary {
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+}
+
+/// A fully resolved Llama 4 text model configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Llama4Config {
+    pub architecture: Architecture,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    /// Width of routed and shared experts.
+    pub intermediate_size: usize,
+    /// Width of the dense MLP on non-MoE layers.
+    pub intermediate_size_mlp: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope: RopeConfig,
+    /// Per layer: true when the layer uses RoPE (and chunked attention), false for NoPE layers.
+    pub uses_rope: Vec<bool>,
+    /// Sorted indices of MoE layers; the others have a dense MLP.
+    pub moe_layers: Vec<usize>,
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub use_qk_norm: bool,
+    pub attention_chunk_size: usize,
+    pub attn_temperature_tuning: bool,
+    pub floor_scale: f64,
+    pub attn_scale: f64,
+    pub tie_word_embeddings: bool,
+    pub vision: Option<VisionSummary>,
+}
+
+impl Llama4Config {
+    /// Indices of NoPE (full-attention) layers.
+    pub fn nope_layers(&self) -> Vec<usize> {
+        (0..self.num_layers)
+            .filter(|&i| !self.uses_rope[i])
+            .collect()
+    }
+
+    /// Whether layer `i` has a MoE feed-forward.
+    pub fn is_moe_layer(&self, i: usize) -> bool {
+        self.moe_layers.binary_search(&i).is_ok()
+    }
+
+    /// Reads and resolves `config.json` at `path`.
+    pub fn from_file(path: &Path) -> Result<Llama4Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ConfigError::Missing { file: file.clone() },
+            _ => ConfigError::Io {
+                file: file.clone(),
+                message: e.to_string(),
+            },
+        })?;
+        Self::from_json(&text, &file)
+    }
+
+    /// Resolves the text of a `config.json`; `file` names it in errors.
+    pub fn from_json(text: &str, file: &str) -> Result<Llama4Config, ConfigError> {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| ConfigError::InvalidJson {
+                file: file.to_string(),
+                message: e.to_string(),
+            })?;
+        let top: RawTopConfig = parse(&value, file, "")?;
+        let found = top
+            .architectures
+            .as_ref()
+            .and_then(|a| a.first().cloned())
+            .or_else(|| top.model_type.clone())
+            .ok_or_else(|| ConfigError::MissingKey {
+                file: file.to_string(),
+                key: "architectures".into(),
+            })?;
+        let architecture = match found.as_str() {
+            "Llama4ForConditionalGeneration" | "llama4" => Architecture::ConditionalGeneration,
+            "Llama4ForCausalLM" | "llama4_text" => Architecture::CausalLm,
+            _ => {
+                return Err(ConfigError::UnsupportedArchitecture {
+                    file: file.to_string(),
+                    found,
+                })
+            }
+        };
+        let (text_value, key_prefix) = match architecture {
+            Architecture::ConditionalGeneration => (
+                value
+                    .get("text_config")
+                    .ok_or_else(|| ConfigError::MissingKey {
+                        file: file.to_string(),
+                        key: "text_config".into(),
+                    })?,
+                "text_config.",
+            ),
+            Architecture::CausalLm => (&value, ""),
+        };
+        let raw: RawTextConfig = parse(text_value, file, key_prefix)?;
+        let vision = match (architecture, value.get("vision_config")) {
+            (Architecture::ConditionalGeneration, Some(v)) if !v.is_null() => {
+                let raw: RawVisionConfig = parse(v, file, "vision_config.")?;
+                Some(VisionSummary {
+                    hidden_size: raw.hidden_size.unwrap_or(768),
+                    num_layers: raw.num_hidden_layers.unwrap_or(34),
+                    image_size: raw.image_size.unwrap_or(448),
+                    patch_size: raw.patch_size.unwrap_or(14),
+                })
+            }
+            _ => None,
+        };
+        let tie = top
+            .tie_word_embeddings
+            .or(raw.tie_word_embeddings)
+            .unwrap_or(false);
+        Resolver { file, key_prefix }.resolve(raw, architecture, vision, tie)
+    }
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(
+    value: &serde_json::Value,
+    file: &str,
+    prefix: &str,
+) -> Result<T, ConfigError> {
+    T::deserialize(value).map_err(|e| ConfigError::BadValue {
+        file: file.to_string(),
+        key: format!("{prefix}<object>"),
+        problem: e.to_string(),
+    })
+}
+
+#[derive(Deserialize)]
+struct RawTopConfig {
+    architectures: Option<Vec<String>>,
+    model_type: Option<String>,
+    tie_word_embeddings: Option<bool>,
+}
+
+/// `attn_temperature_tuning` is a bool in new files and an int (truthy) in older ones.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum BoolOrInt {
+    Bool(bool),
+    Int(i64),
+}
+
+#[derive(Deserialize)]
+struct RawRopeScaling {
+    rope_type: Option<String>,
+    #[serde(rename = "type")]
+    legacy_type: Option<String>,
+    rope_theta: Option<f64>,
+    factor: Option<f64>,
+    low_freq_factor: Option<f64>,
+    high_freq_factor: Option<f64>,
+    original_max_position_embeddings: Option<f64>,
+}
+
+/// Mirrors the text part of `config.json`; every key optional so that resolution can name what is missing.
+#[derive(Deserialize)]
+struct RawTextConfig {
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    intermediate_size_mlp: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<RawRopeScaling>,
+    rope_parameters: Option<RawRopeScaling>,
+    no_rope_layers: Option<Vec<i64>>,
+    no_rope_layer_interval: Option<usize>,
+    moe_layers: Option<Vec<usize>>,
+    interleave_moe_layer_step: Option<usize>,
+    num_local_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+    use_qk_norm: Option<bool>,
+    attention_chunk_size: Option<usize>,
+    attn_temperature_tuning: Option<BoolOrInt>,
+    floor_scale: Option<f64>,
+    attn_scale: Option<f64>,
+    tie_word_embeddings: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct RawVisionConfig {
+    hidden_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    image_size: Option<usize>,
+    patch_size: Option<usize>,
+}
+
+struct Resolver<'a> {
+    file: &'a str,
+    key_prefix: &'a str,
+}
+
+impl Resolver<'_> {
+    fn required(&self, value: Option<usize>, key: &str) -> Result<usize, ConfigError> {
+        match value {
+            Some(0) => Err(self.bad(key, "must be positive")),
+            Some(v) => Ok(v),
+            None => Err(ConfigError::MissingKey {
+                file: self.file.to_string(),
+                key: format!("{}{key}", self.key_prefix),
+            }),
+        }
+    }
+
+    fn bad(&self, key: &str, problem: impl Into<String>) -> ConfigError {
+        ConfigError::BadValue {
+            file: self.file.to_string(),
+            key: format!("{}{key}", self.key_prefix),
+            problem: problem.into(),
+        }
+    }
+
+    fn resolve(
+        &self,
+        raw: RawTextConfig,
+        architecture: Architecture,
+        vision: Option<VisionSummary>,
+        tie_word_embeddings: bool,
+    ) -> Result<Llama4Config, ConfigError> {
+        let vocab_size = self.required(raw.vocab_size, "vocab_size")?;
+        let hidden_size = self.required(raw.hidden_size, "hidden_size")?;
+        let num_layers = self.required(raw.num_hidden_layers, "num_hidden_layers")?;
+        let num_heads = self.required(raw.num_attention_heads, "num_attention_heads")?;
+        let num_kv_heads = self.required(raw.num_key_value_heads, "num_key_value_heads")?;
+        if num_heads % num_kv_heads != 0 {
+            return Err(self.bad(
+                "num_key_value_heads",
+                format!("{num_kv_heads} does not divide num_attention_heads {num_heads}"),
+            ));
+        }
+        let head_dim = match raw.head_dim {
+            Some(d) => self.required(Some(d), "head_dim")?,
+            None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+            None => {
+                return Err(self.bad(
+                    "head_dim",
+                    "absent and hidden_size is not a multiple of num_attention_heads",
+                ))
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(self.bad(
+                "head_dim",
+                format!("{head_dim} is odd; rotary embedding needs pairs"),
+            ));
+        }
+
+        // An empty list is falsy in Python and means "use the default".
+        let uses_rope = match raw.no_rope_layers.filter(|l| !l.is_empty()) {
+            Some(list) => {
+                if list.len() != num_layers {
+                    return Err(self.bad(
+                        "no_rope_layers",
+                        format!("has {} entries for {num_layers} layers", list.len()),
+                    ));
+                }
+                list.into_iter().map(|v| v != 0).collect()
+            }
+            None => {
+                let interval = self.required(
+                    Some(raw.no_rope_layer_interval.unwrap_or(4)),
+                    "no_rope_layer_interval",
+                )?;
+                (0..num_layers).map(|i| (i + 1) % interval != 0).collect()
+            }
+        };
+        let moe_layers = match raw.moe_layers {
+            Some(mut list) => {
+                list.sort_unstable();
+                list.dedup();
+                if list.last().is_some_and(|&l| l >= num_layers) {
+                    return Err(self.bad(
+                        "moe_layers",
+                        format!("names a layer >= num_hidden_layers {num_layers}"),
+                    ));
+                }
+                list
+            }
+            None => {
+                let step = self.required(
+                    Some(raw.interleave_moe_layer_step.unwrap_or(1)),
+                    "interleave_moe_layer_step",
+                )?;
+                (step - 1..num_layers).step_by(step).collect()
+            }
+        };
+        let has_dense = moe_layers.len() < num_layers;
+        let intermediate_size = self.required(raw.intermediate_size, "intermediate_size")?;
+        let intermediate_size_mlp = if has_dense {
+            self.required(raw.intermediate_size_mlp, "intermediate_size_mlp")?
+        } else {
+            raw.intermediate_size_mlp.unwrap_or(0)
+        };
+        let (num_experts, top_k) = if moe_layers.is_empty() {
+            (
+                raw.num_local_experts.unwrap_or(0),
+                raw.num_experts_per_tok.unwrap_or(0),
+            )
+        } else {
+            let e = self.required(raw.num_local_experts, "num_local_experts")?;
+            let k = self.required(
+                Some(raw.num_experts_per_tok.unwrap_or(1)),
+                "num_experts_per_tok",
+            )?;
+            if k > e {
+                return Err(self.bad(
+                    "num_experts_per_tok",
+                    format!("{k} exceeds num_local_experts {e}"),
+                ));
+            }
+            (e, k)
+        };
+
+        let rope = self.rope(raw.rope_theta, raw.rope_scaling, raw.rope_parameters)?;
+        let attention_chunk_size = self.required(
+            Some(raw.attention_chunk_size.unwrap_or(8192)),
+            "attention_chunk_size",
+        )?;
+        let attn_temperature_tuning = match raw.attn_temperature_tuning {
+            None => true,
+            Some(BoolOrInt::Bool(b)) => b,
+            Some(BoolOrInt::Int(i)) => i != 0,
+        };
+        let floor_scale = raw.floor_scale.unwrap_or(8192.0);
+        if floor_scale <= 0.0 {
+            return Err(self.bad("floor_scale", "must be positive"));
+        }
+        Ok(Llama4Config {
+            architecture,
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            intermediate_size_mlp,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-5),
+            rope,
+            uses_rope,
+            moe_layers,
+            num_experts,
+            top_k,
+            use_qk_norm: raw.use_qk_norm.unwrap_or(true),
+            attention_chunk_size,
+            attn_temperature_tuning,
+            floor_scale,
+            attn_scale: raw.attn_scale.unwrap_or(0.1),
+            tie_word_embeddings: tie_word_embeddings || raw.tie_word_embeddings.unwrap_or(false),
+            vision,
+        })
+    }
+
+    fn rope(
+        &self,
+        theta: Option<f64>,
+        scaling: Option<RawRopeScaling>,
+        parameters: Option<RawRopeScaling>,
+    ) -> Result<RopeConfig, ConfigError> {
+        let (key, spec) = match (parameters, scaling) {
+            (Some(p), _) => ("rope_parameters", Some(p)),
+            (None, s) => ("rope_scaling", s),
+        };
+        let theta = spec
+            .as_ref()
+            .and_then(|s| s.rope_theta)
+            .or(theta)
+            .unwrap_or(500000.0);
+        if theta <= 0.0 {
+            return Err(self.bad("rope_theta", "must be positive"));
+        }
+        let Some(spec) = spec else {
+            return Ok(RopeConfig {
+                theta,
+                scaling: RopeScaling::Default,
+            });
+        };
+        let kind = spec
+            .rope_type
+            .or(spec.legacy_type)
+            .unwrap_or_else(|| "default".into());
+        let scaling = match kind.as_str() {
+            "default" => RopeScaling::Default,
+            "llama3" => {
+                let field = |v: Option<f64>, name: &str| {
+                    v.ok_or_else(|| ConfigError::MissingKey {
+                        file: self.file.to_string(),
+                        key: format!("{}{key}.{name}", self.key_prefix),
+                    })
+                };
+                let scaling = RopeScaling::Llama3 {
+                    factor: field(spec.factor, "factor")?,
+                    low_freq_factor: field(spec.low_freq_factor, "low_freq_factor")?,
+                    high_freq_factor: field(spec.high_freq_factor, "high_freq_factor")?,
+                    original_max_position_embeddings: field(
+                        spec.original_max_position_embeddings,
+                        "original_max_position_embeddings",
+                    )?,
+                };
+                if let RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings,
+                } = &scaling
+                {
+                    if *factor <= 0.0
+                        || *low_freq_factor <= 0.0
+                        || *high_freq_factor < *low_freq_factor
+                        || *original_max_position_embeddings <= 0.0
+                    {
+                        return Err(self.bad(key, "llama3 scaling needs factor > 0, 0 < low_freq_factor <= high_freq_factor and original_max_position_embeddings > 0"));
+                    }
+                }
+                scaling
+            }
+            other => {
+                return Err(self.bad(
+                    key,
+                    format!("rope type `{other}` is not supported (expected default or llama3)"),
+                ))
+            }
+        };
+        Ok(RopeConfig { theta, scaling })
+    }
+}

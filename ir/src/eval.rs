@@ -1,0 +1,399 @@
+//! The reference evaluator: a plain f32 interpretation of every op, written for clarity, not speed. It
+//! is the oracle that importer and passes are tested against, never a product runtime. Float values of
+//! every dtype are held as f32; `Cast` to f16/bf16 rounds like the target type would.
+
+use std::collections::HashMap;
+
+use ndarray::{s, Array2, ArrayD, Axis, Ix2, IxDyn};
+
+use crate::error::EvalError;
+use crate::graph::{Graph, Value};
+use crate::ops::{AttentionAttrs, MoeAttrs, Op};
+use crate::types::{DType, Dim, SymDim};
+use crate::verify::verify;
+
+/// A runtime value of the evaluator.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Tensor {
+    F32(ArrayD<f32>),
+    I64(ArrayD<i64>),
+}
+
+impl Tensor {
+    fn shape(&self) -> &[usize] {
+        match self {
+            Tensor::F32(a) => a.shape(),
+            Tensor::I64(a) => a.shape(),
+        }
+    }
+
+    /// The f32 array, if this is a float value.
+    pub fn as_f32(&self) -> Option<&ArrayD<f32>> {
+        match self {
+            Tensor::F32(a) => Some(a),
+            Tensor::I64(_) => None,
+        }
+    }
+}
+
+/// Evaluates `graph` on named `inputs` and returns the named graph outputs.
+pub fn evaluate(
+    graph: &Graph,
+    inputs: &HashMap<String, Tensor>,
+) -> Result<HashMap<String, Tensor>, EvalError> {
+    verify(graph, None)?;
+    let order = graph.topo_order().map_err(|_| EvalError::Node {
+        node: "<graph>".into(),
+        op: "graph",
+        problem: "cycle".into(),
+    })?;
+    bind_inputs(graph, inputs)?;
+    let mut values: HashMap<Value, Tensor> = HashMap::new();
+    for index in order {
+        let node = graph.node(index).expect("topo order lists existing nodes");
+        let args: Vec<&Tensor> = graph
+            .inputs(index)
+            .iter()
+            .map(|v| values.get(v).expect("producers run first"))
+            .collect();
+        let fail = |problem: String| EvalError::Node {
+            node: node.name.clone(),
+            op: node.op.name(),
+            problem,
+        };
+        let out = match &node.op {
+            Op::Input(a) => inputs
+                .get(&a.name)
+                .cloned()
+                .ok_or_else(|| EvalError::MissingInput(a.name.clone()))?,
+            Op::Weight(w) => Tensor::F32(graph.weights().load_f32(w)?),
+            Op::Embedding { .. } => embedding(int(args[0]), float(args[1])).map_err(fail)?,
+            Op::Attention(a) => Tensor::F32(attention(
+                a,
+                float(args[0]),
+                int(args[1]),
+                &floats(&args[2..]),
+            )),
+            Op::Mlp => Tensor::F32(mlp(
+                float(args[0]),
+                float(args[1]),
+                float(args[2]),
+                float(args[3]),
+            )),
+            Op::Moe(m) => Tensor::F32(moe(m, float(args[0]), &floats(&args[1..]))),
+            Op::RmsNorm(a) => Tensor::F32(rms_norm(
+                float(args[0]),
+                args.get(1).map(|w| float(w)),
+                a.eps,
+            )),
+            Op::Linear => Tensor::F32(linear(float(args[0]), float(args[1]))),
+            Op::Add => binary(args[0], args[1], |a, b| a + b, |a, b| a + b),
+            Op::Mul => binary(args[0], args[1], |a, b| a * b, |a, b| a * b),
+            Op::Sigmoid => Tensor::F32(float(args[0]).mapv(sigmoid)),
+            Op::Silu => Tensor::F32(float(args[0]).mapv(silu)),
+            Op::Cast { to } => cast(args[0], *to),
+        };
+        values.insert(
+            Value {
+                node: index,
+                slot: 0,
+            },
+            out,
+        );
+    }
+    Ok(graph
+        .outputs()
+        .iter()
+        .map(|(name, v)| (name.clone(), values[v].clone()))
+        .collect())
+}
+
+/// Checks every provided input against its declared type, binding symbolic dims consistently.
+fn bind_inputs(graph: &Graph, inputs: &HashMap<String, Tensor>) -> Result<(), EvalError> {
+    let mut bound: HashMap<SymDim, usize> = HashMap::new();
+    for index in graph.node_indices() {
+        let Some(Op::Input(a)) = graph.node(index).map(|n| &n.op) else {
+            continue;
+        };
+        let t = inputs
+            .get(&a.name)
+            .ok_or_else(|| EvalError::MissingInput(a.name.clone()))?;
+        let bad = |problem: String| EvalError::BadInput {
+            name: a.name.clone(),
+            problem,
+        };
+        let float_expected = a.ty.dtype.is_float();
+        if float_expected != matches!(t, Tensor::F32(_)) {
+            return Err(bad(format!("expected {} values", a.ty.dtype)));
+        }
+        if t.shape().len() != a.ty.shape.rank() {
+            return Err(bad(format!(
+                "expected shape {}, got {:?}",
+                a.ty.shape,
+                t.shape()
+            )));
+        }
+        for (&dim, &actual) in a.ty.shape.0.iter().zip(t.shape()) {
+            match dim {
+                Dim::Fixed(n) if n != actual => {
+                    return Err(bad(format!(
+                        "expected shape {}, got {:?}",
+                        a.ty.shape,
+                        t.shape()
+                    )))
+                }
+                Dim::Fixed(_) => {}
+                Dim::Sym(sym) => {
+                    if *bound.entry(sym).or_insert(actual) != actual {
+                        return Err(bad(format!(
+                            "dimension `{}` is {actual} here but {} elsewhere",
+                            sym.name(),
+                            bound[&sym]
+                        )));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+// The verifier guarantees dtypes, so these only unwrap what typing already proved.
+fn float(t: &Tensor) -> &ArrayD<f32> {
+    t.as_f32().expect("verified float operand")
+}
+
+fn floats<'a>(ts: &[&'a Tensor]) -> Vec<&'a ArrayD<f32>> {
+    ts.iter().map(|t| float(t)).collect()
+}
+
+fn int(t: &Tensor) -> &ArrayD<i64> {
+    match t {
+        Tensor::I64(a) => a,
+        Tensor::F32(_) => panic!("verified integer operand"),
+    }
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+fn silu(x: f32) -> f32 {
+    x * sigmoid(x)
+}
+
+fn binary(
+    a: &Tensor,
+    b: &Tensor,
+    f: fn(&ArrayD<f32>, &ArrayD<f32>) -> ArrayD<f32>,
+    i: fn(&ArrayD<i64>, &ArrayD<i64>) -> ArrayD<i64>,
+) -> Tensor {
+    match (a, b) {
+        (Tensor::F32(a), Tensor::F32(b)) => Tensor::F32(f(a, b)),
+        (Tensor::I64(a), Tensor::I64(b)) => Tensor::I64(i(a, b)),
+        _ => panic!("verified operands of one dtype"),
+    }
+}
+
+fn cast(t: &Tensor, to: DType) -> Tensor {
+    match (t, to) {
+        (Tensor::F32(a), DType::F16) => Tensor::F32(a.mapv(|x| half::f16::from_f32(x).to_f32())),
+        (Tensor::F32(a), DType::BF16) => Tensor::F32(a.mapv(|x| half::bf16::from_f32(x).to_f32())),
+        (Tensor::F32(a), d) if d.is_float() => Tensor::F32(a.clone()),
+        (Tensor::F32(a), _) => Tensor::I64(a.mapv(|x| x as i64)),
+        (Tensor::I64(a), d) if d.is_float() => Tensor::F32(a.mapv(|x| x as f32)),
+        (Tensor::I64(a), _) => Tensor::I64(a.clone()),
+    }
+}
+
+fn embedding(ids: &ArrayD<i64>, table: &ArrayD<f32>) -> Result<Tensor, String> {
+    let (vocab, hidden) = (table.shape()[0], table.shape()[1]);
+    let mut out = Vec::with_capacity(ids.len() * hidden);
+    for &id in ids.iter() {
+        let row = usize::try_from(id)
+            .ok()
+            .filter(|&r| r < vocab)
+            .ok_or_else(|| format!("token id {id} is outside the vocabulary 0..{vocab}"))?;
+        out.extend(table.index_axis(Axis(0), row).iter());
+    }
+    let mut shape = ids.shape().to_vec();
+    shape.push(hidden);
+    Ok(Tensor::F32(
+        ArrayD::from_shape_vec(IxDyn(&shape), out).expect("sizes agree"),
+    ))
+}
+
+/// RMS norm over the last axis, optionally times `weight`.
+pub fn rms_norm(x: &ArrayD<f32>, weight: Option<&ArrayD<f32>>, eps: f32) -> ArrayD<f32> {
+    let mut out = x.clone();
+    let h = *x.shape().last().expect("rank >= 1");
+    for mut row in out.rows_mut() {
+        let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
+        let inv = 1.0 / (mean_sq + eps).sqrt();
+        row.mapv_inplace(|v| v * inv);
+        if let Some(w) = weight {
+            row.iter_mut().zip(w.iter()).for_each(|(v, w)| *v *= w);
+        }
+    }
+    out
+}
+
+fn as_matrix(x: &ArrayD<f32>) -> Array2<f32> {
+    let k = *x.shape().last().expect("rank >= 1");
+    x.to_shape((x.len() / k.max(1), k))
+        .expect("contiguous")
+        .to_owned()
+}
+
+/// `x w^T` over the last axis of x.
+pub fn linear(x: &ArrayD<f32>, w: &ArrayD<f32>) -> ArrayD<f32> {
+    let w2 = w
+        .view()
+        .into_dimensionality::<Ix2>()
+        .expect("verified rank 2");
+    let y = as_matrix(x).dot(&w2.t());
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().expect("rank >= 1") = w2.shape()[0];
+    y.into_shape_with_order(IxDyn(&shape)).expect("sizes agree")
+}
+
+fn mlp(x: &ArrayD<f32>, gate: &ArrayD<f32>, up: &ArrayD<f32>, down: &ArrayD<f32>) -> ArrayD<f32> {
+    let g = linear(x, gate).mapv(silu);
+    linear(&(g * linear(x, up)), down)
+}
+
+fn moe(m: &MoeAttrs, x: &ArrayD<f32>, w: &[&ArrayD<f32>]) -> ArrayD<f32> {
+    let (router, gate_up, down) = (w[0], w[1], w[2]);
+    let mut out = mlp(x, w[3], w[4], w[5]);
+    let shape = out.shape().to_vec();
+    let h = shape[2];
+    let xs = as_matrix(x);
+    let logits = as_matrix(&linear(x, router));
+    let mut out2 = as_matrix(&out);
+    let inter = m.intermediate_size;
+    for t in 0..xs.nrows() {
+        let row = logits.row(t);
+        let mut ranked: Vec<usize> = (0..m.num_experts).collect();
+        // Descending logit; ties keep the lower expert index first.
+        ranked.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        for &e in &ranked[..m.top_k] {
+            let z = xs.row(t).mapv(|v| v * sigmoid(row[e]));
+            let gu = gate_up
+                .index_axis(Axis(0), e)
+                .into_dimensionality::<Ix2>()
+                .expect("verified [H, 2I]");
+            let g = z.dot(&gu.slice(s![.., ..inter]));
+            let u = z.dot(&gu.slice(s![.., inter..]));
+            let act = g.mapv(silu) * u;
+            let d = down
+                .index_axis(Axis(0), e)
+                .into_dimensionality::<Ix2>()
+                .expect("verified [I, H]");
+            let y = act.dot(&d);
+            out2.row_mut(t)
+                .iter_mut()
+                .zip(y.iter())
+                .for_each(|(o, v)| *o += v);
+        }
+    }
+    debug_assert_eq!(out2.ncols(), h);
+    out = out2
+        .into_shape_with_order(IxDyn(&shape))
+        .expect("sizes agree");
+    out
+}
+
+/// Llama 4 self-attention over the whole sequence; positions come from `positions` for both queries and
+/// keys (the Imported phase has no KV cache).
+fn attention(
+    a: &AttentionAttrs,
+    x: &ArrayD<f32>,
+    positions: &ArrayD<i64>,
+    w: &[&ArrayD<f32>],
+) -> ArrayD<f32> {
+    let (b, s, hidden) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+    let (nh, nkv, d) = (a.num_heads, a.num_kv_heads, a.head_dim);
+    let to_heads = |t: ArrayD<f32>, heads: usize| {
+        t.into_shape_with_order(IxDyn(&[b, s, heads, d]))
+            .expect("sizes agree")
+    };
+    let mut q = to_heads(linear(x, w[0]), nh);
+    let mut k = to_heads(linear(x, w[1]), nkv);
+    let v = to_heads(linear(x, w[2]), nkv);
+    let pos = |bi: usize, si: usize| positions[[bi, si]];
+
+    if let Some(rope) = &a.rope {
+        for (t, heads) in [(&mut q, nh), (&mut k, nkv)] {
+            for bi in 0..b {
+                for si in 0..s {
+                    let p = pos(bi, si) as f32;
+                    for h in 0..heads {
+                        for (j, &f) in rope.inv_freq.iter().enumerate() {
+                            let angle = p * f;
+                            let (sin, cos) = angle.sin_cos();
+                            let (x0, x1) = (t[[bi, si, h, 2 * j]], t[[bi, si, h, 2 * j + 1]]);
+                            t[[bi, si, h, 2 * j]] = x0 * cos - x1 * sin;
+                            t[[bi, si, h, 2 * j + 1]] = x0 * sin + x1 * cos;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if let Some(eps) = a.qk_norm_eps {
+        q = rms_norm(&q, None, eps);
+        k = rms_norm(&k, None, eps);
+    }
+    if let Some(t) = a.temperature {
+        for bi in 0..b {
+            for si in 0..s {
+                let p = pos(bi, si) as f32;
+                let factor = ((p + 1.0) / t.floor_scale).floor().ln_1p() * t.attn_scale + 1.0;
+                q.slice_mut(s![bi, si, .., ..]).mapv_inplace(|v| v * factor);
+            }
+        }
+    }
+
+    let group = nh / nkv;
+    let mut out = ArrayD::<f32>::zeros(IxDyn(&[b, s, nh * d]));
+    for bi in 0..b {
+        for h in 0..nh {
+            let kv = h / group;
+            for qi in 0..s {
+                let pq = pos(bi, qi);
+                let visible = |ki: usize| {
+                    let pk = pos(bi, ki);
+                    pk <= pq
+                        && a.chunk.is_none_or(|c| {
+                            pk.div_euclid(c.size as i64) == pq.div_euclid(c.size as i64)
+                        })
+                };
+                let scores: Vec<Option<f32>> = (0..s)
+                    .map(|ki| {
+                        visible(ki).then(|| {
+                            (0..d)
+                                .map(|e| q[[bi, qi, h, e]] * k[[bi, ki, kv, e]])
+                                .sum::<f32>()
+                                * a.scale
+                        })
+                    })
+                    .collect();
+                let max = scores
+                    .iter()
+                    .flatten()
+                    .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let exps: Vec<f32> = scores
+                    .iter()
+                    .map(|sc| sc.map_or(0.0, |v| (v - max).exp()))
+                    .collect();
+                let total: f32 = exps.iter().sum();
+                for e in 0..d {
+                    let acc: f32 = (0..s).map(|ki| exps[ki] * v[[bi, ki, kv, e]]).sum();
+                    out[[bi, qi, h * d + e]] = if total > 0.0 { acc / total } else { 0.0 };
+                }
+            }
+        }
+    }
+    debug_assert_eq!(hidden, w[3].shape()[0]);
+    linear(&out, w[3])
+}

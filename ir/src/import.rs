@@ -1,0 +1,461 @@
+//! The front end: opens a Hugging Face Llama 4 checkpoint folder (config.json + safetensors, one file or
+//! sharded with an index), validates every tensor the config implies, and builds the Imported-phase graph.
+//! Weights are mmapped and referenced, never copied. The vision tower is enumerated, not compiled.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Llama4Config;
+use crate::error::{Diagnostic, ImportError, VerifyError};
+use crate::graph::{Graph, Value};
+use crate::ops::{
+    AttentionAttrs, ChunkAttrs, InputAttrs, MoeAttrs, Op, Phase, RmsNormAttrs, RopeAttrs,
+    TemperatureAttrs,
+};
+use crate::types::{DType, Dim, SymDim, TensorType};
+use crate::verify::verify;
+use crate::weights::{
+    dtype_from_safetensors, Shard, ShardId, TensorSource, WeightRef, WeightStore,
+};
+
+const INDEX_FILE: &str = "model.safetensors.index.json";
+const SINGLE_FILE: &str = "model.safetensors";
+const VISION_PREFIXES: [&str; 2] = ["vision_model.", "multi_modal_projector."];
+
+/// A checkpoint folder with its resolved config and mmapped, validated shards.
+#[derive(Debug)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub config: Llama4Config,
+    pub store: Arc<WeightStore>,
+    /// Every tensor the checkpoint holds, with the shard holding it.
+    locations: BTreeMap<String, ShardId>,
+}
+
+/// A tensor's name, dtype and shape, as recorded for the vision tower.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TensorSummary {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+}
+
+/// Parameter counts of a checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ParamCounts {
+    /// Every tensor, vision included.
+    pub total: u64,
+    pub text: u64,
+    pub vision: u64,
+    /// Text parameters used per token: all but the routed experts that top-k does not select.
+    pub active: u64,
+}
+
+#[derive(Deserialize)]
+struct RawIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+impl Checkpoint {
+    /// Opens `dir`: reads config.json, maps and validates every shard.
+    pub fn open(dir: &Path) -> Result<Checkpoint, ImportError> {
+        let config = Llama4Config::from_file(&dir.join("config.json"))?;
+        let mut store = WeightStore::default();
+        let mut locations = BTreeMap::new();
+        let index_path = dir.join(INDEX_FILE);
+        if index_path.exists() {
+            let index_name = index_path.display().to_string();
+            let text = std::fs::read_to_string(&index_path).map_err(|e| ImportError::BadIndex {
+                file: index_name.clone(),
+                problem: e.to_string(),
+            })?;
+            let index: RawIndex =
+                serde_json::from_str(&text).map_err(|e| ImportError::BadIndex {
+                    file: index_name.clone(),
+                    problem: format!("invalid index JSON: {e}"),
+                })?;
+            let mut opened: BTreeMap<String, ShardId> = BTreeMap::new();
+            for shard_name in index.weight_map.values() {
+                if opened.contains_key(shard_name) {
+                    continue;
+                }
+                let path =
+                    shard_path(dir, shard_name).map_err(|problem| ImportError::BadIndex {
+                        file: index_name.clone(),
+                        problem,
+                    })?;
+                let id = store.push(Shard::open(&path, &path.display().to_string())?);
+                opened.insert(shard_name.clone(), id);
+            }
+            for (tensor, shard_name) in &index.weight_map {
+                let id = opened[shard_name];
+                if store.shard(id).info(tensor).is_none() {
+                    return Err(ImportError::NotInShard {
+                        index: index_name.clone(),
+                        tensor: tensor.clone(),
+                        shard: shard_name.clone(),
+                    });
+                }
+                locations.insert(tensor.clone(), id);
+            }
+        } else if dir.join(SINGLE_FILE).exists() {
+            let path = dir.join(SINGLE_FILE);
+            let id = store.push(Shard::open(&path, &path.display().to_string())?);
+            for name in store.shard(id).tensor_names() {
+                locations.insert(name.to_string(), id);
+            }
+        } else {
+            return Err(ImportError::NoWeights {
+                dir: dir.display().to_string(),
+            });
+        }
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            config,
+            store: Arc::new(store),
+            locations,
+        })
+    }
+
+    /// Names of all tensors, sorted.
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.locations.keys().map(String::as_str)
+    }
+
+    fn summary(&self, name: &str) -> Option<TensorSummary> {
+        let info = self.store.shard(*self.locations.get(name)?).info(name)?;
+        Some(TensorSummary {
+            name: name.to_string(),
+            dtype: format!("{:?}", info.dtype),
+            shape: info.shape.clone(),
+        })
+    }
+
+    /// The vision tower and projector tensors, sorted by name.
+    pub fn vision_tensors(&self) -> Vec<TensorSummary> {
+        self.tensor_names()
+            .filter(|n| VISION_PREFIXES.iter().any(|p| n.starts_with(p)))
+            .filter_map(|n| self.summary(n))
+            .collect()
+    }
+
+    /// Parameter counts (total, text, vision, active per token).
+    pub fn param_counts(&self) -> ParamCounts {
+        let mut counts = ParamCounts {
+            total: 0,
+            text: 0,
+            vision: 0,
+            active: 0,
+        };
+        for name in self.tensor_names() {
+            let n = self
+                .summary(name)
+                .map_or(0, |s| s.shape.iter().product::<usize>() as u64);
+            counts.total += n;
+            if VISION_PREFIXES.iter().any(|p| name.starts_with(p)) {
+                counts.vision += n;
+            } else {
+                counts.text += n;
+            }
+        }
+        let c = &self.config;
+        let idle_experts = c.num_experts.saturating_sub(c.top_k) as u64;
+        let per_expert = 3 * (c.hidden_size * c.intermediate_size) as u64;
+        counts.active = counts.text - idle_experts * per_expert * c.moe_layers.len() as u64;
+        counts
+    }
+
+    /// A reference to tensor `name`, checked to exist with `shape` and a float dtype herd reads.
+    pub fn weight(
+        &self,
+        name: &str,
+        shape: &[usize],
+        what: &str,
+    ) -> Result<WeightRef, ImportError> {
+        let shard = *self
+            .locations
+            .get(name)
+            .ok_or_else(|| ImportError::MissingTensor {
+                tensor: name.to_string(),
+                what: what.to_string(),
+            })?;
+        let file = self.store.shard(shard);
+        let info = file.info(name).ok_or_else(|| ImportError::MissingTensor {
+            tensor: name.to_string(),
+            what: what.to_string(),
+        })?;
+        let dtype = dtype_from_safetensors(info.dtype)
+            .filter(|d| matches!(d, DType::F32 | DType::F16 | DType::BF16))
+            .ok_or_else(|| ImportError::UnsupportedWeightDtype {
+                tensor: name.to_string(),
+                file: file.name.clone(),
+                dtype: format!("{:?}", info.dtype),
+            })?;
+        if info.shape != shape {
+            return Err(ImportError::WrongShape {
+                tensor: name.to_string(),
+                file: file.name.clone(),
+                expected: shape.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+        Ok(WeightRef {
+            source: TensorSource {
+                shard,
+                tensor: name.to_string(),
+            },
+            dtype,
+            stored_shape: shape.to_vec(),
+            transforms: Vec::new(),
+        })
+    }
+}
+
+/// Resolves an index's shard entry, refusing paths that could leave the checkpoint folder.
+fn shard_path(dir: &Path, shard: &str) -> Result<PathBuf, String> {
+    let relative = Path::new(shard);
+    if relative.is_absolute()
+        || !relative
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+    {
+        return Err(format!(
+            "shard path `{shard}` must be a plain file name inside the checkpoint folder (absolute paths and `..` are refused)"
+        ));
+    }
+    let path = dir.join(relative);
+    if !path.exists() {
+        return Err(format!(
+            "shard `{shard}` is listed but {} does not exist",
+            path.display()
+        ));
+    }
+    let (Ok(real_dir), Ok(real_path)) = (dir.canonicalize(), path.canonicalize()) else {
+        return Err(format!("cannot resolve shard `{shard}`"));
+    };
+    if !real_path.starts_with(&real_dir) {
+        return Err(format!(
+            "shard `{shard}` resolves outside the checkpoint folder (a symlink?)"
+        ));
+    }
+    Ok(path)
+}
+
+/// A checkpoint imported into an Imported-phase graph.
+#[derive(Debug)]
+pub struct Imported {
+    pub graph: Graph,
+    pub checkpoint: Checkpoint,
+}
+
+/// Opens `dir` and builds the verified Imported-phase decoder graph:
+/// inputs `input_ids` i64[batch, seq] and `position_ids` i64[batch, seq], output `logits` f32[batch, seq, vocab].
+pub fn import(dir: &Path) -> Result<Imported, ImportError> {
+    let checkpoint = Checkpoint::open(dir)?;
+    let graph = build_graph(&checkpoint)?;
+    verify(&graph, None).map_err(ImportError::Verify)?;
+    Ok(Imported { graph, checkpoint })
+}
+
+fn build_graph(ckpt: &Checkpoint) -> Result<Graph, ImportError> {
+    let c = &ckpt.config;
+    let p = c.architecture.text_prefix();
+    let (h, v, d) = (c.hidden_size, c.vocab_size, c.head_dim);
+    let mut b = Builder {
+        ckpt,
+        graph: Graph::new(Phase::Imported, ckpt.store.clone()),
+    };
+    let tokens = vec![Dim::Sym(SymDim::Batch), Dim::Sym(SymDim::Seq)];
+    let ids = b.add(
+        "input_ids",
+        Op::Input(InputAttrs {
+            name: "input_ids".into(),
+            ty: TensorType::new(DType::I64, tokens.clone()),
+        }),
+        &[],
+    )?;
+    let positions = b.add(
+        "position_ids",
+        Op::Input(InputAttrs {
+            name: "position_ids".into(),
+            ty: TensorType::new(DType::I64, tokens),
+        }),
+        &[],
+    )?;
+    let embed_name = format!("{p}model.embed_tokens.weight");
+    let embed = b.weight(&embed_name, &[v, h], "token embedding")?;
+    let mut x = b.add("embed", Op::Embedding { out: DType::F32 }, &[ids, embed])?;
+    let eps = c.rms_norm_eps as f32;
+    for i in 0..c.num_layers {
+        let l = format!("{p}model.layers.{i}.");
+        let what = |s: &str| format!("layer {i} {s}");
+        let w_in = b.weight(
+            &format!("{l}input_layernorm.weight"),
+            &[h],
+            &what("input norm"),
+        )?;
+        let normed = b.add(
+            format!("layers.{i}.input_norm"),
+            Op::RmsNorm(RmsNormAttrs { eps }),
+            &[x, w_in],
+        )?;
+        let q = b.weight(
+            &format!("{l}self_attn.q_proj.weight"),
+            &[c.num_heads * d, h],
+            &what("q projection"),
+        )?;
+        let k = b.weight(
+            &format!("{l}self_attn.k_proj.weight"),
+            &[c.num_kv_heads * d, h],
+            &what("k projection"),
+        )?;
+        let vw = b.weight(
+            &format!("{l}self_attn.v_proj.weight"),
+            &[c.num_kv_heads * d, h],
+            &what("v projection"),
+        )?;
+        let o = b.weight(
+            &format!("{l}self_attn.o_proj.weight"),
+            &[h, c.num_heads * d],
+            &what("o projection"),
+        )?;
+        let rope = c.uses_rope[i];
+        let attrs = AttentionAttrs {
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: d,
+            rope: rope.then(|| RopeAttrs {
+                inv_freq: c.rope.inv_freq(d),
+            }),
+            qk_norm_eps: (rope && c.use_qk_norm).then_some(eps),
+            chunk: rope.then_some(ChunkAttrs {
+                size: c.attention_chunk_size,
+            }),
+            temperature: (!rope && c.attn_temperature_tuning).then_some(TemperatureAttrs {
+                floor_scale: c.floor_scale as f32,
+                attn_scale: c.attn_scale as f32,
+            }),
+            scale: (d as f32).powf(-0.5),
+        };
+        let attn = b.add(
+            format!("layers.{i}.attn"),
+            Op::Attention(attrs),
+            &[normed, positions, q, k, vw, o],
+        )?;
+        let resid = b.add(format!("layers.{i}.attn_residual"), Op::Add, &[x, attn])?;
+        let w_post = b.weight(
+            &format!("{l}post_attention_layernorm.weight"),
+            &[h],
+            &what("post-attention norm"),
+        )?;
+        let normed = b.add(
+            format!("layers.{i}.post_norm"),
+            Op::RmsNorm(RmsNormAttrs { eps }),
+            &[resid, w_post],
+        )?;
+        let ff = if c.is_moe_layer(i) {
+            let (e, inter) = (c.num_experts, c.intermediate_size);
+            let f = format!("{l}feed_forward.");
+            let inputs = [
+                normed,
+                b.weight(&format!("{f}router.weight"), &[e, h], &what("MoE router"))?,
+                b.weight(
+                    &format!("{f}experts.gate_up_proj"),
+                    &[e, h, 2 * inter],
+                    &what("experts gate/up"),
+                )?,
+                b.weight(
+                    &format!("{f}experts.down_proj"),
+                    &[e, inter, h],
+                    &what("experts down"),
+                )?,
+                b.weight(
+                    &format!("{f}shared_expert.gate_proj.weight"),
+                    &[inter, h],
+                    &what("shared expert gate"),
+                )?,
+                b.weight(
+                    &format!("{f}shared_expert.up_proj.weight"),
+                    &[inter, h],
+                    &what("shared expert up"),
+                )?,
+                b.weight(
+                    &format!("{f}shared_expert.down_proj.weight"),
+                    &[h, inter],
+                    &what("shared expert down"),
+                )?,
+            ];
+            let attrs = MoeAttrs {
+                num_experts: e,
+                top_k: c.top_k,
+                intermediate_size: inter,
+            };
+            b.add(format!("layers.{i}.moe"), Op::Moe(attrs), &inputs)?
+        } else {
+            let inter = c.intermediate_size_mlp;
+            let f = format!("{l}feed_forward.");
+            let inputs = [
+                normed,
+                b.weight(
+                    &format!("{f}gate_proj.weight"),
+                    &[inter, h],
+                    &what("MLP gate"),
+                )?,
+                b.weight(&format!("{f}up_proj.weight"), &[inter, h], &what("MLP up"))?,
+                b.weight(
+                    &format!("{f}down_proj.weight"),
+                    &[h, inter],
+                    &what("MLP down"),
+                )?,
+            ];
+            b.add(format!("layers.{i}.mlp"), Op::Mlp, &inputs)?
+        };
+        x = b.add(format!("layers.{i}.ffn_residual"), Op::Add, &[resid, ff])?;
+    }
+    let w_norm = b.weight(&format!("{p}model.norm.weight"), &[h], "final norm")?;
+    let normed = b.add(
+        "final_norm",
+        Op::RmsNorm(RmsNormAttrs { eps }),
+        &[x, w_norm],
+    )?;
+    let head_name = format!("{p}lm_head.weight");
+    let head = if c.tie_word_embeddings && !ckpt.locations.contains_key(&head_name) {
+        b.weight(&embed_name, &[v, h], "lm_head (tied to the embedding)")?
+    } else {
+        b.weight(&head_name, &[v, h], "lm_head")?
+    };
+    let logits = b.add("lm_head", Op::Linear, &[normed, head])?;
+    b.graph.set_output("logits", logits);
+    Ok(b.graph)
+}
+
+struct Builder<'a> {
+    ckpt: &'a Checkpoint,
+    graph: Graph,
+}
+
+impl Builder<'_> {
+    fn add(
+        &mut self,
+        name: impl Into<String>,
+        op: Op,
+        inputs: &[Value],
+    ) -> Result<Value, ImportError> {
+        self.graph.add(name, op, inputs).map_err(|d| bug(d))
+    }
+
+    fn weight(&mut self, name: &str, shape: &[usize], what: &str) -> Result<Value, ImportError> {
+        let w = self.ckpt.weight(name, shape, what)?;
+        self.add(name, Op::Weight(w), &[])
+    }
+}
+
+fn bug(d: Diagnostic) -> ImportError {
+    ImportError::Verify(VerifyError {
+        after_pass: Some("import".into()),
+        diagnostics: vec![d],
+    })
+}

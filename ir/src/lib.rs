@@ -1,0 +1,22 @@
+//! herd-ir: the graph IR of the herd compiler, its verifier, text printer and reference evaluator, and the
+//! Hugging Face Llama 4 importer that is its front end.
+
+pub mod config;
+pub mod error;
+pub mod eval;
+pub mod graph;
+pub mod import;
+pub mod infer;
+pub mod ops;
+pub mod print;
+pub mod types;
+pub mod verify;
+pub mod weights;
+
+pub use config::Llama4Config;
+pub use error::{ConfigError, Diagnostic, EvalError, ImportError, VerifyError, WeightError};
+pub use graph::{Graph, Node, Value};
+pub use import::{import, Checkpoint, Imported};
+pub use ops::{Op, Phase};
+pub use types::{DType, Dim, DimBindings, Shape, SymDim, TensorType};
+pub use verify::verify;

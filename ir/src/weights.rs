@@ -1,0 +1,425 @@
+//! Weights as graph values: a reference to a tensor inside an mmapped safetensors shard plus a lazy chain
+//! of transforms. Nothing here copies weight bytes until a consumer asks for one tensor's values.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use ndarray::{ArrayD, Axis, IxDyn};
+use safetensors::tensor::{Dtype as StDtype, SafeTensorError, SafeTensors, TensorInfo};
+
+use crate::error::WeightError;
+use crate::types::{DType, Shape, TensorType};
+
+/// Index of a shard inside its [`WeightStore`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ShardId(pub u32);
+
+/// Where a weight's bytes live: a tensor of a shard.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TensorSource {
+    pub shard: ShardId,
+    pub tensor: String,
+}
+
+/// A lazy transform applied to a weight when it is read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transform {
+    /// Permute the axes: output axis i is input axis `perm[i]`.
+    Transpose { perm: Vec<usize> },
+    /// Keep `start..end` along `axis`.
+    Slice {
+        axis: usize,
+        start: usize,
+        end: usize,
+    },
+    /// Keep index `index` along `axis`, dropping the axis.
+    Select { axis: usize, index: usize },
+}
+
+/// A weight value: its source tensor, the stored type, and the transforms applied on read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WeightRef {
+    pub source: TensorSource,
+    /// Element type as stored in the shard.
+    pub dtype: DType,
+    /// Shape as stored in the shard.
+    pub stored_shape: Vec<usize>,
+    pub transforms: Vec<Transform>,
+}
+
+impl WeightRef {
+    /// The shape after all transforms, or a description of the first transform that does not fit.
+    pub fn shape(&self) -> Result<Vec<usize>, String> {
+        let mut shape = self.stored_shape.clone();
+        for t in &self.transforms {
+            shape = transformed_shape(&shape, t)?;
+        }
+        Ok(shape)
+    }
+
+    /// The value's type; invalid transform chains are reported by the verifier, here they give the stored shape.
+    pub fn ty(&self) -> TensorType {
+        let shape = self.shape().unwrap_or_else(|_| self.stored_shape.clone());
+        TensorType {
+            dtype: self.dtype,
+            shape: Shape::fixed(&shape),
+        }
+    }
+
+    /// Number of elements after transforms.
+    pub fn num_elements(&self) -> usize {
+        self.shape().unwrap_or_default().iter().product()
+    }
+}
+
+fn transformed_shape(shape: &[usize], t: &Transform) -> Result<Vec<usize>, String> {
+    match t {
+        Transform::Transpose { perm } => {
+            let mut seen = vec![false; shape.len()];
+            if perm.len() != shape.len()
+                || perm
+                    .iter()
+                    .any(|&p| p >= shape.len() || std::mem::replace(&mut seen[p], true))
+            {
+                return Err(format!(
+                    "transpose {perm:?} is not a permutation of rank {}",
+                    shape.len()
+                ));
+            }
+            Ok(perm.iter().map(|&p| shape[p]).collect())
+        }
+        Transform::Slice { axis, start, end } => {
+            if *axis >= shape.len() || start > end || *end > shape[*axis] {
+                return Err(format!(
+                    "slice {start}..{end} on axis {axis} does not fit shape {shape:?}"
+                ));
+            }
+            let mut out = shape.to_vec();
+            out[*axis] = end - start;
+            Ok(out)
+        }
+        Transform::Select { axis, index } => {
+            if *axis >= shape.len() || *index >= shape[*axis] {
+                return Err(format!(
+                    "select {index} on axis {axis} does not fit shape {shape:?}"
+                ));
+            }
+            let mut out = shape.to_vec();
+            out.remove(*axis);
+            Ok(out)
+        }
+    }
+}
+
+/// One mmapped safetensors file with its validated header.
+#[derive(Debug)]
+pub struct Shard {
+    /// The file as named inside the checkpoint folder (for messages and the printer).
+    pub name: String,
+    pub path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    tensors: HashMap<String, TensorInfo>,
+}
+
+impl Shard {
+    /// Maps `path` and validates its header: the header length, JSON, offsets (contiguous, inside the
+    /// file, not overlapping) and the byte count of every tensor against its dtype and shape.
+    pub fn open(path: &Path, name: &str) -> Result<Shard, WeightError> {
+        let file = File::open(path).map_err(|e| WeightError::Io {
+            file: name.to_string(),
+            message: e.to_string(),
+        })?;
+        // SAFETY: the checkpoint is opened read-only; herd never writes to it, and a file truncated by
+        // another process while mapped is outside what a compiler can defend against.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| WeightError::Io {
+            file: name.to_string(),
+            message: e.to_string(),
+        })?;
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&mmap).map_err(|e| describe_header_error(name, &mmap, e))?;
+        let tensors = metadata
+            .tensors()
+            .into_iter()
+            .map(|(k, v)| (k, v.clone()))
+            .collect();
+        Ok(Shard {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            mmap,
+            data_start: 8 + header_len,
+            tensors,
+        })
+    }
+
+    /// The header entry of a tensor.
+    pub fn info(&self, tensor: &str) -> Option<&TensorInfo> {
+        self.tensors.get(tensor)
+    }
+
+    /// Names of all tensors in this shard, sorted.
+    pub fn tensor_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// The raw bytes of a tensor, borrowed from the mapping.
+    pub fn bytes(&self, tensor: &str) -> Option<&[u8]> {
+        let info = self.tensors.get(tensor)?;
+        let (s, e) = info.data_offsets;
+        self.mmap.get(self.data_start + s..self.data_start + e)
+    }
+}
+
+/// Converts a safetensors element type to the IR's, if the IR supports it.
+pub fn dtype_from_safetensors(dtype: StDtype) -> Option<DType> {
+    Some(match dtype {
+        StDtype::F32 => DType::F32,
+        StDtype::F16 => DType::F16,
+        StDtype::BF16 => DType::BF16,
+        StDtype::F8_E4M3 => DType::F8E4M3,
+        StDtype::I8 => DType::I8,
+        StDtype::I32 => DType::I32,
+        StDtype::I64 => DType::I64,
+        StDtype::BOOL => DType::Bool,
+        _ => return None,
+    })
+}
+
+/// Names the tensor a header error concerns: the safetensors crate reports some errors without it.
+fn describe_header_error(file: &str, buffer: &[u8], err: SafeTensorError) -> WeightError {
+    let problem = match &err {
+        SafeTensorError::HeaderTooSmall => "file is shorter than the 8-byte header length".to_string(),
+        SafeTensorError::HeaderTooLarge | SafeTensorError::InvalidHeaderLength => {
+            let declared = buffer.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
+            format!(
+                "header length {} runs past the end of the file ({} bytes); the file is truncated or not safetensors",
+                declared.unwrap_or(0),
+                buffer.len()
+            )
+        }
+        SafeTensorError::InvalidHeader(_)
+        | SafeTensorError::InvalidHeaderStart
+        | SafeTensorError::InvalidHeaderDeserialization(_)
+        | SafeTensorError::JsonError(_) => format!("header is not valid safetensors JSON ({err})"),
+        SafeTensorError::InvalidOffset(name) => {
+            format!("tensor `{name}` has data offsets that overlap another tensor or leave a gap")
+        }
+        SafeTensorError::TensorInvalidInfo | SafeTensorError::MisalignedSlice | SafeTensorError::ValidationOverflow => {
+            match find_size_mismatch(buffer) {
+                Some(detail) => detail,
+                None => "a tensor's byte count disagrees with its dtype and shape".to_string(),
+            }
+        }
+        SafeTensorError::MetadataIncompleteBuffer => match find_overrun(buffer) {
+            Some(detail) => detail,
+            None => "the tensors' data does not match the file size; the file is truncated or has trailing bytes".to_string(),
+        },
+        other => other.to_string(),
+    };
+    WeightError::BadShard {
+        file: file.to_string(),
+        problem,
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct RawInfo {
+    dtype: StDtype,
+    shape: Vec<usize>,
+    data_offsets: (usize, usize),
+}
+
+fn raw_header(buffer: &[u8]) -> Option<Vec<(String, RawInfo)>> {
+    let n = usize::try_from(u64::from_le_bytes(buffer.get(..8)?.try_into().ok()?)).ok()?;
+    let text = std::str::from_utf8(buffer.get(8..8usize.checked_add(n)?)?).ok()?;
+    let map: HashMap<String, serde_json::Value> = serde_json::from_str(text).ok()?;
+    let mut out: Vec<(String, RawInfo)> = map
+        .into_iter()
+        .filter(|(k, _)| k != "__metadata__")
+        .filter_map(|(k, v)| Some((k, serde_json::from_value(v).ok()?)))
+        .collect();
+    out.sort_by_key(|(_, info)| info.data_offsets);
+    Some(out)
+}
+
+fn find_size_mismatch(buffer: &[u8]) -> Option<String> {
+    raw_header(buffer)?.into_iter().find_map(|(name, info)| {
+        let bits = info
+            .shape
+            .iter()
+            .try_fold(info.dtype.bitsize(), |a, &d| a.checked_mul(d))?;
+        let stored = info.data_offsets.1.checked_sub(info.data_offsets.0)?;
+        (bits != stored * 8).then(|| {
+            format!(
+                "tensor `{name}` is {:?} {:?} ({} bytes) but its offsets hold {stored} bytes",
+                info.dtype,
+                info.shape,
+                bits / 8
+            )
+        })
+    })
+}
+
+fn find_overrun(buffer: &[u8]) -> Option<String> {
+    let n = usize::try_from(u64::from_le_bytes(buffer.get(..8)?.try_into().ok()?)).ok()?;
+    let data_len = buffer.len().checked_sub(8 + n)?;
+    let header = raw_header(buffer)?;
+    if let Some((name, info)) = header.iter().find(|(_, i)| i.data_offsets.1 > data_len) {
+        return Some(format!(
+            "tensor `{name}` ends at data byte {} but the file holds only {data_len} data bytes: the shard is truncated (re-download it)",
+            info.data_offsets.1
+        ));
+    }
+    Some(format!(
+        "{} trailing bytes after the last tensor",
+        data_len - header.last().map(|(_, i)| i.data_offsets.1).unwrap_or(0)
+    ))
+}
+
+/// All shards of one checkpoint, mmapped.
+#[derive(Debug, Default)]
+pub struct WeightStore {
+    shards: Vec<Shard>,
+}
+
+impl WeightStore {
+    /// Adds a shard and returns its id.
+    pub fn push(&mut self, shard: Shard) -> ShardId {
+        self.shards.push(shard);
+        ShardId(self.shards.len() as u32 - 1)
+    }
+
+    /// The shard with this id.
+    pub fn shard(&self, id: ShardId) -> &Shard {
+        &self.shards[id.0 as usize]
+    }
+
+    /// All shards in id order.
+    pub fn shards(&self) -> &[Shard] {
+        &self.shards
+    }
+
+    /// Reads a weight as f32 with its transforms applied. Only this call copies weight bytes.
+    pub fn load_f32(&self, weight: &WeightRef) -> Result<ArrayD<f32>, WeightError> {
+        let shard = self
+            .shards
+            .get(weight.source.shard.0 as usize)
+            .ok_or_else(|| WeightError::Missing {
+                tensor: weight.source.tensor.clone(),
+            })?;
+        let bytes = shard
+            .bytes(&weight.source.tensor)
+            .ok_or_else(|| WeightError::Missing {
+                tensor: weight.source.tensor.clone(),
+            })?;
+        let values =
+            decode_f32(weight.dtype, bytes).ok_or_else(|| WeightError::UnsupportedDtype {
+                tensor: weight.source.tensor.clone(),
+                dtype: weight.dtype,
+            })?;
+        let mut array =
+            ArrayD::from_shape_vec(IxDyn(&weight.stored_shape), values).map_err(|e| {
+                WeightError::BadShard {
+                    file: shard.name.clone(),
+                    problem: format!("tensor `{}`: {e}", weight.source.tensor),
+                }
+            })?;
+        for t in &weight.transforms {
+            array = match t {
+                Transform::Transpose { perm } => array.permuted_axes(IxDyn(perm)),
+                Transform::Slice { axis, start, end } => array
+                    .slice_axis(Axis(*axis), (*start..*end).into())
+                    .to_owned(),
+                Transform::Select { axis, index } => {
+                    array.index_axis(Axis(*axis), *index).to_owned()
+                }
+            };
+        }
+        Ok(array.as_standard_layout().into_owned())
+    }
+}
+
+/// Decodes little-endian stored values to f32.
+pub fn decode_f32(dtype: DType, bytes: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        DType::F8E4M3 => bytes.iter().map(|&b| f8e4m3_to_f32(b)).collect(),
+        DType::I8 => bytes.iter().map(|&b| b as i8 as f32).collect(),
+        DType::I4 | DType::I32 | DType::I64 | DType::Bool => return None,
+    })
+}
+
+/// float8 e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; no infinities, S.1111.111 is NaN.
+pub fn f8e4m3_to_f32(bits: u8) -> f32 {
+    let sign = if bits & 0x80 != 0 { -1.0 } else { 1.0 };
+    let exp = ((bits >> 3) & 0x0f) as i32;
+    let mant = (bits & 0x07) as f32;
+    if exp == 0x0f && bits & 0x07 == 0x07 {
+        return f32::NAN;
+    }
+    if exp == 0 {
+        sign * mant / 8.0 * 2f32.powi(-6)
+    } else {
+        sign * (1.0 + mant / 8.0) * 2f32.powi(exp - 7)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f8e4m3_decodes_known_values() {
+        assert_eq!(f8e4m3_to_f32(0x38), 1.0);
+        assert_eq!(f8e4m3_to_f32(0x7e), 448.0);
+        assert_eq!(f8e4m3_to_f32(0xb8), -1.0);
+        assert_eq!(f8e4m3_to_f32(0x01), 2f32.powi(-9));
+        assert!(f8e4m3_to_f32(0x7f).is_nan());
+    }
+
+    #[test]
+    fn transform_shapes_compose() {
+        let w = WeightRef {
+            source: TensorSource {
+                shard: ShardId(0),
+                tensor: "t".into(),
+            },
+            dtype: DType::BF16,
+            stored_shape: vec![4, 8, 6],
+            transforms: vec![
+                Transform::Select { axis: 0, index: 1 },
+                Transform::Slice {
+                    axis: 1,
+                    start: 0,
+                    end: 3,
+                },
+                Transform::Transpose { perm: vec![1, 0] },
+            ],
+        };
+        assert_eq!(w.shape().unwrap(), vec![3, 8]);
+        let bad = WeightRef {
+            transforms: vec![Transform::Slice {
+                axis: 0,
+                start: 2,
+                end: 5,
+            }],
+            ..w
+        };
+        assert!(bad.shape().unwrap_err().contains("does not fit"));
+    }
+}

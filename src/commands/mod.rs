@@ -1,0 +1,3 @@
+//! One module per `herd` subcommand.
+
+pub mod inspect;

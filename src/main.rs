@@ -1,0 +1,42 @@
+//! The `herd` command line: compile Llama 4 checkpoints into deployable bundles and inspect them.
+
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// herd: a deployment compiler for the Llama 4 family (Scout, Maverick).
+///
+/// It reads a Hugging Face checkpoint into a graph IR, runs lowering, fusion and quantization passes,
+/// and emits ONNX / TensorRT bundles with a small runtime that executes them.
+#[derive(Parser)]
+#[command(name = "herd", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Summarise a checkpoint folder: its config, parameter counts, and optionally the imported IR.
+    Inspect(commands::inspect::InspectArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("HERD_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(args) => commands::inspect::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

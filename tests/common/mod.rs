@@ -1,0 +1,115 @@
+//! Helpers shared by the end-to-end tests: fixture paths and the transformers goldens.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use ndarray::{Array1, Array2};
+use safetensors::SafeTensors;
+
+/// The fixtures the goldens were generated for.
+pub const FIXTURES: [&str; 2] = ["tiny-scout", "tiny-maverick"];
+
+/// Path of a fixture checkpoint folder.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// transformers' outputs for one prompt.
+pub struct Golden {
+    pub input_ids: Vec<i64>,
+    /// Full-sequence fp32 logits of the prompt, [n, vocab].
+    pub logits: Array2<f32>,
+    pub greedy_ids: Vec<i64>,
+    /// Row i: the logits that produced greedy_ids[i].
+    pub step_logits: Array2<f32>,
+}
+
+fn f32_matrix(st: &SafeTensors, name: &str) -> Array2<f32> {
+    let t = st
+        .tensor(name)
+        .unwrap_or_else(|e| panic!("golden {name}: {e}"));
+    let values: Vec<f32> = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Array2::from_shape_vec((t.shape()[0], t.shape()[1]), values).expect("golden shape")
+}
+
+fn i64_vec(st: &SafeTensors, name: &str) -> Vec<i64> {
+    let t = st
+        .tensor(name)
+        .unwrap_or_else(|e| panic!("golden {name}: {e}"));
+    t.data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// All goldens of a fixture, keyed by prompt length.
+pub fn goldens(name: &str) -> Vec<(usize, Golden)> {
+    let bytes =
+        std::fs::read(fixture(name).join("goldens.safetensors")).expect("goldens.safetensors");
+    let st = SafeTensors::deserialize(&bytes).expect("goldens parse");
+    let mut lengths: Vec<usize> = st
+        .names()
+        .iter()
+        .filter_map(|n| {
+            n.strip_prefix("prompt")?
+                .strip_suffix(".input_ids")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    lengths.sort_unstable();
+    assert!(!lengths.is_empty(), "{name}: no golden prompts");
+    lengths
+        .into_iter()
+        .map(|n| {
+            let g = Golden {
+                input_ids: i64_vec(&st, &format!("prompt{n}.input_ids")),
+                logits: f32_matrix(&st, &format!("prompt{n}.logits")),
+                greedy_ids: i64_vec(&st, &format!("prompt{n}.greedy_ids")),
+                step_logits: f32_matrix(&st, &format!("prompt{n}.step_logits")),
+            };
+            (n, g)
+        })
+        .collect()
+}
+
+/// max |a - b| and the logit scale max |b|.
+pub fn max_error(ours: &Array2<f32>, theirs: &Array2<f32>) -> (f32, f32) {
+    assert_eq!(ours.shape(), theirs.shape(), "logit shapes differ");
+    let err = ours
+        .iter()
+        .zip(theirs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    let scale = theirs.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+    (err, scale)
+}
+
+/// Relative tolerance against the logit scale that every fp32 comparison uses.
+pub const LOGIT_TOLERANCE: f32 = 1e-4;
+
+/// Index of the largest value (first on ties), like torch.argmax.
+pub fn argmax(row: &Array1<f32>) -> i64 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as i64
+}
+
+/// Counts inputs by name for readability in assertions.
+pub fn names<T>(map: &HashMap<String, T>) -> Vec<&str> {
+    let mut v: Vec<&str> = map.keys().map(String::as_str).collect();
+    v.sort_unstable();
+    v
+}
