@@ -71,3 +71,51 @@ fn reference_evaluator_matches_transformers() {
         }
     }
 }
+
+/// Removes one feature from an attention node.
+type Ablation = fn(&mut herd_ir::ops::AttentionAttrs, &herd_ir::Llama4Config);
+
+/// The goldens exercise every Llama 4 attention feature: dropping any one of them breaks the match, so
+/// the test above cannot pass by accident of a feature being inert on the fixture.
+#[test]
+fn goldens_are_sensitive_to_each_attention_feature() {
+    use herd_ir::config::RopeScaling;
+    use herd_ir::ops::Op;
+
+    let name = "tiny-scout";
+    let (n, golden) = goldens(name).pop().expect("a golden prompt");
+    let ablations: [(&str, Ablation); 5] = [
+        ("chunked mask", |a, _| a.chunk = None),
+        ("NoPE temperature", |a, _| a.temperature = None),
+        ("QK norm", |a, _| a.qk_norm_eps = None),
+        ("llama3 scaling", |a, c| {
+            if let Some(r) = &mut a.rope {
+                let plain = herd_ir::config::RopeConfig {
+                    theta: c.rope.theta,
+                    scaling: RopeScaling::Default,
+                };
+                r.inv_freq = plain.inv_freq(a.head_dim);
+            }
+        }),
+        ("rotary frequency order", |a, _| {
+            if let Some(r) = &mut a.rope {
+                r.inv_freq.reverse();
+            }
+        }),
+    ];
+    for (feature, ablate) in ablations {
+        let mut imported = herd_ir::import(&fixture(name)).expect("import");
+        let config = imported.checkpoint.config.clone();
+        for index in imported.graph.node_indices() {
+            if let Some(Op::Attention(a)) = imported.graph.node_mut(index).map(|n| &mut n.op) {
+                ablate(a, &config);
+            }
+        }
+        let (err, scale) = max_error(&logits(&imported.graph, &golden.input_ids), &golden.logits);
+        eprintln!("{name} prompt {n} without {feature}: max error {err:.3e}");
+        assert!(
+            err > 100.0 * LOGIT_TOLERANCE * scale,
+            "dropping the {feature} left the logits within {err}: the fixture does not exercise it"
+        );
+    }
+}

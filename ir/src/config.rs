@@ -538,3 +538,164 @@ impl Resolver<'_> {
         Ok(RopeConfig { theta, scaling })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(extra: &str) -> String {
+        format!(
+            r#"{{"architectures": ["Llama4ForCausalLM"], "vocab_size": 100, "hidden_size": 64, "intermediate_size": 32,
+                "intermediate_size_mlp": 48, "num_hidden_layers": 8, "num_attention_heads": 4,
+                "num_key_value_heads": 2 {extra}}}"#
+        )
+    }
+
+    #[test]
+    fn scout_llama3_scaling_with_equal_factors_never_takes_the_smooth_branch() {
+        let rope = RopeConfig {
+            theta: 500000.0,
+            scaling: RopeScaling::Llama3 {
+                factor: 16.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 1.0,
+                original_max_position_embeddings: 8192.0,
+            },
+        };
+        let plain = RopeConfig {
+            theta: 500000.0,
+            scaling: RopeScaling::Default,
+        }
+        .inv_freq(128);
+        let scaled = rope.inv_freq(128);
+        assert!(scaled.iter().all(|f| f.is_finite()));
+        for j in 0..64 {
+            let expected = if j < 35 { plain[j] } else { plain[j] / 16.0 };
+            assert_eq!(scaled[j], expected, "pair {j}");
+        }
+    }
+
+    #[test]
+    fn smooth_branch_interpolates_between_scaled_and_unscaled() {
+        let rope = RopeConfig {
+            theta: 500000.0,
+            scaling: RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 64.0,
+            },
+        };
+        let plain = RopeConfig {
+            theta: 500000.0,
+            scaling: RopeScaling::Default,
+        }
+        .inv_freq(16);
+        let scaled = rope.inv_freq(16);
+        assert_eq!(scaled[0], plain[0]); // wavelength 6.3 < 16: kept
+        let wavelen = 2.0 * std::f32::consts::PI / plain[1]; // 32.4: between 16 and 64
+        let smooth = (64.0 / wavelen - 1.0) / 3.0;
+        assert!((scaled[1] - ((1.0 - smooth) * plain[1] / 8.0 + smooth * plain[1])).abs() < 1e-9);
+        assert_eq!(scaled[2], plain[2] / 8.0); // wavelength 167 > 64: divided
+    }
+
+    #[test]
+    fn derived_lists_follow_transformers_defaults() {
+        let c = Llama4Config::from_json(
+            &text(
+                r#", "no_rope_layers": [], "interleave_moe_layer_step": 2, "num_local_experts": 4"#,
+            ),
+            "c",
+        )
+        .unwrap();
+        assert_eq!(c.nope_layers(), vec![3, 7]);
+        assert_eq!(c.moe_layers, vec![1, 3, 5, 7]);
+        assert_eq!(c.head_dim, 16);
+        assert!(c.use_qk_norm && c.attn_temperature_tuning);
+        assert_eq!(
+            (c.attention_chunk_size, c.floor_scale, c.attn_scale),
+            (8192, 8192.0, 0.1)
+        );
+        assert_eq!(c.rope.scaling, RopeScaling::Default);
+    }
+
+    #[test]
+    fn explicit_lists_and_integer_temperature_flag() {
+        let c = Llama4Config::from_json(
+            &text(r#", "no_rope_layers": [1,0,1,1,1,1,1,0], "moe_layers": [], "attn_temperature_tuning": 0"#),
+            "c",
+        )
+        .unwrap();
+        assert_eq!(c.nope_layers(), vec![1, 7]);
+        assert!(c.moe_layers.is_empty());
+        assert!(!c.attn_temperature_tuning);
+        let c = Llama4Config::from_json(
+            &text(r#", "moe_layers": [], "attn_temperature_tuning": 4"#),
+            "c",
+        )
+        .unwrap();
+        assert!(c.attn_temperature_tuning);
+    }
+
+    #[test]
+    fn rope_parameters_spelling_matches_rope_scaling_spelling() {
+        let old = text(
+            r#", "moe_layers": [], "rope_theta": 10000.0, "rope_scaling": {"rope_type": "llama3", "factor": 16.0,
+                "low_freq_factor": 1.0, "high_freq_factor": 1.0, "original_max_position_embeddings": 8192}"#,
+        );
+        let new = text(
+            r#", "moe_layers": [], "rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 16.0,
+                "low_freq_factor": 1.0, "high_freq_factor": 1.0, "original_max_position_embeddings": 8192}"#,
+        );
+        let (a, b) = (
+            Llama4Config::from_json(&old, "c").unwrap(),
+            Llama4Config::from_json(&new, "c").unwrap(),
+        );
+        assert_eq!(a.rope, b.rope);
+        assert_eq!(a.rope.theta, 10000.0);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let missing = Llama4Config::from_json(
+            &text(r#", "moe_layers": [1], "num_local_experts": null"#),
+            "cfg.json",
+        );
+        assert_eq!(
+            missing.unwrap_err().to_string(),
+            "cfg.json: missing required key `num_local_experts`"
+        );
+        let nested = Llama4Config::from_json(
+            r#"{"architectures": ["Llama4ForConditionalGeneration"], "text_config": {}}"#,
+            "cfg.json",
+        );
+        assert_eq!(
+            nested.unwrap_err().to_string(),
+            "cfg.json: missing required key `text_config.vocab_size`"
+        );
+        let rope = Llama4Config::from_json(
+            &text(r#", "moe_layers": [], "rope_scaling": {"rope_type": "yarn"}"#),
+            "cfg.json",
+        );
+        assert!(rope
+            .unwrap_err()
+            .to_string()
+            .contains("rope type `yarn` is not supported"));
+        let layers = Llama4Config::from_json(
+            &text(r#", "moe_layers": [], "no_rope_layers": [1, 0]"#),
+            "cfg.json",
+        );
+        assert!(layers
+            .unwrap_err()
+            .to_string()
+            .contains("has 2 entries for 8 layers"));
+        let wrong_type = Llama4Config::from_json(
+            &text(r#", "moe_layers": [], "use_qk_norm": "yes""#),
+            "cfg.json",
+        );
+        assert!(wrong_type
+            .unwrap_err()
+            .to_string()
+            .starts_with("cfg.json: key `<object>`: invalid type"));
+    }
+}

@@ -444,7 +444,7 @@ impl Builder<'_> {
         op: Op,
         inputs: &[Value],
     ) -> Result<Value, ImportError> {
-        self.graph.add(name, op, inputs).map_err(|d| bug(d))
+        self.graph.add(name, op, inputs).map_err(bug)
     }
 
     fn weight(&mut self, name: &str, shape: &[usize], what: &str) -> Result<Value, ImportError> {
