@@ -18,7 +18,7 @@ use crate::ops::{
 use crate::types::{DType, Dim, SymDim, TensorType};
 use crate::verify::verify;
 use crate::weights::{
-    dtype_from_safetensors, Shard, ShardId, TensorSource, WeightRef, WeightStore,
+    dtype_from_safetensors, Shard, ShardId, TensorSource, WeightPart, WeightRef, WeightStore,
 };
 
 const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -202,15 +202,14 @@ impl Checkpoint {
                 found: info.shape.clone(),
             });
         }
-        Ok(WeightRef {
+        Ok(WeightRef::single(WeightPart {
             source: TensorSource {
                 shard,
                 tensor: name.to_string(),
             },
             dtype,
             stored_shape: shape.to_vec(),
-            transforms: Vec::new(),
-        })
+        }))
     }
 }
 

@@ -48,13 +48,23 @@ fn op_text(graph: &Graph, op: &Op) -> String {
     match op {
         Op::Input(a) => format!("input \"{}\"", a.name),
         Op::Weight(w) => {
-            let shard = graph
-                .weights()
-                .shards()
-                .get(w.source.shard.0 as usize)
-                .and_then(|s| s.path.file_name())
-                .map_or("?".to_string(), |f| f.to_string_lossy().into_owned());
-            let mut text = format!("weight {} ({shard})", w.source.tensor);
+            let parts: Vec<String> = w
+                .parts
+                .iter()
+                .map(|p| {
+                    let shard = graph
+                        .weights()
+                        .shards()
+                        .get(p.source.shard.0 as usize)
+                        .and_then(|s| s.path.file_name())
+                        .map_or("?".to_string(), |f| f.to_string_lossy().into_owned());
+                    format!("{} ({shard})", p.source.tensor)
+                })
+                .collect();
+            let mut text = format!("weight {}", parts.join(" ++ "));
+            if w.parts.len() > 1 {
+                let _ = write!(text, " on axis {}", w.concat_axis);
+            }
             for t in &w.transforms {
                 let _ = write!(text, " |> {t:?}");
             }

@@ -55,28 +55,30 @@ pub fn verify(graph: &Graph, after_pass: Option<&str>) -> Result<(), VerifyError
             }
             Op::Weight(w) => {
                 let shards = graph.weights().shards();
-                match shards.get(w.source.shard.0 as usize) {
-                    None => report(
-                        id,
-                        &node.name,
-                        format!("weight refers to missing shard {}", w.source.shard.0),
-                    ),
-                    Some(shard) => match shard.info(&w.source.tensor) {
+                for part in &w.parts {
+                    match shards.get(part.source.shard.0 as usize) {
                         None => report(
                             id,
                             &node.name,
-                            format!("tensor `{}` is not in {}", w.source.tensor, shard.name),
+                            format!("weight refers to missing shard {}", part.source.shard.0),
                         ),
-                        Some(info) if info.shape != w.stored_shape => report(
-                            id,
-                            &node.name,
-                            format!(
-                                "stored shape {:?} disagrees with the shard's {:?}",
-                                w.stored_shape, info.shape
+                        Some(shard) => match shard.info(&part.source.tensor) {
+                            None => report(
+                                id,
+                                &node.name,
+                                format!("tensor `{}` is not in {}", part.source.tensor, shard.name),
                             ),
-                        ),
-                        Some(_) => {}
-                    },
+                            Some(info) if info.shape != part.stored_shape => report(
+                                id,
+                                &node.name,
+                                format!(
+                                    "`{}`: stored shape {:?} disagrees with the shard's {:?}",
+                                    part.source.tensor, part.stored_shape, info.shape
+                                ),
+                            ),
+                            Some(_) => {}
+                        },
+                    }
                 }
             }
             _ => {}

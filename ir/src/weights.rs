@@ -36,34 +36,90 @@ pub enum Transform {
     },
     /// Keep index `index` along `axis`, dropping the axis.
     Select { axis: usize, index: usize },
+    /// Reinterpret the (row-major) elements with another shape of the same element count.
+    Reshape { shape: Vec<usize> },
 }
 
-/// A weight value: its source tensor, the stored type, and the transforms applied on read.
+/// One stored tensor that is part of a weight.
 #[derive(Clone, Debug, PartialEq)]
-pub struct WeightRef {
+pub struct WeightPart {
     pub source: TensorSource,
     /// Element type as stored in the shard.
     pub dtype: DType,
     /// Shape as stored in the shard.
     pub stored_shape: Vec<usize>,
+}
+
+/// A weight value: one or more stored tensors concatenated along `concat_axis`, then `transforms`.
+/// Fusion passes build multi-part weights (q/k/v, gate/up); nothing is materialised until read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WeightRef {
+    pub parts: Vec<WeightPart>,
+    pub concat_axis: usize,
     pub transforms: Vec<Transform>,
 }
 
 impl WeightRef {
-    /// The shape after all transforms, or a description of the first transform that does not fit.
+    /// A weight that is exactly one stored tensor.
+    pub fn single(part: WeightPart) -> WeightRef {
+        WeightRef {
+            parts: vec![part],
+            concat_axis: 0,
+            transforms: Vec::new(),
+        }
+    }
+
+    /// The same weight with one more transform appended.
+    pub fn with(mut self, transform: Transform) -> WeightRef {
+        self.transforms.push(transform);
+        self
+    }
+
+    /// Element type (that of the parts; the verifier checks they agree).
+    pub fn dtype(&self) -> DType {
+        self.parts.first().map_or(DType::F32, |p| p.dtype)
+    }
+
+    /// The shape after concatenation and all transforms, or why the chain does not fit.
     pub fn shape(&self) -> Result<Vec<usize>, String> {
-        let mut shape = self.stored_shape.clone();
+        let first = self
+            .parts
+            .first()
+            .ok_or("a weight needs at least one part")?;
+        let mut shape = first.stored_shape.clone();
+        for part in &self.parts[1..] {
+            let fits = part.stored_shape.len() == shape.len()
+                && self.concat_axis < shape.len()
+                && (0..shape.len())
+                    .all(|a| a == self.concat_axis || part.stored_shape[a] == shape[a]);
+            if !fits || part.dtype != first.dtype {
+                return Err(format!(
+                    "part `{}` {:?} {:?} cannot be concatenated on axis {} with {:?} {shape:?}",
+                    part.source.tensor,
+                    part.dtype,
+                    part.stored_shape,
+                    self.concat_axis,
+                    first.dtype
+                ));
+            }
+            shape[self.concat_axis] += part.stored_shape[self.concat_axis];
+        }
         for t in &self.transforms {
             shape = transformed_shape(&shape, t)?;
         }
         Ok(shape)
     }
 
-    /// The value's type; invalid transform chains are reported by the verifier, here they give the stored shape.
+    /// The value's type; invalid chains are reported by the verifier, here they give the first part's shape.
     pub fn ty(&self) -> TensorType {
-        let shape = self.shape().unwrap_or_else(|_| self.stored_shape.clone());
+        let shape = self.shape().unwrap_or_else(|_| {
+            self.parts
+                .first()
+                .map(|p| p.stored_shape.clone())
+                .unwrap_or_default()
+        });
         TensorType {
-            dtype: self.dtype,
+            dtype: self.dtype(),
             shape: Shape::fixed(&shape),
         }
     }
@@ -99,6 +155,14 @@ fn transformed_shape(shape: &[usize], t: &Transform) -> Result<Vec<usize>, Strin
             let mut out = shape.to_vec();
             out[*axis] = end - start;
             Ok(out)
+        }
+        Transform::Reshape { shape: to } => {
+            if to.iter().product::<usize>() != shape.iter().product::<usize>() {
+                return Err(format!(
+                    "reshape {shape:?} to {to:?} changes the element count"
+                ));
+            }
+            Ok(to.clone())
         }
         Transform::Select { axis, index } => {
             if *axis >= shape.len() || *index >= shape[*axis] {
@@ -303,31 +367,49 @@ impl WeightStore {
         &self.shards
     }
 
-    /// Reads a weight as f32 with its transforms applied. Only this call copies weight bytes.
-    pub fn load_f32(&self, weight: &WeightRef) -> Result<ArrayD<f32>, WeightError> {
+    /// Reads one stored tensor as f32.
+    fn load_part(&self, part: &WeightPart) -> Result<ArrayD<f32>, WeightError> {
+        let missing = || WeightError::Missing {
+            tensor: part.source.tensor.clone(),
+        };
         let shard = self
             .shards
-            .get(weight.source.shard.0 as usize)
-            .ok_or_else(|| WeightError::Missing {
-                tensor: weight.source.tensor.clone(),
-            })?;
-        let bytes = shard
-            .bytes(&weight.source.tensor)
-            .ok_or_else(|| WeightError::Missing {
-                tensor: weight.source.tensor.clone(),
-            })?;
+            .get(part.source.shard.0 as usize)
+            .ok_or_else(missing)?;
+        let bytes = shard.bytes(&part.source.tensor).ok_or_else(missing)?;
         let values =
-            decode_f32(weight.dtype, bytes).ok_or_else(|| WeightError::UnsupportedDtype {
-                tensor: weight.source.tensor.clone(),
-                dtype: weight.dtype,
+            decode_f32(part.dtype, bytes).ok_or_else(|| WeightError::UnsupportedDtype {
+                tensor: part.source.tensor.clone(),
+                dtype: part.dtype,
             })?;
-        let mut array =
-            ArrayD::from_shape_vec(IxDyn(&weight.stored_shape), values).map_err(|e| {
-                WeightError::BadShard {
-                    file: shard.name.clone(),
-                    problem: format!("tensor `{}`: {e}", weight.source.tensor),
-                }
-            })?;
+        ArrayD::from_shape_vec(IxDyn(&part.stored_shape), values).map_err(|e| {
+            WeightError::BadShard {
+                file: shard.name.clone(),
+                problem: format!("tensor `{}`: {e}", part.source.tensor),
+            }
+        })
+    }
+
+    /// Reads a weight as f32 with its concatenation and transforms applied. Only this call copies
+    /// weight bytes, one weight at a time.
+    pub fn load_f32(&self, weight: &WeightRef) -> Result<ArrayD<f32>, WeightError> {
+        let invalid = |problem: String| WeightError::BadShard {
+            file: "<weight>".into(),
+            problem,
+        };
+        weight.shape().map_err(invalid)?;
+        let parts = weight
+            .parts
+            .iter()
+            .map(|p| self.load_part(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut array = if parts.len() == 1 {
+            parts.into_iter().next().expect("one part")
+        } else {
+            let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
+            ndarray::concatenate(Axis(weight.concat_axis), &views)
+                .map_err(|e| invalid(e.to_string()))?
+        };
         for t in &weight.transforms {
             array = match t {
                 Transform::Transpose { perm } => array.permuted_axes(IxDyn(perm)),
@@ -337,6 +419,11 @@ impl WeightStore {
                 Transform::Select { axis, index } => {
                     array.index_axis(Axis(*axis), *index).to_owned()
                 }
+                Transform::Reshape { shape } => array
+                    .as_standard_layout()
+                    .into_owned()
+                    .into_shape_with_order(IxDyn(shape))
+                    .map_err(|e| invalid(e.to_string()))?,
             };
         }
         Ok(array.as_standard_layout().into_owned())
@@ -394,13 +481,17 @@ mod tests {
 
     #[test]
     fn transform_shapes_compose() {
-        let w = WeightRef {
+        let part = WeightPart {
             source: TensorSource {
                 shard: ShardId(0),
                 tensor: "t".into(),
             },
             dtype: DType::BF16,
             stored_shape: vec![4, 8, 6],
+        };
+        let w = WeightRef {
+            parts: vec![part.clone(), part],
+            concat_axis: 2,
             transforms: vec![
                 Transform::Select { axis: 0, index: 1 },
                 Transform::Slice {
@@ -409,9 +500,10 @@ mod tests {
                     end: 3,
                 },
                 Transform::Transpose { perm: vec![1, 0] },
+                Transform::Reshape { shape: vec![12, 2] },
             ],
         };
-        assert_eq!(w.shape().unwrap(), vec![3, 8]);
+        assert_eq!(w.shape().unwrap(), vec![12, 2]);
         let bad = WeightRef {
             transforms: vec![Transform::Slice {
                 axis: 0,
