@@ -8,8 +8,8 @@ use ndarray::{s, Array2, ArrayD, Axis, Ix2, IxDyn};
 
 use crate::error::EvalError;
 use crate::graph::{Graph, Value};
-use crate::ops::{AttentionAttrs, MoeAttrs, Op};
-use crate::types::{DType, Dim, SymDim};
+use crate::ops::{AttentionAttrs, ExpertLayout, FusedMoeAttrs, MoeAttrs, Op};
+use crate::types::{DType, Dim, DimBindings, SymDim};
 use crate::verify::verify;
 
 /// A runtime value of the evaluator.
@@ -17,6 +17,7 @@ use crate::verify::verify;
 pub enum Tensor {
     F32(ArrayD<f32>),
     I64(ArrayD<i64>),
+    Bool(ArrayD<bool>),
 }
 
 impl Tensor {
@@ -24,6 +25,7 @@ impl Tensor {
         match self {
             Tensor::F32(a) => a.shape(),
             Tensor::I64(a) => a.shape(),
+            Tensor::Bool(a) => a.shape(),
         }
     }
 
@@ -31,7 +33,7 @@ impl Tensor {
     pub fn as_f32(&self) -> Option<&ArrayD<f32>> {
         match self {
             Tensor::F32(a) => Some(a),
-            Tensor::I64(_) => None,
+            Tensor::I64(_) | Tensor::Bool(_) => None,
         }
     }
 }
@@ -47,7 +49,7 @@ pub fn evaluate(
         op: "graph",
         problem: "cycle".into(),
     })?;
-    bind_inputs(graph, inputs)?;
+    let dims = bind_inputs(graph, inputs)?;
     let mut values: HashMap<Value, Tensor> = HashMap::new();
     for index in order {
         let node = graph.node(index).expect("topo order lists existing nodes");
@@ -92,6 +94,63 @@ pub fn evaluate(
             Op::Sigmoid => Tensor::F32(float(args[0]).mapv(sigmoid)),
             Op::Silu => Tensor::F32(float(args[0]).mapv(silu)),
             Op::Cast { to } => cast(args[0], *to),
+            Op::Constant(c) => Tensor::F32(
+                ArrayD::from_shape_vec(IxDyn(&c.shape), c.values.to_vec())
+                    .map_err(|e| fail(e.to_string()))?,
+            ),
+            Op::Reshape { shape } => {
+                let sizes: Vec<usize> = shape.iter().map(|&d| dims.resolve(d)).collect();
+                map_any(args[0], |a| {
+                    a.as_standard_layout()
+                        .into_owned()
+                        .into_shape_with_order(IxDyn(&sizes))
+                        .map_err(|e| e.to_string())
+                })
+                .map_err(fail)?
+            }
+            Op::Transpose { perm } => map_any(args[0], |a| {
+                Ok(a.clone()
+                    .permuted_axes(IxDyn(perm))
+                    .as_standard_layout()
+                    .into_owned())
+            })
+            .map_err(fail)?,
+            Op::Slice { axis, start, end } => map_any(args[0], |a| {
+                Ok(a.slice_axis(Axis(*axis), (*start..*end).into()).to_owned())
+            })
+            .map_err(fail)?,
+            Op::Concat { axis } => concat(args[0], args[1], *axis).map_err(fail)?,
+            Op::Rotary => Tensor::F32(
+                rotary(float(args[0]), float(args[1]), float(args[2]), int(args[3]))
+                    .map_err(fail)?,
+            ),
+            Op::QueryTemperature(t) => {
+                let mut q = float(args[0]).clone();
+                let pos = int(args[1]);
+                for ((b, _, s, _), v) in q
+                    .view_mut()
+                    .into_dimensionality::<ndarray::Ix4>()
+                    .expect("verified rank 4")
+                    .indexed_iter_mut()
+                {
+                    *v *= temperature(pos[[b, s]], t.floor_scale, t.attn_scale);
+                }
+                Tensor::F32(q)
+            }
+            Op::AttentionMask { chunk } => Tensor::Bool(attention_mask(
+                int(args[0]),
+                args[1].shape()[2],
+                chunk.map(|c| c.size),
+            )),
+            Op::Sdpa { scale } => Tensor::F32(sdpa(
+                float(args[0]),
+                float(args[1]),
+                float(args[2]),
+                boolean(args[3]),
+                *scale,
+            )),
+            Op::SwiGlu => Tensor::F32(swiglu(float(args[0]))),
+            Op::FusedMoe(m) => Tensor::F32(fused_moe(m, float(args[0]), &floats(&args[1..]))),
         };
         values.insert(
             Value {
@@ -109,7 +168,7 @@ pub fn evaluate(
 }
 
 /// Checks every provided input against its declared type, binding symbolic dims consistently.
-fn bind_inputs(graph: &Graph, inputs: &HashMap<String, Tensor>) -> Result<(), EvalError> {
+fn bind_inputs(graph: &Graph, inputs: &HashMap<String, Tensor>) -> Result<DimBindings, EvalError> {
     let mut bound: HashMap<SymDim, usize> = HashMap::new();
     for index in graph.node_indices() {
         let Some(Op::Input(a)) = graph.node(index).map(|n| &n.op) else {
@@ -122,8 +181,12 @@ fn bind_inputs(graph: &Graph, inputs: &HashMap<String, Tensor>) -> Result<(), Ev
             name: a.name.clone(),
             problem,
         };
-        let float_expected = a.ty.dtype.is_float();
-        if float_expected != matches!(t, Tensor::F32(_)) {
+        let matches_dtype = match t {
+            Tensor::F32(_) => a.ty.dtype.is_float(),
+            Tensor::I64(_) => a.ty.dtype.is_index(),
+            Tensor::Bool(_) => a.ty.dtype == DType::Bool,
+        };
+        if !matches_dtype {
             return Err(bad(format!("expected {} values", a.ty.dtype)));
         }
         if t.shape().len() != a.ty.shape.rank() {
@@ -155,7 +218,22 @@ fn bind_inputs(graph: &Graph, inputs: &HashMap<String, Tensor>) -> Result<(), Ev
             }
         }
     }
-    Ok(())
+    let get = |s: SymDim| bound.get(&s).copied().unwrap_or(0);
+    let bindings = DimBindings {
+        batch: get(SymDim::Batch),
+        seq: get(SymDim::Seq),
+        past: get(SymDim::Past),
+    };
+    if bound
+        .get(&SymDim::Total)
+        .is_some_and(|&t| t != bindings.past + bindings.seq)
+    {
+        return Err(EvalError::BadInput {
+            name: "<inputs>".into(),
+            problem: "dimension `total` must equal past + seq".into(),
+        });
+    }
+    Ok(bindings)
 }
 
 // The verifier guarantees dtypes, so these only unwrap what typing already proved.
@@ -170,8 +248,197 @@ fn floats<'a>(ts: &[&'a Tensor]) -> Vec<&'a ArrayD<f32>> {
 fn int(t: &Tensor) -> &ArrayD<i64> {
     match t {
         Tensor::I64(a) => a,
-        Tensor::F32(_) => panic!("verified integer operand"),
+        Tensor::F32(_) | Tensor::Bool(_) => panic!("verified integer operand"),
     }
+}
+
+fn boolean(t: &Tensor) -> &ArrayD<bool> {
+    match t {
+        Tensor::Bool(a) => a,
+        Tensor::F32(_) | Tensor::I64(_) => panic!("verified bool operand"),
+    }
+}
+
+/// Applies a shape-only operation (reshape, transpose, slice) to a value of any element type: the
+/// operation runs on the element indices, whose result says where each element goes.
+fn map_any(
+    t: &Tensor,
+    f: impl Fn(&ArrayD<f32>) -> Result<ArrayD<f32>, String>,
+) -> Result<Tensor, String> {
+    fn moved<T: Clone>(
+        a: &ArrayD<T>,
+        f: impl Fn(&ArrayD<f32>) -> Result<ArrayD<f32>, String>,
+    ) -> Result<ArrayD<T>, String> {
+        let flat: Vec<T> = a.iter().cloned().collect();
+        // Element indices stay exact in f32 below 2^24; evaluator tensors are far smaller.
+        let index = ArrayD::from_shape_vec(a.raw_dim(), (0..a.len()).map(|i| i as f32).collect())
+            .expect("sizes agree");
+        Ok(f(&index)?.mapv(|i| flat[i as usize].clone()))
+    }
+    match t {
+        Tensor::F32(a) => f(a).map(Tensor::F32),
+        Tensor::I64(a) => moved(a, f).map(Tensor::I64),
+        Tensor::Bool(a) => moved(a, f).map(Tensor::Bool),
+    }
+}
+
+fn concat(a: &Tensor, b: &Tensor, axis: usize) -> Result<Tensor, String> {
+    let err = |e: ndarray::ShapeError| e.to_string();
+    Ok(match (a, b) {
+        (Tensor::F32(a), Tensor::F32(b)) => {
+            Tensor::F32(ndarray::concatenate(Axis(axis), &[a.view(), b.view()]).map_err(err)?)
+        }
+        (Tensor::I64(a), Tensor::I64(b)) => {
+            Tensor::I64(ndarray::concatenate(Axis(axis), &[a.view(), b.view()]).map_err(err)?)
+        }
+        (Tensor::Bool(a), Tensor::Bool(b)) => {
+            Tensor::Bool(ndarray::concatenate(Axis(axis), &[a.view(), b.view()]).map_err(err)?)
+        }
+        _ => return Err("operands of different element types".into()),
+    })
+}
+
+/// NoPE query temperature at absolute position `p`, computed in f32 like transformers.
+fn temperature(p: i64, floor_scale: f32, attn_scale: f32) -> f32 {
+    ((p as f32 + 1.0) / floor_scale).floor().ln_1p() * attn_scale + 1.0
+}
+
+fn rotary(
+    x: &ArrayD<f32>,
+    cos: &ArrayD<f32>,
+    sin: &ArrayD<f32>,
+    pos: &ArrayD<i64>,
+) -> Result<ArrayD<f32>, String> {
+    let mut out = x.clone();
+    let (b, heads, s, d) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+    let rows = cos.shape()[0];
+    for bi in 0..b {
+        for si in 0..s {
+            let p = pos[[bi, si]];
+            let row = usize::try_from(p).ok().filter(|&r| r < rows).ok_or_else(|| {
+                format!("position {p} is outside the rotary table of {rows} positions (compile with a larger --max-context)")
+            })?;
+            for h in 0..heads {
+                for j in 0..d / 2 {
+                    let (c, sn) = (cos[[row, j]], sin[[row, j]]);
+                    let (x0, x1) = (x[[bi, h, si, 2 * j]], x[[bi, h, si, 2 * j + 1]]);
+                    out[[bi, h, si, 2 * j]] = x0 * c - x1 * sn;
+                    out[[bi, h, si, 2 * j + 1]] = x0 * sn + x1 * c;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// bool [B, 1, S, past + S]; see [`Op::AttentionMask`].
+fn attention_mask(pos: &ArrayD<i64>, past: usize, chunk: Option<usize>) -> ArrayD<bool> {
+    let (b, s) = (pos.shape()[0], pos.shape()[1]);
+    let total = past + s;
+    ArrayD::from_shape_fn(IxDyn(&[b, 1, s, total]), |i| {
+        let (bi, qi, kj) = (i[0], i[2], i[3]);
+        let pq = pos[[bi, qi]];
+        let pk = pos[[bi, 0]] - past as i64 + kj as i64;
+        pk <= pq && chunk.is_none_or(|c| pk.div_euclid(c as i64) == pq.div_euclid(c as i64))
+    })
+}
+
+fn sdpa(
+    q: &ArrayD<f32>,
+    k: &ArrayD<f32>,
+    v: &ArrayD<f32>,
+    mask: &ArrayD<bool>,
+    scale: f32,
+) -> ArrayD<f32> {
+    let (b, nh, s, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
+    let (nkv, t) = (k.shape()[1], k.shape()[2]);
+    let group = nh / nkv;
+    let mut out = ArrayD::<f32>::zeros(q.raw_dim());
+    for bi in 0..b {
+        for h in 0..nh {
+            let kv = h / group;
+            for qi in 0..s {
+                let scores: Vec<Option<f32>> = (0..t)
+                    .map(|kj| {
+                        mask[[bi, 0, qi, kj]].then(|| {
+                            (0..d)
+                                .map(|e| q[[bi, h, qi, e]] * k[[bi, kv, kj, e]])
+                                .sum::<f32>()
+                                * scale
+                        })
+                    })
+                    .collect();
+                let max = scores
+                    .iter()
+                    .flatten()
+                    .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let exps: Vec<f32> = scores
+                    .iter()
+                    .map(|sc| sc.map_or(0.0, |v| (v - max).exp()))
+                    .collect();
+                let total: f32 = exps.iter().sum();
+                for e in 0..d {
+                    let acc: f32 = (0..t).map(|kj| exps[kj] * v[[bi, kv, kj, e]]).sum();
+                    out[[bi, h, qi, e]] = if total > 0.0 { acc / total } else { 0.0 };
+                }
+            }
+        }
+    }
+    out
+}
+
+fn swiglu(x: &ArrayD<f32>) -> ArrayD<f32> {
+    let n = *x.shape().last().expect("rank >= 1") / 2;
+    let last = Axis(x.ndim() - 1);
+    let gate = x.slice_axis(last, (..n).into());
+    let up = x.slice_axis(last, (n..).into());
+    gate.mapv(silu) * up
+}
+
+fn fused_moe(m: &FusedMoeAttrs, x: &ArrayD<f32>, w: &[&ArrayD<f32>]) -> ArrayD<f32> {
+    let (router, fc1, fc2) = (w[0], w[1], w[2]);
+    let shape = x.shape().to_vec();
+    let xs = as_matrix(x);
+    let logits = as_matrix(&linear(x, router));
+    let mut out = as_matrix(&linear(&swiglu(&linear(x, w[3])), w[4]));
+    let inter = m.intermediate_size;
+    for t in 0..xs.nrows() {
+        let row = logits.row(t);
+        let mut ranked: Vec<usize> = (0..m.num_experts).collect();
+        ranked.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        for &e in &ranked[..m.top_k] {
+            let z = xs.row(t).mapv(|v| v * sigmoid(row[e]));
+            let w1 = fc1
+                .index_axis(Axis(0), e)
+                .into_dimensionality::<Ix2>()
+                .expect("verified rank 2");
+            let w2 = fc2
+                .index_axis(Axis(0), e)
+                .into_dimensionality::<Ix2>()
+                .expect("verified rank 2");
+            let (h1, y) = match m.layout {
+                ExpertLayout::Interleaved => {
+                    let h1 = w1.dot(&z);
+                    let act: ndarray::Array1<f32> = (0..inter)
+                        .map(|i| silu(h1[2 * i]) * h1[2 * i + 1])
+                        .collect();
+                    (h1.len(), w2.dot(&act))
+                }
+                ExpertLayout::Halves => {
+                    let h1 = z.dot(&w1);
+                    let act = h1.slice(s![..inter]).mapv(silu) * h1.slice(s![inter..]);
+                    (h1.len(), act.dot(&w2))
+                }
+            };
+            debug_assert_eq!(h1, 2 * inter);
+            out.row_mut(t)
+                .iter_mut()
+                .zip(y.iter())
+                .for_each(|(o, v)| *o += v);
+        }
+    }
+    out.into_shape_with_order(IxDyn(&shape))
+        .expect("sizes agree")
 }
 
 fn sigmoid(x: f32) -> f32 {
@@ -191,7 +458,7 @@ fn binary(
     match (a, b) {
         (Tensor::F32(a), Tensor::F32(b)) => Tensor::F32(f(a, b)),
         (Tensor::I64(a), Tensor::I64(b)) => Tensor::I64(i(a, b)),
-        _ => panic!("verified operands of one dtype"),
+        _ => panic!("verified float or integer operands of one dtype"),
     }
 }
 
@@ -203,6 +470,9 @@ fn cast(t: &Tensor, to: DType) -> Tensor {
         (Tensor::F32(a), _) => Tensor::I64(a.mapv(|x| x as i64)),
         (Tensor::I64(a), d) if d.is_float() => Tensor::F32(a.mapv(|x| x as f32)),
         (Tensor::I64(a), _) => Tensor::I64(a.clone()),
+        (Tensor::Bool(a), d) if d.is_float() => Tensor::F32(a.mapv(|x| x as u8 as f32)),
+        (Tensor::Bool(a), DType::Bool) => Tensor::Bool(a.clone()),
+        (Tensor::Bool(a), _) => Tensor::I64(a.mapv(|x| x as i64)),
     }
 }
 
@@ -347,8 +617,7 @@ fn attention(
     if let Some(t) = a.temperature {
         for bi in 0..b {
             for si in 0..s {
-                let p = pos(bi, si) as f32;
-                let factor = ((p + 1.0) / t.floor_scale).floor().ln_1p() * t.attn_scale + 1.0;
+                let factor = temperature(pos(bi, si), t.floor_scale, t.attn_scale);
                 q.slice_mut(s![bi, si, .., ..]).mapv_inplace(|v| v * factor);
             }
         }

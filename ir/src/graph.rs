@@ -207,6 +207,51 @@ impl Graph {
         self.graph.node_weight_mut(index)
     }
 
+    /// Redirects every use of `old` (consumer edges and graph outputs) to `new`.
+    pub fn replace_uses(&mut self, old: Value, new: Value) {
+        let uses: Vec<_> = self
+            .graph
+            .edges_directed(old.node, Direction::Outgoing)
+            .filter(|e| e.weight().src_slot == old.slot)
+            .map(|e| (e.id(), e.target(), e.weight().dst_slot))
+            .collect();
+        for (id, target, dst_slot) in uses {
+            self.graph.remove_edge(id);
+            self.graph.add_edge(
+                new.node,
+                target,
+                Edge {
+                    src_slot: new.slot,
+                    dst_slot,
+                },
+            );
+        }
+        for (_, v) in &mut self.outputs {
+            if *v == old {
+                *v = new;
+            }
+        }
+    }
+
+    /// Removes every node that no graph output depends on. Graph inputs are kept.
+    pub fn prune_dead(&mut self) {
+        let mut live = std::collections::HashSet::new();
+        let mut stack: Vec<NodeIndex> = self.outputs.iter().map(|(_, v)| v.node).collect();
+        while let Some(n) = stack.pop() {
+            if live.insert(n) {
+                stack.extend(self.graph.neighbors_directed(n, Direction::Incoming));
+            }
+        }
+        let dead: Vec<NodeIndex> = self
+            .graph
+            .node_indices()
+            .filter(|n| !live.contains(n) && !matches!(self.graph[*n].op, Op::Input(_)))
+            .collect();
+        for n in dead {
+            self.graph.remove_node(n);
+        }
+    }
+
     /// Adds an edge without checks (tests of the verifier build broken graphs with it).
     pub fn add_raw_edge(&mut self, from: Value, to: NodeIndex, dst_slot: usize) {
         self.graph.add_edge(

@@ -323,6 +323,7 @@ fn build_graph(ckpt: &Checkpoint) -> Result<Graph, ImportError> {
         )?;
         let rope = c.uses_rope[i];
         let attrs = AttentionAttrs {
+            layer: i,
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
             head_dim: d,

@@ -1,7 +1,7 @@
 //! Typing rules: the output types of every op given its input types, exactly as documented on [`Op`].
 
-use crate::ops::{AttentionAttrs, MoeAttrs, Op};
-use crate::types::{DType, Dim, Shape, TensorType};
+use crate::ops::{AttentionAttrs, ExpertLayout, FusedMoeAttrs, MoeAttrs, Op};
+use crate::types::{DType, Dim, Shape, SymDim, TensorType};
 
 /// Output types of `op` applied to inputs of `inputs` types, or why the inputs do not fit.
 pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
@@ -81,6 +81,138 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String>
             dtype: *to,
             shape: inputs[0].shape.clone(),
         },
+        Op::Constant(c) => {
+            if c.values.len() != c.shape.iter().product::<usize>() {
+                return Err(format!("{} values for shape {:?}", c.values.len(), c.shape));
+            }
+            TensorType {
+                dtype: DType::F32,
+                shape: Shape::fixed(&c.shape),
+            }
+        }
+        Op::Reshape { shape } => {
+            let x = inputs[0];
+            if !same_elements(&x.shape.0, shape) {
+                return Err(format!(
+                    "cannot reshape {} to {}",
+                    x.shape,
+                    Shape(shape.clone())
+                ));
+            }
+            TensorType::new(x.dtype, shape.clone())
+        }
+        Op::Transpose { perm } => {
+            let x = inputs[0];
+            let mut seen = vec![false; x.shape.rank()];
+            if perm.len() != x.shape.rank()
+                || perm
+                    .iter()
+                    .any(|&p| p >= seen.len() || std::mem::replace(&mut seen[p], true))
+            {
+                return Err(format!(
+                    "{perm:?} is not a permutation of rank {}",
+                    x.shape.rank()
+                ));
+            }
+            TensorType::new(x.dtype, perm.iter().map(|&p| x.shape.0[p]).collect())
+        }
+        Op::Slice { axis, start, end } => {
+            let x = inputs[0];
+            let size = x.shape.0.get(*axis).and_then(|d| d.fixed());
+            if size.is_none_or(|n| start >= end || *end > n) {
+                return Err(format!(
+                    "slice {start}..{end} of axis {axis} does not fit {}",
+                    x.shape
+                ));
+            }
+            let mut shape = x.shape.0.clone();
+            shape[*axis] = Dim::Fixed(end - start);
+            TensorType::new(x.dtype, shape)
+        }
+        Op::Concat { axis } => {
+            let (a, b) = (inputs[0], inputs[1]);
+            let compatible = a.dtype == b.dtype
+                && a.shape.rank() == b.shape.rank()
+                && *axis < a.shape.rank()
+                && (0..a.shape.rank()).all(|i| i == *axis || a.shape.0[i] == b.shape.0[i]);
+            if !compatible {
+                return Err(format!("cannot concatenate {a} and {b} on axis {axis}"));
+            }
+            let mut shape = a.shape.0.clone();
+            shape[*axis] = dim_sum(a.shape.0[*axis], b.shape.0[*axis])?;
+            TensorType::new(a.dtype, shape)
+        }
+        Op::Rotary => {
+            let x = inputs[0];
+            let [b, _, s, d] = dims::<4>(x, "x")?;
+            float_tensor(x, "x")?;
+            let half = d
+                .fixed()
+                .filter(|d| d % 2 == 0)
+                .ok_or("head_dim must be a fixed even size")?
+                / 2;
+            let [_, cos_half] = dims::<2>(inputs[1], "cos")?;
+            if cos_half != Dim::Fixed(half) || inputs[1].shape != inputs[2].shape {
+                return Err(format!(
+                    "cos/sin tables must be [positions, {half}], got {} and {}",
+                    inputs[1].shape, inputs[2].shape
+                ));
+            }
+            positions(inputs[3], b, s)?;
+            x.clone()
+        }
+        Op::QueryTemperature(_) => {
+            let q = inputs[0];
+            let [b, _, s, _] = dims::<4>(q, "q")?;
+            float_tensor(q, "q")?;
+            positions(inputs[1], b, s)?;
+            q.clone()
+        }
+        Op::AttentionMask { chunk } => {
+            let pos = inputs[0];
+            let [b, s] = dims::<2>(pos, "position_ids")?;
+            positions(pos, b, s)?;
+            let [_, _, past, _] = dims::<4>(inputs[1], "past_key")?;
+            if chunk.is_some_and(|c| c.size == 0) {
+                return Err("chunk size must be positive".into());
+            }
+            TensorType::new(DType::Bool, vec![b, Dim::Fixed(1), s, dim_sum(past, s)?])
+        }
+        Op::Sdpa { .. } => {
+            let (q, k, v, mask) = (inputs[0], inputs[1], inputs[2], inputs[3]);
+            let [b, nh, s, d] = dims::<4>(q, "q")?;
+            let [kb, nkv, t, kd] = dims::<4>(k, "k")?;
+            float_tensor(q, "q")?;
+            if kb != b || kd != d || k != v || k.dtype != q.dtype {
+                return Err(format!("q {q}, k {k} and v {v} disagree"));
+            }
+            match (nh.fixed(), nkv.fixed()) {
+                (Some(h), Some(kv)) if kv > 0 && h % kv == 0 => {}
+                _ => {
+                    return Err(format!(
+                        "query heads {nh} must be a multiple of kv heads {nkv}"
+                    ))
+                }
+            }
+            if mask.dtype != DType::Bool || mask.shape.0 != [b, Dim::Fixed(1), s, t] {
+                return Err(format!("mask must be bool[{b}, 1, {s}, {t}], got {mask}"));
+            }
+            q.clone()
+        }
+        Op::SwiGlu => {
+            let x = inputs[0];
+            float_tensor(x, "x")?;
+            let n = x
+                .shape
+                .last()
+                .and_then(|d| d.fixed())
+                .filter(|n| n % 2 == 0)
+                .ok_or("last axis must be a fixed even size")?;
+            let mut shape = x.shape.0.clone();
+            *shape.last_mut().expect("rank >= 1") = Dim::Fixed(n / 2);
+            TensorType::new(x.dtype, shape)
+        }
+        Op::FusedMoe(m) => fused_moe(m, inputs)?,
     };
     Ok(vec![out])
 }
@@ -138,6 +270,68 @@ fn moe(m: &MoeAttrs, inputs: &[&TensorType]) -> Result<TensorType, String> {
     expect(inputs[5], &[i, h], "shared_up")?;
     expect(inputs[6], &[h, i], "shared_down")?;
     Ok(x.clone())
+}
+
+fn fused_moe(m: &FusedMoeAttrs, inputs: &[&TensorType]) -> Result<TensorType, String> {
+    let x = inputs[0];
+    let [_, _, h] = activation(x)?;
+    if m.top_k == 0 || m.top_k > m.num_experts {
+        return Err(format!(
+            "top_k {} must be in 1..={}",
+            m.top_k, m.num_experts
+        ));
+    }
+    let e = Dim::Fixed(m.num_experts);
+    let i = Dim::Fixed(m.intermediate_size);
+    let i2 = Dim::Fixed(2 * m.intermediate_size);
+    expect(inputs[1], &[e, h], "router")?;
+    match m.layout {
+        ExpertLayout::Interleaved => {
+            expect(inputs[2], &[e, i2, h], "fc1")?;
+            expect(inputs[3], &[e, h, i], "fc2")?;
+        }
+        ExpertLayout::Halves => {
+            expect(inputs[2], &[e, h, i2], "fc1")?;
+            expect(inputs[3], &[e, i, h], "fc2")?;
+        }
+    }
+    expect(inputs[4], &[i2, h], "shared_fc1")?;
+    expect(inputs[5], &[h, i], "shared_fc2")?;
+    Ok(x.clone())
+}
+
+fn positions(t: &TensorType, b: Dim, s: Dim) -> Result<(), String> {
+    if t.dtype == DType::I64 && t.shape.0 == [b, s] {
+        Ok(())
+    } else {
+        Err(format!("position_ids must be i64[{b}, {s}], got {t}"))
+    }
+}
+
+/// The size of two concatenated dims: fixed sizes add, `past + seq` is `total`, and 0 is neutral.
+pub fn dim_sum(a: Dim, b: Dim) -> Result<Dim, String> {
+    match (a, b) {
+        (Dim::Fixed(x), Dim::Fixed(y)) => Ok(Dim::Fixed(x + y)),
+        (Dim::Fixed(0), d) | (d, Dim::Fixed(0)) => Ok(d),
+        (Dim::Sym(SymDim::Past), Dim::Sym(SymDim::Seq)) => Ok(Dim::Sym(SymDim::Total)),
+        _ => Err(format!("cannot express {a} + {b} as one dimension")),
+    }
+}
+
+/// Whether two shapes hold the same number of elements: equal fixed products and equal symbolic dims.
+fn same_elements(a: &[Dim], b: &[Dim]) -> bool {
+    let split = |dims: &[Dim]| {
+        let mut syms: Vec<SymDim> = dims
+            .iter()
+            .filter_map(|d| if let Dim::Sym(s) = d { Some(*s) } else { None })
+            .collect();
+        syms.sort();
+        (
+            dims.iter().filter_map(|d| d.fixed()).product::<usize>(),
+            syms,
+        )
+    };
+    split(a) == split(b)
 }
 
 /// Dims of an activation `[B, S, H]` in a float type.

@@ -63,6 +63,8 @@ pub struct TemperatureAttrs {
 /// Everything that defines one Llama 4 self-attention layer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AttentionAttrs {
+    /// Decoder layer index; names the layer's KV cache inputs and outputs once lowered.
+    pub layer: usize,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -87,6 +89,34 @@ pub struct MoeAttrs {
     pub intermediate_size: usize,
 }
 
+/// Where a fused MoE keeps each expert's gate and up projections; each target wants its own layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpertLayout {
+    /// `fc1` [E, 2I, H] with gate and up rows interleaved (row 2i = gate i, row 2i+1 = up i), `fc2`
+    /// [E, H, I]: ONNX Runtime's `com.microsoft.MoE` with `swiglu_fusion=1`.
+    Interleaved,
+    /// `fc1` [E, H, 2I] = the checkpoint's `gate_up_proj` (gate columns, then up columns), `fc2` [E, I, H]
+    /// = `down_proj`, both used as `z @ W`: the standard-ops (portable) lowering gathers from these.
+    Halves,
+}
+
+/// A MoE after expert fusion: router, top-k, sigmoid input scaling, fused expert matrices and the
+/// shared expert in one op.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FusedMoeAttrs {
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub intermediate_size: usize,
+    pub layout: ExpertLayout,
+}
+
+/// A constant computed at compile time (rotary tables, unit norm scales); f32 row-major values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConstantData {
+    pub shape: Vec<usize>,
+    pub values: std::sync::Arc<Vec<f32>>,
+}
+
 /// One operation. Slots are listed in order; every input slot has exactly one producer.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
@@ -95,9 +125,10 @@ pub enum Op {
     /// A constant weight that streams from its checkpoint source; no inputs; output of the weight's type.
     Weight(WeightRef),
 
-    // ---- Llama 4 level (Imported phase only) ----
     /// ids [B, S] (i32/i64), table [V, H] (float) -> [B, S, H] of `out`. A plain gather, no scaling.
     Embedding { out: DType },
+
+    // ---- Llama 4 level (Imported phase only) ----
     /// x [.., H] (float), position_ids [B, S] (i64), wq [nh*d, H], wk [nkv*d, H], wv [nkv*d, H],
     /// wo [H, nh*d] -> [B, S, H] of x's dtype. x must be [B, S, H]. Projections are `x W^T`.
     Attention(AttentionAttrs),
@@ -123,6 +154,38 @@ pub enum Op {
     Silu,
     /// x (any) -> `to` of the same shape.
     Cast { to: DType },
+    /// No inputs -> f32 of the constant's shape.
+    Constant(ConstantData),
+    /// x -> the same elements (row-major) in `shape`; symbolic dims take their run-time sizes.
+    Reshape { shape: Vec<crate::types::Dim> },
+    /// x -> axes permuted: output axis i is input axis `perm[i]`.
+    Transpose { perm: Vec<usize> },
+    /// x -> `start..end` of `axis`.
+    Slice {
+        axis: usize,
+        start: usize,
+        end: usize,
+    },
+    /// a, b equal but on `axis` -> concatenation (sizes add; `past + seq` gives `total`).
+    Concat { axis: usize },
+    /// x [B, heads, S, d], cos [P, d/2], sin [P, d/2], position_ids i64[B, S] -> x's type. Interleaved
+    /// (GPT-J) rotation of pairs (2j, 2j+1) by the angle whose cos/sin sit at row position_ids[b, s].
+    Rotary,
+    /// q [B, heads, S, d], position_ids i64[B, S] -> q's type:
+    /// `q * (1 + attn_scale * ln(1 + floor((p + 1) / floor_scale)))`.
+    QueryTemperature(TemperatureAttrs),
+    /// position_ids i64[B, S], past_key [B, kv, P, d] -> bool[B, 1, S, P + S]. Key j sits at position
+    /// `position_ids[b, 0] - P + j` (the cache holds the P positions just before this call); query s sees
+    /// key j iff `pos_k <= pos_q` and, when chunked, both lie in the same chunk.
+    AttentionMask { chunk: Option<ChunkAttrs> },
+    /// q [B, nh, S, d], k [B, nkv, T, d], v [B, nkv, T, d], mask bool[B, 1, S, T] -> [B, nh, S, d]:
+    /// `softmax(q k^T * scale, masked) v`, query head h reading kv head `h / (nh / nkv)`.
+    Sdpa { scale: f32 },
+    /// x [.., 2I] (gate half, then up half) -> [.., I]: `silu(gate) * up`.
+    SwiGlu,
+    /// x [B, S, H], router [E, H], fc1, fc2 (see [`ExpertLayout`]), shared_fc1 [2I, H] (gate rows then up
+    /// rows), shared_fc2 [H, I] -> [B, S, H]. Same math as [`Op::Moe`].
+    FusedMoe(FusedMoeAttrs),
 }
 
 impl Op {
@@ -142,13 +205,24 @@ impl Op {
             Op::Sigmoid => "sigmoid",
             Op::Silu => "silu",
             Op::Cast { .. } => "cast",
+            Op::Constant(_) => "constant",
+            Op::Reshape { .. } => "reshape",
+            Op::Transpose { .. } => "transpose",
+            Op::Slice { .. } => "slice",
+            Op::Concat { .. } => "concat",
+            Op::Rotary => "rotary",
+            Op::QueryTemperature(_) => "query_temperature",
+            Op::AttentionMask { .. } => "attention_mask",
+            Op::Sdpa { .. } => "sdpa",
+            Op::SwiGlu => "swiglu",
+            Op::FusedMoe(_) => "fused_moe",
         }
     }
 
     /// The accepted numbers of inputs (inclusive range).
     pub fn arity(&self) -> (usize, usize) {
         match self {
-            Op::Input(_) | Op::Weight(_) => (0, 0),
+            Op::Input(_) | Op::Weight(_) | Op::Constant(_) => (0, 0),
             Op::Embedding { .. } => (2, 2),
             Op::Attention(_) => (6, 6),
             Op::Mlp => (4, 4),
@@ -156,17 +230,31 @@ impl Op {
             Op::RmsNorm(_) => (1, 2),
             Op::Linear | Op::Add | Op::Mul => (2, 2),
             Op::Sigmoid | Op::Silu | Op::Cast { .. } => (1, 1),
+            Op::Reshape { .. } | Op::Transpose { .. } | Op::Slice { .. } | Op::SwiGlu => (1, 1),
+            Op::Concat { .. } | Op::QueryTemperature(_) | Op::AttentionMask { .. } => (2, 2),
+            Op::Rotary | Op::Sdpa { .. } => (4, 4),
+            Op::FusedMoe(_) => (6, 6),
         }
     }
 
     /// Whether the op may appear in a graph of `phase`.
     pub fn allowed_in(&self, phase: Phase) -> bool {
         match self {
-            Op::Embedding { .. } | Op::Attention(_) | Op::Mlp | Op::Moe(_) => {
-                phase == Phase::Imported
-            }
+            Op::Attention(_) | Op::Mlp | Op::Moe(_) => phase == Phase::Imported,
             Op::Input(_)
             | Op::Weight(_)
+            | Op::Embedding { .. }
+            | Op::Constant(_)
+            | Op::Reshape { .. }
+            | Op::Transpose { .. }
+            | Op::Slice { .. }
+            | Op::Concat { .. }
+            | Op::Rotary
+            | Op::QueryTemperature(_)
+            | Op::AttentionMask { .. }
+            | Op::Sdpa { .. }
+            | Op::SwiGlu
+            | Op::FusedMoe(_)
             | Op::RmsNorm(_)
             | Op::Linear
             | Op::Add

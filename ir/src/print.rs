@@ -78,7 +78,30 @@ fn op_text(graph: &Graph, op: &Op) -> String {
         ),
         Op::RmsNorm(a) => format!("rms_norm[eps={:e}]", a.eps),
         Op::Cast { to } => format!("cast[to={to}]"),
-        Op::Mlp | Op::Linear | Op::Add | Op::Mul | Op::Sigmoid | Op::Silu => op.name().to_string(),
+        Op::Constant(c) => format!("constant{:?}", c.shape),
+        Op::Reshape { shape } => format!("reshape[{}]", crate::types::Shape(shape.clone())),
+        Op::Transpose { perm } => format!("transpose{perm:?}"),
+        Op::Slice { axis, start, end } => format!("slice[axis={axis} {start}..{end}]"),
+        Op::Concat { axis } => format!("concat[axis={axis}]"),
+        Op::QueryTemperature(t) => format!(
+            "query_temperature[floor_scale={} attn_scale={}]",
+            t.floor_scale, t.attn_scale
+        ),
+        Op::AttentionMask { chunk: Some(c) } => format!("attention_mask[chunked({})]", c.size),
+        Op::AttentionMask { chunk: None } => "attention_mask[causal]".to_string(),
+        Op::Sdpa { scale } => format!("sdpa[scale={scale}]"),
+        Op::FusedMoe(m) => format!(
+            "fused_moe[experts={} top_k={} intermediate={} layout={:?}]",
+            m.num_experts, m.top_k, m.intermediate_size, m.layout
+        ),
+        Op::Mlp
+        | Op::Linear
+        | Op::Add
+        | Op::Mul
+        | Op::Sigmoid
+        | Op::Silu
+        | Op::Rotary
+        | Op::SwiGlu => op.name().to_string(),
     }
 }
 

@@ -1,0 +1,250 @@
+//! Every pass preserves the graph's meaning: the reference evaluator gives the same logits before and
+//! after it, on random token ids, for both fixtures and both expert layouts. The lowered graph's explicit
+//! KV cache reproduces the full-sequence logits when fed prefill then decode steps.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use herd_ir::eval::{evaluate, Tensor};
+use herd_ir::ops::ExpertLayout;
+use herd_ir::{Graph, Op};
+use herd_passes::pipeline::{run_pipeline, PassOptions, RunOptions, PIPELINE};
+use ndarray::{ArrayD, Axis, IxDyn};
+
+const FIXTURES: [&str; 2] = ["tiny-scout", "tiny-maverick"];
+
+fn import(name: &str) -> Graph {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name);
+    herd_ir::import(&dir).expect("import").graph
+}
+
+fn options(layout: ExpertLayout) -> PassOptions {
+    PassOptions {
+        moe_layout: layout,
+        max_positions: 64,
+    }
+}
+
+/// Deterministic pseudo-random token ids (xorshift), `batch` rows of `seq` ids below `vocab`.
+fn random_ids(batch: usize, seq: usize, vocab: u64, seed: u64) -> Vec<i64> {
+    let mut state = seed | 1;
+    (0..batch * seq)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % vocab) as i64
+        })
+        .collect()
+}
+
+fn kv_inputs(graph: &Graph) -> Vec<(String, Vec<usize>)> {
+    graph
+        .node_indices()
+        .into_iter()
+        .filter_map(|n| match &graph.node(n)?.op {
+            Op::Input(a) if a.name.starts_with("past_") => {
+                let dims =
+                    a.ty.shape
+                        .0
+                        .iter()
+                        .map(|d| d.fixed().unwrap_or(0))
+                        .collect();
+                Some((a.name.clone(), dims))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Runs `graph` on ids [batch, seq] at positions `start..`, with the given past (empty when None).
+fn run(
+    graph: &Graph,
+    ids: &[i64],
+    batch: usize,
+    start: i64,
+    past: Option<&HashMap<String, Tensor>>,
+) -> HashMap<String, Tensor> {
+    let seq = ids.len() / batch;
+    let positions: Vec<i64> = (0..batch).flat_map(|_| start..start + seq as i64).collect();
+    let mut inputs = HashMap::from([
+        (
+            "input_ids".to_string(),
+            Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[batch, seq]), ids.to_vec()).unwrap()),
+        ),
+        (
+            "position_ids".to_string(),
+            Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[batch, seq]), positions).unwrap()),
+        ),
+    ]);
+    for (name, mut dims) in kv_inputs(graph) {
+        dims[0] = batch;
+        let value = match past {
+            Some(p) => p[&name.replace("past_", "present_")].clone(),
+            None => Tensor::F32(ArrayD::zeros(IxDyn(&dims))),
+        };
+        inputs.insert(name, value);
+    }
+    evaluate(graph, &inputs).expect("evaluate")
+}
+
+fn logits(out: &HashMap<String, Tensor>) -> ArrayD<f32> {
+    out["logits"].as_f32().expect("f32 logits").clone()
+}
+
+fn assert_close(a: &ArrayD<f32>, b: &ArrayD<f32>, what: &str) {
+    assert_eq!(a.shape(), b.shape(), "{what}: shapes differ");
+    let err = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    let scale = b.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+    assert!(
+        err <= 1e-5 * scale,
+        "{what}: max error {err} against scale {scale}"
+    );
+}
+
+#[test]
+fn each_pass_alone_preserves_logits() {
+    for name in FIXTURES {
+        let reference = import(name);
+        let ids = random_ids(2, 13, 512, 7);
+        let expected = logits(&run(&reference, &ids, 2, 0, None));
+        for pass in PIPELINE {
+            for layout in [ExpertLayout::Interleaved, ExpertLayout::Halves] {
+                let mut graph = reference.clone();
+                (pass.run)(&mut graph, &options(layout)).expect("pass");
+                herd_ir::verify(&graph, Some(pass.name)).expect("verifies");
+                assert_close(
+                    &logits(&run(&graph, &ids, 2, 0, None)),
+                    &expected,
+                    &format!("{name} after {} ({layout:?})", pass.name),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn pipeline_lowers_everything_and_preserves_logits() {
+    for name in FIXTURES {
+        let reference = import(name);
+        let ids = random_ids(2, 19, 512, 11);
+        let expected = logits(&run(&reference, &ids, 2, 0, None));
+        for layout in [ExpertLayout::Interleaved, ExpertLayout::Halves] {
+            let mut graph = reference.clone();
+            let report = run_pipeline(
+                &mut graph,
+                &options(layout),
+                &RunOptions::default(),
+                |_, _| {},
+            )
+            .expect("pipeline");
+            assert_eq!(report.timings.len(), PIPELINE.len());
+            assert!(graph.node_indices().iter().all(|&n| !matches!(
+                graph.node(n).unwrap().op,
+                Op::Attention(_) | Op::Moe(_) | Op::Mlp
+            )));
+            assert_close(
+                &logits(&run(&graph, &ids, 2, 0, None)),
+                &expected,
+                &format!("{name} lowered ({layout:?})"),
+            );
+        }
+    }
+}
+
+#[test]
+fn kv_cache_decode_matches_full_sequence() {
+    for name in FIXTURES {
+        let mut graph = import(name);
+        run_pipeline(
+            &mut graph,
+            &options(ExpertLayout::Halves),
+            &RunOptions::default(),
+            |_, _| {},
+        )
+        .expect("pipeline");
+        // 21 tokens cross two chunk boundaries (chunk 8) and several temperature steps (floor_scale 4).
+        let ids = random_ids(1, 21, 512, 3);
+        let full = logits(&run(&graph, &ids, 1, 0, None));
+        let mut state = run(&graph, &ids[..9], 1, 0, None);
+        assert_close(
+            &logits(&state),
+            &full.slice_axis(Axis(1), (0..9).into()).to_owned(),
+            &format!("{name} prefill"),
+        );
+        for t in 9..21 {
+            let step = run(&graph, &ids[t..t + 1], 1, t as i64, Some(&state));
+            let expected = full.slice_axis(Axis(1), (t..t + 1).into()).to_owned();
+            assert_close(
+                &logits(&step),
+                &expected,
+                &format!("{name} decode step at position {t}"),
+            );
+            state = step;
+        }
+    }
+}
+
+#[test]
+fn disabling_a_pass_is_reported_at_the_phase_change() {
+    let mut graph = import("tiny-maverick");
+    let run = RunOptions {
+        disabled: vec!["irope".into()],
+        dump_after: vec![],
+    };
+    let err =
+        run_pipeline(&mut graph, &options(ExpertLayout::Halves), &run, |_, _| {}).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("not fully lowered")
+            && text.contains("op `attention` is not allowed in phase lowered"),
+        "{text}"
+    );
+    let bad = RunOptions {
+        disabled: vec!["nope".into()],
+        dump_after: vec![],
+    };
+    let err = run_pipeline(
+        &mut import("tiny-maverick"),
+        &options(ExpertLayout::Halves),
+        &bad,
+        |_, _| {},
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "unknown pass `nope`; passes are: irope, expert_fusion"
+    );
+}
+
+#[test]
+fn dump_after_receives_the_printed_ir() {
+    let mut graph = import("tiny-maverick");
+    let run = RunOptions {
+        disabled: vec![],
+        dump_after: vec!["expert_fusion".into()],
+    };
+    let mut dumps = Vec::new();
+    run_pipeline(
+        &mut graph,
+        &options(ExpertLayout::Interleaved),
+        &run,
+        |pass, text| dumps.push((pass.to_string(), text.to_string())),
+    )
+    .unwrap();
+    assert_eq!(dumps.len(), 1);
+    assert_eq!(dumps[0].0, "expert_fusion");
+    assert!(dumps[0]
+        .1
+        .contains("fused_moe[experts=4 top_k=1 intermediate=64 layout=Interleaved]"));
+    assert!(
+        dumps[0].1.contains("q_proj.weight (model.safetensors) ++"),
+        "q/k/v fused"
+    );
+}
