@@ -1,6 +1,7 @@
 //! The `herd` command line: compile Llama 4 checkpoints into deployable bundles and inspect them.
 
 mod commands;
+mod driver;
 
 use std::process::ExitCode;
 
@@ -21,6 +22,10 @@ struct Cli {
 enum Command {
     /// Summarise a checkpoint folder: its config, parameter counts, and optionally the imported IR.
     Inspect(commands::inspect::InspectArgs),
+    /// Compile a checkpoint into a bundle (ONNX model + external weights + manifest).
+    Compile(commands::compile::CompileArgs),
+    /// Generate tokens from a compiled bundle with ONNX Runtime.
+    Run(commands::run::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +36,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(args) => commands::inspect::run(&args),
+        Command::Compile(args) => commands::compile::run(&args),
+        Command::Run(args) => commands::run::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,1 +1,15 @@
-//! placeholder
+//! herd-runtime: what services link to run the bundles herd compiles. It loads a bundle (checking its
+//! format and checksums), runs the decoder through ONNX Runtime (`ort`, library loaded at run time),
+//! owns the KV cache between steps, and samples tokens. It depends on no compiler crate.
+
+pub mod bundle;
+pub mod error;
+pub mod manifest;
+pub mod model;
+pub mod onnxruntime;
+pub mod sampling;
+
+pub use bundle::Bundle;
+pub use error::RuntimeError;
+pub use model::{GenerateParams, Generation, Model, RuntimeOptions, StopReason};
+pub use sampling::Sampling;

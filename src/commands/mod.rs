@@ -1,3 +1,5 @@
 //! One module per `herd` subcommand.
 
+pub mod compile;
 pub mod inspect;
+pub mod run;

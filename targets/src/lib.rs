@@ -1,1 +1,16 @@
-//! placeholder
+//! herd-targets: the back ends that turn a Lowered graph into deployable files, and the bundle writer.
+
+pub mod bundle;
+pub mod error;
+pub mod onnx;
+
+pub use error::TargetError;
+
+/// Lowercase hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

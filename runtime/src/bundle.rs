@@ -1,0 +1,132 @@
+//! Opening a bundle folder: the manifest, its format version, and the files it lists (sizes always,
+//! sha256 of the small ones on every load, of all of them in [`Bundle::verify_all`]).
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::RuntimeError;
+use crate::manifest::{Manifest, CHECKSUM_ON_LOAD_LIMIT, FORMAT_VERSION, MANIFEST_FILE};
+
+/// An opened, checked bundle.
+#[derive(Clone, Debug)]
+pub struct Bundle {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl Bundle {
+    /// Opens `dir`, checking the manifest, every listed file's size and the checksums of small files.
+    pub fn open(dir: &Path) -> Result<Bundle, RuntimeError> {
+        let path = dir.join(MANIFEST_FILE);
+        let shown = path.display().to_string();
+        let text = fs::read_to_string(&path).map_err(|e| RuntimeError::BadManifest {
+            path: shown.clone(),
+            message: e.to_string(),
+        })?;
+        let probe: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| RuntimeError::BadManifest {
+                path: shown.clone(),
+                message: e.to_string(),
+            })?;
+        let found = probe
+            .get("format_version")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0) as u32;
+        if found != FORMAT_VERSION {
+            return Err(RuntimeError::FormatVersion {
+                path: shown,
+                found,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let manifest: Manifest =
+            serde_json::from_value(probe).map_err(|e| RuntimeError::BadManifest {
+                path: shown.clone(),
+                message: e.to_string(),
+            })?;
+        let bundle = Bundle {
+            dir: dir.to_path_buf(),
+            manifest,
+        };
+        bundle.check_files(false)?;
+        Ok(bundle)
+    }
+
+    /// Checks every file's checksum, however large.
+    pub fn verify_all(&self) -> Result<(), RuntimeError> {
+        self.check_files(true)
+    }
+
+    fn check_files(&self, all: bool) -> Result<(), RuntimeError> {
+        for entry in &self.manifest.files {
+            let relative = Path::new(&entry.path);
+            if relative.is_absolute()
+                || relative
+                    .components()
+                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            {
+                return Err(RuntimeError::Tampered {
+                    path: self.dir.join(MANIFEST_FILE).display().to_string(),
+                    message: format!(
+                        "file entry `{}` is not a plain name inside the bundle",
+                        entry.path
+                    ),
+                });
+            }
+            let path = self.dir.join(relative);
+            let shown = path.display().to_string();
+            let size = fs::metadata(&path)
+                .map_err(|e| RuntimeError::Tampered {
+                    path: shown.clone(),
+                    message: format!("listed in the manifest but unreadable ({e})"),
+                })?
+                .len();
+            if size != entry.bytes {
+                return Err(RuntimeError::Tampered {
+                    path: shown,
+                    message: format!("size {size} bytes, manifest says {}", entry.bytes),
+                });
+            }
+            if all || size <= CHECKSUM_ON_LOAD_LIMIT {
+                let digest = sha256_file(&path)?;
+                if digest != entry.sha256 {
+                    return Err(RuntimeError::Tampered {
+                        path: shown,
+                        message: "sha256 differs from the manifest".into(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Path of a bundle file.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+fn sha256_file(path: &Path) -> Result<String, RuntimeError> {
+    let io = |e: std::io::Error| RuntimeError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
+    let mut file = fs::File::open(path).map_err(io)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}

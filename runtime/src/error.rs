@@ -1,0 +1,32 @@
+//! Errors of the runtime; each says which file or parameter is wrong and what to do.
+
+/// A runtime failure.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("{path}: {message}")]
+    Io { path: String, message: String },
+    #[error("{path}: not a herd bundle: {message}")]
+    BadManifest { path: String, message: String },
+    #[error("{path}: bundle format {found} is not supported by this runtime (format {supported}); recompile it with this herd version")]
+    FormatVersion {
+        path: String,
+        found: u32,
+        supported: u32,
+    },
+    #[error("{path}: {message}; the bundle is damaged or was modified after compiling: recompile or copy it again")]
+    Tampered { path: String, message: String },
+    #[error("ONNX Runtime library not found ({tried}). Install it with `scripts/install-onnxruntime.sh` (it unpacks onnxruntime==1.31.1 from PyPI into .cache/onnxruntime/) or set ORT_DYLIB_PATH to a libonnxruntime.so 1.31")]
+    OrtMissing { tried: String },
+    #[error("ONNX Runtime: {0}")]
+    Ort(String),
+    #[error("invalid parameter: {0}")]
+    Param(String),
+    #[error("prompt is {len} tokens but the bundle accepts at most {max} positions (compile with a larger --max-context)")]
+    TooLong { len: usize, max: usize },
+}
+
+impl<T> From<ort::Error<T>> for RuntimeError {
+    fn from(e: ort::Error<T>) -> RuntimeError {
+        RuntimeError::Ort(e.to_string())
+    }
+}

@@ -1,0 +1,84 @@
+//! The bundle manifest (`manifest.json`): what a compiled bundle holds and how to drive its graph. The
+//! runtime owns this format; the compiler writes it through these types.
+
+use serde::{Deserialize, Serialize};
+
+/// The manifest format this runtime reads and the compiler writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// File name of the manifest inside a bundle.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// Files at most this large are checksummed on every load; larger ones (the weights) by `verify` only.
+pub const CHECKSUM_ON_LOAD_LIMIT: u64 = 64 << 20;
+
+/// A compiled bundle's description.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    /// Version of the herd that compiled the bundle.
+    pub herd_version: String,
+    pub model: ModelInfo,
+    pub graph: GraphIo,
+    /// Element type of activations, weights and the KV cache: "f32" or "f16". Logits are always f32.
+    pub dtype: String,
+    /// How the MoE was lowered: "ort" (com.microsoft.MoE) or "portable" (standard ONNX ops).
+    pub moe_lowering: String,
+    /// Every file of the bundle except the manifest, with its size and sha256.
+    pub files: Vec<FileEntry>,
+    /// Token ids that end generation.
+    pub stop_token_ids: Vec<i64>,
+    pub bos_token_id: Option<i64>,
+}
+
+/// The model facts a runtime needs, plus the compiler's full resolved config for reference.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub architecture: String,
+    pub num_layers: usize,
+    pub hidden_size: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    /// Largest absolute position the graph accepts (rotary tables cover 0..max_positions).
+    pub max_positions: usize,
+    pub attention_chunk_size: usize,
+    /// Layers with full causal attention (NoPE); the others attend within their chunk.
+    pub nope_layers: Vec<usize>,
+    /// The compiler's resolved Llama 4 config.
+    pub config: serde_json::Value,
+}
+
+/// Names of the graph's inputs and outputs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GraphIo {
+    /// The model file, relative to the bundle.
+    pub model_file: String,
+    /// i64 [batch, seq].
+    pub input_ids: String,
+    /// i64 [batch, seq]: absolute positions.
+    pub position_ids: String,
+    /// f32 [batch, seq, vocab].
+    pub logits: String,
+    /// Layout of every KV tensor.
+    pub kv_layout: String,
+    pub kv: Vec<KvNames>,
+}
+
+/// One layer's cache tensors, each [batch, kv_heads, length, head_dim].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KvNames {
+    pub layer: usize,
+    pub past_key: String,
+    pub past_value: String,
+    pub present_key: String,
+    pub present_value: String,
+}
+
+/// A file of the bundle.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+}

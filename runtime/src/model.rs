@@ -1,0 +1,226 @@
+//! A loaded bundle and generation: prefill the prompt, then decode token by token, feeding each step's
+//! `present_*` tensors back as the next step's `past_*` (the KV cache stays inside ONNX Runtime values,
+//! never copied through Rust).
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, Tensor};
+
+use crate::bundle::Bundle;
+use crate::error::RuntimeError;
+use crate::sampling::{Sampler, Sampling};
+
+/// How a bundle is loaded.
+#[derive(Clone, Debug, Default)]
+pub struct RuntimeOptions {
+    /// Path of libonnxruntime; found automatically when None (see [`crate::onnxruntime`]).
+    pub ort_library: Option<PathBuf>,
+    /// Threads for one operator; ONNX Runtime's default when None.
+    pub intra_threads: Option<usize>,
+}
+
+/// What one call to [`Model::generate`] does.
+#[derive(Clone, Debug)]
+pub struct GenerateParams {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Token ids that end generation; the bundle's stop ids when None.
+    pub stop_ids: Option<Vec<i64>>,
+    /// Keep the logits of every step (row i produced token i).
+    pub return_logits: bool,
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    MaxTokens,
+    StopToken,
+}
+
+/// The result of one generation.
+#[derive(Clone, Debug)]
+pub struct Generation {
+    pub tokens: Vec<i64>,
+    /// Per generated token, the logits it was chosen from (empty unless requested).
+    pub step_logits: Vec<Vec<f32>>,
+    pub prefill: Duration,
+    pub decode: Duration,
+    pub stop: StopReason,
+}
+
+/// A loaded bundle with its ONNX Runtime session.
+pub struct Model {
+    pub bundle: Bundle,
+    session: Mutex<Session>,
+}
+
+impl Model {
+    /// Opens and checks `dir`, then creates the ONNX Runtime session.
+    pub fn load(dir: &Path, options: &RuntimeOptions) -> Result<Model, RuntimeError> {
+        let bundle = Bundle::open(dir)?;
+        let env = crate::onnxruntime::environment(options.ort_library.as_deref())?;
+        let mut builder = Session::builder(env)?
+            .with_optimization_level(GraphOptimizationLevel::Level3)?
+            // Keep fp32 activations if a quantized MatMulNBits is formed (its default quantizes them).
+            .with_config_entry("session.qdq_matmulnbits_accuracy_level", "0")?;
+        if let Some(n) = options.intra_threads {
+            builder = builder.with_intra_threads(n)?;
+        }
+        let model_path = bundle.file(&bundle.manifest.graph.model_file);
+        let session = builder
+            .commit_from_file(&model_path)
+            .map_err(|e| RuntimeError::Ort(format!("{}: {e}", model_path.display())))?;
+        Ok(Model {
+            bundle,
+            session: Mutex::new(session),
+        })
+    }
+
+    fn empty_cache(&self) -> Result<Vec<(String, DynValue)>, RuntimeError> {
+        let m = &self.bundle.manifest;
+        let shape = [1usize, m.model.num_kv_heads, 0, m.model.head_dim];
+        let mut out = Vec::new();
+        for kv in &m.graph.kv {
+            for name in [&kv.past_key, &kv.past_value] {
+                let value = match m.dtype.as_str() {
+                    "f16" => Tensor::<half::f16>::from_array((shape, Vec::<half::f16>::new()))?
+                        .into_dyn(),
+                    _ => Tensor::<f32>::from_array((shape, Vec::<f32>::new()))?.into_dyn(),
+                };
+                out.push((name.clone(), value));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs one step on `ids` at positions `start..`, consuming the cache and returning the new one with
+    /// the logits of the last position (and of all positions when `all_rows`).
+    fn step(
+        &self,
+        ids: &[i64],
+        start: usize,
+        cache: Vec<(String, DynValue)>,
+    ) -> Result<(Vec<f32>, Vec<(String, DynValue)>), RuntimeError> {
+        let m = &self.bundle.manifest;
+        let n = ids.len();
+        let positions: Vec<i64> = (start as i64..(start + n) as i64).collect();
+        let mut inputs: Vec<(Cow<str>, SessionInputValue)> = vec![
+            (
+                m.graph.input_ids.clone().into(),
+                Tensor::<i64>::from_array(([1usize, n], ids.to_vec()))?
+                    .into_dyn()
+                    .into(),
+            ),
+            (
+                m.graph.position_ids.clone().into(),
+                Tensor::<i64>::from_array(([1usize, n], positions))?
+                    .into_dyn()
+                    .into(),
+            ),
+        ];
+        for (name, value) in cache {
+            inputs.push((name.into(), value.into()));
+        }
+        let mut session = self
+            .session
+            .lock()
+            .map_err(|_| RuntimeError::Ort("session lock poisoned".into()))?;
+        let mut outputs = session.run(inputs)?;
+        let logits = outputs
+            .get(&m.graph.logits)
+            .ok_or_else(|| RuntimeError::Ort("no logits output".into()))?
+            .try_extract_array::<f32>()?;
+        let vocab = m.model.vocab_size;
+        let last: Vec<f32> = logits
+            .as_slice()
+            .map(|s| s[(n - 1) * vocab..n * vocab].to_vec())
+            .ok_or_else(|| RuntimeError::Ort("non-contiguous logits".into()))?;
+        let mut next = Vec::new();
+        for kv in &m.graph.kv {
+            for (past, present) in [
+                (&kv.past_key, &kv.present_key),
+                (&kv.past_value, &kv.present_value),
+            ] {
+                let value = outputs
+                    .remove(present)
+                    .ok_or_else(|| RuntimeError::Ort(format!("no {present} output")))?;
+                next.push((past.clone(), value));
+            }
+        }
+        Ok((last, next))
+    }
+
+    /// Generates up to `params.max_new_tokens` tokens after `prompt` (token ids).
+    pub fn generate(
+        &self,
+        prompt: &[i64],
+        params: &GenerateParams,
+    ) -> Result<Generation, RuntimeError> {
+        params.sampling.validate()?;
+        let m = &self.bundle.manifest;
+        if prompt.is_empty() {
+            return Err(RuntimeError::Param("the prompt has no tokens".into()));
+        }
+        if let Some(bad) = prompt
+            .iter()
+            .find(|&&t| t < 0 || t as usize >= m.model.vocab_size)
+        {
+            return Err(RuntimeError::Param(format!(
+                "token id {bad} is outside the vocabulary 0..{}",
+                m.model.vocab_size
+            )));
+        }
+        let needed = prompt.len() + params.max_new_tokens.saturating_sub(1);
+        if needed > m.model.max_positions {
+            return Err(RuntimeError::TooLong {
+                len: needed,
+                max: m.model.max_positions,
+            });
+        }
+        let stop_ids = params
+            .stop_ids
+            .clone()
+            .unwrap_or_else(|| m.stop_token_ids.clone());
+        let mut sampler = Sampler::new(params.sampling.clone());
+        let mut out = Generation {
+            tokens: Vec::new(),
+            step_logits: Vec::new(),
+            prefill: Duration::ZERO,
+            decode: Duration::ZERO,
+            stop: StopReason::MaxTokens,
+        };
+        if params.max_new_tokens == 0 {
+            return Ok(out);
+        }
+        let start = Instant::now();
+        let (mut logits, mut cache) = self.step(prompt, 0, self.empty_cache()?)?;
+        out.prefill = start.elapsed();
+        let decode_start = Instant::now();
+        let mut position = prompt.len();
+        loop {
+            let token = sampler.next(&logits);
+            if params.return_logits {
+                out.step_logits.push(std::mem::take(&mut logits));
+            }
+            out.tokens.push(token);
+            if stop_ids.contains(&token) {
+                out.stop = StopReason::StopToken;
+                break;
+            }
+            if out.tokens.len() == params.max_new_tokens {
+                break;
+            }
+            let (l, c) = self.step(&[token], position, cache)?;
+            logits = l;
+            cache = c;
+            position += 1;
+        }
+        out.decode = decode_start.elapsed();
+        Ok(out)
+    }
+}

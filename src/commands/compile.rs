@@ -1,0 +1,125 @@
+//! `herd compile MODEL_DIR -o BUNDLE`: checkpoint to a runnable bundle.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use herd_ir::DType;
+use herd_passes::pipeline::RunOptions;
+use herd_targets::onnx::MoeLowering;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::driver::{compile, CompileOptions};
+
+/// How the mixture-of-experts layers are lowered.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum MoeArg {
+    /// com.microsoft.MoE: fastest on ONNX Runtime, not portable.
+    Ort,
+    /// Standard ONNX ops only (TopK, Gather, MatMul): the form TensorRT receives.
+    Portable,
+}
+
+/// Compute dtype of the bundle.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    F16,
+}
+
+/// Arguments of `herd compile`.
+#[derive(Args)]
+pub struct CompileArgs {
+    /// A Hugging Face Llama 4 checkpoint folder (config.json + safetensors).
+    pub model: PathBuf,
+    /// Bundle folder to create (written elsewhere first and renamed into place when complete).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// MoE lowering.
+    #[arg(long, value_enum, default_value = "ort")]
+    pub moe: MoeArg,
+    /// Element type of weights, activations and KV cache (logits are always f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+    /// Longest context (prompt + generated tokens) the bundle accepts; sizes the rotary tables.
+    #[arg(long, default_value_t = 8192)]
+    pub max_context: usize,
+    /// Replace an existing bundle at --output.
+    #[arg(long)]
+    pub force: bool,
+    /// Print (or write to --dump-dir) the IR after this pass; repeatable. Passes: irope, expert_fusion.
+    #[arg(long = "dump-ir-after", value_name = "PASS")]
+    pub dump_ir_after: Vec<String>,
+    /// Folder for --dump-ir-after files (PASS.ir) instead of stdout.
+    #[arg(long)]
+    pub dump_dir: Option<PathBuf>,
+    /// Skip a pass (for debugging; the compile then fails if anything is left unlowered); repeatable.
+    #[arg(long = "disable-pass", value_name = "PASS")]
+    pub disable_pass: Vec<String>,
+    /// Print the ONNX op counts per layer after compiling.
+    #[arg(long)]
+    pub node_counts: bool,
+}
+
+/// Runs the command.
+pub fn run(args: &CompileArgs) -> Result<()> {
+    if args.max_context == 0 {
+        anyhow::bail!("--max-context must be at least 1");
+    }
+    let options = CompileOptions {
+        model: args.model.clone(),
+        output: args.output.clone(),
+        moe: match args.moe {
+            MoeArg::Ort => MoeLowering::Ort,
+            MoeArg::Portable => MoeLowering::Portable,
+        },
+        dtype: match args.dtype {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::F16 => DType::F16,
+        },
+        max_context: args.max_context,
+        force: args.force,
+        run: RunOptions {
+            disabled: args.disable_pass.clone(),
+            dump_after: args.dump_ir_after.clone(),
+        },
+        dump_dir: args.dump_dir.clone(),
+    };
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message("writing weights");
+    let report = compile(&options, &mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    let report = report?;
+    eprintln!(
+        "compiled {} -> {}",
+        args.model.display(),
+        report.bundle.display()
+    );
+    for (stage, elapsed) in &report.stages {
+        eprintln!("  {stage:<22} {:>9.1} ms", elapsed.as_secs_f64() * 1e3);
+    }
+    eprintln!("  bytes written          {:>12}", report.bytes_written);
+    match report.peak_rss_bytes {
+        Some(b) => eprintln!(
+            "  peak memory (RSS)      {:>9.1} MiB",
+            b as f64 / (1 << 20) as f64
+        ),
+        None => eprintln!("  peak memory (RSS)      unknown on this OS"),
+    }
+    if args.node_counts {
+        for (layer, counts) in &report.node_counts {
+            let label = layer.map_or("outside layers".to_string(), |l| format!("layer {l}"));
+            let list: Vec<String> = counts.iter().map(|(op, n)| format!("{op}x{n}")).collect();
+            println!("{label}: {}", list.join(" "));
+        }
+    }
+    Ok(())
+}

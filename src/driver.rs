@@ -1,0 +1,200 @@
+//! The compile driver: import -> passes -> target -> bundle, timing each stage and reporting peak memory.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use herd_ir::DType;
+use herd_passes::pipeline::{run_pipeline, PassOptions, RunOptions};
+use herd_runtime::manifest::{Manifest, ModelInfo, FORMAT_VERSION};
+use herd_targets::bundle::BundleWriter;
+use herd_targets::onnx::{self, MoeLowering, OnnxOptions};
+
+/// Files copied from the checkpoint into the bundle when present.
+const TOKENIZER_FILES: [&str; 5] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+];
+
+/// Llama 4's stop tokens: `<|end_of_text|>`, `<|eom|>`, `<|eot|>`.
+const LLAMA4_STOP_IDS: [i64; 3] = [200001, 200007, 200008];
+
+/// Everything `herd compile` needs.
+pub struct CompileOptions {
+    pub model: PathBuf,
+    pub output: PathBuf,
+    pub moe: MoeLowering,
+    pub dtype: DType,
+    pub max_context: usize,
+    pub force: bool,
+    pub run: RunOptions,
+    /// Where `--dump-ir-after` writes (stdout when None).
+    pub dump_dir: Option<PathBuf>,
+}
+
+/// What a compile did.
+pub struct CompileReport {
+    pub bundle: PathBuf,
+    pub stages: Vec<(String, Duration)>,
+    pub bytes_written: u64,
+    pub peak_rss_bytes: Option<u64>,
+    pub node_counts:
+        std::collections::BTreeMap<Option<usize>, std::collections::BTreeMap<String, usize>>,
+}
+
+/// Compiles a checkpoint into a bundle. `progress(stage, done, total)` reports weight streaming.
+pub fn compile(
+    options: &CompileOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<CompileReport> {
+    let mut stages = Vec::new();
+    let start = Instant::now();
+    let imported = herd_ir::import(&options.model)?;
+    let mut graph = imported.graph;
+    let config = imported.checkpoint.config.clone();
+    stages.push(("import".to_string(), start.elapsed()));
+
+    let pass_options = PassOptions {
+        moe_layout: options.moe.layout(),
+        max_positions: options.max_context,
+    };
+    let dump_dir = options.dump_dir.clone();
+    let mut dump_error = None;
+    let report = run_pipeline(
+        &mut graph,
+        &pass_options,
+        &options.run,
+        |pass, text| match &dump_dir {
+            Some(dir) => {
+                let path = dir.join(format!("{pass}.ir"));
+                if let Err(e) = std::fs::write(&path, text) {
+                    dump_error = Some(format!("{}: {e}", path.display()));
+                }
+            }
+            None => print!("# IR after {pass}\n{text}"),
+        },
+    )?;
+    if let Some(e) = dump_error {
+        anyhow::bail!("cannot write IR dump {e}");
+    }
+    for (pass, elapsed) in report.timings {
+        stages.push((format!("pass {pass}"), elapsed));
+    }
+
+    let start = Instant::now();
+    let writer = BundleWriter::create(&options.output, options.force)?;
+    let onnx_options = OnnxOptions {
+        dtype: options.dtype,
+        moe: options.moe,
+    };
+    let model = onnx::emit(&graph, writer.dir(), &onnx_options, progress)?;
+    stages.push(("emit onnx".to_string(), start.elapsed()));
+
+    let start = Instant::now();
+    for name in TOKENIZER_FILES {
+        let src = options.model.join(name);
+        if src.is_file() {
+            writer.copy_in(&src, name)?;
+        }
+    }
+    let files = writer.file_entries(&[
+        (
+            model.data_file.clone(),
+            model.data_bytes,
+            model.data_sha256.clone(),
+        ),
+        (
+            model.model_file.clone(),
+            model.model_bytes,
+            model.model_sha256.clone(),
+        ),
+    ])?;
+    let (bos, stop_ids) = special_tokens(&options.model, config.vocab_size)?;
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        herd_version: env!("CARGO_PKG_VERSION").to_string(),
+        model: ModelInfo {
+            architecture: config.architecture.hf_name().to_string(),
+            num_layers: config.num_layers,
+            hidden_size: config.hidden_size,
+            num_kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+            vocab_size: config.vocab_size,
+            max_positions: options.max_context,
+            attention_chunk_size: config.attention_chunk_size,
+            nope_layers: config.nope_layers(),
+            config: serde_json::to_value(&config)?,
+        },
+        graph: model.io.clone(),
+        dtype: options.dtype.name().to_string(),
+        moe_lowering: options.moe.name().to_string(),
+        files,
+        stop_token_ids: stop_ids,
+        bos_token_id: bos,
+    };
+    let bundle = writer.finish(&manifest)?;
+    stages.push(("write bundle".to_string(), start.elapsed()));
+    Ok(CompileReport {
+        bundle,
+        stages,
+        bytes_written: model.data_bytes + model.model_bytes,
+        peak_rss_bytes: peak_rss_bytes(),
+        node_counts: model.node_counts,
+    })
+}
+
+/// BOS and stop ids: from generation_config.json or config.json, else Llama 4's when the vocabulary holds them.
+fn special_tokens(model: &Path, vocab: usize) -> Result<(Option<i64>, Vec<i64>)> {
+    let read = |name: &str| -> Result<Option<serde_json::Value>> {
+        let path = model.join(name);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+        Ok(Some(serde_json::from_str(&text).with_context(|| {
+            format!("{}: invalid JSON", path.display())
+        })?))
+    };
+    let ids = |v: &serde_json::Value| -> Vec<i64> {
+        match v {
+            serde_json::Value::Number(n) => n.as_i64().into_iter().collect(),
+            serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_i64()).collect(),
+            _ => Vec::new(),
+        }
+    };
+    let mut sources = Vec::new();
+    if let Some(g) = read("generation_config.json")? {
+        sources.push(g);
+    }
+    if let Some(c) = read("config.json")? {
+        if let Some(t) = c.get("text_config") {
+            sources.push(t.clone());
+        }
+        sources.push(c);
+    }
+    let find = |key: &str| {
+        sources
+            .iter()
+            .find_map(|s| s.get(key).map(ids).filter(|v| !v.is_empty()))
+    };
+    let stop = find("eos_token_id").unwrap_or_else(|| {
+        LLAMA4_STOP_IDS
+            .iter()
+            .copied()
+            .filter(|&i| (i as usize) < vocab)
+            .collect()
+    });
+    let bos = find("bos_token_id").and_then(|v| v.first().copied());
+    Ok((bos, stop))
+}
+
+/// Peak resident memory of this process (VmHWM), where the OS reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

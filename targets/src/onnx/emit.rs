@@ -1,0 +1,970 @@
+//! The emitter: walks the graph in topological order and writes one or more ONNX nodes per IR op.
+//! Weights are written to the external data file when a consumer first needs them.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+
+use herd_ir::graph::{NodeIndex, Value};
+use herd_ir::ops::{FusedMoeAttrs, Op};
+use herd_ir::weights::Transform;
+use herd_ir::{DType, Dim, Graph, Phase};
+use herd_runtime::manifest::{GraphIo, KvNames};
+use onnx_protobuf::{
+    GraphProto, Message, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, ValueInfoProto,
+};
+
+use super::external::ExternalData;
+use super::proto::{float_tensor, int64_tensor, node, onnx_dtype, value_info, Attr};
+use super::{MoeLowering, OnnxOptions, IR_VERSION, OPSET};
+use crate::error::TargetError;
+
+/// What the emitter wrote.
+#[derive(Clone, Debug)]
+pub struct OnnxModel {
+    pub model_file: String,
+    pub data_file: String,
+    pub model_bytes: u64,
+    pub model_sha256: String,
+    pub data_bytes: u64,
+    pub data_sha256: String,
+    pub io: GraphIo,
+    /// ONNX op types with their counts, keyed by decoder layer (None: outside the layers).
+    pub node_counts: BTreeMap<Option<usize>, BTreeMap<String, usize>>,
+}
+
+const MODEL_FILE: &str = "model.onnx";
+const DATA_FILE: &str = "model.onnx.data";
+
+/// Emits `graph` as `dir/model.onnx` + `dir/model.onnx.data`. `progress(done, total)` is called with
+/// weight bytes written so far.
+pub fn emit(
+    graph: &Graph,
+    dir: &Path,
+    options: &OnnxOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<OnnxModel, TargetError> {
+    if graph.phase != Phase::Lowered {
+        return Err(TargetError::Bug(
+            "the ONNX target needs a Lowered graph".into(),
+        ));
+    }
+    if !matches!(options.dtype, DType::F32 | DType::F16) {
+        return Err(TargetError::Bug(format!(
+            "unsupported compute dtype {}",
+            options.dtype
+        )));
+    }
+    let order = graph
+        .topo_order()
+        .map_err(|_| TargetError::Bug("graph has a cycle".into()))?;
+    let total_weight_bytes = order
+        .iter()
+        .filter_map(|&n| match &graph.node(n)?.op {
+            Op::Weight(w) => Some(w.num_elements() as u64 * options.dtype.bits() as u64 / 8),
+            _ => None,
+        })
+        .sum();
+    let mut e = Emitter {
+        graph,
+        options,
+        nodes: Vec::new(),
+        initializers: Vec::new(),
+        inputs: Vec::new(),
+        data: ExternalData::create(dir, DATA_FILE)?,
+        names: HashMap::new(),
+        used: HashSet::new(),
+        weights: HashMap::new(),
+        ints: HashMap::new(),
+        written: 0,
+        total_weight_bytes,
+        progress,
+    };
+    for index in order {
+        e.emit_node(index)?;
+    }
+    let outputs = e.emit_outputs()?;
+    e.finish(dir, outputs)
+}
+
+struct Emitter<'a> {
+    graph: &'a Graph,
+    options: &'a OnnxOptions,
+    nodes: Vec<NodeProto>,
+    initializers: Vec<TensorProto>,
+    inputs: Vec<ValueInfoProto>,
+    data: ExternalData,
+    /// ONNX tensor name of each IR value already emitted.
+    names: HashMap<Value, String>,
+    used: HashSet<String>,
+    /// Initializer names of weights and constants, keyed by node and whether stored transposed.
+    weights: HashMap<(NodeIndex, bool), String>,
+    /// Inline int64 constants by content.
+    ints: HashMap<Vec<i64>, String>,
+    written: u64,
+    total_weight_bytes: u64,
+    progress: &'a mut dyn FnMut(u64, u64),
+}
+
+impl Emitter<'_> {
+    fn fresh(&mut self, base: &str) -> String {
+        let mut name = base.to_string();
+        let mut n = 1;
+        while !self.used.insert(name.clone()) {
+            n += 1;
+            name = format!("{base}_{n}");
+        }
+        name
+    }
+
+    fn push(
+        &mut self,
+        name: &str,
+        op_type: &str,
+        domain: &str,
+        inputs: &[&str],
+        attrs: Vec<(&str, Attr)>,
+    ) -> String {
+        let out = self.fresh(name);
+        let node_name = out.clone();
+        self.nodes
+            .push(node(&node_name, op_type, domain, inputs, &[&out], attrs));
+        out
+    }
+
+    fn int_const(&mut self, values: &[i64]) -> String {
+        if let Some(name) = self.ints.get(values) {
+            return name.clone();
+        }
+        let label: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+        let name = self.fresh(&format!("const.i64[{}]", label.join(",")));
+        self.initializers
+            .push(int64_tensor(&name, &[values.len() as i64], values));
+        self.ints.insert(values.to_vec(), name.clone());
+        name
+    }
+
+    fn scalar_int(&mut self, value: i64) -> String {
+        let name = format!("const.i64.scalar({value})");
+        if self.used.insert(name.clone()) {
+            self.initializers.push(int64_tensor(&name, &[], &[value]));
+        }
+        name
+    }
+
+    fn float_scalar(&mut self, value: f32, dtype: DType) -> String {
+        let name = format!("const.{}({value:e})", dtype.name());
+        if self.used.insert(name.clone()) {
+            self.initializers
+                .push(float_tensor(&name, &[], &[value], dtype));
+        }
+        name
+    }
+
+    /// Name of the ONNX tensor holding IR value `v`; weights and constants are written on first use,
+    /// transposed to [K, N] when `transposed`.
+    fn input(&mut self, v: Value, transposed: bool) -> Result<String, TargetError> {
+        let node = self
+            .graph
+            .node(v.node)
+            .ok_or_else(|| TargetError::Bug("missing producer".into()))?;
+        match &node.op {
+            Op::Weight(_) | Op::Constant(_) => self.constant(v.node, transposed),
+            _ if transposed => {
+                let x = self.input(v, false)?;
+                Ok(self.push(
+                    &format!("{x}.T"),
+                    "Transpose",
+                    "",
+                    &[&x],
+                    vec![("perm", Attr::Ints(vec![1, 0]))],
+                ))
+            }
+            _ => self.names.get(&v).cloned().ok_or_else(|| {
+                TargetError::Bug(format!(
+                    "value of `{}` used before it was emitted",
+                    node.name
+                ))
+            }),
+        }
+    }
+
+    fn constant(&mut self, index: NodeIndex, transposed: bool) -> Result<String, TargetError> {
+        if let Some(name) = self.weights.get(&(index, transposed)) {
+            return Ok(name.clone());
+        }
+        let node = self.graph.node(index).expect("checked by caller");
+        let dtype = self.options.dtype;
+        let (array, label) = match &node.op {
+            Op::Weight(w) => {
+                let w = if transposed {
+                    w.clone().with(Transform::Transpose { perm: vec![1, 0] })
+                } else {
+                    w.clone()
+                };
+                (self.graph.weights().load_f32(&w)?, node.name.clone())
+            }
+            Op::Constant(c) => {
+                let array =
+                    ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&c.shape), c.values.to_vec())
+                        .map_err(|e| TargetError::Bug(e.to_string()))?;
+                let array = if transposed {
+                    array.reversed_axes().as_standard_layout().into_owned()
+                } else {
+                    array
+                };
+                (array, node.name.clone())
+            }
+            _ => return Err(TargetError::Bug("not a constant".into())),
+        };
+        let name = self.fresh(&if transposed {
+            format!("{label}.T")
+        } else {
+            label
+        });
+        let dims: Vec<i64> = array.shape().iter().map(|&d| d as i64).collect();
+        let values = array
+            .as_slice()
+            .ok_or_else(|| TargetError::Bug("non-contiguous weight".into()))?;
+        let mut tensor = float_tensor(&name, &dims, &[], dtype);
+        let bytes = super::proto::encode_floats(values, dtype);
+        self.data.append(&mut tensor, &bytes)?;
+        self.written += bytes.len() as u64;
+        (self.progress)(
+            self.written.min(self.total_weight_bytes),
+            self.total_weight_bytes,
+        );
+        self.initializers.push(tensor);
+        self.weights.insert((index, transposed), name.clone());
+        Ok(name)
+    }
+
+    fn emit_node(&mut self, index: NodeIndex) -> Result<(), TargetError> {
+        let graph = self.graph;
+        let node = graph.node(index).expect("topo order lists existing nodes");
+        let inputs = graph.inputs(index);
+        let name = node.name.as_str();
+        let t = self.options.dtype;
+        let out = match &node.op {
+            Op::Weight(_) | Op::Constant(_) => return Ok(()),
+            Op::Input(a) => {
+                let dtype = if a.ty.dtype.is_float() { t } else { a.ty.dtype };
+                self.inputs.push(value_info(&a.name, dtype, &a.ty.shape.0));
+                self.used.insert(a.name.clone());
+                a.name.clone()
+            }
+            Op::Embedding { .. } => {
+                let table = self.input(inputs[1], false)?;
+                let ids = self.input(inputs[0], false)?;
+                self.push(
+                    name,
+                    "Gather",
+                    "",
+                    &[&table, &ids],
+                    vec![("axis", Attr::Int(0))],
+                )
+            }
+            Op::RmsNorm(a) => {
+                let x = self.input(inputs[0], false)?;
+                let scale = match inputs.get(1) {
+                    Some(w) => self.input(*w, false)?,
+                    None => {
+                        let d = graph
+                            .value_type(inputs[0])
+                            .and_then(|ty| ty.shape.last())
+                            .and_then(|d| d.fixed())
+                            .unwrap_or(1);
+                        let scale_name = format!("const.ones[{d}]");
+                        if self.used.insert(scale_name.clone()) {
+                            self.initializers.push(float_tensor(
+                                &scale_name,
+                                &[d as i64],
+                                &vec![1.0; d],
+                                t,
+                            ));
+                        }
+                        scale_name
+                    }
+                };
+                self.push(
+                    name,
+                    "RMSNormalization",
+                    "",
+                    &[&x, &scale],
+                    vec![
+                        ("axis", Attr::Int(-1)),
+                        ("epsilon", Attr::Float(a.eps)),
+                        ("stash_type", Attr::Int(1)),
+                    ],
+                )
+            }
+            Op::Linear => {
+                let x = self.input(inputs[0], false)?;
+                let w = self.input(inputs[1], true)?;
+                self.push(name, "MatMul", "", &[&x, &w], vec![])
+            }
+            Op::Add | Op::Mul | Op::Sigmoid => {
+                let op_type = match node.op {
+                    Op::Add => "Add",
+                    Op::Mul => "Mul",
+                    _ => "Sigmoid",
+                };
+                let args: Vec<String> = inputs
+                    .iter()
+                    .map(|v| self.input(*v, false))
+                    .collect::<Result<_, _>>()?;
+                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                self.push(name, op_type, "", &refs, vec![])
+            }
+            Op::Silu => {
+                let x = self.input(inputs[0], false)?;
+                let s = self.push(&format!("{name}.sigmoid"), "Sigmoid", "", &[&x], vec![]);
+                self.push(name, "Mul", "", &[&x, &s], vec![])
+            }
+            Op::Cast { to } => {
+                let x = self.input(inputs[0], false)?;
+                let to = if to.is_float() { t } else { *to };
+                self.push(
+                    name,
+                    "Cast",
+                    "",
+                    &[&x],
+                    vec![("to", Attr::Int(onnx_dtype(to) as i64))],
+                )
+            }
+            Op::Reshape { shape } => {
+                let x = self.input(inputs[0], false)?;
+                let from = graph
+                    .value_type(inputs[0])
+                    .map(|ty| ty.shape.0.clone())
+                    .unwrap_or_default();
+                let spec = reshape_spec(&from, shape).ok_or_else(|| {
+                    self.unsupported(
+                        name,
+                        &node.op,
+                        "reshape needs at most one inferred dimension",
+                    )
+                })?;
+                let spec = self.int_const(&spec);
+                self.push(name, "Reshape", "", &[&x, &spec], vec![])
+            }
+            Op::Transpose { perm } => {
+                let x = self.input(inputs[0], false)?;
+                self.push(
+                    name,
+                    "Transpose",
+                    "",
+                    &[&x],
+                    vec![("perm", Attr::Ints(perm.iter().map(|&p| p as i64).collect()))],
+                )
+            }
+            Op::Slice { axis, start, end } => {
+                let x = self.input(inputs[0], false)?;
+                let (s, e, a) = (
+                    self.int_const(&[*start as i64]),
+                    self.int_const(&[*end as i64]),
+                    self.int_const(&[*axis as i64]),
+                );
+                self.push(name, "Slice", "", &[&x, &s, &e, &a], vec![])
+            }
+            Op::Concat { axis } => {
+                let (a, b) = (self.input(inputs[0], false)?, self.input(inputs[1], false)?);
+                self.push(
+                    name,
+                    "Concat",
+                    "",
+                    &[&a, &b],
+                    vec![("axis", Attr::Int(*axis as i64))],
+                )
+            }
+            Op::Rotary => {
+                let args: Vec<String> = inputs
+                    .iter()
+                    .map(|v| self.input(*v, false))
+                    .collect::<Result<_, _>>()?;
+                self.push(
+                    name,
+                    "RotaryEmbedding",
+                    "",
+                    &[&args[0], &args[1], &args[2], &args[3]],
+                    vec![("interleaved", Attr::Int(1))],
+                )
+            }
+            Op::QueryTemperature(temp) => {
+                let q = self.input(inputs[0], false)?;
+                let pos = self.input(inputs[1], false)?;
+                // Computed in f32 whatever the compute dtype: f16 cannot count positions past 2048.
+                let p = self.push(
+                    &format!("{name}.positions"),
+                    "Cast",
+                    "",
+                    &[&pos],
+                    vec![("to", Attr::Int(onnx_dtype(DType::F32) as i64))],
+                );
+                let one = self.float_scalar(1.0, DType::F32);
+                let floor_scale = self.float_scalar(temp.floor_scale, DType::F32);
+                let attn_scale = self.float_scalar(temp.attn_scale, DType::F32);
+                let p1 = self.push(&format!("{name}.p_plus_1"), "Add", "", &[&p, &one], vec![]);
+                let div = self.push(
+                    &format!("{name}.div"),
+                    "Div",
+                    "",
+                    &[&p1, &floor_scale],
+                    vec![],
+                );
+                let floor = self.push(&format!("{name}.floor"), "Floor", "", &[&div], vec![]);
+                let plus = self.push(
+                    &format!("{name}.floor_plus_1"),
+                    "Add",
+                    "",
+                    &[&floor, &one],
+                    vec![],
+                );
+                let log = self.push(&format!("{name}.log1p"), "Log", "", &[&plus], vec![]);
+                let scaled = self.push(
+                    &format!("{name}.scaled"),
+                    "Mul",
+                    "",
+                    &[&log, &attn_scale],
+                    vec![],
+                );
+                let mut factor = self.push(
+                    &format!("{name}.factor"),
+                    "Add",
+                    "",
+                    &[&scaled, &one],
+                    vec![],
+                );
+                if t != DType::F32 {
+                    factor = self.push(
+                        &format!("{name}.factor_cast"),
+                        "Cast",
+                        "",
+                        &[&factor],
+                        vec![("to", Attr::Int(onnx_dtype(t) as i64))],
+                    );
+                }
+                let axes = self.int_const(&[1, 3]);
+                let bcast = self.push(
+                    &format!("{name}.factor_b1s1"),
+                    "Unsqueeze",
+                    "",
+                    &[&factor, &axes],
+                    vec![],
+                );
+                self.push(name, "Mul", "", &[&q, &bcast], vec![])
+            }
+            Op::AttentionMask { chunk } => {
+                self.attention_mask(name, inputs[0], inputs[1], chunk.map(|c| c.size))?
+            }
+            Op::Sdpa { scale } => {
+                let args: Vec<String> = inputs
+                    .iter()
+                    .map(|v| self.input(*v, false))
+                    .collect::<Result<_, _>>()?;
+                self.push(
+                    name,
+                    "Attention",
+                    "",
+                    &[&args[0], &args[1], &args[2], &args[3]],
+                    vec![("scale", Attr::Float(*scale)), ("is_causal", Attr::Int(0))],
+                )
+            }
+            Op::SwiGlu => {
+                let x = self.input(inputs[0], false)?;
+                let n = graph
+                    .value_type(inputs[0])
+                    .and_then(|ty| ty.shape.last())
+                    .and_then(|d| d.fixed())
+                    .unwrap_or(0);
+                self.swiglu(name, &x, n)
+            }
+            Op::FusedMoe(m) => self.fused_moe(name, m, &inputs)?,
+            Op::Attention(_) | Op::Mlp | Op::Moe(_) => {
+                return Err(self.unsupported(
+                    name,
+                    &node.op,
+                    "not lowered (the Lowered phase forbids it)",
+                ))
+            }
+        };
+        self.names.insert(
+            Value {
+                node: index,
+                slot: 0,
+            },
+            out,
+        );
+        Ok(())
+    }
+
+    fn unsupported(&self, node: &str, op: &Op, message: &str) -> TargetError {
+        TargetError::Unsupported {
+            target: "onnx",
+            node: node.to_string(),
+            op: op.name(),
+            message: message.to_string(),
+        }
+    }
+
+    /// `silu(x[.., :n/2]) * x[.., n/2:]` over the last axis.
+    fn swiglu(&mut self, name: &str, x: &str, n: usize) -> String {
+        let half = (n / 2) as i64;
+        let (zero, mid, end, axis) = (
+            self.int_const(&[0]),
+            self.int_const(&[half]),
+            self.int_const(&[n as i64]),
+            self.int_const(&[-1]),
+        );
+        let gate = self.push(
+            &format!("{name}.gate"),
+            "Slice",
+            "",
+            &[x, &zero, &mid, &axis],
+            vec![],
+        );
+        let up = self.push(
+            &format!("{name}.up"),
+            "Slice",
+            "",
+            &[x, &mid, &end, &axis],
+            vec![],
+        );
+        let sig = self.push(&format!("{name}.sigmoid"), "Sigmoid", "", &[&gate], vec![]);
+        let silu = self.push(&format!("{name}.silu"), "Mul", "", &[&gate, &sig], vec![]);
+        self.push(name, "Mul", "", &[&silu, &up], vec![])
+    }
+
+    /// bool [B, 1, S, P + S]: key j at position `position_ids[b, 0] - P + j`.
+    fn attention_mask(
+        &mut self,
+        name: &str,
+        positions: Value,
+        past: Value,
+        chunk: Option<usize>,
+    ) -> Result<String, TargetError> {
+        let pos = self.input(positions, false)?;
+        let past = self.input(past, false)?;
+        let p = self.push(
+            &format!("{name}.past_len"),
+            "Shape",
+            "",
+            &[&past],
+            vec![("start", Attr::Int(2)), ("end", Attr::Int(3))],
+        );
+        let s = self.push(
+            &format!("{name}.seq_len"),
+            "Shape",
+            "",
+            &[&pos],
+            vec![("start", Attr::Int(1)), ("end", Attr::Int(2))],
+        );
+        let total = self.push(&format!("{name}.total_len"), "Add", "", &[&p, &s], vec![]);
+        let axis0 = self.int_const(&[0]);
+        let total_scalar = self.push(
+            &format!("{name}.total_scalar"),
+            "Squeeze",
+            "",
+            &[&total, &axis0],
+            vec![],
+        );
+        let (zero, one) = (self.scalar_int(0), self.scalar_int(1));
+        let range = self.push(
+            &format!("{name}.key_index"),
+            "Range",
+            "",
+            &[&zero, &total_scalar, &one],
+            vec![],
+        );
+        let (start, end, axis1) = (
+            self.int_const(&[0]),
+            self.int_const(&[1]),
+            self.int_const(&[1]),
+        );
+        let first = self.push(
+            &format!("{name}.first_position"),
+            "Slice",
+            "",
+            &[&pos, &start, &end, &axis1],
+            vec![],
+        );
+        let base = self.push(
+            &format!("{name}.cache_start"),
+            "Sub",
+            "",
+            &[&first, &p],
+            vec![],
+        );
+        let keys = self.push(
+            &format!("{name}.key_positions"),
+            "Add",
+            "",
+            &[&base, &range],
+            vec![],
+        );
+        let axis2 = self.int_const(&[2]);
+        let q = self.push(
+            &format!("{name}.q_bs1"),
+            "Unsqueeze",
+            "",
+            &[&pos, &axis2],
+            vec![],
+        );
+        let k = self.push(
+            &format!("{name}.k_b1t"),
+            "Unsqueeze",
+            "",
+            &[&keys, &axis1],
+            vec![],
+        );
+        let mut mask = self.push(
+            &format!("{name}.causal"),
+            "LessOrEqual",
+            "",
+            &[&k, &q],
+            vec![],
+        );
+        if let Some(size) = chunk {
+            let c = self.scalar_int(size as i64);
+            let qc = self.push(&format!("{name}.q_chunk"), "Div", "", &[&q, &c], vec![]);
+            let kc = self.push(&format!("{name}.k_chunk"), "Div", "", &[&k, &c], vec![]);
+            let same = self.push(
+                &format!("{name}.same_chunk"),
+                "Equal",
+                "",
+                &[&kc, &qc],
+                vec![],
+            );
+            mask = self.push(
+                &format!("{name}.chunked"),
+                "And",
+                "",
+                &[&mask, &same],
+                vec![],
+            );
+        }
+        Ok(self.push(name, "Unsqueeze", "", &[&mask, &axis1], vec![]))
+    }
+
+    fn fused_moe(
+        &mut self,
+        name: &str,
+        m: &FusedMoeAttrs,
+        inputs: &[Value],
+    ) -> Result<String, TargetError> {
+        if m.top_k != 1 {
+            return Err(TargetError::Unsupported {
+                target: "onnx",
+                node: name.to_string(),
+                op: "fused_moe",
+                message: format!(
+                    "top_k {} is not supported; Llama 4 models route each token to 1 expert",
+                    m.top_k
+                ),
+            });
+        }
+        let expected = self.options.moe.layout();
+        if m.layout != expected {
+            return Err(TargetError::Bug(format!(
+                "`{name}` has layout {:?} but --moe {} needs {expected:?}",
+                m.layout,
+                self.options.moe.name()
+            )));
+        }
+        let x = self.input(inputs[0], false)?;
+        let hidden = self
+            .graph
+            .value_type(inputs[0])
+            .and_then(|t| t.shape.last())
+            .and_then(|d| d.fixed())
+            .unwrap_or(0) as i64;
+        let flat_shape = self.int_const(&[-1, hidden]);
+        let x2 = self.push(
+            &format!("{name}.tokens"),
+            "Reshape",
+            "",
+            &[&x, &flat_shape],
+            vec![],
+        );
+        let router = self.input(inputs[1], true)?;
+        let logits = self.push(
+            &format!("{name}.router_logits"),
+            "MatMul",
+            "",
+            &[&x2, &router],
+            vec![],
+        );
+        let routed = match self.options.moe {
+            MoeLowering::Ort => {
+                let axes = self.int_const(&[1]);
+                let top = self.push(
+                    &format!("{name}.top_logit"),
+                    "ReduceMax",
+                    "",
+                    &[&logits, &axes],
+                    vec![("keepdims", Attr::Int(1))],
+                );
+                let score = self.push(&format!("{name}.score"), "Sigmoid", "", &[&top], vec![]);
+                let scaled = self.push(
+                    &format!("{name}.scaled_input"),
+                    "Mul",
+                    "",
+                    &[&x2, &score],
+                    vec![],
+                );
+                let fc1 = self.input(inputs[2], false)?;
+                let fc2 = self.input(inputs[3], false)?;
+                self.push(
+                    &format!("{name}.experts"),
+                    "MoE",
+                    "com.microsoft",
+                    &[&scaled, &logits, &fc1, "", &fc2],
+                    vec![
+                        ("k", Attr::Int(1)),
+                        ("activation_type", Attr::Str("swiglu")),
+                        ("swiglu_fusion", Attr::Int(1)),
+                        ("normalize_routing_weights", Attr::Int(1)),
+                        ("activation_alpha", Attr::Float(1.0)),
+                        ("activation_beta", Attr::Float(0.0)),
+                        ("swiglu_limit", Attr::Float(f32::INFINITY)),
+                    ],
+                )
+            }
+            MoeLowering::Portable => {
+                let k = self.int_const(&[1]);
+                let top = format!("{name}.top");
+                let (values, indices) = (
+                    self.fresh(&format!("{top}.values")),
+                    self.fresh(&format!("{top}.indices")),
+                );
+                self.nodes.push(node(
+                    &top,
+                    "TopK",
+                    "",
+                    &[&logits, &k],
+                    &[&values, &indices],
+                    vec![
+                        ("axis", Attr::Int(1)),
+                        ("largest", Attr::Int(1)),
+                        ("sorted", Attr::Int(1)),
+                    ],
+                ));
+                let score = self.push(&format!("{name}.score"), "Sigmoid", "", &[&values], vec![]);
+                let scaled = self.push(
+                    &format!("{name}.scaled_input"),
+                    "Mul",
+                    "",
+                    &[&x2, &score],
+                    vec![],
+                );
+                let flat = self.int_const(&[-1]);
+                let expert = self.push(
+                    &format!("{name}.expert"),
+                    "Reshape",
+                    "",
+                    &[&indices, &flat],
+                    vec![],
+                );
+                let fc1 = self.input(inputs[2], false)?;
+                let fc2 = self.input(inputs[3], false)?;
+                let w1 = self.push(
+                    &format!("{name}.fc1_selected"),
+                    "Gather",
+                    "",
+                    &[&fc1, &expert],
+                    vec![("axis", Attr::Int(0))],
+                );
+                let w2 = self.push(
+                    &format!("{name}.fc2_selected"),
+                    "Gather",
+                    "",
+                    &[&fc2, &expert],
+                    vec![("axis", Attr::Int(0))],
+                );
+                let axis1 = self.int_const(&[1]);
+                let row = self.push(
+                    &format!("{name}.token_rows"),
+                    "Unsqueeze",
+                    "",
+                    &[&scaled, &axis1],
+                    vec![],
+                );
+                let h = self.push(&format!("{name}.fc1"), "MatMul", "", &[&row, &w1], vec![]);
+                let act = self.swiglu(&format!("{name}.act"), &h, 2 * m.intermediate_size);
+                let y = self.push(&format!("{name}.fc2"), "MatMul", "", &[&act, &w2], vec![]);
+                self.push(
+                    &format!("{name}.experts"),
+                    "Squeeze",
+                    "",
+                    &[&y, &axis1],
+                    vec![],
+                )
+            }
+        };
+        let sfc1 = self.input(inputs[4], true)?;
+        let sfc2 = self.input(inputs[5], true)?;
+        let sh = self.push(
+            &format!("{name}.shared_fc1"),
+            "MatMul",
+            "",
+            &[&x2, &sfc1],
+            vec![],
+        );
+        let sa = self.swiglu(&format!("{name}.shared_act"), &sh, 2 * m.intermediate_size);
+        let so = self.push(
+            &format!("{name}.shared_fc2"),
+            "MatMul",
+            "",
+            &[&sa, &sfc2],
+            vec![],
+        );
+        let sum = self.push(&format!("{name}.sum"), "Add", "", &[&routed, &so], vec![]);
+        let shape = self.push(&format!("{name}.input_shape"), "Shape", "", &[&x], vec![]);
+        Ok(self.push(name, "Reshape", "", &[&sum, &shape], vec![]))
+    }
+
+    fn emit_outputs(&mut self) -> Result<Vec<ValueInfoProto>, TargetError> {
+        let t = self.options.dtype;
+        let mut infos = Vec::new();
+        for (out_name, value) in self.graph.outputs().to_vec() {
+            let ty = self
+                .graph
+                .value_type(value)
+                .cloned()
+                .ok_or_else(|| TargetError::Bug(format!("output `{out_name}` has no type")))?;
+            let src = self.input(value, false)?;
+            let is_logits = out_name == "logits";
+            let (op_type, attrs, dtype) = if is_logits && t != DType::F32 {
+                (
+                    "Cast",
+                    vec![("to", Attr::Int(onnx_dtype(DType::F32) as i64))],
+                    DType::F32,
+                )
+            } else {
+                (
+                    "Identity",
+                    vec![],
+                    if ty.dtype.is_float() { t } else { ty.dtype },
+                )
+            };
+            if !self.used.insert(out_name.clone()) {
+                return Err(TargetError::Bug(format!(
+                    "output name `{out_name}` collides with another tensor"
+                )));
+            }
+            self.nodes.push(node(
+                &format!("output.{out_name}"),
+                op_type,
+                "",
+                &[&src],
+                &[&out_name],
+                attrs,
+            ));
+            infos.push(value_info(&out_name, dtype, &ty.shape.0));
+        }
+        Ok(infos)
+    }
+
+    fn finish(self, dir: &Path, outputs: Vec<ValueInfoProto>) -> Result<OnnxModel, TargetError> {
+        let (data_bytes, data_sha256) = self.data.finish()?;
+        let mut node_counts: BTreeMap<Option<usize>, BTreeMap<String, usize>> = BTreeMap::new();
+        for n in &self.nodes {
+            let layer = n
+                .name
+                .strip_prefix("layers.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|i| i.parse().ok());
+            let key = if n.domain.is_empty() {
+                n.op_type.clone()
+            } else {
+                format!("{}.{}", n.domain, n.op_type)
+            };
+            *node_counts
+                .entry(layer)
+                .or_default()
+                .entry(key)
+                .or_default() += 1;
+        }
+        let mut kv = Vec::new();
+        for info in &self.inputs {
+            if let Some(layer) = info
+                .name
+                .strip_prefix("past_key.")
+                .and_then(|l| l.parse().ok())
+            {
+                kv.push(KvNames {
+                    layer,
+                    past_key: format!("past_key.{layer}"),
+                    past_value: format!("past_value.{layer}"),
+                    present_key: format!("present_key.{layer}"),
+                    present_value: format!("present_value.{layer}"),
+                });
+            }
+        }
+        kv.sort_by_key(|k| k.layer);
+        let uses_ms = self.nodes.iter().any(|n| n.domain == "com.microsoft");
+
+        let mut graph = GraphProto::new();
+        graph.name = "herd_llama4_decoder".into();
+        graph.node = self.nodes;
+        graph.initializer = self.initializers;
+        graph.input = self.inputs;
+        graph.output = outputs;
+        let mut model = ModelProto::new();
+        model.ir_version = IR_VERSION;
+        model.producer_name = "herd".into();
+        model.producer_version = env!("CARGO_PKG_VERSION").into();
+        let mut opsets = vec![opset("", OPSET)];
+        if uses_ms {
+            opsets.push(opset("com.microsoft", 1));
+        }
+        model.opset_import = opsets;
+        model.graph = Some(graph).into();
+        let bytes = model
+            .write_to_bytes()
+            .map_err(|e| TargetError::Bug(format!("serialising the ONNX model: {e}")))?;
+        let path = dir.join(MODEL_FILE);
+        std::fs::write(&path, &bytes).map_err(|e| TargetError::io(&path, e))?;
+        Ok(OnnxModel {
+            model_file: MODEL_FILE.into(),
+            data_file: DATA_FILE.into(),
+            model_bytes: bytes.len() as u64,
+            model_sha256: crate::sha256_hex(&bytes),
+            data_bytes,
+            data_sha256,
+            io: GraphIo {
+                model_file: MODEL_FILE.into(),
+                input_ids: "input_ids".into(),
+                position_ids: "position_ids".into(),
+                logits: "logits".into(),
+                kv_layout: "batch,kv_heads,seq,head_dim".into(),
+                kv,
+            },
+            node_counts,
+        })
+    }
+}
+
+fn opset(domain: &str, version: i64) -> OperatorSetIdProto {
+    let mut o = OperatorSetIdProto::new();
+    o.domain = domain.to_string();
+    o.version = version;
+    o
+}
+
+/// ONNX Reshape target: fixed sizes as themselves, a symbolic dim in the same place as in the input as
+/// 0 (copy), at most one other symbolic dim as -1 (infer).
+fn reshape_spec(from: &[Dim], to: &[Dim]) -> Option<Vec<i64>> {
+    let mut inferred = false;
+    to.iter()
+        .enumerate()
+        .map(|(i, d)| match d {
+            Dim::Fixed(n) => Some(*n as i64),
+            Dim::Sym(_) if from.get(i) == Some(d) => Some(0),
+            Dim::Sym(_) if !inferred => {
+                inferred = true;
+                Some(-1)
+            }
+            Dim::Sym(_) => None,
+        })
+        .collect()
+}

@@ -1,0 +1,137 @@
+//! Small constructors for ONNX protobuf messages (onnx-protobuf's generated types).
+
+use onnx_protobuf::attribute_proto::AttributeType;
+use onnx_protobuf::tensor_proto::DataType;
+use onnx_protobuf::tensor_shape_proto::{dimension, Dimension};
+use onnx_protobuf::type_proto::{self, Tensor as TypeTensor};
+use onnx_protobuf::{
+    AttributeProto, NodeProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+};
+
+use herd_ir::{DType, Dim};
+
+/// ONNX element type of an IR dtype.
+pub fn onnx_dtype(dtype: DType) -> DataType {
+    match dtype {
+        DType::F32 => DataType::FLOAT,
+        DType::F16 => DataType::FLOAT16,
+        DType::BF16 => DataType::BFLOAT16,
+        DType::F8E4M3 => DataType::FLOAT8E4M3FN,
+        DType::I8 => DataType::INT8,
+        DType::I4 => DataType::INT4,
+        DType::I32 => DataType::INT32,
+        DType::I64 => DataType::INT64,
+        DType::Bool => DataType::BOOL,
+    }
+}
+
+/// An attribute value.
+pub enum Attr {
+    Int(i64),
+    Float(f32),
+    Ints(Vec<i64>),
+    Str(&'static str),
+}
+
+/// A node of `op_type` in `domain` ("" for the default domain).
+pub fn node(
+    name: &str,
+    op_type: &str,
+    domain: &str,
+    inputs: &[&str],
+    outputs: &[&str],
+    attrs: Vec<(&str, Attr)>,
+) -> NodeProto {
+    let mut n = NodeProto::new();
+    n.name = name.to_string();
+    n.op_type = op_type.to_string();
+    n.domain = domain.to_string();
+    n.input = inputs.iter().map(|s| s.to_string()).collect();
+    n.output = outputs.iter().map(|s| s.to_string()).collect();
+    n.attribute = attrs.into_iter().map(|(k, v)| attribute(k, v)).collect();
+    n
+}
+
+fn attribute(name: &str, value: Attr) -> AttributeProto {
+    let mut a = AttributeProto::new();
+    a.name = name.to_string();
+    match value {
+        Attr::Int(i) => {
+            a.i = i;
+            a.type_ = AttributeType::INT.into();
+        }
+        Attr::Float(f) => {
+            a.f = f;
+            a.type_ = AttributeType::FLOAT.into();
+        }
+        Attr::Ints(v) => {
+            a.ints = v;
+            a.type_ = AttributeType::INTS.into();
+        }
+        Attr::Str(s) => {
+            a.s = s.as_bytes().to_vec();
+            a.type_ = AttributeType::STRING.into();
+        }
+    }
+    a
+}
+
+/// A graph input or output description; symbolic dims become named `dim_param`s.
+pub fn value_info(name: &str, dtype: DType, dims: &[Dim]) -> ValueInfoProto {
+    let mut shape = TensorShapeProto::new();
+    shape.dim = dims
+        .iter()
+        .map(|d| {
+            let mut dim = Dimension::new();
+            dim.value = Some(match d {
+                Dim::Fixed(n) => dimension::Value::DimValue(*n as i64),
+                Dim::Sym(s) => dimension::Value::DimParam(s.name().to_string()),
+            });
+            dim
+        })
+        .collect();
+    let mut tensor = TypeTensor::new();
+    tensor.elem_type = onnx_dtype(dtype) as i32;
+    tensor.shape = Some(shape).into();
+    let mut ty = TypeProto::new();
+    ty.value = Some(type_proto::Value::TensorType(tensor));
+    let mut info = ValueInfoProto::new();
+    info.name = name.to_string();
+    info.type_ = Some(ty).into();
+    info
+}
+
+/// A small int64 initializer stored inline.
+pub fn int64_tensor(name: &str, dims: &[i64], values: &[i64]) -> TensorProto {
+    let mut t = TensorProto::new();
+    t.name = name.to_string();
+    t.dims = dims.to_vec();
+    t.data_type = DataType::INT64 as i32;
+    t.raw_data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    t
+}
+
+/// A small float initializer stored inline, in `dtype` (f32 or f16).
+pub fn float_tensor(name: &str, dims: &[i64], values: &[f32], dtype: DType) -> TensorProto {
+    let mut t = TensorProto::new();
+    t.name = name.to_string();
+    t.dims = dims.to_vec();
+    t.data_type = onnx_dtype(dtype) as i32;
+    t.raw_data = encode_floats(values, dtype);
+    t
+}
+
+/// Little-endian bytes of `values` in `dtype` (f32, f16 or bf16).
+pub fn encode_floats(values: &[f32], dtype: DType) -> Vec<u8> {
+    match dtype {
+        DType::F16 => values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        DType::BF16 => values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
