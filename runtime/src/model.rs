@@ -53,6 +53,9 @@ pub struct Generation {
     pub stop: StopReason,
 }
 
+/// The KV cache between steps: each `past_*` input name with the value to feed it.
+type Cache = Vec<(String, DynValue)>;
+
 /// A loaded bundle with its ONNX Runtime session.
 pub struct Model {
     pub bundle: Bundle,
@@ -81,7 +84,7 @@ impl Model {
         })
     }
 
-    fn empty_cache(&self) -> Result<Vec<(String, DynValue)>, RuntimeError> {
+    fn empty_cache(&self) -> Result<Cache, RuntimeError> {
         let m = &self.bundle.manifest;
         let shape = [1usize, m.model.num_kv_heads, 0, m.model.head_dim];
         let mut out = Vec::new();
@@ -99,13 +102,13 @@ impl Model {
     }
 
     /// Runs one step on `ids` at positions `start..`, consuming the cache and returning the new one with
-    /// the logits of the last position (and of all positions when `all_rows`).
+    /// the logits of the last position.
     fn step(
         &self,
         ids: &[i64],
         start: usize,
-        cache: Vec<(String, DynValue)>,
-    ) -> Result<(Vec<f32>, Vec<(String, DynValue)>), RuntimeError> {
+        cache: Cache,
+    ) -> Result<(Vec<f32>, Cache), RuntimeError> {
         let m = &self.bundle.manifest;
         let n = ids.len();
         let positions: Vec<i64> = (start as i64..(start + n) as i64).collect();

@@ -15,12 +15,12 @@ pub const LIBRARY_NAME: &str = "libonnxruntime.so.1.31.1";
 
 static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
 
-/// Candidate library paths, in the order they are tried.
+/// Candidate library paths, in the order they are tried. An explicit path is the only candidate.
 pub fn candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
-    let mut out = Vec::new();
     if let Some(p) = explicit {
-        out.push(p.to_path_buf());
+        return vec![p.to_path_buf()];
     }
+    let mut out = Vec::new();
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
         out.push(PathBuf::from(p));
     }

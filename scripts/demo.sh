@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The main job on the bundled tiny model: compile tests/fixtures/tiny-scout into a bundle and generate
+# from it with ONNX Runtime. Installs what it needs first (the ONNX Runtime library, into .cache/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+./scripts/install-onnxruntime.sh
+cargo build --release --locked --quiet
+bundle=target/bundles/tiny-scout
+./target/release/herd inspect tests/fixtures/tiny-scout
+./target/release/herd compile tests/fixtures/tiny-scout -o "$bundle" --force
+./target/release/herd run "$bundle" --input-ids 1,17,42,99,7 --max-new-tokens 16 --ignore-eos

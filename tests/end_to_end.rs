@@ -1,0 +1,143 @@
+//! `herd compile` + `herd run` reproduce transformers: for both fixtures, both MoE lowerings and every
+//! golden prompt, the logits of every generated token match within 1e-4 of the logit scale (f32) and
+//! the greedy tokens are identical. Also: the compiled ONNX node lists match their snapshots, and f16
+//! bundles report their error against the same goldens.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{fixture, goldens, max_error, FIXTURES, LOGIT_TOLERANCE};
+use ndarray::Array2;
+
+/// f16 keeps 11 significant bits (~5e-4 relative per rounding); through 4 layers the logits drift
+/// ~1e-3 of their scale. This bounds the f16 drift; f32 bundles are held to LOGIT_TOLERANCE.
+const F16_TOLERANCE: f32 = 5e-3;
+
+fn herd(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args(args)
+        .output()
+        .expect("run herd")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = herd(args);
+    assert!(
+        out.status.success(),
+        "herd {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn compile(name: &str, moe: &str, dtype: &str, dir: &Path) -> String {
+    let bundle = dir.join(format!("{name}-{moe}-{dtype}"));
+    let out = ok(&[
+        "compile",
+        fixture(name).to_str().unwrap(),
+        "-o",
+        bundle.to_str().unwrap(),
+        "--moe",
+        moe,
+        "--dtype",
+        dtype,
+        "--max-context",
+        "64",
+        "--node-counts",
+    ]);
+    if dtype == "f32" {
+        check_node_snapshot(name, moe, &out);
+    }
+    bundle.to_str().unwrap().to_string()
+}
+
+fn check_node_snapshot(name: &str, moe: &str, text: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/snapshots")
+        .join(format!("{name}.{moe}.onnx-nodes"));
+    if std::env::var_os("HERD_BLESS").is_some() {
+        std::fs::write(&path, text).unwrap();
+    }
+    let expected = std::fs::read_to_string(&path)
+        .unwrap_or_else(|_| panic!("{} missing: run with HERD_BLESS=1", path.display()));
+    assert!(
+        text == expected,
+        "{name} --moe {moe}: ONNX node list differs from {}:\n{text}",
+        path.display()
+    );
+}
+
+/// Runs the golden prompts through `bundle`; returns the largest error relative to the logit scale.
+fn run_goldens(name: &str, bundle: &str, dir: &Path, tolerance: f32, require_tokens: bool) -> f32 {
+    let mut worst = 0.0f32;
+    for (n, golden) in goldens(name) {
+        let ids: Vec<String> = golden.input_ids.iter().map(|t| t.to_string()).collect();
+        let steps = golden.greedy_ids.len().to_string();
+        let npy = dir.join(format!("{name}-{n}.npy"));
+        let out = ok(&[
+            "run",
+            bundle,
+            "--input-ids",
+            &ids.join(","),
+            "--max-new-tokens",
+            &steps,
+            "--ignore-eos",
+            "--greedy",
+            "--dump-logits",
+            npy.to_str().unwrap(),
+            "--json",
+        ]);
+        let summary: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+        let tokens: Vec<i64> = summary["output_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect();
+        assert!(
+            summary["prefill_ms"].as_f64().is_some()
+                && summary["decode_tokens_per_s"].as_f64().is_some()
+        );
+        let logits: Array2<f32> = ndarray_npy::read_npy(&npy).expect("logits .npy");
+        let (err, scale) = max_error(&logits, &golden.step_logits);
+        eprintln!(
+            "{bundle} prompt {n}: max error {err:.3e} (scale {scale:.3}, relative {:.2e})",
+            err / scale
+        );
+        assert!(
+            err <= tolerance * scale,
+            "{bundle} prompt {n}: logits differ by {err} (scale {scale})"
+        );
+        if require_tokens {
+            assert_eq!(
+                tokens, golden.greedy_ids,
+                "{bundle} prompt {n}: greedy tokens differ"
+            );
+        }
+        worst = worst.max(err / scale);
+    }
+    worst
+}
+
+#[test]
+fn compiled_bundles_match_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        for moe in ["ort", "portable"] {
+            let bundle = compile(name, moe, "f32", dir.path());
+            run_goldens(name, &bundle, dir.path(), LOGIT_TOLERANCE, true);
+        }
+    }
+}
+
+#[test]
+fn f16_bundles_report_their_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        let bundle = compile(name, "ort", "f16", dir.path());
+        let worst = run_goldens(name, &bundle, dir.path(), F16_TOLERANCE, false);
+        eprintln!("{name} f16: worst relative logit error {worst:.2e}");
+    }
+}
