@@ -124,19 +124,12 @@ pub fn evaluate(
                 rotary(float(args[0]), float(args[1]), float(args[2]), int(args[3]))
                     .map_err(fail)?,
             ),
-            Op::QueryTemperature(t) => {
-                let mut q = float(args[0]).clone();
-                let pos = int(args[1]);
-                for ((b, _, s, _), v) in q
-                    .view_mut()
-                    .into_dimensionality::<ndarray::Ix4>()
-                    .expect("verified rank 4")
-                    .indexed_iter_mut()
-                {
-                    *v *= temperature(pos[[b, s]], t.floor_scale, t.attn_scale);
-                }
-                Tensor::F32(q)
-            }
+            Op::QueryTemperature(t) => Tensor::F32(scale_by_temperature(
+                float(args[0]).clone(),
+                int(args[1]),
+                t.floor_scale,
+                t.attn_scale,
+            )),
             Op::AttentionMask { chunk } => Tensor::Bool(attention_mask(
                 int(args[0]),
                 args[1].shape()[2],
@@ -309,26 +302,51 @@ fn rotary(
     sin: &ArrayD<f32>,
     pos: &ArrayD<i64>,
 ) -> Result<ArrayD<f32>, String> {
+    let rows = cos.shape()[0];
+    rotate_pairs(x, pos, |p, j| {
+        let row = usize::try_from(p).ok().filter(|&r| r < rows).ok_or_else(|| {
+            format!("position {p} is outside the rotary table of {rows} positions (compile with a larger --max-context)")
+        })?;
+        Ok((sin[[row, j]], cos[[row, j]]))
+    })
+}
+
+/// Interleaved (GPT-J) rotation of x [B, heads, S, d]: pair (2j, 2j+1) of the token at position p turns
+/// by the angle whose (sin, cos) `angle(p, j)` gives.
+fn rotate_pairs(
+    x: &ArrayD<f32>,
+    pos: &ArrayD<i64>,
+    angle: impl Fn(i64, usize) -> Result<(f32, f32), String>,
+) -> Result<ArrayD<f32>, String> {
     let mut out = x.clone();
     let (b, heads, s, d) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
-    let rows = cos.shape()[0];
     for bi in 0..b {
         for si in 0..s {
             let p = pos[[bi, si]];
-            let row = usize::try_from(p).ok().filter(|&r| r < rows).ok_or_else(|| {
-                format!("position {p} is outside the rotary table of {rows} positions (compile with a larger --max-context)")
-            })?;
-            for h in 0..heads {
-                for j in 0..d / 2 {
-                    let (c, sn) = (cos[[row, j]], sin[[row, j]]);
+            for j in 0..d / 2 {
+                let (sin, cos) = angle(p, j)?;
+                for h in 0..heads {
                     let (x0, x1) = (x[[bi, h, si, 2 * j]], x[[bi, h, si, 2 * j + 1]]);
-                    out[[bi, h, si, 2 * j]] = x0 * c - x1 * sn;
-                    out[[bi, h, si, 2 * j + 1]] = x0 * sn + x1 * c;
+                    out[[bi, h, si, 2 * j]] = x0 * cos - x1 * sin;
+                    out[[bi, h, si, 2 * j + 1]] = x0 * sin + x1 * cos;
                 }
             }
         }
     }
     Ok(out)
+}
+
+/// Multiplies q [B, heads, S, d] by the NoPE temperature of each token's position.
+fn scale_by_temperature(
+    mut q: ArrayD<f32>,
+    pos: &ArrayD<i64>,
+    floor_scale: f32,
+    attn_scale: f32,
+) -> ArrayD<f32> {
+    for (i, v) in q.indexed_iter_mut() {
+        *v *= temperature(pos[[i[0], i[2]]], floor_scale, attn_scale);
+    }
+    q
 }
 
 /// bool [B, 1, S, past + S]; see [`Op::AttentionMask`].
@@ -581,88 +599,41 @@ fn attention(
     positions: &ArrayD<i64>,
     w: &[&ArrayD<f32>],
 ) -> ArrayD<f32> {
-    let (b, s, hidden) = (x.shape()[0], x.shape()[1], x.shape()[2]);
-    let (nh, nkv, d) = (a.num_heads, a.num_kv_heads, a.head_dim);
-    let to_heads = |t: ArrayD<f32>, heads: usize| {
-        t.into_shape_with_order(IxDyn(&[b, s, heads, d]))
+    let (b, s) = (x.shape()[0], x.shape()[1]);
+    let d = a.head_dim;
+    // [B, S, heads*d] -> [B, heads, S, d]
+    let heads = |t: ArrayD<f32>, n: usize| {
+        t.into_shape_with_order(IxDyn(&[b, s, n, d]))
             .expect("sizes agree")
+            .permuted_axes(IxDyn(&[0, 2, 1, 3]))
+            .as_standard_layout()
+            .into_owned()
     };
-    let mut q = to_heads(linear(x, w[0]), nh);
-    let mut k = to_heads(linear(x, w[1]), nkv);
-    let v = to_heads(linear(x, w[2]), nkv);
-    let pos = |bi: usize, si: usize| positions[[bi, si]];
-
+    let mut q = heads(linear(x, w[0]), a.num_heads);
+    let mut k = heads(linear(x, w[1]), a.num_kv_heads);
+    let v = heads(linear(x, w[2]), a.num_kv_heads);
     if let Some(rope) = &a.rope {
-        for (t, heads) in [(&mut q, nh), (&mut k, nkv)] {
-            for bi in 0..b {
-                for si in 0..s {
-                    let p = pos(bi, si) as f32;
-                    for h in 0..heads {
-                        for (j, &f) in rope.inv_freq.iter().enumerate() {
-                            let angle = p * f;
-                            let (sin, cos) = angle.sin_cos();
-                            let (x0, x1) = (t[[bi, si, h, 2 * j]], t[[bi, si, h, 2 * j + 1]]);
-                            t[[bi, si, h, 2 * j]] = x0 * cos - x1 * sin;
-                            t[[bi, si, h, 2 * j + 1]] = x0 * sin + x1 * cos;
-                        }
-                    }
-                }
-            }
-        }
+        let angle = |p: i64, j: usize| Ok((p as f32 * rope.inv_freq[j]).sin_cos());
+        q = rotate_pairs(&q, positions, angle).expect("angles are always defined");
+        k = rotate_pairs(&k, positions, angle).expect("angles are always defined");
     }
     if let Some(eps) = a.qk_norm_eps {
         q = rms_norm(&q, None, eps);
         k = rms_norm(&k, None, eps);
     }
     if let Some(t) = a.temperature {
-        for bi in 0..b {
-            for si in 0..s {
-                let factor = temperature(pos(bi, si), t.floor_scale, t.attn_scale);
-                q.slice_mut(s![bi, si, .., ..]).mapv_inplace(|v| v * factor);
-            }
-        }
+        q = scale_by_temperature(q, positions, t.floor_scale, t.attn_scale);
     }
-
-    let group = nh / nkv;
-    let mut out = ArrayD::<f32>::zeros(IxDyn(&[b, s, nh * d]));
-    for bi in 0..b {
-        for h in 0..nh {
-            let kv = h / group;
-            for qi in 0..s {
-                let pq = pos(bi, qi);
-                let visible = |ki: usize| {
-                    let pk = pos(bi, ki);
-                    pk <= pq
-                        && a.chunk.is_none_or(|c| {
-                            pk.div_euclid(c.size as i64) == pq.div_euclid(c.size as i64)
-                        })
-                };
-                let scores: Vec<Option<f32>> = (0..s)
-                    .map(|ki| {
-                        visible(ki).then(|| {
-                            (0..d)
-                                .map(|e| q[[bi, qi, h, e]] * k[[bi, ki, kv, e]])
-                                .sum::<f32>()
-                                * a.scale
-                        })
-                    })
-                    .collect();
-                let max = scores
-                    .iter()
-                    .flatten()
-                    .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                let exps: Vec<f32> = scores
-                    .iter()
-                    .map(|sc| sc.map_or(0.0, |v| (v - max).exp()))
-                    .collect();
-                let total: f32 = exps.iter().sum();
-                for e in 0..d {
-                    let acc: f32 = (0..s).map(|ki| exps[ki] * v[[bi, ki, kv, e]]).sum();
-                    out[[bi, qi, h * d + e]] = if total > 0.0 { acc / total } else { 0.0 };
-                }
-            }
-        }
-    }
-    debug_assert_eq!(hidden, w[3].shape()[0]);
+    let chunk = a.chunk.map(|c| c.size as i64);
+    let mask = ArrayD::from_shape_fn(IxDyn(&[b, 1, s, s]), |i| {
+        let (pq, pk) = (positions[[i[0], i[2]]], positions[[i[0], i[3]]]);
+        pk <= pq && chunk.is_none_or(|c| pk.div_euclid(c) == pq.div_euclid(c))
+    });
+    let out = sdpa(&q, &k, &v, &mask, a.scale)
+        .permuted_axes(IxDyn(&[0, 2, 1, 3]))
+        .as_standard_layout()
+        .into_owned()
+        .into_shape_with_order(IxDyn(&[b, s, a.num_heads * d]))
+        .expect("sizes agree");
     linear(&out, w[3])
 }

@@ -251,39 +251,38 @@ fn attention(a: &AttentionAttrs, inputs: &[&TensorType]) -> Result<TensorType, S
     Ok(x.clone())
 }
 
-fn moe(m: &MoeAttrs, inputs: &[&TensorType]) -> Result<TensorType, String> {
-    let x = inputs[0];
+/// Checks x and top-k of a (fused) MoE; returns (H, E, I, 2I).
+fn moe_dims(
+    top_k: usize,
+    num_experts: usize,
+    intermediate: usize,
+    x: &TensorType,
+) -> Result<[Dim; 4], String> {
     let [_, _, h] = activation(x)?;
-    if m.top_k == 0 || m.top_k > m.num_experts {
-        return Err(format!(
-            "top_k {} must be in 1..={}",
-            m.top_k, m.num_experts
-        ));
+    if top_k == 0 || top_k > num_experts {
+        return Err(format!("top_k {top_k} must be in 1..={num_experts}"));
     }
-    let e = Dim::Fixed(m.num_experts);
-    let i = Dim::Fixed(m.intermediate_size);
-    let i2 = Dim::Fixed(2 * m.intermediate_size);
+    Ok([
+        h,
+        Dim::Fixed(num_experts),
+        Dim::Fixed(intermediate),
+        Dim::Fixed(2 * intermediate),
+    ])
+}
+
+fn moe(m: &MoeAttrs, inputs: &[&TensorType]) -> Result<TensorType, String> {
+    let [h, e, i, i2] = moe_dims(m.top_k, m.num_experts, m.intermediate_size, inputs[0])?;
     expect(inputs[1], &[e, h], "router")?;
     expect(inputs[2], &[e, h, i2], "gate_up")?;
     expect(inputs[3], &[e, i, h], "down")?;
     expect(inputs[4], &[i, h], "shared_gate")?;
     expect(inputs[5], &[i, h], "shared_up")?;
     expect(inputs[6], &[h, i], "shared_down")?;
-    Ok(x.clone())
+    Ok(inputs[0].clone())
 }
 
 fn fused_moe(m: &FusedMoeAttrs, inputs: &[&TensorType]) -> Result<TensorType, String> {
-    let x = inputs[0];
-    let [_, _, h] = activation(x)?;
-    if m.top_k == 0 || m.top_k > m.num_experts {
-        return Err(format!(
-            "top_k {} must be in 1..={}",
-            m.top_k, m.num_experts
-        ));
-    }
-    let e = Dim::Fixed(m.num_experts);
-    let i = Dim::Fixed(m.intermediate_size);
-    let i2 = Dim::Fixed(2 * m.intermediate_size);
+    let [h, e, i, i2] = moe_dims(m.top_k, m.num_experts, m.intermediate_size, inputs[0])?;
     expect(inputs[1], &[e, h], "router")?;
     match m.layout {
         ExpertLayout::Interleaved => {
@@ -297,7 +296,7 @@ fn fused_moe(m: &FusedMoeAttrs, inputs: &[&TensorType]) -> Result<TensorType, St
     }
     expect(inputs[4], &[i2, h], "shared_fc1")?;
     expect(inputs[5], &[h, i], "shared_fc2")?;
-    Ok(x.clone())
+    Ok(inputs[0].clone())
 }
 
 fn positions(t: &TensorType, b: Dim, s: Dim) -> Result<(), String> {
