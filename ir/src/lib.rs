@@ -9,6 +9,7 @@ pub mod import;
 pub mod infer;
 pub mod ops;
 pub mod print;
+pub mod stream;
 pub mod types;
 pub mod verify;
 pub mod weights;

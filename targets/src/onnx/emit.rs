@@ -33,6 +33,8 @@ pub struct OnnxModel {
 }
 
 const MODEL_FILE: &str = "model.onnx";
+/// Values per streamed weight block (64 MiB of f32): bounds the emitter's memory whatever the model size.
+const STREAM_BLOCK_ELEMENTS: usize = 16 << 20;
 const DATA_FILE: &str = "model.onnx.data";
 
 /// Emits `graph` as `dir/model.onnx` + `dir/model.onnx.data`. `progress(done, total)` is called with
@@ -194,14 +196,49 @@ impl Emitter<'_> {
         }
         let node = self.graph.node(index).expect("checked by caller");
         let dtype = self.options.dtype;
-        let (array, label) = match &node.op {
+        let label = if transposed {
+            format!("{}.T", node.name)
+        } else {
+            node.name.clone()
+        };
+        let name = self.fresh(&label);
+        let mut tensor;
+        match &node.op {
             Op::Weight(w) => {
                 let w = if transposed {
                     w.clone().with(Transform::Transpose { perm: vec![1, 0] })
                 } else {
                     w.clone()
                 };
-                (self.graph.weights().load_f32(&w)?, node.name.clone())
+                let dims: Vec<i64> = w
+                    .shape()
+                    .map_err(TargetError::Bug)?
+                    .iter()
+                    .map(|&d| d as i64)
+                    .collect();
+                tensor = float_tensor(&name, &dims, &[], dtype);
+                let offset = self.data.begin()?;
+                let (data, written, total, progress) = (
+                    &mut self.data,
+                    &mut self.written,
+                    self.total_weight_bytes,
+                    &mut self.progress,
+                );
+                self.graph.weights().stream_rows::<TargetError>(
+                    &w,
+                    STREAM_BLOCK_ELEMENTS,
+                    |_, block| {
+                        let values = block
+                            .as_slice()
+                            .ok_or_else(|| TargetError::Bug("non-contiguous block".into()))?;
+                        let bytes = super::proto::encode_floats(values, dtype);
+                        data.write(&bytes)?;
+                        *written += bytes.len() as u64;
+                        progress((*written).min(total), total);
+                        Ok(())
+                    },
+                )?;
+                self.data.end(&mut tensor, offset);
             }
             Op::Constant(c) => {
                 let array =
@@ -212,27 +249,16 @@ impl Emitter<'_> {
                 } else {
                     array
                 };
-                (array, node.name.clone())
+                let dims: Vec<i64> = array.shape().iter().map(|&d| d as i64).collect();
+                tensor = float_tensor(&name, &dims, &[], dtype);
+                let values = array
+                    .as_slice()
+                    .ok_or_else(|| TargetError::Bug("non-contiguous constant".into()))?;
+                self.data
+                    .append(&mut tensor, &super::proto::encode_floats(values, dtype))?;
             }
             _ => return Err(TargetError::Bug("not a constant".into())),
-        };
-        let name = self.fresh(&if transposed {
-            format!("{label}.T")
-        } else {
-            label
-        });
-        let dims: Vec<i64> = array.shape().iter().map(|&d| d as i64).collect();
-        let values = array
-            .as_slice()
-            .ok_or_else(|| TargetError::Bug("non-contiguous weight".into()))?;
-        let mut tensor = float_tensor(&name, &dims, &[], dtype);
-        let bytes = super::proto::encode_floats(values, dtype);
-        self.data.append(&mut tensor, &bytes)?;
-        self.written += bytes.len() as u64;
-        (self.progress)(
-            self.written.min(self.total_weight_bytes),
-            self.total_weight_bytes,
-        );
+        }
         self.initializers.push(tensor);
         self.weights.insert((index, transposed), name.clone());
         Ok(name)

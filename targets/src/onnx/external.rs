@@ -39,10 +39,22 @@ impl ExternalData {
 
     /// Appends `bytes` and points `tensor` at them.
     pub fn append(&mut self, tensor: &mut TensorProto, bytes: &[u8]) -> Result<(), TargetError> {
+        let offset = self.begin()?;
+        self.write(bytes)?;
+        self.end(tensor, offset);
+        Ok(())
+    }
+
+    /// Starts a tensor written in pieces with [`ExternalData::write`]; returns its offset for
+    /// [`ExternalData::end`].
+    pub fn begin(&mut self) -> Result<u64, TargetError> {
         let pad = (ALIGN - self.offset % ALIGN) % ALIGN;
         self.write(&vec![0u8; pad as usize])?;
-        let offset = self.offset;
-        self.write(bytes)?;
+        Ok(self.offset)
+    }
+
+    /// Points `tensor` at everything written since `begin` returned `offset`.
+    pub fn end(&mut self, tensor: &mut TensorProto, offset: u64) {
         let entry = |k: &str, v: String| {
             let mut e = StringStringEntryProto::new();
             e.key = k.to_string();
@@ -52,13 +64,13 @@ impl ExternalData {
         tensor.external_data = vec![
             entry("location", self.location.clone()),
             entry("offset", offset.to_string()),
-            entry("length", bytes.len().to_string()),
+            entry("length", (self.offset - offset).to_string()),
         ];
         tensor.data_location = DataLocation::EXTERNAL.into();
-        Ok(())
     }
 
-    fn write(&mut self, bytes: &[u8]) -> Result<(), TargetError> {
+    /// Appends bytes to the tensor being written.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), TargetError> {
         self.out
             .write_all(bytes)
             .map_err(|e| TargetError::io(&self.path, e))?;

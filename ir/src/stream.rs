@@ -1,0 +1,351 @@
+//! Streaming a weight in blocks of output rows, so that no consumer ever holds more than one block of a
+//! tensor: the row range of each block is traced back through the weight's lazy transforms to a range of
+//! one axis of the stored tensors, and only that region of the mmapped shards is decoded.
+//!
+//! Transposes move the traced axis, slices on it shift the range, selects renumber axes, and reshapes
+//! that keep the leading dimension keep it. A chain the trace cannot follow (a reshape that regroups the
+//! traced axis) is read whole, in one block.
+
+use std::ops::Range;
+
+use ndarray::{ArrayD, Axis, IxDyn};
+
+use crate::error::WeightError;
+use crate::weights::{decode_f32, Transform, WeightPart, WeightRef, WeightStore};
+
+/// How a block of output rows maps back to the concatenation of the stored parts.
+struct Trace {
+    /// Axis of the concatenated parts that output axis 0 comes from.
+    axis: usize,
+    /// Offset along that axis added by slices.
+    offset: usize,
+    /// Per transform: the traced axis in the transform's input.
+    axes: Vec<usize>,
+}
+
+fn trace(w: &WeightRef) -> Option<Trace> {
+    let mut shapes = vec![concat_shape(w)?];
+    for t in &w.transforms {
+        let mut tmp = WeightRef {
+            transforms: vec![t.clone()],
+            ..w.clone()
+        };
+        tmp.parts.truncate(1);
+        tmp.parts[0].stored_shape = shapes.last()?.clone();
+        tmp.concat_axis = 0;
+        shapes.push(tmp.shape().ok()?);
+    }
+    let mut axis = 0;
+    let mut offset = 0;
+    let mut axes = vec![0; w.transforms.len()];
+    for (i, t) in w.transforms.iter().enumerate().rev() {
+        match t {
+            Transform::Transpose { perm } => axis = perm[axis],
+            Transform::Slice { axis: a, start, .. } if *a == axis => offset += start,
+            Transform::Slice { .. } => {}
+            Transform::Select { axis: a, .. } => {
+                if axis >= *a {
+                    axis += 1;
+                }
+            }
+            Transform::Reshape { .. } => {
+                if axis != 0 || shapes[i].first() != shapes[i + 1].first() {
+                    return None;
+                }
+            }
+        }
+        axes[i] = axis;
+    }
+    Some(Trace { axis, offset, axes })
+}
+
+fn concat_shape(w: &WeightRef) -> Option<Vec<usize>> {
+    let mut shape = w.parts.first()?.stored_shape.clone();
+    for p in &w.parts[1..] {
+        shape[w.concat_axis] += p.stored_shape[w.concat_axis];
+    }
+    Some(shape)
+}
+
+impl WeightStore {
+    /// Calls `sink(rows, block)` for consecutive blocks of the weight's output rows (axis 0), each block
+    /// holding at most `max_block_elements` values (at least one row), in row-major order.
+    pub fn stream_rows<E: From<WeightError>>(
+        &self,
+        w: &WeightRef,
+        max_block_elements: usize,
+        mut sink: impl FnMut(Range<usize>, &ArrayD<f32>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let shape = w.shape().map_err(|problem| WeightError::BadShard {
+            file: "<weight>".into(),
+            problem,
+        })?;
+        let Some(trace) = trace(w).filter(|_| !shape.is_empty()) else {
+            let whole = self.load_f32(w)?;
+            return sink(0..shape.first().copied().unwrap_or(1), &whole);
+        };
+        let row: usize = shape[1..].iter().product();
+        let step = (max_block_elements / row.max(1)).max(1);
+        let mut start = 0;
+        while start < shape[0] {
+            let rows = start..(start + step).min(shape[0]);
+            let block = self.block(w, &trace, rows.clone())?;
+            sink(rows.clone(), &block)?;
+            start = rows.end;
+        }
+        Ok(())
+    }
+
+    fn block(
+        &self,
+        w: &WeightRef,
+        trace: &Trace,
+        rows: Range<usize>,
+    ) -> Result<ArrayD<f32>, WeightError> {
+        let (a, lo, hi) = (
+            trace.axis,
+            rows.start + trace.offset,
+            rows.end + trace.offset,
+        );
+        let mut pieces = Vec::new();
+        let mut part_start = 0;
+        for part in &w.parts {
+            let size = part.stored_shape[w.concat_axis];
+            if a == w.concat_axis {
+                // Only the parts that overlap the range, each restricted to its share.
+                let (from, to) = (lo.max(part_start), hi.min(part_start + size));
+                if from < to {
+                    pieces.push(self.load_region(part, a, from - part_start..to - part_start)?);
+                }
+            } else {
+                pieces.push(self.load_region(part, a, lo..hi)?);
+            }
+            part_start += size;
+        }
+        let mut array = if pieces.len() == 1 {
+            pieces.pop().expect("one piece")
+        } else {
+            let views: Vec<_> = pieces.iter().map(|p| p.view()).collect();
+            ndarray::concatenate(Axis(w.concat_axis), &views).map_err(|e| bad(e.to_string()))?
+        };
+        for (t, &axis) in w.transforms.iter().zip(&trace.axes) {
+            array = match t {
+                Transform::Transpose { perm } => array.permuted_axes(IxDyn(perm)),
+                // Slices along the traced axis were applied when the region was chosen.
+                Transform::Slice { axis: s, .. } if *s == axis => array,
+                Transform::Slice {
+                    axis: s,
+                    start,
+                    end,
+                } => array.slice_axis(Axis(*s), (*start..*end).into()).to_owned(),
+                Transform::Select { axis: s, index } => {
+                    array.index_axis(Axis(*s), *index).to_owned()
+                }
+                Transform::Reshape { shape } => {
+                    let mut shape = shape.clone();
+                    shape[0] = array.shape()[0];
+                    array
+                        .as_standard_layout()
+                        .into_owned()
+                        .into_shape_with_order(IxDyn(&shape))
+                        .map_err(|e| bad(e.to_string()))?
+                }
+            };
+        }
+        Ok(array.as_standard_layout().into_owned())
+    }
+
+    /// Decodes `range` of `axis` of one stored tensor: one contiguous run per index of the axes before it.
+    fn load_region(
+        &self,
+        part: &WeightPart,
+        axis: usize,
+        range: Range<usize>,
+    ) -> Result<ArrayD<f32>, WeightError> {
+        let missing = || WeightError::Missing {
+            tensor: part.source.tensor.clone(),
+        };
+        let shard = self
+            .shards()
+            .get(part.source.shard.0 as usize)
+            .ok_or_else(missing)?;
+        let bytes = shard.bytes(&part.source.tensor).ok_or_else(missing)?;
+        let dims = &part.stored_shape;
+        let elem = part.dtype.bits() / 8;
+        let outer: usize = dims[..axis].iter().product();
+        let inner: usize = dims[axis + 1..].iter().product();
+        let run = range.len() * inner;
+        let mut values = Vec::with_capacity(outer * run);
+        for o in 0..outer {
+            let first = (o * dims[axis] + range.start) * inner;
+            let chunk = bytes
+                .get(first * elem..(first + run) * elem)
+                .ok_or_else(|| bad("region outside the tensor".into()))?;
+            values.extend(decode_f32(part.dtype, chunk).ok_or_else(|| {
+                WeightError::UnsupportedDtype {
+                    tensor: part.source.tensor.clone(),
+                    dtype: part.dtype,
+                }
+            })?);
+        }
+        let mut shape = dims.clone();
+        shape[axis] = range.len();
+        ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| bad(e.to_string()))
+    }
+}
+
+fn bad(problem: String) -> WeightError {
+    WeightError::BadShard {
+        file: "<weight>".into(),
+        problem,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::DType;
+    use crate::weights::{Shard, ShardId, TensorSource};
+
+    /// A store with one f32 shard holding tensors "a" [4, 6, 5] and "b" [3, 6, 5] of distinct values.
+    fn store() -> (WeightStore, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let a: Vec<f32> = (0..120).map(|i| i as f32).collect();
+        let b: Vec<f32> = (0..90).map(|i| 1000.0 + i as f32).collect();
+        let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let (ab, bb) = (bytes(&a), bytes(&b));
+        let views = vec![
+            (
+                "a",
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 6, 5], &ab)
+                    .unwrap(),
+            ),
+            (
+                "b",
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![3, 6, 5], &bb)
+                    .unwrap(),
+            ),
+        ];
+        let path = dir.path().join("w.safetensors");
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        let mut store = WeightStore::default();
+        store.push(Shard::open(&path, "w.safetensors").unwrap());
+        (store, dir)
+    }
+
+    fn part(name: &str, shape: &[usize]) -> WeightPart {
+        WeightPart {
+            source: TensorSource {
+                shard: ShardId(0),
+                tensor: name.into(),
+            },
+            dtype: DType::F32,
+            stored_shape: shape.to_vec(),
+        }
+    }
+
+    fn streamed(store: &WeightStore, w: &WeightRef, block: usize) -> (ArrayD<f32>, usize) {
+        let mut blocks = Vec::new();
+        let mut next_row = 0;
+        store
+            .stream_rows::<WeightError>(w, block, |rows, b| {
+                assert_eq!(rows.start, next_row, "blocks arrive in order");
+                next_row = rows.end;
+                blocks.push(b.clone());
+                Ok(())
+            })
+            .unwrap();
+        let views: Vec<_> = blocks.iter().map(|b| b.view()).collect();
+        (ndarray::concatenate(Axis(0), &views).unwrap(), blocks.len())
+    }
+
+    #[test]
+    fn streamed_blocks_equal_the_whole_weight() {
+        let (store, _dir) = store();
+        let a = WeightRef::single(part("a", &[4, 6, 5]));
+        let chains: Vec<(&str, WeightRef)> = vec![
+            ("plain", a.clone()),
+            (
+                "transpose",
+                a.clone().with(Transform::Transpose {
+                    perm: vec![2, 0, 1],
+                }),
+            ),
+            (
+                "interleave",
+                a.clone()
+                    .with(Transform::Reshape {
+                        shape: vec![4, 6, 5, 1],
+                    })
+                    .with(Transform::Transpose {
+                        perm: vec![0, 2, 3, 1],
+                    })
+                    .with(Transform::Reshape {
+                        shape: vec![4, 5, 6],
+                    }),
+            ),
+            (
+                "select+transpose",
+                a.clone()
+                    .with(Transform::Select { axis: 0, index: 2 })
+                    .with(Transform::Transpose { perm: vec![1, 0] }),
+            ),
+            (
+                "slice traced",
+                a.clone()
+                    .with(Transform::Slice {
+                        axis: 1,
+                        start: 2,
+                        end: 5,
+                    })
+                    .with(Transform::Transpose {
+                        perm: vec![1, 0, 2],
+                    }),
+            ),
+            (
+                "slice other",
+                a.clone().with(Transform::Slice {
+                    axis: 2,
+                    start: 1,
+                    end: 4,
+                }),
+            ),
+            (
+                "regrouping reshape (read whole)",
+                a.clone().with(Transform::Reshape { shape: vec![8, 15] }),
+            ),
+            (
+                "concat rows then transpose",
+                WeightRef {
+                    parts: vec![part("a", &[4, 6, 5]), part("b", &[3, 6, 5])],
+                    concat_axis: 0,
+                    transforms: vec![Transform::Transpose {
+                        perm: vec![1, 0, 2],
+                    }],
+                },
+            ),
+            (
+                "concat on the traced axis",
+                WeightRef {
+                    parts: vec![part("a", &[4, 6, 5]), part("b", &[3, 6, 5])],
+                    concat_axis: 0,
+                    transforms: vec![Transform::Slice {
+                        axis: 0,
+                        start: 2,
+                        end: 6,
+                    }],
+                },
+            ),
+        ];
+        for (what, w) in chains {
+            let whole = store.load_f32(&w).unwrap();
+            for block in [1, 7, 30, 1 << 20] {
+                let (joined, count) = streamed(&store, &w, block);
+                assert_eq!(joined, whole, "{what}, block {block}");
+                if block == 1 && !what.contains("read whole") {
+                    assert_eq!(count, whole.shape()[0], "{what}: one row per block");
+                }
+            }
+        }
+    }
+}
