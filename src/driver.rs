@@ -40,6 +40,8 @@ pub struct CompileReport {
     pub bundle: PathBuf,
     pub stages: Vec<(String, Duration)>,
     pub bytes_written: u64,
+    /// Size of the checkpoint's weight files.
+    pub checkpoint_bytes: u64,
     pub peak_rss_bytes: Option<u64>,
     pub node_counts:
         std::collections::BTreeMap<Option<usize>, std::collections::BTreeMap<String, usize>>,
@@ -55,6 +57,14 @@ pub fn compile(
     let imported = herd_ir::import(&options.model)?;
     let mut graph = imported.graph;
     let config = imported.checkpoint.config.clone();
+    let checkpoint_bytes = imported
+        .checkpoint
+        .store
+        .shards()
+        .iter()
+        .filter_map(|s| std::fs::metadata(&s.path).ok())
+        .map(|m| m.len())
+        .sum();
     stages.push(("import".to_string(), start.elapsed()));
 
     let pass_options = PassOptions {
@@ -141,6 +151,7 @@ pub fn compile(
         bundle,
         stages,
         bytes_written: model.data_bytes + model.model_bytes,
+        checkpoint_bytes,
         peak_rss_bytes: peak_rss_bytes(),
         node_counts: model.node_counts,
     })

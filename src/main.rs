@@ -2,6 +2,7 @@
 
 mod commands;
 mod driver;
+mod synth;
 
 use std::process::ExitCode;
 
@@ -26,9 +27,24 @@ enum Command {
     Compile(commands::compile::CompileArgs),
     /// Generate tokens from a compiled bundle with ONNX Runtime.
     Run(commands::run::RunArgs),
+    /// Write a synthetic Llama 4-shaped checkpoint (random bf16 weights) for benchmarks.
+    Synth(commands::synth::SynthArgs),
+}
+
+/// Streaming allocates and frees blocks of tens of MiB continuously. By default glibc maps each one
+/// fresh and unmaps it on free, so every block costs page faults and kernel page clearing; keeping
+/// them on the heap lets the next block reuse the same pages.
+fn keep_freed_blocks() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes allocator thresholds; it is called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
 }
 
 fn main() -> ExitCode {
+    keep_freed_blocks();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("HERD_LOG"))
         .with_writer(std::io::stderr)
@@ -38,6 +54,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => commands::inspect::run(&args),
         Command::Compile(args) => commands::compile::run(&args),
         Command::Run(args) => commands::run::run(&args),
+        Command::Synth(args) => commands::synth::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,6 +7,7 @@ pub mod eval;
 pub mod graph;
 pub mod import;
 pub mod infer;
+pub mod layout;
 pub mod ops;
 pub mod print;
 pub mod stream;

@@ -11,7 +11,9 @@ use std::ops::Range;
 use ndarray::{ArrayD, Axis, IxDyn};
 
 use crate::error::WeightError;
-use crate::weights::{decode_f32, Transform, WeightPart, WeightRef, WeightStore};
+use rayon::prelude::*;
+
+use crate::weights::{decode_f32, decode_into, Transform, WeightPart, WeightRef, WeightStore};
 
 /// How a block of output rows maps back to the concatenation of the stored parts.
 struct Trace {
@@ -93,6 +95,11 @@ impl WeightStore {
             sink(rows.clone(), &block)?;
             start = rows.end;
         }
+        for part in &w.parts {
+            if let Some(shard) = self.shards().get(part.source.shard.0 as usize) {
+                shard.release(&part.source.tensor, 0..usize::MAX);
+            }
+        }
         Ok(())
     }
 
@@ -144,15 +151,13 @@ impl WeightStore {
                 Transform::Reshape { shape } => {
                     let mut shape = shape.clone();
                     shape[0] = array.shape()[0];
-                    array
-                        .as_standard_layout()
-                        .into_owned()
+                    crate::layout::row_major(array.view())
                         .into_shape_with_order(IxDyn(&shape))
                         .map_err(|e| bad(e.to_string()))?
                 }
             };
         }
-        Ok(array.as_standard_layout().into_owned())
+        Ok(crate::layout::row_major(array.view()))
     }
 
     /// Decodes `range` of `axis` of one stored tensor: one contiguous run per index of the axes before it.
@@ -175,18 +180,29 @@ impl WeightStore {
         let outer: usize = dims[..axis].iter().product();
         let inner: usize = dims[axis + 1..].iter().product();
         let run = range.len() * inner;
-        let mut values = Vec::with_capacity(outer * run);
-        for o in 0..outer {
-            let first = (o * dims[axis] + range.start) * inner;
-            let chunk = bytes
-                .get(first * elem..(first + run) * elem)
-                .ok_or_else(|| bad("region outside the tensor".into()))?;
-            values.extend(decode_f32(part.dtype, chunk).ok_or_else(|| {
-                WeightError::UnsupportedDtype {
-                    tensor: part.source.tensor.clone(),
-                    dtype: part.dtype,
-                }
-            })?);
+        if decode_f32(part.dtype, &[]).is_none() {
+            return Err(WeightError::UnsupportedDtype {
+                tensor: part.source.tensor.clone(),
+                dtype: part.dtype,
+            });
+        }
+        if bytes.len() < outer * dims[axis] * inner * elem {
+            return Err(bad("region outside the tensor".into()));
+        }
+        let mut values = vec![0f32; outer * run];
+        values
+            .par_chunks_mut(run.max(1))
+            .enumerate()
+            .for_each(|(o, out)| {
+                let first = (o * dims[axis] + range.start) * inner;
+                decode_into(part.dtype, &bytes[first * elem..(first + run) * elem], out);
+            });
+        if axis == 0 {
+            // A leading-axis region is read once: its pages can go now rather than when the weight is done.
+            shard.release(
+                &part.source.tensor,
+                range.start * inner * elem..range.end * inner * elem,
+            );
         }
         let mut shape = dims.clone();
         shape[axis] = range.len();

@@ -230,6 +230,27 @@ impl Shard {
         names
     }
 
+    /// Drops the mapped pages of `range` (bytes, relative to `tensor`'s data) from this process's resident
+    /// memory once they have been read; a later read faults them back in from the file. Streaming calls
+    /// this so that resident memory does not grow with the checkpoint.
+    pub fn release(&self, tensor: &str, range: std::ops::Range<usize>) {
+        let Some(info) = self.tensors.get(tensor) else {
+            return;
+        };
+        let size = info.data_offsets.1 - info.data_offsets.0;
+        let (from, to) = (range.start.min(size), range.end.min(size));
+        if from >= to {
+            return;
+        }
+        let (start, len) = (self.data_start + info.data_offsets.0 + from, to - from);
+        // SAFETY: the mapping is private and read-only, so MADV_DONTNEED only discards this process's copy
+        // of file pages; their contents are unchanged when next read. Failure is harmless (pages stay).
+        let _ = unsafe {
+            self.mmap
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len)
+        };
+    }
+
     /// The raw bytes of a tensor, borrowed from the mapping.
     pub fn bytes(&self, tensor: &str) -> Option<&[u8]> {
         let info = self.tensors.get(tensor)?;
@@ -449,6 +470,32 @@ pub fn decode_f32(dtype: DType, bytes: &[u8]) -> Option<Vec<f32>> {
         DType::I8 => bytes.iter().map(|&b| b as i8 as f32).collect(),
         DType::I4 | DType::I32 | DType::I64 | DType::Bool => return None,
     })
+}
+
+/// Decodes little-endian stored values into `out` (same count); dtypes `decode_f32` refuses are left 0.
+pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .zip(out)
+            .for_each(|(c, o)| *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .zip(out)
+            .for_each(|(c, o)| *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+        DType::BF16 => bytes.chunks_exact(2).zip(out).for_each(|(c, o)| {
+            *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)
+        }),
+        DType::F8E4M3 => bytes
+            .iter()
+            .zip(out)
+            .for_each(|(&b, o)| *o = f8e4m3_to_f32(b)),
+        DType::I8 => bytes
+            .iter()
+            .zip(out)
+            .for_each(|(&b, o)| *o = b as i8 as f32),
+        DType::I4 | DType::I32 | DType::I64 | DType::Bool => {}
+    }
 }
 
 /// float8 e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; no infinities, S.1111.111 is NaN.

@@ -59,6 +59,9 @@ pub struct CompileArgs {
     /// Print the ONNX op counts per layer after compiling.
     #[arg(long)]
     pub node_counts: bool,
+    /// Print the compile summary as one JSON object on stdout (stages, bytes, peak memory).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Runs the command.
@@ -98,6 +101,23 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     });
     bar.finish_and_clear();
     let report = report?;
+    if args.json {
+        let stages: serde_json::Map<String, serde_json::Value> = report
+            .stages
+            .iter()
+            .map(|(s, d)| (s.clone(), d.as_secs_f64().into()))
+            .collect();
+        let summary = serde_json::json!({
+            "bundle": report.bundle,
+            "stage_seconds": stages,
+            "total_seconds": report.stages.iter().map(|(_, d)| d.as_secs_f64()).sum::<f64>(),
+            "checkpoint_bytes": report.checkpoint_bytes,
+            "bytes_written": report.bytes_written,
+            "peak_rss_bytes": report.peak_rss_bytes,
+        });
+        println!("{summary}");
+        return Ok(());
+    }
     eprintln!(
         "compiled {} -> {}",
         args.model.display(),

@@ -3,3 +3,4 @@
 pub mod compile;
 pub mod inspect;
 pub mod run;
+pub mod synth;

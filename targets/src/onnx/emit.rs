@@ -232,8 +232,8 @@ impl Emitter<'_> {
                             .as_slice()
                             .ok_or_else(|| TargetError::Bug("non-contiguous block".into()))?;
                         let bytes = super::proto::encode_floats(values, dtype);
-                        data.write(&bytes)?;
                         *written += bytes.len() as u64;
+                        data.write_owned(bytes)?;
                         progress((*written).min(total), total);
                         Ok(())
                     },

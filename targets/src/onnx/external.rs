@@ -1,9 +1,12 @@
 //! The external data file: initializers are appended one at a time, page aligned (so ONNX Runtime can
-//! map them), hashed as they are written. Nothing here holds more than the tensor being written.
+//! map them). A background thread writes and hashes the bytes while the caller prepares the next block;
+//! at most two blocks are in flight.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::thread::JoinHandle;
 
 use onnx_protobuf::tensor_proto::DataLocation;
 use onnx_protobuf::{StringStringEntryProto, TensorProto};
@@ -18,9 +21,9 @@ const ALIGN: u64 = 4096;
 pub struct ExternalData {
     location: String,
     path: PathBuf,
-    out: BufWriter<File>,
     offset: u64,
-    hasher: Sha256,
+    sender: Option<SyncSender<Vec<u8>>>,
+    worker: Option<JoinHandle<std::io::Result<(File, Sha256)>>>,
 }
 
 impl ExternalData {
@@ -28,12 +31,24 @@ impl ExternalData {
     pub fn create(dir: &Path, location: &str) -> Result<ExternalData, TargetError> {
         let path = dir.join(location);
         let file = File::create(&path).map_err(|e| TargetError::io(&path, e))?;
+        let (sender, receiver) = sync_channel::<Vec<u8>>(2);
+        let worker = std::thread::spawn(move || {
+            let mut out = BufWriter::with_capacity(8 << 20, file);
+            let mut hasher = Sha256::new();
+            for bytes in receiver {
+                hasher.update(&bytes);
+                out.write_all(&bytes)?;
+            }
+            out.flush()?;
+            let file = out.into_inner().map_err(|e| e.into_error())?;
+            Ok((file, hasher))
+        });
         Ok(ExternalData {
             location: location.to_string(),
             path,
-            out: BufWriter::with_capacity(8 << 20, file),
             offset: 0,
-            hasher: Sha256::new(),
+            sender: Some(sender),
+            worker: Some(worker),
         })
     }
 
@@ -71,26 +86,50 @@ impl ExternalData {
 
     /// Appends bytes to the tensor being written.
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), TargetError> {
-        self.out
-            .write_all(bytes)
-            .map_err(|e| TargetError::io(&self.path, e))?;
-        self.hasher.update(bytes);
-        self.offset += bytes.len() as u64;
+        self.send(bytes.to_vec())
+    }
+
+    /// Appends an owned buffer without copying it.
+    pub fn write_owned(&mut self, bytes: Vec<u8>) -> Result<(), TargetError> {
+        self.send(bytes)
+    }
+
+    fn send(&mut self, bytes: Vec<u8>) -> Result<(), TargetError> {
+        let n = bytes.len() as u64;
+        let sent = self
+            .sender
+            .as_ref()
+            .map(|s| s.send(bytes).is_ok())
+            .unwrap_or(false);
+        if !sent {
+            // The writer stopped: its error is the one to report.
+            return Err(self
+                .join()
+                .err()
+                .unwrap_or_else(|| TargetError::Bug("data writer stopped".into())));
+        }
+        self.offset += n;
         Ok(())
+    }
+
+    fn join(&mut self) -> Result<(File, Sha256), TargetError> {
+        self.sender = None;
+        let worker = self
+            .worker
+            .take()
+            .ok_or_else(|| TargetError::Bug("data writer already finished".into()))?;
+        let result = worker
+            .join()
+            .map_err(|_| TargetError::Bug("data writer panicked".into()))?;
+        result.map_err(|e| TargetError::io(&self.path, e))
     }
 
     /// Flushes and syncs the file; returns its size and sha256 (hex).
     pub fn finish(mut self) -> Result<(u64, String), TargetError> {
-        self.out
-            .flush()
-            .map_err(|e| TargetError::io(&self.path, e))?;
-        let file = self
-            .out
-            .into_inner()
-            .map_err(|e| TargetError::io(&self.path, e.into_error()))?;
+        let (file, hasher) = self.join()?;
         file.sync_all()
             .map_err(|e| TargetError::io(&self.path, e))?;
-        let digest = self.hasher.finalize();
+        let digest = hasher.finalize();
         Ok((
             self.offset,
             digest.iter().map(|b| format!("{b:02x}")).collect(),
