@@ -57,6 +57,7 @@ pub fn compile(
     let imported = herd_ir::import(&options.model)?;
     let mut graph = imported.graph;
     let config = imported.checkpoint.config.clone();
+    let params = imported.checkpoint.param_counts();
     let checkpoint_bytes = imported
         .checkpoint
         .store
@@ -123,6 +124,13 @@ pub fn compile(
         ),
     ])?;
     let (bos, stop_ids) = special_tokens(&options.model, config.vocab_size)?;
+    let element_bytes = options.dtype.bits() as u64 / 8;
+    let gathered = if config.tie_word_embeddings {
+        0
+    } else {
+        (config.vocab_size - 1) as u64 * config.hidden_size as u64
+    };
+    let active_bytes = params.active.saturating_sub(gathered) * element_bytes;
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         herd_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -136,6 +144,8 @@ pub fn compile(
             max_positions: options.max_context,
             attention_chunk_size: config.attention_chunk_size,
             nope_layers: config.nope_layers(),
+            weight_bytes: model.data_bytes,
+            active_weight_bytes_per_token: active_bytes,
             config: serde_json::to_value(&config)?,
         },
         graph: model.io.clone(),
@@ -204,8 +214,16 @@ fn special_tokens(model: &Path, vocab: usize) -> Result<(Option<i64>, Vec<i64>)>
 
 /// Peak resident memory of this process (VmHWM), where the OS reports it.
 pub fn peak_rss_bytes() -> Option<u64> {
+    status_kb("VmHWM:").map(|kb| kb * 1024)
+}
+
+/// Current resident memory of this process (VmRSS), where the OS reports it.
+pub fn current_rss_bytes() -> Option<u64> {
+    status_kb("VmRSS:").map(|kb| kb * 1024)
+}
+
+fn status_kb(key: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }

@@ -1,5 +1,6 @@
 //! The `herd` command line: compile Llama 4 checkpoints into deployable bundles and inspect them.
 
+mod bench;
 mod commands;
 mod driver;
 mod synth;
@@ -29,6 +30,8 @@ enum Command {
     Run(commands::run::RunArgs),
     /// Write a synthetic Llama 4-shaped checkpoint (random bf16 weights) for benchmarks.
     Synth(commands::synth::SynthArgs),
+    /// Measure a bundle (load, prefill, decode, memory, roofline) or, with --compile, compiling a checkpoint.
+    Bench(commands::bench::BenchArgs),
 }
 
 /// Streaming allocates and frees blocks of tens of MiB continuously. By default glibc maps each one
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
         Command::Compile(args) => commands::compile::run(&args),
         Command::Run(args) => commands::run::run(&args),
         Command::Synth(args) => commands::synth::run(&args),
+        Command::Bench(args) => commands::bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

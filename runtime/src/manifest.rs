@@ -45,6 +45,11 @@ pub struct ModelInfo {
     pub attention_chunk_size: usize,
     /// Layers with full causal attention (NoPE); the others attend within their chunk.
     pub nope_layers: Vec<usize>,
+    /// Bytes of all weights in the bundle.
+    pub weight_bytes: u64,
+    /// Weight bytes one decoded token reads: everything but the experts top-k does not select and the
+    /// embedding rows it does not gather.
+    pub active_weight_bytes_per_token: u64,
     /// The compiler's resolved Llama 4 config.
     pub config: serde_json::Value,
 }

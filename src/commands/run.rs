@@ -45,6 +45,9 @@ pub struct RunArgs {
     /// Path of libonnxruntime.so (default: ORT_DYLIB_PATH, then the project's .cache/onnxruntime).
     #[arg(long)]
     pub ort_library: Option<PathBuf>,
+    /// Let ONNX Runtime repack MatMul weights (faster batches, a second copy of the dense weights).
+    #[arg(long)]
+    pub prepack: bool,
 }
 
 /// Runs the command.
@@ -52,6 +55,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let options = RuntimeOptions {
         ort_library: args.ort_library.clone(),
         intra_threads: None,
+        prepack: args.prepack,
     };
     let model = Model::load(&args.bundle, &options)?;
     let sampling = match args.temperature {

@@ -1,0 +1,131 @@
+//! `herd bench`: measurements of a bundle on this machine (load, prefill, decode, memory, the decode
+//! roofline) and of compiling a checkpoint. JSON keys are stable so results can be compared across
+//! commits.
+
+use std::io::Read;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use herd_runtime::{Model, RuntimeOptions};
+use serde_json::{json, Value};
+
+/// Measured read bandwidth of memory, bytes per second: all cores summing a buffer far larger than the
+/// caches, best of five. Decoding streams weights in exactly this way.
+pub fn read_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    const WORDS: usize = 32 << 20; // 256 MiB
+    let buffer: Vec<u64> = (0..WORDS as u64).collect();
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let sum: u64 = buffer
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
+            .reduce(|| 0, u64::wrapping_add);
+        std::hint::black_box(sum);
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    (WORDS * 8) as f64 / best
+}
+
+fn best_of(
+    runs: usize,
+    mut f: impl FnMut() -> Result<(Duration, Duration)>,
+) -> Result<(Duration, Duration)> {
+    let mut best = (Duration::MAX, Duration::MAX);
+    for _ in 0..runs {
+        let (a, b) = f()?;
+        best = (best.0.min(a), best.1.min(b));
+    }
+    Ok(best)
+}
+
+/// Benchmarks a bundle.
+pub fn bundle(path: &Path, options: &RuntimeOptions, decode_steps: usize) -> Result<Value> {
+    let rss_before = crate::driver::current_rss_bytes();
+    let start = Instant::now();
+    let model = Model::load(path, options)?;
+    let load = start.elapsed();
+    let rss_after_load = crate::driver::current_rss_bytes();
+    let m = model.bundle.manifest.clone();
+    let max = m.model.max_positions;
+
+    let mut prefill = serde_json::Map::new();
+    for len in [16usize, 64, 256].into_iter().filter(|&l| l < max) {
+        let (p, _) = best_of(3, || Ok(model.time_batch(1, len, 0)?))?;
+        prefill.insert(len.to_string(), json!(len as f64 / p.as_secs_f64()));
+    }
+    let prompt = 16.min(max.saturating_sub(decode_steps + 1)).max(1);
+    let mut decode = serde_json::Map::new();
+    let mut ttft = None;
+    for batch in [1usize, 4, 8] {
+        let (p, d) = best_of(2, || Ok(model.time_batch(batch, prompt, decode_steps)?))?;
+        if batch == 1 {
+            ttft = Some(p.as_secs_f64() * 1e3);
+        }
+        decode.insert(
+            batch.to_string(),
+            json!((batch * decode_steps) as f64 / d.as_secs_f64()),
+        );
+    }
+    // Measured before the bandwidth test allocates its buffer.
+    let peak_rss = crate::driver::peak_rss_bytes();
+    let bandwidth = read_bandwidth();
+    let active = m.model.active_weight_bytes_per_token as f64;
+    let roofline = bandwidth / active;
+    let decode1 = decode["1"].as_f64().unwrap_or(0.0);
+    let element_bytes: u64 = if m.dtype == "f16" { 2 } else { 4 };
+    let kv_per_token = m.model.num_layers as u64
+        * 2
+        * m.model.num_kv_heads as u64
+        * m.model.head_dim as u64
+        * element_bytes;
+    Ok(json!({
+        "bundle": path,
+        "dtype": m.dtype,
+        "moe_lowering": m.moe_lowering,
+        "weight_bytes": m.model.weight_bytes,
+        "load_seconds": load.as_secs_f64(),
+        "rss_after_load_bytes": rss_after_load,
+        "rss_growth_on_load_bytes": rss_after_load.zip(rss_before).map(|(a, b)| a.saturating_sub(b)),
+        "prefill_tokens_per_s": prefill,
+        "time_to_first_token_ms": ttft,
+        "ttft_prompt_tokens": prompt,
+        "decode_tokens_per_s": decode,
+        "decode_steps": decode_steps,
+        "peak_rss_bytes": peak_rss,
+        "prepack": options.prepack,
+        "kv_bytes_per_token": kv_per_token,
+        "memory_bandwidth_bytes_per_s": bandwidth,
+        "active_weight_bytes_per_token": m.model.active_weight_bytes_per_token,
+        "decode_roofline_tokens_per_s": roofline,
+        "decode_roofline_fraction": decode1 / roofline,
+    }))
+}
+
+/// Reads every weight file of `model` once, sequentially; returns (bytes, seconds).
+pub fn sequential_read(model: &Path) -> Result<(u64, f64)> {
+    let mut files: Vec<_> = std::fs::read_dir(model)
+        .with_context(|| model.display().to_string())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    let mut buf = vec![0u8; 8 << 20];
+    let mut total = 0u64;
+    let start = Instant::now();
+    for f in files {
+        let mut file = std::fs::File::open(&f).with_context(|| f.display().to_string())?;
+        loop {
+            let n = file
+                .read(&mut buf)
+                .with_context(|| f.display().to_string())?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+    }
+    Ok((total, start.elapsed().as_secs_f64()))
+}

@@ -1,0 +1,105 @@
+//! `herd bench BUNDLE` and `herd bench --compile MODEL`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use herd_ir::DType;
+use herd_passes::pipeline::RunOptions;
+use herd_runtime::RuntimeOptions;
+use herd_targets::onnx::MoeLowering;
+use serde_json::json;
+
+use super::compile::{DtypeArg, MoeArg};
+use crate::driver::{compile, CompileOptions};
+
+/// Arguments of `herd bench`.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// A bundle to benchmark (or, with --compile, a checkpoint folder to compile).
+    pub path: PathBuf,
+    /// Benchmark compiling PATH (a checkpoint) instead: throughput against a plain sequential read.
+    #[arg(long)]
+    pub compile: bool,
+    /// With --compile: bundle dtype.
+    #[arg(long, value_enum, default_value = "f16")]
+    pub dtype: DtypeArg,
+    /// With --compile: MoE lowering.
+    #[arg(long, value_enum, default_value = "ort")]
+    pub moe: MoeArg,
+    /// Decode steps timed per batch size.
+    #[arg(long, default_value_t = 32)]
+    pub decode_steps: usize,
+    /// Print one JSON object with stable keys instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Path of libonnxruntime.so.
+    #[arg(long)]
+    pub ort_library: Option<PathBuf>,
+    /// Let ONNX Runtime repack MatMul weights (faster batches, a second copy of the dense weights).
+    #[arg(long)]
+    pub prepack: bool,
+}
+
+/// Runs the command.
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let report = if args.compile {
+        compile_bench(args)?
+    } else {
+        crate::bench::bundle(
+            &args.path,
+            &RuntimeOptions {
+                ort_library: args.ort_library.clone(),
+                intra_threads: None,
+                prepack: args.prepack,
+            },
+            args.decode_steps,
+        )?
+    };
+    if args.json {
+        println!("{report}");
+    } else {
+        for (k, v) in report.as_object().into_iter().flatten() {
+            println!("{k:<32} {v}");
+        }
+    }
+    Ok(())
+}
+
+fn compile_bench(args: &BenchArgs) -> Result<serde_json::Value> {
+    let (read_bytes, read_seconds) = crate::bench::sequential_read(&args.path)?;
+    let out = tempfile::Builder::new()
+        .prefix("herd-bench")
+        .tempdir_in(std::env::temp_dir())?;
+    let options = CompileOptions {
+        model: args.path.clone(),
+        output: out.path().join("bundle"),
+        moe: match args.moe {
+            MoeArg::Ort => MoeLowering::Ort,
+            MoeArg::Portable => MoeLowering::Portable,
+        },
+        dtype: match args.dtype {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::F16 => DType::F16,
+        },
+        max_context: 4096,
+        force: false,
+        run: RunOptions::default(),
+        dump_dir: None,
+    };
+    let report = compile(&options, &mut |_, _| {})?;
+    let seconds: f64 = report.stages.iter().map(|(_, d)| d.as_secs_f64()).sum();
+    let compile_gbps = report.checkpoint_bytes as f64 / seconds / 1e9;
+    let read_gbps = read_bytes as f64 / read_seconds / 1e9;
+    Ok(json!({
+        "model": args.path,
+        "checkpoint_bytes": report.checkpoint_bytes,
+        "bytes_written": report.bytes_written,
+        "compile_seconds": seconds,
+        "compile_gb_per_s": compile_gbps,
+        "sequential_read_seconds": read_seconds,
+        "sequential_read_gb_per_s": read_gbps,
+        "compile_over_read_time": seconds / read_seconds,
+        "peak_rss_bytes": report.peak_rss_bytes,
+    }))
+}
