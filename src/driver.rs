@@ -29,6 +29,7 @@ pub struct CompileOptions {
     pub moe: MoeLowering,
     pub dtype: DType,
     pub max_context: usize,
+    pub quant: Option<herd_passes::quantize::QuantOptions>,
     pub force: bool,
     pub run: RunOptions,
     /// Where `--dump-ir-after` writes (stdout when None).
@@ -71,6 +72,7 @@ pub fn compile(
     let pass_options = PassOptions {
         moe_layout: options.moe.layout(),
         max_positions: options.max_context,
+        quant: options.quant.clone(),
     };
     let dump_dir = options.dump_dir.clone();
     let mut dump_error = None;

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{fixture, goldens, max_error, FIXTURES, LOGIT_TOLERANCE};
+use common::{fixture, goldens_file, max_error, FIXTURES, LOGIT_TOLERANCE};
 use ndarray::Array2;
 
 /// f16 keeps 11 significant bits (~5e-4 relative per rounding); through 4 layers the logits drift
@@ -33,10 +33,18 @@ fn ok(args: &[&str]) -> String {
 }
 
 fn compile(name: &str, moe: &str, dtype: &str, dir: &Path) -> String {
-    let bundle = dir.join(format!("{name}-{moe}-{dtype}"));
-    let out = ok(&[
+    compile_with(name, moe, dtype, &[], dir)
+}
+
+fn compile_with(name: &str, moe: &str, dtype: &str, extra: &[&str], dir: &Path) -> String {
+    let bundle = dir.join(format!(
+        "{name}-{moe}-{dtype}{}",
+        extra.join("").replace(':', "-").replace("--", "-")
+    ));
+    let model = fixture(name);
+    let mut args = vec![
         "compile",
-        fixture(name).to_str().unwrap(),
+        model.to_str().unwrap(),
         "-o",
         bundle.to_str().unwrap(),
         "--moe",
@@ -46,8 +54,10 @@ fn compile(name: &str, moe: &str, dtype: &str, dir: &Path) -> String {
         "--max-context",
         "64",
         "--node-counts",
-    ]);
-    if dtype == "f32" {
+    ];
+    args.extend_from_slice(extra);
+    let out = ok(&args);
+    if dtype == "f32" && extra.is_empty() {
         check_node_snapshot(name, moe, &out);
     }
     bundle.to_str().unwrap().to_string()
@@ -71,8 +81,26 @@ fn check_node_snapshot(name: &str, moe: &str, text: &str) {
 
 /// Runs the golden prompts through `bundle`; returns the largest error relative to the logit scale.
 fn run_goldens(name: &str, bundle: &str, dir: &Path, tolerance: f32, require_tokens: bool) -> f32 {
+    run_golden_file(
+        name,
+        "goldens.safetensors",
+        bundle,
+        dir,
+        tolerance,
+        require_tokens,
+    )
+}
+
+fn run_golden_file(
+    name: &str,
+    file: &str,
+    bundle: &str,
+    dir: &Path,
+    tolerance: f32,
+    require_tokens: bool,
+) -> f32 {
     let mut worst = 0.0f32;
-    for (n, golden) in goldens(name) {
+    for (n, golden) in goldens_file(name, file) {
         let ids: Vec<String> = golden.input_ids.iter().map(|t| t.to_string()).collect();
         let steps = golden.greedy_ids.len().to_string();
         let npy = dir.join(format!("{name}-{n}.npy"));
@@ -139,5 +167,21 @@ fn f16_bundles_report_their_error() {
         let bundle = compile(name, "ort", "f16", dir.path());
         let worst = run_goldens(name, &bundle, dir.path(), F16_TOLERANCE, false);
         eprintln!("{name} f16: worst relative logit error {worst:.2e}");
+    }
+}
+
+/// Quantized bundles compute exactly the fake-quantized model: their logits match transformers run on
+/// weights quantized and dequantized with identical rounding, for every scheme, fixture and lowering.
+#[test]
+fn quantized_bundles_match_fake_quant_goldens() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        for scheme in ["int4:32", "int4:64", "int8:64", "fp8"] {
+            for moe in ["ort", "portable"] {
+                let bundle = compile_with(name, moe, "f32", &["--quant", scheme], dir.path());
+                let file = format!("goldens-{}.safetensors", scheme.replace(':', "-"));
+                run_golden_file(name, &file, &bundle, dir.path(), LOGIT_TOLERANCE, true);
+            }
+        }
     }
 }

@@ -119,3 +119,79 @@ fn goldens_are_sensitive_to_each_attention_feature() {
         );
     }
 }
+
+/// The quantize pass's meaning (fake quantization in the reference evaluator) is transformers'
+/// fake-quantized model, for every scheme: the IR-level oracle for the quantized targets.
+#[test]
+fn quantized_reference_matches_fake_quant_goldens() {
+    use herd_ir::ops::ExpertLayout;
+    use herd_ir::quant::QuantScheme;
+    use herd_passes::pipeline::{run_pipeline, PassOptions, RunOptions};
+    use herd_passes::quantize::QuantOptions;
+
+    for name in FIXTURES {
+        for scheme in ["int4:32", "int4:64", "int8:64", "fp8"] {
+            let mut graph = herd_ir::import(&fixture(name)).expect("import").graph;
+            let quant = QuantOptions {
+                scheme: QuantScheme::parse(scheme).unwrap(),
+                scale_dtype: herd_ir::DType::F32,
+                embeddings: false,
+                keep: vec![],
+            };
+            let options = PassOptions {
+                moe_layout: ExpertLayout::Interleaved,
+                max_positions: 64,
+                quant: Some(quant),
+            };
+            run_pipeline(&mut graph, &options, &RunOptions::default(), |_, _| {})
+                .expect("pipeline");
+            assert_eq!(graph.phase, herd_ir::Phase::Quantized);
+            let file = format!("goldens-{}.safetensors", scheme.replace(':', "-"));
+            for (n, golden) in common::goldens_file(name, &file) {
+                let ours = lowered_logits(&graph, &golden.input_ids);
+                let (err, scale) = max_error(&ours, &golden.logits);
+                assert!(
+                    err <= LOGIT_TOLERANCE * scale,
+                    "{name} {scheme} prompt {n}: logits differ by {err} (scale {scale})"
+                );
+            }
+        }
+    }
+}
+
+/// Logits of a Lowered graph for one prompt with an empty KV cache.
+fn lowered_logits(graph: &Graph, ids: &[i64]) -> Array2<f32> {
+    let n = ids.len();
+    let mut inputs = HashMap::from([
+        (
+            "input_ids".to_string(),
+            Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[1, n]), ids.to_vec()).unwrap()),
+        ),
+        (
+            "position_ids".to_string(),
+            Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[1, n]), (0..n as i64).collect()).unwrap()),
+        ),
+    ]);
+    for index in graph.node_indices() {
+        if let Some(herd_ir::Op::Input(a)) = graph.node(index).map(|n| &n.op) {
+            if a.name.starts_with("past_") {
+                let dims: Vec<usize> =
+                    a.ty.shape
+                        .0
+                        .iter()
+                        .map(|d| d.fixed().unwrap_or(0))
+                        .collect();
+                let dims = [1, dims[1], 0, dims[3]];
+                inputs.insert(a.name.clone(), Tensor::F32(ArrayD::zeros(IxDyn(&dims))));
+            }
+        }
+    }
+    let out = evaluate(graph, &inputs).expect("evaluation");
+    out["logits"]
+        .as_f32()
+        .expect("f32 logits")
+        .index_axis(Axis(0), 0)
+        .to_owned()
+        .into_dimensionality()
+        .unwrap()
+}

@@ -10,6 +10,7 @@ pub mod infer;
 pub mod layout;
 pub mod ops;
 pub mod print;
+pub mod quant;
 pub mod stream;
 pub mod types;
 pub mod verify;

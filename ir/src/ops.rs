@@ -14,6 +14,8 @@ pub enum Phase {
     Imported,
     /// Llama 4 level ops lowered to primitives.
     Lowered,
+    /// Lowered, with weights annotated for quantized storage (same ops as Lowered).
+    Quantized,
 }
 
 impl Phase {
@@ -22,6 +24,7 @@ impl Phase {
         match self {
             Phase::Imported => "imported",
             Phase::Lowered => "lowered",
+            Phase::Quantized => "quantized",
         }
     }
 }

@@ -68,6 +68,15 @@ fn op_text(graph: &Graph, op: &Op) -> String {
             for t in &w.transforms {
                 let _ = write!(text, " |> {t:?}");
             }
+            if let Some(q) = &w.quant {
+                let _ = write!(
+                    text,
+                    " |> quantize[{} k_axis={} scales={}]",
+                    q.scheme.name(),
+                    q.k_axis,
+                    q.scale_dtype
+                );
+            }
             text
         }
         Op::Embedding { out } => format!("embedding[out={out}]"),

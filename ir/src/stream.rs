@@ -30,6 +30,7 @@ fn trace(w: &WeightRef) -> Option<Trace> {
     for t in &w.transforms {
         let mut tmp = WeightRef {
             transforms: vec![t.clone()],
+            quant: None,
             ..w.clone()
         };
         tmp.parts.truncate(1);
@@ -71,11 +72,13 @@ fn concat_shape(w: &WeightRef) -> Option<Vec<usize>> {
 
 impl WeightStore {
     /// Calls `sink(rows, block)` for consecutive blocks of the weight's output rows (axis 0), each block
-    /// holding at most `max_block_elements` values (at least one row), in row-major order.
+    /// holding at most `max_block_elements` values (at least `row_multiple` rows) and a multiple of
+    /// `row_multiple` rows (quantization blocks along axis 0 stay whole), in row-major order.
     pub fn stream_rows<E: From<WeightError>>(
         &self,
         w: &WeightRef,
         max_block_elements: usize,
+        row_multiple: usize,
         mut sink: impl FnMut(Range<usize>, &ArrayD<f32>) -> Result<(), E>,
     ) -> Result<(), E> {
         let shape = w.shape().map_err(|problem| WeightError::BadShard {
@@ -87,7 +90,8 @@ impl WeightStore {
             return sink(0..shape.first().copied().unwrap_or(1), &whole);
         };
         let row: usize = shape[1..].iter().product();
-        let step = (max_block_elements / row.max(1)).max(1);
+        let multiple = row_multiple.max(1);
+        let step = ((max_block_elements / row.max(1)) / multiple).max(1) * multiple;
         let mut start = 0;
         while start < shape[0] {
             let rows = start..(start + step).min(shape[0]);
@@ -157,7 +161,12 @@ impl WeightStore {
                 }
             };
         }
-        Ok(crate::layout::row_major(array.view()))
+        let array = crate::layout::row_major(array.view());
+        // Quantization blocks run along K, never axis 0, so every block of rows holds whole blocks.
+        Ok(match &w.quant {
+            Some(spec) => crate::quant::quantize(&array, spec, None).dequantized,
+            None => array,
+        })
     }
 
     /// Decodes `range` of `axis` of one stored tensor: one contiguous run per index of the axes before it.
@@ -264,7 +273,7 @@ mod tests {
         let mut blocks = Vec::new();
         let mut next_row = 0;
         store
-            .stream_rows::<WeightError>(w, block, |rows, b| {
+            .stream_rows::<WeightError>(w, block, 1, |rows, b| {
                 assert_eq!(rows.start, next_row, "blocks arrive in order");
                 next_row = rows.end;
                 blocks.push(b.clone());
@@ -333,6 +342,7 @@ mod tests {
             (
                 "concat rows then transpose",
                 WeightRef {
+                    quant: None,
                     parts: vec![part("a", &[4, 6, 5]), part("b", &[3, 6, 5])],
                     concat_axis: 0,
                     transforms: vec![Transform::Transpose {
@@ -343,6 +353,7 @@ mod tests {
             (
                 "concat on the traced axis",
                 WeightRef {
+                    quant: None,
                     parts: vec![part("a", &[4, 6, 5]), part("b", &[3, 6, 5])],
                     concat_axis: 0,
                     transforms: vec![Transform::Slice {

@@ -54,6 +54,17 @@ pub fn verify(graph: &Graph, after_pass: Option<&str>) -> Result<(), VerifyError
                 );
             }
             Op::Weight(w) => {
+                if let Some(spec) = &w.quant {
+                    match w.shape() {
+                        Ok(shape) if spec.k_axis == 0 => report(id, &node.name, format!("quantized along axis 0 of {shape:?}: K must not be the leading axis")),
+                        Ok(shape) => {
+                            if let Err(problem) = spec.check(&shape) {
+                                report(id, &node.name, format!("quantization {}: {problem}", spec.scheme.name()));
+                            }
+                        }
+                        Err(_) => {}
+                    }
+                }
                 let shards = graph.weights().shards();
                 for part in &w.parts {
                     match shards.get(part.source.shard.0 as usize) {

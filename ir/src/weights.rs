@@ -57,6 +57,8 @@ pub struct WeightRef {
     pub parts: Vec<WeightPart>,
     pub concat_axis: usize,
     pub transforms: Vec<Transform>,
+    /// Set by the quantize pass: the weight is stored quantized, and its value is the dequantized one.
+    pub quant: Option<crate::quant::QuantSpec>,
 }
 
 impl WeightRef {
@@ -66,6 +68,7 @@ impl WeightRef {
             parts: vec![part],
             concat_axis: 0,
             transforms: Vec::new(),
+            quant: None,
         }
     }
 
@@ -447,7 +450,11 @@ impl WeightStore {
                     .map_err(|e| invalid(e.to_string()))?,
             };
         }
-        Ok(array.as_standard_layout().into_owned())
+        let array = array.as_standard_layout().into_owned();
+        Ok(match &weight.quant {
+            Some(spec) => crate::quant::quantize(&array, spec, None).dequantized,
+            None => array,
+        })
     }
 }
 
@@ -537,6 +544,7 @@ mod tests {
             stored_shape: vec![4, 8, 6],
         };
         let w = WeightRef {
+            quant: None,
             parts: vec![part.clone(), part],
             concat_axis: 2,
             transforms: vec![

@@ -69,6 +69,7 @@ fn concat_rows(weights: &[&WeightRef]) -> Option<WeightRef> {
         parts: weights.iter().flat_map(|w| w.parts.clone()).collect(),
         concat_axis: 0,
         transforms: Vec::new(),
+        quant: None,
     };
     (plain && same_dtype && fused.shape().is_ok()).then_some(fused)
 }

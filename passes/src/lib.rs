@@ -3,6 +3,7 @@
 pub mod expert_fusion;
 pub mod irope;
 pub mod pipeline;
+pub mod quantize;
 
 pub use pipeline::{run_pipeline, PassError, PassOptions, PipelineReport, RunOptions, PIPELINE};
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use herd_ir::ops::ExpertLayout;
 use herd_ir::{verify, Diagnostic, Graph, Phase, VerifyError};
 
-use crate::{expert_fusion, irope};
+use crate::{expert_fusion, irope, quantize};
 
 /// Options the passes read.
 #[derive(Clone, Debug)]
@@ -16,6 +16,8 @@ pub struct PassOptions {
     pub moe_layout: ExpertLayout,
     /// Positions the rotary tables cover: the longest context the compiled graph accepts.
     pub max_positions: usize,
+    /// Weight quantization, if any.
+    pub quant: Option<crate::quantize::QuantOptions>,
 }
 
 /// How the runner runs the pipeline.
@@ -45,6 +47,11 @@ pub const PIPELINE: &[Pass] = &[
     Pass {
         name: "expert_fusion",
         run: expert_fusion::run,
+    },
+    // quantize last: fused weights are quantized as one matrix, in the layout the target reads.
+    Pass {
+        name: "quantize",
+        run: quantize::run,
     },
 ];
 
@@ -115,7 +122,12 @@ pub fn run_pipeline(
             on_dump(pass.name, &herd_ir::print::print(graph));
         }
     }
-    graph.phase = Phase::Lowered;
+    let quantized = options.quant.is_some() && !run.disabled.iter().any(|d| d == "quantize");
+    graph.phase = if quantized {
+        Phase::Quantized
+    } else {
+        Phase::Lowered
+    };
     verify(graph, Some("lowering")).map_err(PassError::NotLowered)?;
     Ok(report)
 }

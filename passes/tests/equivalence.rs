@@ -24,6 +24,7 @@ fn options(layout: ExpertLayout) -> PassOptions {
     PassOptions {
         moe_layout: layout,
         max_positions: 64,
+        quant: None,
     }
 }
 
@@ -219,7 +220,7 @@ fn disabling_a_pass_is_reported_at_the_phase_change() {
     .unwrap_err();
     assert_eq!(
         err.to_string(),
-        "unknown pass `nope`; passes are: irope, expert_fusion"
+        "unknown pass `nope`; passes are: irope, expert_fusion, quantize"
     );
 }
 

@@ -83,6 +83,7 @@ fn compile_bench(args: &BenchArgs) -> Result<serde_json::Value> {
             DtypeArg::F16 => DType::F16,
         },
         max_context: 4096,
+        quant: None,
         force: false,
         run: RunOptions::default(),
         dump_dir: None,

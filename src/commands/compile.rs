@@ -44,6 +44,18 @@ pub struct CompileArgs {
     /// Longest context (prompt + generated tokens) the bundle accepts; sizes the rotary tables.
     #[arg(long, default_value_t = 8192)]
     pub max_context: usize,
+    /// Quantize weights: int4[:BLOCK] or int8[:BLOCK] (symmetric, blocks of 32, 64 or 128 along K; default
+    /// 64) or fp8 (e4m3, one scale per output channel). Router, norms, embeddings and lm_head stay in
+    /// full precision unless --quant-embeddings.
+    #[arg(long, value_name = "SCHEME", value_parser = parse_quant)]
+    pub quant: Option<herd_ir::quant::QuantScheme>,
+    /// With --quant: also quantize the embedding table and lm_head.
+    #[arg(long, requires = "quant")]
+    pub quant_embeddings: bool,
+    /// With --quant: keep nodes whose name matches in full precision (`*` wildcard, e.g. `layers.0.*`);
+    /// repeatable. `herd inspect --ir` and --dump-ir-after show node names.
+    #[arg(long, value_name = "PATTERN", requires = "quant")]
+    pub quant_keep: Vec<String>,
     /// Replace an existing bundle at --output.
     #[arg(long)]
     pub force: bool,
@@ -81,6 +93,17 @@ pub fn run(args: &CompileArgs) -> Result<()> {
             DtypeArg::F16 => DType::F16,
         },
         max_context: args.max_context,
+        quant: args
+            .quant
+            .map(|scheme| herd_passes::quantize::QuantOptions {
+                scheme,
+                scale_dtype: match args.dtype {
+                    DtypeArg::F32 => DType::F32,
+                    DtypeArg::F16 => DType::F16,
+                },
+                embeddings: args.quant_embeddings,
+                keep: args.quant_keep.clone(),
+            }),
         force: args.force,
         run: RunOptions {
             disabled: args.disable_pass.clone(),
@@ -142,4 +165,8 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn parse_quant(text: &str) -> Result<herd_ir::quant::QuantScheme, String> {
+    herd_ir::quant::QuantScheme::parse(text)
 }

@@ -52,8 +52,13 @@ fn i64_vec(st: &SafeTensors, name: &str) -> Vec<i64> {
 
 /// All goldens of a fixture, keyed by prompt length.
 pub fn goldens(name: &str) -> Vec<(usize, Golden)> {
+    goldens_file(name, "goldens.safetensors")
+}
+
+/// The goldens of `file` in a fixture (e.g. `goldens-int4-32.safetensors`), keyed by prompt length.
+pub fn goldens_file(name: &str, file: &str) -> Vec<(usize, Golden)> {
     let bytes =
-        std::fs::read(fixture(name).join("goldens.safetensors")).expect("goldens.safetensors");
+        std::fs::read(fixture(name).join(file)).unwrap_or_else(|e| panic!("{name}/{file}: {e}"));
     let st = SafeTensors::deserialize(&bytes).expect("goldens parse");
     let mut lengths: Vec<usize> = st
         .names()

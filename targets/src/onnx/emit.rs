@@ -6,6 +6,7 @@ use std::path::Path;
 
 use herd_ir::graph::{NodeIndex, Value};
 use herd_ir::ops::{FusedMoeAttrs, Op};
+use herd_ir::quant::QuantScheme;
 use herd_ir::weights::Transform;
 use herd_ir::{DType, Dim, Graph, Phase};
 use herd_runtime::manifest::{GraphIo, KvNames};
@@ -15,6 +16,7 @@ use onnx_protobuf::{
 
 use super::external::ExternalData;
 use super::proto::{float_tensor, int64_tensor, node, onnx_dtype, value_info, Attr};
+use super::quantized::QLayout;
 use super::{MoeLowering, OnnxOptions, IR_VERSION, OPSET};
 use crate::error::TargetError;
 
@@ -34,7 +36,7 @@ pub struct OnnxModel {
 
 const MODEL_FILE: &str = "model.onnx";
 /// Values per streamed weight block (64 MiB of f32): bounds the emitter's memory whatever the model size.
-const STREAM_BLOCK_ELEMENTS: usize = 16 << 20;
+pub(super) const STREAM_BLOCK_ELEMENTS: usize = 16 << 20;
 const DATA_FILE: &str = "model.onnx.data";
 
 /// Emits `graph` as `dir/model.onnx` + `dir/model.onnx.data`. `progress(done, total)` is called with
@@ -45,7 +47,7 @@ pub fn emit(
     options: &OnnxOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<OnnxModel, TargetError> {
-    if graph.phase != Phase::Lowered {
+    if !matches!(graph.phase, Phase::Lowered | Phase::Quantized) {
         return Err(TargetError::Bug(
             "the ONNX target needs a Lowered graph".into(),
         ));
@@ -88,13 +90,13 @@ pub fn emit(
     e.finish(dir, outputs)
 }
 
-struct Emitter<'a> {
-    graph: &'a Graph,
+pub(super) struct Emitter<'a> {
+    pub(super) graph: &'a Graph,
     options: &'a OnnxOptions,
-    nodes: Vec<NodeProto>,
-    initializers: Vec<TensorProto>,
+    pub(super) nodes: Vec<NodeProto>,
+    pub(super) initializers: Vec<TensorProto>,
     inputs: Vec<ValueInfoProto>,
-    data: ExternalData,
+    pub(super) data: ExternalData,
     /// ONNX tensor name of each IR value already emitted.
     names: HashMap<Value, String>,
     used: HashSet<String>,
@@ -102,13 +104,13 @@ struct Emitter<'a> {
     weights: HashMap<(NodeIndex, bool), String>,
     /// Inline int64 constants by content.
     ints: HashMap<Vec<i64>, String>,
-    written: u64,
-    total_weight_bytes: u64,
-    progress: &'a mut dyn FnMut(u64, u64),
+    pub(super) written: u64,
+    pub(super) total_weight_bytes: u64,
+    pub(super) progress: &'a mut dyn FnMut(u64, u64),
 }
 
 impl Emitter<'_> {
-    fn fresh(&mut self, base: &str) -> String {
+    pub(super) fn fresh(&mut self, base: &str) -> String {
         let mut name = base.to_string();
         let mut n = 1;
         while !self.used.insert(name.clone()) {
@@ -118,7 +120,7 @@ impl Emitter<'_> {
         name
     }
 
-    fn push(
+    pub(super) fn push(
         &mut self,
         name: &str,
         op_type: &str,
@@ -195,6 +197,11 @@ impl Emitter<'_> {
             return Ok(name.clone());
         }
         let node = self.graph.node(index).expect("checked by caller");
+        if matches!(&node.op, Op::Weight(w) if w.quant.is_some()) {
+            let name = self.dequantized(index, transposed)?;
+            self.weights.insert((index, transposed), name.clone());
+            return Ok(name);
+        }
         let dtype = self.options.dtype;
         let label = if transposed {
             format!("{}.T", node.name)
@@ -227,6 +234,7 @@ impl Emitter<'_> {
                 self.graph.weights().stream_rows::<TargetError>(
                     &w,
                     STREAM_BLOCK_ELEMENTS,
+                    1,
                     |_, block| {
                         let values = block
                             .as_slice()
@@ -737,23 +745,52 @@ impl Emitter<'_> {
                     &[&x2, &score],
                     vec![],
                 );
-                let fc1 = self.input(inputs[2], false)?;
-                let fc2 = self.input(inputs[3], false)?;
-                self.push(
-                    &format!("{name}.experts"),
-                    "MoE",
-                    "com.microsoft",
-                    &[&scaled, &logits, &fc1, "", &fc2],
-                    vec![
-                        ("k", Attr::Int(1)),
-                        ("activation_type", Attr::Str("swiglu")),
-                        ("swiglu_fusion", Attr::Int(1)),
-                        ("normalize_routing_weights", Attr::Int(1)),
-                        ("activation_alpha", Attr::Float(1.0)),
-                        ("activation_beta", Attr::Float(0.0)),
-                        ("swiglu_limit", Attr::Float(f32::INFINITY)),
-                    ],
-                )
+                let attrs = vec![
+                    ("k", Attr::Int(1)),
+                    ("activation_type", Attr::Str("swiglu")),
+                    ("swiglu_fusion", Attr::Int(1)),
+                    ("normalize_routing_weights", Attr::Int(1)),
+                    ("activation_alpha", Attr::Float(1.0)),
+                    ("activation_beta", Attr::Float(0.0)),
+                    ("swiglu_limit", Attr::Float(f32::INFINITY)),
+                ];
+                match self.int_quant(inputs[2]) {
+                    // Integer experts: QMoE reads them packed, one expert per token (never dequantized whole).
+                    Some((bits, block)) => {
+                        let fc1 = self.quantized(inputs[2].node, QLayout::Experts)?;
+                        let fc2 = self.quantized(inputs[3].node, QLayout::Experts)?;
+                        let mut attrs = attrs;
+                        attrs.push(("expert_weight_bits", Attr::Int(bits)));
+                        attrs.push(("block_size", Attr::Int(block)));
+                        self.push(
+                            &format!("{name}.experts"),
+                            "QMoE",
+                            "com.microsoft",
+                            &[
+                                &scaled,
+                                &logits,
+                                &fc1.values,
+                                &fc1.scales,
+                                "",
+                                &fc2.values,
+                                &fc2.scales,
+                            ],
+                            attrs,
+                        )
+                    }
+                    // Float (or fp8, dequantized whole per call: QMoE's fp8 wants square blocks).
+                    None => {
+                        let fc1 = self.input(inputs[2], false)?;
+                        let fc2 = self.input(inputs[3], false)?;
+                        self.push(
+                            &format!("{name}.experts"),
+                            "MoE",
+                            "com.microsoft",
+                            &[&scaled, &logits, &fc1, "", &fc2],
+                            attrs,
+                        )
+                    }
+                }
             }
             MoeLowering::Portable => {
                 let k = self.int_const(&[1]);
@@ -790,22 +827,8 @@ impl Emitter<'_> {
                     &[&indices, &flat],
                     vec![],
                 );
-                let fc1 = self.input(inputs[2], false)?;
-                let fc2 = self.input(inputs[3], false)?;
-                let w1 = self.push(
-                    &format!("{name}.fc1_selected"),
-                    "Gather",
-                    "",
-                    &[&fc1, &expert],
-                    vec![("axis", Attr::Int(0))],
-                );
-                let w2 = self.push(
-                    &format!("{name}.fc2_selected"),
-                    "Gather",
-                    "",
-                    &[&fc2, &expert],
-                    vec![("axis", Attr::Int(0))],
-                );
+                let w1 = self.gather_expert(&format!("{name}.fc1_selected"), inputs[2], &expert)?;
+                let w2 = self.gather_expert(&format!("{name}.fc2_selected"), inputs[3], &expert)?;
                 let axis1 = self.int_const(&[1]);
                 let row = self.push(
                     &format!("{name}.token_rows"),
@@ -846,6 +869,51 @@ impl Emitter<'_> {
         let sum = self.push(&format!("{name}.sum"), "Add", "", &[&routed, &so], vec![]);
         let shape = self.push(&format!("{name}.input_shape"), "Shape", "", &[&x], vec![]);
         Ok(self.push(name, "Reshape", "", &[&sum, &shape], vec![]))
+    }
+
+    /// (bits, block) when `v` is an int4/int8 quantized weight.
+    fn int_quant(&self, v: Value) -> Option<(i64, i64)> {
+        match &self.graph.node(v.node)?.op {
+            Op::Weight(w) => match w.quant?.scheme {
+                QuantScheme::Int4 { block } => Some((4, block as i64)),
+                QuantScheme::Int8 { block } => Some((8, block as i64)),
+                QuantScheme::Fp8 => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// The selected experts' matrices: `Gather` on axis 0. An int8 weight is gathered with its scales and
+    /// dequantized after the gather (only the selected experts are dequantized); ONNX's Gather takes no
+    /// int4 or fp8 tensors, so those are dequantized whole first (every expert, every call).
+    fn gather_expert(
+        &mut self,
+        name: &str,
+        weight: Value,
+        expert: &str,
+    ) -> Result<String, TargetError> {
+        let gather_quantized = matches!(self.int_quant(weight), Some((8, _)));
+        let gather = vec![("axis", Attr::Int(0))];
+        if !gather_quantized {
+            let w = self.input(weight, false)?;
+            return Ok(self.push(name, "Gather", "", &[&w, expert], gather));
+        }
+        let q = self.quantized(weight.node, QLayout::Stored)?;
+        let values = self.push(
+            &format!("{name}.values"),
+            "Gather",
+            "",
+            &[&q.values, expert],
+            gather.clone(),
+        );
+        let scales = self.push(
+            &format!("{name}.scales"),
+            "Gather",
+            "",
+            &[&q.scales, expert],
+            gather,
+        );
+        Ok(self.dequantize_node(name, &values, &scales, q.axis, q.block_size))
     }
 
     fn emit_outputs(&mut self) -> Result<Vec<ValueInfoProto>, TargetError> {

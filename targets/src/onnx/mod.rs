@@ -15,10 +15,18 @@
 //!   with the number of tokens per call: prefill long prompts in slices.
 //!
 //! The shared expert runs beside the routed one in both lowerings.
+//!
+//! Quantized weights (see `herd_ir::quant`) become `DequantizeLinear` (block scales along K, axis 0 of
+//! the [K, N] weight) feeding `MatMul`, which ONNX Runtime fuses into `MatMulNBits`. Quantized experts:
+//! `ort` uses `com.microsoft.QMoE` for int4/int8 (packed [E, N, K], one expert read per token) and
+//! dequantizes fp8 experts whole for `MoE`; `portable` gathers int8 experts before dequantizing them,
+//! but dequantizes int4/fp8 experts whole first (ONNX `Gather` takes neither type): correct, with the
+//! cost of every expert dequantized per call.
 
 mod emit;
 mod external;
 mod proto;
+mod quantized;
 
 pub use emit::{emit, OnnxModel};
 

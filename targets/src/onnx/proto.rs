@@ -26,6 +26,7 @@ pub fn onnx_dtype(dtype: DType) -> DataType {
 }
 
 /// An attribute value.
+#[derive(Clone)]
 pub enum Attr {
     Int(i64),
     Float(f32),

@@ -1,0 +1,324 @@
+//! Weight quantization schemes and their exact arithmetic. One function computes scales and quantized
+//! values; the reference evaluator uses its dequantized values (fake quantization) and the targets store
+//! its integers and scales, so both see identical rounding.
+//!
+//! - int4 / int8: symmetric, blocks of `block` values along the input (K) axis, one scale per block:
+//!   `scale = max|w| / qmax` (7 or 127), `q = clamp(round_half_even(w / scale), -qmax - 1, qmax)`.
+//! - fp8: float8 e4m3fn with one scale per output channel (all of K): `scale = max|w| / 448`,
+//!   `q = e4m3(w / scale)` rounded to nearest even.
+//!
+//! Scales are rounded to their storage dtype (f32 or f16) before the values are quantized with them.
+
+use ndarray::{ArrayD, Axis, IxDyn};
+
+use crate::types::DType;
+use crate::weights::f8e4m3_to_f32;
+
+/// A weight quantization scheme.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QuantScheme {
+    Int4 { block: usize },
+    Int8 { block: usize },
+    Fp8,
+}
+
+impl QuantScheme {
+    /// Parses `int4`, `int4:64`, `int8:128`, `fp8` (int blocks default to 64).
+    pub fn parse(text: &str) -> Result<QuantScheme, String> {
+        let (name, block) = match text.split_once(':') {
+            Some((n, b)) => (
+                n,
+                Some(
+                    b.parse::<usize>()
+                        .map_err(|_| format!("block size `{b}` is not a number"))?,
+                ),
+            ),
+            None => (text, None),
+        };
+        let block = block.unwrap_or(64);
+        let check = |block: usize| {
+            if [32, 64, 128].contains(&block) {
+                Ok(block)
+            } else {
+                Err(format!(
+                    "block size {block} is not supported: use 32, 64 or 128"
+                ))
+            }
+        };
+        match name {
+            "int4" => Ok(QuantScheme::Int4 {
+                block: check(block)?,
+            }),
+            "int8" => Ok(QuantScheme::Int8 {
+                block: check(block)?,
+            }),
+            "fp8" if text.contains(':') => {
+                Err("fp8 takes no block size (one scale per output channel)".into())
+            }
+            "fp8" => Ok(QuantScheme::Fp8),
+            other => Err(format!(
+                "unknown quantization `{other}`: use int4[:BLOCK], int8[:BLOCK] or fp8"
+            )),
+        }
+    }
+
+    /// The name used on the command line and in manifests.
+    pub fn name(self) -> String {
+        match self {
+            QuantScheme::Int4 { block } => format!("int4:{block}"),
+            QuantScheme::Int8 { block } => format!("int8:{block}"),
+            QuantScheme::Fp8 => "fp8".to_string(),
+        }
+    }
+
+    /// Element type of the stored values.
+    pub fn storage(self) -> DType {
+        match self {
+            QuantScheme::Int4 { .. } => DType::I4,
+            QuantScheme::Int8 { .. } => DType::I8,
+            QuantScheme::Fp8 => DType::F8E4M3,
+        }
+    }
+
+    /// Values per scale along K, or None when one scale covers all of K.
+    pub fn block(self) -> Option<usize> {
+        match self {
+            QuantScheme::Int4 { block } | QuantScheme::Int8 { block } => Some(block),
+            QuantScheme::Fp8 => None,
+        }
+    }
+}
+
+/// How one weight is quantized: the scheme, which axis of the weight is K (the input features), and the
+/// dtype scales are stored in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct QuantSpec {
+    pub scheme: QuantScheme,
+    pub k_axis: usize,
+    pub scale_dtype: DType,
+}
+
+impl QuantSpec {
+    /// Why this spec cannot apply to a weight of `shape`, if it cannot.
+    pub fn check(&self, shape: &[usize]) -> Result<(), String> {
+        let k = *shape
+            .get(self.k_axis)
+            .ok_or_else(|| format!("K axis {} outside rank {}", self.k_axis, shape.len()))?;
+        if let Some(block) = self.scheme.block() {
+            if k % block != 0 {
+                return Err(format!(
+                    "K = {k} is not a multiple of the block size {block}"
+                ));
+            }
+        }
+        if !matches!(self.scale_dtype, DType::F32 | DType::F16) {
+            return Err(format!(
+                "scales must be f32 or f16, not {}",
+                self.scale_dtype
+            ));
+        }
+        Ok(())
+    }
+
+    /// Shape of the scales for a weight of `shape`: K becomes K / block (1 for fp8).
+    pub fn scale_shape(&self, shape: &[usize]) -> Vec<usize> {
+        let mut s = shape.to_vec();
+        s[self.k_axis] = self.scheme.block().map_or(1, |b| shape[self.k_axis] / b);
+        s
+    }
+}
+
+/// A quantized weight: integer values (int4 in -8..=7, int8, or e4m3 codes as u8 bit patterns in an i16
+/// carrier for uniformity), their scales, and the dequantized values.
+pub struct Quantized {
+    /// Quantized values in the weight's shape: integers for int schemes, e4m3 bit patterns for fp8.
+    pub values: ArrayD<i16>,
+    /// Scales in [`QuantSpec::scale_shape`], already rounded to the scale dtype.
+    pub scales: ArrayD<f32>,
+    /// `values * scale`, the weight the quantized graph computes with.
+    pub dequantized: ArrayD<f32>,
+}
+
+fn round_scale(s: f32, dtype: DType) -> f32 {
+    match dtype {
+        DType::F16 => half::f16::from_f32(s).to_f32(),
+        _ => s,
+    }
+}
+
+/// Quantizes `w` by `spec`. Scales come from `scales` when given (computed by an earlier pass over the
+/// same weight), else from the values themselves; K must be whole in `w`.
+pub fn quantize(w: &ArrayD<f32>, spec: &QuantSpec, scales: Option<&ArrayD<f32>>) -> Quantized {
+    let k = spec.k_axis;
+    let block = spec.scheme.block().unwrap_or(w.shape()[k]).max(1);
+    let scales = match scales {
+        Some(s) => s.clone(),
+        None => {
+            let mut s = ArrayD::<f32>::zeros(IxDyn(&spec.scale_shape(w.shape())));
+            let qmax = match spec.scheme {
+                QuantScheme::Int4 { .. } => 7.0,
+                QuantScheme::Int8 { .. } => 127.0,
+                QuantScheme::Fp8 => 448.0,
+            };
+            for (lane, mut out) in w.lanes(Axis(k)).into_iter().zip(s.lanes_mut(Axis(k))) {
+                for (b, o) in out.iter_mut().enumerate() {
+                    let amax = (b * block..(b + 1) * block)
+                        .map(|i| lane[i].abs())
+                        .fold(0f32, f32::max);
+                    *o = round_scale(amax / qmax, spec.scale_dtype);
+                }
+            }
+            s
+        }
+    };
+    let mut values = ArrayD::<i16>::zeros(w.raw_dim());
+    let mut dequantized = ArrayD::<f32>::zeros(w.raw_dim());
+    for ((lane, (mut q, mut d)), s) in w
+        .lanes(Axis(k))
+        .into_iter()
+        .zip(
+            values
+                .lanes_mut(Axis(k))
+                .into_iter()
+                .zip(dequantized.lanes_mut(Axis(k))),
+        )
+        .zip(scales.lanes(Axis(k)))
+    {
+        for i in 0..lane.len() {
+            let scale = s[i / block];
+            let (code, value) = quantize_value(lane[i], scale, spec.scheme);
+            q[i] = code;
+            d[i] = value;
+        }
+    }
+    Quantized {
+        values,
+        scales,
+        dequantized,
+    }
+}
+
+/// One value: its code and its dequantized value.
+fn quantize_value(v: f32, scale: f32, scheme: QuantScheme) -> (i16, f32) {
+    if scale == 0.0 {
+        return (0, 0.0);
+    }
+    match scheme {
+        QuantScheme::Int4 { .. } | QuantScheme::Int8 { .. } => {
+            let (lo, hi) = if matches!(scheme, QuantScheme::Int4 { .. }) {
+                (-8.0, 7.0)
+            } else {
+                (-128.0, 127.0)
+            };
+            let q = (v / scale).round_ties_even().clamp(lo, hi);
+            (q as i16, q * scale)
+        }
+        QuantScheme::Fp8 => {
+            let code = f32_to_f8e4m3(v / scale);
+            (code as i16, f8e4m3_to_f32(code) * scale)
+        }
+    }
+}
+
+/// Rounds to the nearest float8 e4m3fn value (ties to even), saturating at ±448; NaN stays NaN.
+pub fn f32_to_f8e4m3(x: f32) -> u8 {
+    let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+    if x.is_nan() {
+        return 0x7f;
+    }
+    let a = x.abs().min(448.0);
+    let min_normal = 2f32.powi(-6);
+    if a < min_normal {
+        // Subnormals: multiples of 2^-9.
+        let r = (a * 512.0).round_ties_even() as u8;
+        return sign | if r >= 8 { 0x08 } else { r };
+    }
+    let e = ((a.to_bits() >> 23) & 0xff) as i32 - 127;
+    let mut r = (a / 2f32.powi(e - 3)).round_ties_even() as i32; // 8..=16
+    let mut e = e;
+    if r == 16 {
+        r = 8;
+        e += 1;
+    }
+    if e > 8 || (e == 8 && r > 14) {
+        return sign | 0x7e; // 448
+    }
+    sign | (((e + 7) as u8) << 3) | (r - 8) as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f8_encoding_round_trips_and_rounds_to_even() {
+        for code in 0u8..=255 {
+            let v = f8e4m3_to_f32(code);
+            if v.is_nan() {
+                continue;
+            }
+            let back = f32_to_f8e4m3(v);
+            assert_eq!(f8e4m3_to_f32(back), v, "code {code:#x}");
+        }
+        assert_eq!(f8e4m3_to_f32(f32_to_f8e4m3(1.0625)), 1.0); // halfway between 1.0 and 1.125: even
+        assert_eq!(f8e4m3_to_f32(f32_to_f8e4m3(1.1875)), 1.25); // halfway between 1.125 and 1.25: even
+        assert_eq!(f8e4m3_to_f32(f32_to_f8e4m3(1000.0)), 448.0);
+        assert_eq!(
+            f8e4m3_to_f32(f32_to_f8e4m3(-3.0 * 2f32.powi(-10))),
+            -2f32.powi(-8)
+        ); // subnormal tie to even
+    }
+
+    #[test]
+    fn int4_blocks_are_symmetric_and_exact() {
+        let w = ArrayD::from_shape_vec(
+            IxDyn(&[2, 64]),
+            (0..128).map(|i| (i as f32 - 60.0) * 0.01).collect(),
+        )
+        .unwrap();
+        let spec = QuantSpec {
+            scheme: QuantScheme::Int4 { block: 32 },
+            k_axis: 1,
+            scale_dtype: DType::F32,
+        };
+        let q = quantize(&w, &spec, None);
+        assert_eq!(q.scales.shape(), &[2, 2]);
+        assert!(q.values.iter().all(|&v| (-8..=7).contains(&v)));
+        // The largest magnitude of each block maps to +-7 exactly.
+        assert_eq!(q.scales[[0, 0]], w[[0, 0]].abs() / 7.0);
+        assert_eq!(q.values[[0, 0]], -7);
+        for (d, (&v, s)) in q.dequantized.iter().zip(
+            q.values
+                .iter()
+                .zip(q.scales.iter().flat_map(|s| std::iter::repeat_n(*s, 32))),
+        ) {
+            assert_eq!(*d, v as f32 * s);
+        }
+        for ((idx, &d), &orig) in q.dequantized.indexed_iter().zip(w.iter()) {
+            let scale = q.scales[[idx[0], idx[1] / 32]];
+            assert!(
+                (d - orig).abs() <= 0.5 * scale + 1e-7,
+                "element {idx:?}: {d} vs {orig}"
+            );
+        }
+    }
+
+    #[test]
+    fn parsing() {
+        assert_eq!(
+            QuantScheme::parse("int4").unwrap(),
+            QuantScheme::Int4 { block: 64 }
+        );
+        assert_eq!(
+            QuantScheme::parse("int8:128").unwrap(),
+            QuantScheme::Int8 { block: 128 }
+        );
+        assert_eq!(QuantScheme::parse("fp8").unwrap(), QuantScheme::Fp8);
+        assert!(QuantScheme::parse("int4:48")
+            .unwrap_err()
+            .contains("32, 64 or 128"));
+        assert!(QuantScheme::parse("int3")
+            .unwrap_err()
+            .contains("unknown quantization"));
+    }
+}

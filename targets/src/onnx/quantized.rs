@@ -1,0 +1,265 @@
+//! Writing quantized weights: streamed row blocks are quantized with `herd_ir::quant` (so the stored
+//! integers are exactly what the reference evaluator dequantizes) and packed in the layout each consumer
+//! reads. Scales are small (one per block) and written after the values.
+
+use herd_ir::graph::NodeIndex;
+use herd_ir::quant::{quantize, QuantScheme, QuantSpec};
+use herd_ir::weights::{Transform, WeightRef};
+use herd_ir::{DType, Op};
+use ndarray::{ArrayD, IxDyn};
+use onnx_protobuf::tensor_proto::DataType;
+
+use super::emit::Emitter;
+use super::proto::{encode_floats, float_tensor, onnx_dtype};
+use crate::error::TargetError;
+
+/// How a quantized weight is laid out for its consumer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QLayout {
+    /// Transposed to [K, N] for `MatMul` (signed; int scales [K/B, N], fp8 scales [N] on axis 1).
+    MatMul,
+    /// As the weight is shaped (signed; scales shaped like the weight with K -> K/B, or 1 for fp8).
+    Stored,
+    /// `com.microsoft.QMoE`: [E, N, K] with K packed per byte for int4, stored unsigned (q + 8 or q + 128,
+    /// the op's default zero point); scales [E, N, K/B].
+    Experts,
+}
+
+/// Names of a written quantized weight and the DequantizeLinear attributes that read it.
+pub struct QTensors {
+    pub values: String,
+    pub scales: String,
+    pub axis: i64,
+    pub block_size: Option<i64>,
+}
+
+impl Emitter<'_> {
+    /// Writes the quantized form of weight node `index` in `layout` (once per layout).
+    pub(super) fn quantized(
+        &mut self,
+        index: NodeIndex,
+        layout: QLayout,
+    ) -> Result<QTensors, TargetError> {
+        let node = self
+            .graph
+            .node(index)
+            .ok_or_else(|| TargetError::Bug("missing weight".into()))?;
+        let Op::Weight(w) = &node.op else {
+            return Err(TargetError::Bug(format!("`{}` is not a weight", node.name)));
+        };
+        let spec = w
+            .quant
+            .ok_or_else(|| TargetError::Bug(format!("`{}` is not quantized", node.name)))?;
+        let base = WeightRef {
+            quant: None,
+            ..w.clone()
+        };
+        let (src, k_axis) = match layout {
+            QLayout::MatMul => (
+                base.clone().with(Transform::Transpose { perm: vec![1, 0] }),
+                0,
+            ),
+            QLayout::Stored | QLayout::Experts => (base.clone(), spec.k_axis),
+        };
+        let out_spec = QuantSpec { k_axis, ..spec };
+        let shape = src.shape().map_err(TargetError::Bug)?;
+        let suffix = match layout {
+            QLayout::MatMul => ".T.q",
+            QLayout::Stored => ".q",
+            QLayout::Experts => ".qmoe",
+        };
+        let label = format!("{}{suffix}", node.name);
+
+        // fp8 over K = axis 0 needs each column's scale before any row: one streamed pass over [N, K].
+        let fixed_scales = match (spec.scheme, k_axis) {
+            (QuantScheme::Fp8, 0) => {
+                let mut scales = Vec::new();
+                let column_spec = QuantSpec { k_axis: 1, ..spec };
+                self.graph.weights().stream_rows::<TargetError>(
+                    &base,
+                    super::emit::STREAM_BLOCK_ELEMENTS,
+                    1,
+                    |_, block| {
+                        scales.extend(quantize(block, &column_spec, None).scales.iter().copied());
+                        Ok(())
+                    },
+                )?;
+                Some(
+                    ArrayD::from_shape_vec(IxDyn(&[1, scales.len()]), scales)
+                        .map_err(|e| TargetError::Bug(e.to_string()))?,
+                )
+            }
+            _ => None,
+        };
+
+        let (values_dtype, dims) = match (layout, spec.scheme) {
+            (QLayout::Experts, QuantScheme::Int4 { .. }) => {
+                let mut d = shape.clone();
+                *d.last_mut().expect("rank 3") /= 2;
+                (DataType::UINT8, d)
+            }
+            (QLayout::Experts, _) => (DataType::UINT8, shape.clone()),
+            _ => (onnx_dtype(spec.scheme.storage()), shape.clone()),
+        };
+        let values_name = self.fresh(&label);
+        let mut values = float_tensor(
+            &values_name,
+            &dims.iter().map(|&d| d as i64).collect::<Vec<_>>(),
+            &[],
+            DType::F32,
+        );
+        values.data_type = values_dtype as i32;
+        let row_multiple = if k_axis == 0 {
+            spec.scheme.block().unwrap_or(1)
+        } else {
+            1
+        };
+        let unsigned = layout == QLayout::Experts;
+        let mut scales: Vec<f32> = Vec::new();
+        let mut carry: Option<u8> = None;
+        let offset = self.data.begin()?;
+        let (data, written, total, progress) = (
+            &mut self.data,
+            &mut self.written,
+            self.total_weight_bytes,
+            &mut self.progress,
+        );
+        self.graph.weights().stream_rows::<TargetError>(
+            &src,
+            super::emit::STREAM_BLOCK_ELEMENTS,
+            row_multiple,
+            |_, block| {
+                let q = quantize(block, &out_spec, fixed_scales.as_ref());
+                if fixed_scales.is_none() {
+                    scales.extend(q.scales.iter().copied());
+                }
+                let bytes = pack(&q.values, spec.scheme, unsigned, &mut carry);
+                *written += bytes.len() as u64;
+                progress((*written).min(total), total);
+                data.write_owned(bytes)
+            },
+        )?;
+        if let Some(last) = carry {
+            self.data.write(&[last])?;
+        }
+        self.data.end(&mut values, offset);
+        self.initializers.push(values);
+
+        let scales = match &fixed_scales {
+            Some(s) => s.clone(),
+            None => {
+                let shape = match layout {
+                    QLayout::MatMul => {
+                        vec![shape[0] / spec.scheme.block().unwrap_or(shape[0]), shape[1]]
+                    }
+                    _ => out_spec.scale_shape(&shape),
+                };
+                ArrayD::from_shape_vec(IxDyn(&shape), scales)
+                    .map_err(|e| TargetError::Bug(e.to_string()))?
+            }
+        };
+        let scale_dims: Vec<i64> = match (layout, spec.scheme) {
+            // Per-axis DequantizeLinear takes a 1-D scale.
+            (QLayout::MatMul, QuantScheme::Fp8) => vec![scales.len() as i64],
+            _ => scales.shape().iter().map(|&d| d as i64).collect(),
+        };
+        let scales_name = self.fresh(&format!("{label}.scales"));
+        let mut scale_tensor = float_tensor(&scales_name, &scale_dims, &[], spec.scale_dtype);
+        let flat: Vec<f32> = scales.iter().copied().collect();
+        self.data
+            .append(&mut scale_tensor, &encode_floats(&flat, spec.scale_dtype))?;
+        self.initializers.push(scale_tensor);
+        let (axis, block_size) = match (layout, spec.scheme) {
+            (QLayout::MatMul, QuantScheme::Fp8) => (1, None),
+            (QLayout::MatMul, s) => (0, s.block().map(|b| b as i64)),
+            (_, s) => (
+                k_axis as i64,
+                Some(s.block().unwrap_or(shape[k_axis]) as i64),
+            ),
+        };
+        Ok(QTensors {
+            values: values_name,
+            scales: scales_name,
+            axis,
+            block_size,
+        })
+    }
+
+    /// A DequantizeLinear of a quantized weight: the float weight `MatMul` (or any float consumer) reads.
+    pub(super) fn dequantized(
+        &mut self,
+        index: NodeIndex,
+        transposed: bool,
+    ) -> Result<String, TargetError> {
+        let q = self.quantized(
+            index,
+            if transposed {
+                QLayout::MatMul
+            } else {
+                QLayout::Stored
+            },
+        )?;
+        let name = format!("{}.dequantized", q.values);
+        Ok(self.dequantize_node(
+            &name,
+            &q.values.clone(),
+            &q.scales.clone(),
+            q.axis,
+            q.block_size,
+        ))
+    }
+
+    /// `DequantizeLinear(values, scales)` with the given axis and block size.
+    pub(super) fn dequantize_node(
+        &mut self,
+        name: &str,
+        values: &str,
+        scales: &str,
+        axis: i64,
+        block_size: Option<i64>,
+    ) -> String {
+        let mut attrs = vec![("axis", super::proto::Attr::Int(axis))];
+        if let Some(b) = block_size {
+            attrs.push(("block_size", super::proto::Attr::Int(b)));
+        }
+        self.push(name, "DequantizeLinear", "", &[values, scales], attrs)
+    }
+}
+
+/// Packs quantized codes: int4 two per byte (low nibble first, continuing across blocks through
+/// `carry`), int8 one per byte, fp8 codes as they are. `unsigned` adds the zero point (8 or 128).
+fn pack(
+    codes: &ArrayD<i16>,
+    scheme: QuantScheme,
+    unsigned: bool,
+    carry: &mut Option<u8>,
+) -> Vec<u8> {
+    match scheme {
+        QuantScheme::Int4 { .. } => {
+            let mut out = Vec::with_capacity(codes.len() / 2 + 1);
+            for &c in codes.iter() {
+                let nibble = if unsigned {
+                    (c + 8) as u8
+                } else {
+                    (c as u8) & 0x0f
+                };
+                match carry.take() {
+                    Some(low) => out.push(low | (nibble << 4)),
+                    None => *carry = Some(nibble),
+                }
+            }
+            out
+        }
+        QuantScheme::Int8 { .. } => codes
+            .iter()
+            .map(|&c| {
+                if unsigned {
+                    (c + 128) as u8
+                } else {
+                    c as i8 as u8
+                }
+            })
+            .collect(),
+        QuantScheme::Fp8 => codes.iter().map(|&c| c as u8).collect(),
+    }
+}
