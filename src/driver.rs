@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use herd_ir::DType;
 use herd_passes::pipeline::{run_pipeline, PassOptions, RunOptions};
-use herd_runtime::manifest::{Manifest, ModelInfo, FORMAT_VERSION};
+use herd_runtime::manifest::{Manifest, ModelInfo, QuantizationInfo, FORMAT_VERSION};
 use herd_targets::bundle::BundleWriter;
 use herd_targets::onnx::{self, MoeLowering, OnnxOptions};
 
@@ -156,6 +156,11 @@ pub fn compile(
         files,
         stop_token_ids: stop_ids,
         bos_token_id: bos,
+        quantization: options.quant.as_ref().map(|q| QuantizationInfo {
+            scheme: q.scheme.name(),
+            sqnr_db: model.sqnr_db.clone(),
+            accuracy: None,
+        }),
     };
     let bundle = writer.finish(&manifest)?;
     stages.push(("write bundle".to_string(), start.elapsed()));

@@ -3,6 +3,7 @@
 mod bench;
 mod commands;
 mod driver;
+mod eval;
 mod synth;
 
 use std::process::ExitCode;
@@ -32,6 +33,8 @@ enum Command {
     Synth(commands::synth::SynthArgs),
     /// Measure a bundle (load, prefill, decode, memory, roofline) or, with --compile, compiling a checkpoint.
     Bench(commands::bench::BenchArgs),
+    /// Compare a bundle's next-token distributions with a reference (KL divergence, top-1 agreement).
+    Eval(commands::eval::EvalArgs),
 }
 
 /// Streaming allocates and frees blocks of tens of MiB continuously. By default glibc maps each one
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
         Command::Run(args) => commands::run::run(&args),
         Command::Synth(args) => commands::synth::run(&args),
         Command::Bench(args) => commands::bench::run(&args),
+        Command::Eval(args) => commands::eval::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -29,6 +29,35 @@ pub struct Manifest {
     /// Token ids that end generation.
     pub stop_token_ids: Vec<i64>,
     pub bos_token_id: Option<i64>,
+    /// Present when weights are quantized.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<QuantizationInfo>,
+}
+
+/// How a bundle's weights were quantized, and what that costs in accuracy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QuantizationInfo {
+    /// `int4:64`, `int8:128`, `fp8`, ...
+    pub scheme: String,
+    /// Signal-to-quantization-noise ratio of every quantized weight, in dB.
+    pub sqnr_db: std::collections::BTreeMap<String, f64>,
+    /// Next-token agreement with the unquantized model (`herd compile --report`, `herd eval`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<Accuracy>,
+}
+
+/// Agreement of next-token distributions between a bundle and a reference, over teacher-forced prompts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Accuracy {
+    /// What the bundle was compared with.
+    pub reference: String,
+    pub prompts: usize,
+    pub positions: usize,
+    /// KL(reference || bundle) in nats, mean and max over positions.
+    pub kl_mean: f64,
+    pub kl_max: f64,
+    /// Fraction of positions whose most likely token agrees.
+    pub top1_agreement: f64,
 }
 
 /// The model facts a runtime needs, plus the compiler's full resolved config for reference.

@@ -131,6 +131,31 @@ impl Model {
         start: usize,
         cache: Cache,
     ) -> Result<(Vec<f32>, Cache), RuntimeError> {
+        self.run_step(ids, batch, start, cache, false)
+    }
+
+    /// Logits of every position of `ids` (one sequence from position 0, no cache kept): [n * vocab].
+    pub fn prompt_logits(&self, ids: &[i64]) -> Result<Vec<f32>, RuntimeError> {
+        let max = self.bundle.manifest.model.max_positions;
+        if ids.len() > max {
+            return Err(RuntimeError::TooLong {
+                len: ids.len(),
+                max,
+            });
+        }
+        Ok(self.run_step(ids, 1, 0, self.empty_cache(1)?, true)?.0)
+    }
+
+    /// One graph run; returns the logits of each row's last position, or of all positions when
+    /// `all_rows`, with the new cache.
+    fn run_step(
+        &self,
+        ids: &[i64],
+        batch: usize,
+        start: usize,
+        cache: Cache,
+        all_rows: bool,
+    ) -> Result<(Vec<f32>, Cache), RuntimeError> {
         let m = &self.bundle.manifest;
         let n = ids.len() / batch.max(1);
         let positions: Vec<i64> = (0..batch)
@@ -166,13 +191,17 @@ impl Model {
         let all = logits
             .as_slice()
             .ok_or_else(|| RuntimeError::Ort("non-contiguous logits".into()))?;
-        let last: Vec<f32> = (0..batch)
-            .flat_map(|b| {
-                all[((b + 1) * n - 1) * vocab..(b + 1) * n * vocab]
-                    .iter()
-                    .copied()
-            })
-            .collect();
+        let last: Vec<f32> = if all_rows {
+            all.to_vec()
+        } else {
+            (0..batch)
+                .flat_map(|b| {
+                    all[((b + 1) * n - 1) * vocab..(b + 1) * n * vocab]
+                        .iter()
+                        .copied()
+                })
+                .collect()
+        };
         let mut next = Vec::new();
         for kv in &m.graph.kv {
             for (past, present) in [

@@ -71,6 +71,11 @@ pub struct CompileArgs {
     /// Print the ONNX op counts per layer after compiling.
     #[arg(long)]
     pub node_counts: bool,
+    /// With --quant: also compile the unquantized model (f32, in a temporary folder) and measure the KL
+    /// divergence and top-1 agreement of next-token distributions against it, over the checkpoint's
+    /// golden prompts (when present) and random prompts; printed and stored in the manifest.
+    #[arg(long, requires = "quant")]
+    pub report: bool,
     /// Print the compile summary as one JSON object on stdout (stages, bytes, peak memory).
     #[arg(long)]
     pub json: bool,
@@ -124,6 +129,9 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     });
     bar.finish_and_clear();
     let report = report?;
+    if args.report {
+        accuracy_report(args, &options, &report.bundle)?;
+    }
     if args.json {
         let stages: serde_json::Map<String, serde_json::Value> = report
             .stages
@@ -169,4 +177,51 @@ pub fn run(args: &CompileArgs) -> Result<()> {
 
 fn parse_quant(text: &str) -> Result<herd_ir::quant::QuantScheme, String> {
     herd_ir::quant::QuantScheme::parse(text)
+}
+
+/// Compiles the unquantized reference, compares, prints and stores the result (`--report`).
+fn accuracy_report(
+    args: &CompileArgs,
+    options: &CompileOptions,
+    bundle: &std::path::Path,
+) -> Result<()> {
+    let tmp = tempfile::Builder::new().prefix("herd-report").tempdir()?;
+    let reference = CompileOptions {
+        model: options.model.clone(),
+        output: tmp.path().join("reference"),
+        moe: options.moe,
+        dtype: DType::F32,
+        max_context: options.max_context,
+        quant: None,
+        force: false,
+        run: RunOptions::default(),
+        dump_dir: None,
+    };
+    eprintln!("report: compiling the unquantized reference");
+    let reference = compile(&reference, &mut |_, _| {})?.bundle;
+    let accuracy = crate::eval::compare_bundles(
+        bundle,
+        &reference,
+        Some(&args.model),
+        "unquantized f32 (compile --report)",
+    )?;
+    crate::eval::store(bundle, &accuracy)?;
+    let manifest = herd_runtime::Bundle::open(bundle)?.manifest;
+    let sqnr: Vec<f64> = manifest
+        .quantization
+        .iter()
+        .flat_map(|q| q.sqnr_db.values().copied())
+        .collect();
+    let min = sqnr.iter().copied().fold(f64::INFINITY, f64::min);
+    let mean = sqnr.iter().sum::<f64>() / sqnr.len().max(1) as f64;
+    eprintln!("report: {} quantized tensors, SQNR mean {mean:.1} dB, min {min:.1} dB (per tensor in manifest.json)", sqnr.len());
+    eprintln!(
+        "report: KL mean {:.3e}, max {:.3e} nats; top-1 agreement {:.1}% over {} positions of {} prompts",
+        accuracy.kl_mean,
+        accuracy.kl_max,
+        accuracy.top1_agreement * 100.0,
+        accuracy.positions,
+        accuracy.prompts
+    );
+    Ok(())
 }

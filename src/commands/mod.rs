@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod compile;
+pub mod eval;
 pub mod inspect;
 pub mod run;
 pub mod synth;

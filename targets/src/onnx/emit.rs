@@ -32,6 +32,8 @@ pub struct OnnxModel {
     pub io: GraphIo,
     /// ONNX op types with their counts, keyed by decoder layer (None: outside the layers).
     pub node_counts: BTreeMap<Option<usize>, BTreeMap<String, usize>>,
+    /// SQNR in dB of every quantized weight, by node name (empty when nothing is quantized).
+    pub sqnr_db: BTreeMap<String, f64>,
 }
 
 const MODEL_FILE: &str = "model.onnx";
@@ -79,6 +81,7 @@ pub fn emit(
         used: HashSet::new(),
         weights: HashMap::new(),
         ints: HashMap::new(),
+        sqnr_db: BTreeMap::new(),
         written: 0,
         total_weight_bytes,
         progress,
@@ -104,6 +107,8 @@ pub(super) struct Emitter<'a> {
     weights: HashMap<(NodeIndex, bool), String>,
     /// Inline int64 constants by content.
     ints: HashMap<Vec<i64>, String>,
+    /// SQNR in dB of every quantized weight, by node name.
+    pub(super) sqnr_db: BTreeMap<String, f64>,
     pub(super) written: u64,
     pub(super) total_weight_bytes: u64,
     pub(super) progress: &'a mut dyn FnMut(u64, u64),
@@ -1034,6 +1039,7 @@ impl Emitter<'_> {
                 kv,
             },
             node_counts,
+            sqnr_db: self.sqnr_db,
         })
     }
 }

@@ -117,6 +117,7 @@ impl Emitter<'_> {
         let unsigned = layout == QLayout::Experts;
         let mut scales: Vec<f32> = Vec::new();
         let mut carry: Option<u8> = None;
+        let (mut signal, mut noise) = (0f64, 0f64);
         let offset = self.data.begin()?;
         let (data, written, total, progress) = (
             &mut self.data,
@@ -130,6 +131,10 @@ impl Emitter<'_> {
             row_multiple,
             |_, block| {
                 let q = quantize(block, &out_spec, fixed_scales.as_ref());
+                for (w, d) in block.iter().zip(q.dequantized.iter()) {
+                    signal += (*w as f64) * (*w as f64);
+                    noise += ((*w - *d) as f64) * ((*w - *d) as f64);
+                }
                 if fixed_scales.is_none() {
                     scales.extend(q.scales.iter().copied());
                 }
@@ -144,6 +149,12 @@ impl Emitter<'_> {
         }
         self.data.end(&mut values, offset);
         self.initializers.push(values);
+        let sqnr = if noise == 0.0 {
+            f64::INFINITY
+        } else {
+            10.0 * (signal / noise).log10()
+        };
+        self.sqnr_db.entry(node.name.clone()).or_insert(sqnr);
 
         let scales = match &fixed_scales {
             Some(s) => s.clone(),

@@ -1,0 +1,85 @@
+//! `herd eval BUNDLE --against BUNDLE_OR_MODEL`: KL divergence and top-1 agreement of next-token
+//! distributions against a reference.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use herd_ir::DType;
+use herd_passes::pipeline::RunOptions;
+use herd_targets::onnx::MoeLowering;
+
+use crate::driver::{compile, CompileOptions};
+
+/// Arguments of `herd eval`.
+#[derive(Args)]
+pub struct EvalArgs {
+    /// The bundle to evaluate (typically quantized).
+    pub bundle: PathBuf,
+    /// The reference: a bundle, or a checkpoint folder (compiled unquantized in f32 first).
+    #[arg(long)]
+    pub against: PathBuf,
+    /// Store the result in BUNDLE's manifest (quantized bundles only).
+    #[arg(long)]
+    pub store: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs the command.
+pub fn run(args: &EvalArgs) -> Result<()> {
+    let is_checkpoint = args.against.join("config.json").is_file();
+    let tmp = tempfile::Builder::new().prefix("herd-eval").tempdir()?;
+    let reference = if is_checkpoint {
+        let bundle = herd_runtime::Bundle::open(&args.bundle)?;
+        let moe = if bundle.manifest.moe_lowering == "portable" {
+            MoeLowering::Portable
+        } else {
+            MoeLowering::Ort
+        };
+        let options = CompileOptions {
+            model: args.against.clone(),
+            output: tmp.path().join("reference"),
+            moe,
+            dtype: DType::F32,
+            max_context: bundle.manifest.model.max_positions,
+            quant: None,
+            force: false,
+            run: RunOptions::default(),
+            dump_dir: None,
+        };
+        compile(&options, &mut |_, _| {})?.bundle
+    } else {
+        args.against.clone()
+    };
+    let source = if is_checkpoint {
+        Some(args.against.as_path())
+    } else {
+        None
+    };
+    let accuracy = crate::eval::compare_bundles(
+        &args.bundle,
+        &reference,
+        source,
+        &args.against.display().to_string(),
+    )?;
+    if args.store {
+        crate::eval::store(&args.bundle, &accuracy)?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&accuracy)?);
+    } else {
+        println!(
+            "{} vs {}: KL mean {:.3e}, max {:.3e} nats; top-1 agreement {:.1}% over {} positions of {} prompts",
+            args.bundle.display(),
+            args.against.display(),
+            accuracy.kl_mean,
+            accuracy.kl_max,
+            accuracy.top1_agreement * 100.0,
+            accuracy.positions,
+            accuracy.prompts
+        );
+    }
+    Ok(())
+}

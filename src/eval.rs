@@ -1,0 +1,150 @@
+//! Comparing a bundle's next-token distributions with a reference bundle: KL divergence and top-1
+//! agreement over teacher-forced prompts (the fixture's golden prompts when the checkpoint has them, plus
+//! seeded random prompts).
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use herd_runtime::manifest::{Accuracy, Manifest, MANIFEST_FILE};
+use herd_runtime::{Model, RuntimeOptions};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+/// Random prompts added to the fixture prompts.
+pub const RANDOM_PROMPTS: usize = 8;
+/// Length of each random prompt.
+pub const RANDOM_PROMPT_TOKENS: usize = 24;
+
+/// Prompts for an evaluation: `prompt{n}.input_ids` of `model_dir/goldens.safetensors` when present,
+/// then `RANDOM_PROMPTS` seeded random prompts.
+pub fn prompts(
+    model_dir: Option<&Path>,
+    vocab: usize,
+    max_positions: usize,
+) -> Result<Vec<Vec<i64>>> {
+    let mut out = Vec::new();
+    if let Some(path) = model_dir
+        .map(|d| d.join("goldens.safetensors"))
+        .filter(|p| p.is_file())
+    {
+        let bytes = std::fs::read(&path).with_context(|| path.display().to_string())?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .with_context(|| path.display().to_string())?;
+        let mut names: Vec<String> = st
+            .names()
+            .into_iter()
+            .filter(|n| n.ends_with(".input_ids"))
+            .map(|n| n.to_string())
+            .collect();
+        names.sort();
+        for name in names {
+            let t = st.tensor(&name)?;
+            out.push(
+                t.data()
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect(),
+            );
+        }
+    }
+    let mut rng = SmallRng::seed_from_u64(20261127);
+    let len = RANDOM_PROMPT_TOKENS.min(max_positions);
+    for _ in 0..RANDOM_PROMPTS {
+        out.push(
+            (0..len)
+                .map(|_| rng.random_range(0..vocab as i64))
+                .collect(),
+        );
+    }
+    Ok(out)
+}
+
+/// KL(reference || candidate) and top-1 agreement at every position of every prompt.
+pub fn compare(
+    candidate: &Model,
+    reference: &Model,
+    prompts: &[Vec<i64>],
+    reference_name: &str,
+) -> Result<Accuracy> {
+    let vocab = candidate.bundle.manifest.model.vocab_size;
+    anyhow::ensure!(
+        reference.bundle.manifest.model.vocab_size == vocab,
+        "the bundles have different vocabularies"
+    );
+    let (mut kl_sum, mut kl_max, mut agree, mut positions) = (0f64, 0f64, 0usize, 0usize);
+    for prompt in prompts {
+        let p = reference.prompt_logits(prompt)?;
+        let q = candidate.prompt_logits(prompt)?;
+        for (rp, rq) in p.chunks_exact(vocab).zip(q.chunks_exact(vocab)) {
+            let (lp, lq) = (log_softmax(rp), log_softmax(rq));
+            let kl: f64 = lp
+                .iter()
+                .zip(&lq)
+                .map(|(a, b)| a.exp() * (a - b))
+                .sum::<f64>()
+                .max(0.0);
+            kl_sum += kl;
+            kl_max = kl_max.max(kl);
+            agree += (argmax(rp) == argmax(rq)) as usize;
+            positions += 1;
+        }
+    }
+    Ok(Accuracy {
+        reference: reference_name.to_string(),
+        prompts: prompts.len(),
+        positions,
+        kl_mean: kl_sum / positions.max(1) as f64,
+        kl_max,
+        top1_agreement: agree as f64 / positions.max(1) as f64,
+    })
+}
+
+fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
+    let log_sum = sum.ln() + max;
+    logits.iter().map(|&v| v as f64 - log_sum).collect()
+}
+
+fn argmax(logits: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Loads both bundles and compares them.
+pub fn compare_bundles(
+    candidate: &Path,
+    reference: &Path,
+    prompt_source: Option<&Path>,
+    reference_name: &str,
+) -> Result<Accuracy> {
+    let options = RuntimeOptions::default();
+    let cand = Model::load(candidate, &options)?;
+    let refm = Model::load(reference, &options)?;
+    let m = &cand.bundle.manifest.model;
+    let prompts = prompts(prompt_source, m.vocab_size, m.max_positions)?;
+    compare(&cand, &refm, &prompts, reference_name)
+}
+
+/// Stores `accuracy` in the bundle's manifest (written to a temporary file and renamed into place; the
+/// manifest is not among the checksummed files).
+pub fn store(bundle: &Path, accuracy: &Accuracy) -> Result<()> {
+    let path = bundle.join(MANIFEST_FILE);
+    let mut manifest: Manifest = serde_json::from_str(
+        &std::fs::read_to_string(&path).with_context(|| path.display().to_string())?,
+    )?;
+    match &mut manifest.quantization {
+        Some(q) => q.accuracy = Some(accuracy.clone()),
+        None => anyhow::bail!("{}: the bundle is not quantized", bundle.display()),
+    }
+    let tmp = path.with_extension("json.partial");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&manifest)? + "\n")
+        .with_context(|| tmp.display().to_string())?;
+    std::fs::rename(&tmp, &path).with_context(|| path.display().to_string())?;
+    Ok(())
+}

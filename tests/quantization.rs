@@ -1,0 +1,246 @@
+//! Quantized bundles: their size against f16, the accuracy report (SQNR per tensor, KL and top-1 against
+//! the unquantized model) and its ordering across schemes, `herd eval`, and the quantization options.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::fixture;
+
+fn herd(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args(args)
+        .output()
+        .expect("run herd")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = herd(args);
+    assert!(
+        out.status.success(),
+        "herd {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn manifest(bundle: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(bundle.join("manifest.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn quantized_bundle_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    ok(&[
+        "synth",
+        "--preset",
+        "ci-small",
+        "-o",
+        model.to_str().unwrap(),
+    ]);
+    let size = |name: &str, quant: &[&str]| {
+        let bundle = dir.path().join(name);
+        let mut args = vec![
+            "compile",
+            model.to_str().unwrap(),
+            "-o",
+            bundle.to_str().unwrap(),
+            "--dtype",
+            "f16",
+            "--max-context",
+            "64",
+        ];
+        args.extend_from_slice(quant);
+        ok(&args);
+        manifest(&bundle)["model"]["weight_bytes"].as_f64().unwrap()
+    };
+    let f16 = size("f16", &[]);
+    let int4 = size("int4", &["--quant", "int4:64", "--quant-embeddings"]);
+    let int8 = size("int8", &["--quant", "int8:64", "--quant-embeddings"]);
+    eprintln!(
+        "weight bytes: f16 {f16}, int4:64 {int4} ({:.3}x), int8:64 {int8} ({:.3}x)",
+        int4 / f16,
+        int8 / f16
+    );
+    assert!(int4 <= 0.30 * f16, "int4:64 is {:.3}x of f16", int4 / f16);
+    assert!(int8 <= 0.55 * f16, "int8:64 is {:.3}x of f16", int8 / f16);
+}
+
+#[test]
+fn report_orders_schemes_by_precision() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut results = Vec::new();
+    for scheme in ["int4:64", "fp8", "int8:64"] {
+        let bundle = dir.path().join(scheme.replace(':', "-"));
+        let out = herd(&[
+            "compile",
+            fixture("tiny-maverick").to_str().unwrap(),
+            "-o",
+            bundle.to_str().unwrap(),
+            "--quant",
+            scheme,
+            "--report",
+            "--max-context",
+            "64",
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(stderr.contains("top-1 agreement"), "{stderr}");
+        let q = manifest(&bundle)["quantization"].clone();
+        assert_eq!(q["scheme"], scheme);
+        let sqnr = q["sqnr_db"].as_object().unwrap();
+        // Attention (fused q/k/v, o) per layer, two dense MLPs, two MoE layers of four expert tensors.
+        assert_eq!(sqnr.len(), 4 * 2 + 2 * 2 + 2 * 4, "{:?}", sqnr.keys());
+        assert!(!sqnr.keys().any(|k| k.contains("router")
+            || k.contains("norm")
+            || k.contains("embed")
+            || k.contains("lm_head")));
+        let acc = &q["accuracy"];
+        let (kl, top1) = (
+            acc["kl_mean"].as_f64().unwrap(),
+            acc["top1_agreement"].as_f64().unwrap(),
+        );
+        assert!(kl >= 0.0 && acc["kl_max"].as_f64().unwrap() >= kl && (0.0..=1.0).contains(&top1));
+        assert_eq!(
+            acc["prompts"],
+            3 + 8,
+            "the fixture's three golden prompts and eight random ones"
+        );
+        let mean_sqnr = sqnr.values().map(|v| v.as_f64().unwrap()).sum::<f64>() / sqnr.len() as f64;
+        results.push((scheme, mean_sqnr, kl, top1));
+    }
+    eprintln!("{results:?}");
+    // More bits: higher SQNR and lower KL, strictly.
+    for pair in results.windows(2) {
+        assert!(
+            pair[1].1 > pair[0].1 + 5.0,
+            "SQNR does not rise from {} to {}",
+            pair[0].0,
+            pair[1].0
+        );
+        assert!(
+            pair[1].2 < pair[0].2,
+            "KL does not fall from {} to {}",
+            pair[0].0,
+            pair[1].0
+        );
+    }
+}
+
+#[test]
+fn eval_against_itself_is_exact_and_against_the_checkpoint_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("int4");
+    ok(&[
+        "compile",
+        fixture("tiny-scout").to_str().unwrap(),
+        "-o",
+        bundle.to_str().unwrap(),
+        "--quant",
+        "int4:32",
+        "--max-context",
+        "64",
+    ]);
+    let b = bundle.to_str().unwrap();
+    let same: serde_json::Value =
+        serde_json::from_str(&ok(&["eval", b, "--against", b, "--json"])).unwrap();
+    assert_eq!(same["top1_agreement"], 1.0);
+    assert!(same["kl_max"].as_f64().unwrap() < 1e-9, "{same}");
+    let vs_model: serde_json::Value = serde_json::from_str(&ok(&[
+        "eval",
+        b,
+        "--against",
+        fixture("tiny-scout").to_str().unwrap(),
+        "--json",
+        "--store",
+    ]))
+    .unwrap();
+    assert!(
+        vs_model["kl_mean"].as_f64().unwrap() > 1e-4,
+        "int4 cannot be lossless: {vs_model}"
+    );
+    assert_eq!(
+        manifest(&bundle)["quantization"]["accuracy"]["positions"],
+        vs_model["positions"]
+    );
+}
+
+#[test]
+fn quantization_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-maverick");
+    let m = model.to_str().unwrap();
+    let kept = dir.path().join("kept");
+    ok(&[
+        "compile",
+        m,
+        "-o",
+        kept.to_str().unwrap(),
+        "--quant",
+        "int8",
+        "--quant-keep",
+        "layers.0.*",
+        "--quant-keep",
+        "*.moe",
+        "--max-context",
+        "64",
+    ]);
+    let sqnr = manifest(&kept)["quantization"]["sqnr_db"]
+        .as_object()
+        .unwrap()
+        .clone();
+    assert!(
+        !sqnr.is_empty()
+            && sqnr
+                .keys()
+                .all(|k| !k.starts_with("layers.0.") && !k.contains(".moe")),
+        "{:?}",
+        sqnr.keys()
+    );
+    let embeddings = dir.path().join("embeddings");
+    ok(&[
+        "compile",
+        m,
+        "-o",
+        embeddings.to_str().unwrap(),
+        "--quant",
+        "int8",
+        "--quant-embeddings",
+        "--max-context",
+        "64",
+    ]);
+    let names = manifest(&embeddings)["quantization"]["sqnr_db"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect::<Vec<_>>();
+    assert!(
+        names.iter().any(|k| k.contains("lm_head"))
+            && names.iter().any(|k| k.contains("embed_tokens")),
+        "{names:?}"
+    );
+    let refused = |args: &[&str], expect: &str| {
+        let out = herd(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(expect),
+            "{args:?}: {stderr}"
+        );
+    };
+    refused(
+        &["compile", m, "-o", "/tmp/never", "--quant", "int4:48"],
+        "use 32, 64 or 128",
+    );
+    refused(
+        &["compile", m, "-o", "/tmp/never", "--quant", "int2"],
+        "unknown quantization",
+    );
+    refused(
+        &["compile", m, "-o", "/tmp/never", "--quant-embeddings"],
+        "--quant",
+    );
+    refused(&["compile", m, "-o", "/tmp/never", "--report"], "--quant");
+}
