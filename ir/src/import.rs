@@ -18,7 +18,8 @@ use crate::ops::{
 use crate::types::{DType, Dim, SymDim, TensorType};
 use crate::verify::verify;
 use crate::weights::{
-    dtype_from_safetensors, Shard, ShardId, TensorSource, WeightPart, WeightRef, WeightStore,
+    dtype_from_safetensors, RowScale, Shard, ShardId, TensorSource, Transform, WeightPart,
+    WeightRef, WeightStore,
 };
 
 const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -168,32 +169,33 @@ impl Checkpoint {
         counts
     }
 
-    /// A reference to tensor `name`, checked to exist with `shape` and a float dtype herd reads.
+    /// A reference to tensor `name`, checked to exist with `shape` and a float dtype herd reads. An fp8
+    /// tensor is accepted with its compressed-tensors `{name}_scale` ([rows, 1], one scale per row).
     pub fn weight(
         &self,
         name: &str,
         shape: &[usize],
         what: &str,
     ) -> Result<WeightRef, ImportError> {
-        let shard = *self
-            .locations
-            .get(name)
-            .ok_or_else(|| ImportError::MissingTensor {
-                tensor: name.to_string(),
-                what: what.to_string(),
-            })?;
-        let file = self.store.shard(shard);
-        let info = file.info(name).ok_or_else(|| ImportError::MissingTensor {
-            tensor: name.to_string(),
+        Ok(WeightRef::single(self.part(name, shape, what)?))
+    }
+
+    fn part(&self, name: &str, shape: &[usize], what: &str) -> Result<WeightPart, ImportError> {
+        let missing = |tensor: &str| ImportError::MissingTensor {
+            tensor: tensor.to_string(),
             what: what.to_string(),
-        })?;
+        };
+        let shard = *self.locations.get(name).ok_or_else(|| missing(name))?;
+        let file = self.store.shard(shard);
+        let info = file.info(name).ok_or_else(|| missing(name))?;
+        let unsupported = || ImportError::UnsupportedWeightDtype {
+            tensor: name.to_string(),
+            file: file.name.clone(),
+            dtype: format!("{:?}", info.dtype),
+        };
         let dtype = dtype_from_safetensors(info.dtype)
-            .filter(|d| matches!(d, DType::F32 | DType::F16 | DType::BF16))
-            .ok_or_else(|| ImportError::UnsupportedWeightDtype {
-                tensor: name.to_string(),
-                file: file.name.clone(),
-                dtype: format!("{:?}", info.dtype),
-            })?;
+            .filter(|d| matches!(d, DType::F32 | DType::F16 | DType::BF16 | DType::F8E4M3))
+            .ok_or_else(unsupported)?;
         if info.shape != shape {
             return Err(ImportError::WrongShape {
                 tensor: name.to_string(),
@@ -202,14 +204,117 @@ impl Checkpoint {
                 found: info.shape.clone(),
             });
         }
-        Ok(WeightRef::single(WeightPart {
+        let row_scale = if dtype == DType::F8E4M3 {
+            let scale = format!("{name}_scale");
+            let id = *self.locations.get(&scale).ok_or_else(|| missing(&scale))?;
+            let scale_file = self.store.shard(id);
+            let scale_info = scale_file.info(&scale).ok_or_else(|| missing(&scale))?;
+            let float = dtype_from_safetensors(scale_info.dtype)
+                .is_some_and(|d| matches!(d, DType::F32 | DType::F16 | DType::BF16));
+            if !float || scale_info.shape != [shape[0], 1] {
+                return Err(ImportError::WrongShape {
+                    tensor: scale.clone(),
+                    file: scale_file.name.clone(),
+                    expected: vec![shape[0], 1],
+                    found: scale_info.shape.clone(),
+                });
+            }
+            Some(RowScale {
+                source: TensorSource {
+                    shard: id,
+                    tensor: scale,
+                },
+                dtype: dtype_from_safetensors(scale_info.dtype).unwrap_or(DType::F32),
+            })
+        } else {
+            None
+        };
+        if dtype == DType::F8E4M3 && shape.len() != 2 {
+            return Err(unsupported());
+        }
+        Ok(WeightPart {
             source: TensorSource {
                 shard,
                 tensor: name.to_string(),
             },
             dtype,
             stored_shape: shape.to_vec(),
-        }))
+            row_scale,
+        })
+    }
+
+    /// The routed experts' `gate_up` [E, H, 2I] and `down` [E, I, H] (used as `z @ W`), from the fused
+    /// transformers tensors or, in pre-quantized checkpoints, from per-expert nn.Linear tensors
+    /// `experts.{e}.{gate,up,down}_proj.weight` stacked by lazy transforms.
+    pub fn experts(
+        &self,
+        prefix: &str,
+        e: usize,
+        inter: usize,
+        h: usize,
+        what: &dyn Fn(&str) -> String,
+    ) -> Result<(WeightRef, WeightRef), ImportError> {
+        let fused = format!("{prefix}experts.gate_up_proj");
+        if self.locations.contains_key(&fused)
+            || !self
+                .locations
+                .contains_key(&format!("{prefix}experts.0.gate_proj.weight"))
+        {
+            return Ok((
+                self.weight(&fused, &[e, h, 2 * inter], &what("experts gate/up"))?,
+                self.weight(
+                    &format!("{prefix}experts.down_proj"),
+                    &[e, inter, h],
+                    &what("experts down"),
+                )?,
+            ));
+        }
+        let mut gate_up = Vec::new();
+        let mut down = Vec::new();
+        for x in 0..e {
+            let p = format!("{prefix}experts.{x}.");
+            gate_up.push(self.part(
+                &format!("{p}gate_proj.weight"),
+                &[inter, h],
+                &what(&format!("expert {x} gate")),
+            )?);
+            gate_up.push(self.part(
+                &format!("{p}up_proj.weight"),
+                &[inter, h],
+                &what(&format!("expert {x} up")),
+            )?);
+            down.push(self.part(
+                &format!("{p}down_proj.weight"),
+                &[h, inter],
+                &what(&format!("expert {x} down")),
+            )?);
+        }
+        // [g0; u0; g1; u1; ...] rows -> [E, 2I, H] -> [E, H, 2I]: gate columns, then up columns.
+        let gate_up = WeightRef {
+            parts: gate_up,
+            concat_axis: 0,
+            transforms: vec![],
+            quant: None,
+        }
+        .with(Transform::Reshape {
+            shape: vec![e, 2 * inter, h],
+        })
+        .with(Transform::Transpose {
+            perm: vec![0, 2, 1],
+        });
+        let down = WeightRef {
+            parts: down,
+            concat_axis: 0,
+            transforms: vec![],
+            quant: None,
+        }
+        .with(Transform::Reshape {
+            shape: vec![e, h, inter],
+        })
+        .with(Transform::Transpose {
+            perm: vec![0, 2, 1],
+        });
+        Ok((gate_up, down))
     }
 }
 
@@ -359,19 +464,12 @@ fn build_graph(ckpt: &Checkpoint) -> Result<Graph, ImportError> {
         let ff = if c.is_moe_layer(i) {
             let (e, inter) = (c.num_experts, c.intermediate_size);
             let f = format!("{l}feed_forward.");
+            let (gate_up, down) = ckpt.experts(&f, e, inter, h, &what)?;
             let inputs = [
                 normed,
                 b.weight(&format!("{f}router.weight"), &[e, h], &what("MoE router"))?,
-                b.weight(
-                    &format!("{f}experts.gate_up_proj"),
-                    &[e, h, 2 * inter],
-                    &what("experts gate/up"),
-                )?,
-                b.weight(
-                    &format!("{f}experts.down_proj"),
-                    &[e, inter, h],
-                    &what("experts down"),
-                )?,
+                b.node(&format!("{f}experts.gate_up"), Op::Weight(gate_up))?,
+                b.node(&format!("{f}experts.down"), Op::Weight(down))?,
                 b.weight(
                     &format!("{f}shared_expert.gate_proj.weight"),
                     &[inter, h],
@@ -445,6 +543,10 @@ impl Builder<'_> {
         inputs: &[Value],
     ) -> Result<Value, ImportError> {
         self.graph.add(name, op, inputs).map_err(bug)
+    }
+
+    fn node(&mut self, name: &str, op: Op) -> Result<Value, ImportError> {
+        self.add(name, op, &[])
     }
 
     fn weight(&mut self, name: &str, shape: &[usize], what: &str) -> Result<Value, ImportError> {

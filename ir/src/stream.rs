@@ -206,6 +206,18 @@ impl WeightStore {
                 let first = (o * dims[axis] + range.start) * inner;
                 decode_into(part.dtype, &bytes[first * elem..(first + run) * elem], out);
             });
+        if let Some(scales) = self.row_scales(part)? {
+            // Row r of the region is stored row r (+ the range start when the region runs along rows).
+            let per_row = shape_after(dims, axis, range.len())[1..]
+                .iter()
+                .product::<usize>()
+                .max(1);
+            let first_row = if axis == 0 { range.start } else { 0 };
+            values
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v *= scales[first_row + i / per_row]);
+        }
         if axis == 0 {
             // A leading-axis region is read once: its pages can go now rather than when the weight is done.
             shard.release(
@@ -217,6 +229,12 @@ impl WeightStore {
         shape[axis] = range.len();
         ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| bad(e.to_string()))
     }
+}
+
+fn shape_after(dims: &[usize], axis: usize, len: usize) -> Vec<usize> {
+    let mut s = dims.to_vec();
+    s[axis] = len;
+    s
 }
 
 fn bad(problem: String) -> WeightError {
@@ -266,6 +284,7 @@ mod tests {
             },
             dtype: DType::F32,
             stored_shape: shape.to_vec(),
+            row_scale: None,
         }
     }
 

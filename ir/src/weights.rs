@@ -48,6 +48,16 @@ pub struct WeightPart {
     pub dtype: DType,
     /// Shape as stored in the shard.
     pub stored_shape: Vec<usize>,
+    /// Pre-quantized checkpoints (compressed-tensors FP8): a [rows, 1] tensor scaling each row (output
+    /// channel); the part's value is `stored * scale[row]`.
+    pub row_scale: Option<RowScale>,
+}
+
+/// The per-row scale tensor of a pre-quantized part.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowScale {
+    pub source: TensorSource,
+    pub dtype: DType,
 }
 
 /// A weight value: one or more stored tensors concatenated along `concat_axis`, then `transforms`.
@@ -76,6 +86,94 @@ impl WeightRef {
     pub fn with(mut self, transform: Transform) -> WeightRef {
         self.transforms.push(transform);
         self
+    }
+
+    /// Whether the parts come pre-quantized (fp8 with per-row scales) from the checkpoint.
+    pub fn prequantized(&self) -> bool {
+        self.parts.iter().any(|p| p.row_scale.is_some())
+    }
+
+    /// The quantization this weight is stored with: the quantize pass's, or for pre-quantized parts fp8
+    /// per output channel along the axis the parts' input features (their last axis) end up on.
+    pub fn effective_quant(&self) -> Option<crate::quant::QuantSpec> {
+        if self.quant.is_some() || !self.prequantized() {
+            return self.quant;
+        }
+        let (k_axis, _) = self.prequant_trace()?;
+        Some(crate::quant::QuantSpec {
+            scheme: crate::quant::QuantScheme::Fp8,
+            k_axis,
+            scale_dtype: DType::F32,
+        })
+    }
+
+    /// The scales of a pre-quantized weight as a weight of their own, shaped like this weight with K
+    /// replaced by 1 (the transforms are replayed on the [rows, 1] scale tensors).
+    pub fn prequant_scales(&self) -> Option<WeightRef> {
+        let (_, transforms) = self.prequant_trace()?;
+        let parts = self
+            .parts
+            .iter()
+            .map(|p| {
+                Some(WeightPart {
+                    source: p.row_scale.clone()?.source,
+                    dtype: p.row_scale.as_ref()?.dtype,
+                    stored_shape: vec![p.stored_shape[0], 1],
+                    row_scale: None,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(WeightRef {
+            parts,
+            concat_axis: 0,
+            transforms,
+            quant: None,
+        })
+    }
+
+    /// Follows K (the parts' last axis, concatenated on axis 0) through the transforms: its final axis
+    /// and the transforms rewritten for the scales (K of size 1).
+    fn prequant_trace(&self) -> Option<(usize, Vec<Transform>)> {
+        let first = self.parts.first()?;
+        if self.concat_axis != 0 || first.stored_shape.len() != 2 {
+            return None;
+        }
+        let mut shape = vec![
+            self.parts.iter().map(|p| p.stored_shape[0]).sum::<usize>(),
+            first.stored_shape[1],
+        ];
+        let mut k = 1;
+        let mut out = Vec::new();
+        for t in &self.transforms {
+            let next = transformed_shape(&shape, t).ok()?;
+            let t2 = match t {
+                Transform::Transpose { perm } => {
+                    k = perm.iter().position(|&p| p == k)?;
+                    t.clone()
+                }
+                Transform::Reshape { shape: to } => {
+                    let before: usize = shape[..k].iter().product();
+                    k = (0..to.len()).find(|&j| {
+                        to[j] == shape[k] && to[..j].iter().product::<usize>() == before
+                    })?;
+                    let mut s2 = to.clone();
+                    s2[k] = 1;
+                    Transform::Reshape { shape: s2 }
+                }
+                Transform::Slice { axis, .. } if *axis == k => return None,
+                Transform::Slice { .. } => t.clone(),
+                Transform::Select { axis, .. } if *axis == k => return None,
+                Transform::Select { axis, .. } => {
+                    if *axis < k {
+                        k -= 1;
+                    }
+                    t.clone()
+                }
+            };
+            out.push(t2);
+            shape = next;
+        }
+        Some((k, out))
     }
 
     /// Element type (that of the parts; the verifier checks they agree).
@@ -401,17 +499,58 @@ impl WeightStore {
             .get(part.source.shard.0 as usize)
             .ok_or_else(missing)?;
         let bytes = shard.bytes(&part.source.tensor).ok_or_else(missing)?;
-        let values =
+        let mut values =
             decode_f32(part.dtype, bytes).ok_or_else(|| WeightError::UnsupportedDtype {
                 tensor: part.source.tensor.clone(),
                 dtype: part.dtype,
             })?;
+        if let Some(scales) = self.row_scales(part)? {
+            let row = part.stored_shape[1..].iter().product::<usize>().max(1);
+            values
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v *= scales[i / row]);
+        }
         ArrayD::from_shape_vec(IxDyn(&part.stored_shape), values).map_err(|e| {
             WeightError::BadShard {
                 file: shard.name.clone(),
                 problem: format!("tensor `{}`: {e}", part.source.tensor),
             }
         })
+    }
+
+    /// The per-row scales of a pre-quantized part (None for plain parts).
+    pub fn row_scales(&self, part: &WeightPart) -> Result<Option<Vec<f32>>, WeightError> {
+        let Some(RowScale { source, dtype }) = &part.row_scale else {
+            return Ok(None);
+        };
+        let dtype = *dtype;
+        let missing = || WeightError::Missing {
+            tensor: source.tensor.clone(),
+        };
+        let shard = self
+            .shards
+            .get(source.shard.0 as usize)
+            .ok_or_else(missing)?;
+        let values = decode_f32(dtype, shard.bytes(&source.tensor).ok_or_else(missing)?).ok_or(
+            WeightError::UnsupportedDtype {
+                tensor: source.tensor.clone(),
+                dtype,
+            },
+        )?;
+        if values.len() != part.stored_shape[0] {
+            return Err(WeightError::BadShard {
+                file: shard.name.clone(),
+                problem: format!(
+                    "`{}` holds {} scales for the {} rows of `{}`",
+                    source.tensor,
+                    values.len(),
+                    part.stored_shape[0],
+                    part.source.tensor
+                ),
+            });
+        }
+        Ok(Some(values))
     }
 
     /// Reads a weight as f32 with its concatenation and transforms applied. Only this call copies
@@ -542,6 +681,7 @@ mod tests {
             },
             dtype: DType::BF16,
             stored_shape: vec![4, 8, 6],
+            row_scale: None,
         };
         let w = WeightRef {
             quant: None,

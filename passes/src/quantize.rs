@@ -63,6 +63,10 @@ pub fn run(graph: &mut Graph, options: &PassOptions) -> Result<(), PassError> {
         let Some(n) = graph.node_mut(node) else {
             continue;
         };
+        if matches!(&n.op, Op::Weight(w) if w.prequantized()) {
+            // Already quantized in the checkpoint: stored as it is, never requantized.
+            continue;
+        }
         let Op::Weight(w) = &mut n.op else {
             return Err(PassError::Unsupported {
                 pass: "quantize",

@@ -202,7 +202,7 @@ impl Emitter<'_> {
             return Ok(name.clone());
         }
         let node = self.graph.node(index).expect("checked by caller");
-        if matches!(&node.op, Op::Weight(w) if w.quant.is_some()) {
+        if matches!(&node.op, Op::Weight(w) if w.effective_quant().is_some()) {
             let name = self.dequantized(index, transposed)?;
             self.weights.insert((index, transposed), name.clone());
             return Ok(name);
@@ -879,7 +879,7 @@ impl Emitter<'_> {
     /// (bits, block) when `v` is an int4/int8 quantized weight.
     fn int_quant(&self, v: Value) -> Option<(i64, i64)> {
         match &self.graph.node(v.node)?.op {
-            Op::Weight(w) => match w.quant?.scheme {
+            Op::Weight(w) => match w.effective_quant()?.scheme {
                 QuantScheme::Int4 { block } => Some((4, block as i64)),
                 QuantScheme::Int8 { block } => Some((8, block as i64)),
                 QuantScheme::Fp8 => None,

@@ -48,7 +48,7 @@ impl Emitter<'_> {
             return Err(TargetError::Bug(format!("`{}` is not a weight", node.name)));
         };
         let spec = w
-            .quant
+            .effective_quant()
             .ok_or_else(|| TargetError::Bug(format!("`{}` is not quantized", node.name)))?;
         let base = WeightRef {
             quant: None,
@@ -71,7 +71,19 @@ impl Emitter<'_> {
         let label = format!("{}{suffix}", node.name);
 
         // fp8 over K = axis 0 needs each column's scale before any row: one streamed pass over [N, K].
+        // Pre-quantized weights keep the checkpoint's scales: quantizing q * s with s gives back q exactly.
+        let prequant = match w.prequant_scales() {
+            Some(scales) => {
+                let scales = match layout {
+                    QLayout::MatMul => scales.with(Transform::Transpose { perm: vec![1, 0] }),
+                    QLayout::Stored | QLayout::Experts => scales,
+                };
+                Some(self.graph.weights().load_f32(&scales)?)
+            }
+            None => None,
+        };
         let fixed_scales = match (spec.scheme, k_axis) {
+            _ if prequant.is_some() => prequant,
             (QuantScheme::Fp8, 0) => {
                 let mut scales = Vec::new();
                 let column_spec = QuantSpec { k_axis: 1, ..spec };
@@ -129,8 +141,16 @@ impl Emitter<'_> {
             &src,
             super::emit::STREAM_BLOCK_ELEMENTS,
             row_multiple,
-            |_, block| {
-                let q = quantize(block, &out_spec, fixed_scales.as_ref());
+            |rows, block| {
+                // Scales along K = axis 0 cover every row; otherwise take this block's rows.
+                let fixed = fixed_scales.as_ref().map(|f| {
+                    if k_axis == 0 {
+                        f.clone()
+                    } else {
+                        f.slice_axis(ndarray::Axis(0), rows.into()).to_owned()
+                    }
+                });
+                let q = quantize(block, &out_spec, fixed.as_ref());
                 for (w, d) in block.iter().zip(q.dequantized.iter()) {
                     signal += (*w as f64) * (*w as f64);
                     noise += ((*w - *d) as f64) * ((*w - *d) as f64);

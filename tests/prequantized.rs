@@ -1,0 +1,172 @@
+//! A pre-quantized FP8 checkpoint (the compressed-tensors layout of Llama-4-Maverick-FP8) compiles to a
+//! bundle that matches its transformers golden, and keeps the checkpoint's FP8 expert weights as they
+//! are: the bundle's float8 initializers hold exactly the checkpoint's float8 bytes.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use common::{fixture, goldens, max_error, LOGIT_TOLERANCE};
+use onnx_protobuf::tensor_proto::DataType;
+use onnx_protobuf::{Message, ModelProto};
+
+const FIXTURE: &str = "tiny-maverick-fp8";
+
+fn herd(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args(args)
+        .output()
+        .expect("run herd");
+    assert!(
+        out.status.success(),
+        "herd {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Sorted float8 bytes of every expert tensor of the checkpoint, per MoE layer.
+fn checkpoint_fp8_bytes() -> BTreeMap<usize, Vec<u8>> {
+    let bytes = std::fs::read(fixture(FIXTURE).join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
+    for (name, t) in st.tensors() {
+        if t.dtype() == safetensors::Dtype::F8_E4M3 {
+            let layer = name.split('.').nth(2).unwrap().parse().unwrap();
+            out.entry(layer).or_default().extend_from_slice(t.data());
+        }
+    }
+    out.values_mut().for_each(|v| v.sort_unstable());
+    out
+}
+
+/// Sorted bytes of the bundle's float8 initializers per layer, and the number of float initializers
+/// of expert weights (which must be none).
+fn bundle_fp8_bytes(bundle: &std::path::Path) -> (BTreeMap<usize, Vec<u8>>, usize) {
+    let model =
+        ModelProto::parse_from_bytes(&std::fs::read(bundle.join("model.onnx")).unwrap()).unwrap();
+    let data = std::fs::read(bundle.join("model.onnx.data")).unwrap();
+    let mut out: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
+    let mut float_experts = 0;
+    for t in &model.graph.initializer {
+        let layer: Option<usize> = t
+            .name
+            .strip_prefix("layers.")
+            .and_then(|r| r.split('.').next()?.parse().ok());
+        let is_expert = (t.name.contains(".moe.fc1") || t.name.contains(".moe.fc2"))
+            && !t.name.ends_with(".scales");
+        if t.data_type == DataType::FLOAT8E4M3FN as i32 {
+            let field = |k: &str| {
+                t.external_data
+                    .iter()
+                    .find(|e| e.key == k)
+                    .map(|e| e.value.parse::<usize>().unwrap())
+                    .unwrap()
+            };
+            let (offset, length) = (field("offset"), field("length"));
+            out.entry(layer.expect("fp8 initializers belong to a layer"))
+                .or_default()
+                .extend_from_slice(&data[offset..offset + length]);
+        } else if is_expert && t.data_type == DataType::FLOAT as i32 {
+            float_experts += 1;
+        }
+    }
+    out.values_mut().for_each(|v| v.sort_unstable());
+    (out, float_experts)
+}
+
+#[test]
+fn prequantized_fp8_matches_golden_and_keeps_its_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let expected = checkpoint_fp8_bytes();
+    assert_eq!(
+        expected.keys().copied().collect::<Vec<_>>(),
+        vec![1, 3],
+        "fixture: routed experts of layers 1 and 3 are fp8"
+    );
+    for moe in ["ort", "portable"] {
+        let bundle = dir.path().join(moe);
+        herd(&[
+            "compile",
+            fixture(FIXTURE).to_str().unwrap(),
+            "-o",
+            bundle.to_str().unwrap(),
+            "--moe",
+            moe,
+            "--max-context",
+            "64",
+        ]);
+        let (found, float_experts) = bundle_fp8_bytes(&bundle);
+        assert_eq!(
+            float_experts, 0,
+            "--moe {moe}: expert weights were written in float"
+        );
+        assert!(
+            found == expected,
+            "--moe {moe}: the bundle's fp8 bytes differ from the checkpoint's"
+        );
+
+        for (n, golden) in goldens(FIXTURE) {
+            let ids: Vec<String> = golden.input_ids.iter().map(|t| t.to_string()).collect();
+            let npy = dir.path().join(format!("{moe}-{n}.npy"));
+            let steps = golden.greedy_ids.len().to_string();
+            let out = herd(&[
+                "run",
+                bundle.to_str().unwrap(),
+                "--input-ids",
+                &ids.join(","),
+                "--max-new-tokens",
+                &steps,
+                "--ignore-eos",
+                "--dump-logits",
+                npy.to_str().unwrap(),
+                "--json",
+            ]);
+            let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+            let tokens: Vec<i64> = summary["output_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap())
+                .collect();
+            let logits: ndarray::Array2<f32> = ndarray_npy::read_npy(&npy).unwrap();
+            let (err, scale) = max_error(&logits, &golden.step_logits);
+            assert!(
+                err <= LOGIT_TOLERANCE * scale,
+                "--moe {moe} prompt {n}: logits differ by {err} (scale {scale})"
+            );
+            assert_eq!(tokens, golden.greedy_ids, "--moe {moe} prompt {n}");
+        }
+    }
+}
+
+#[test]
+fn quantizing_a_prequantized_checkpoint_keeps_its_fp8_experts() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("int8");
+    herd(&[
+        "compile",
+        fixture(FIXTURE).to_str().unwrap(),
+        "-o",
+        bundle.to_str().unwrap(),
+        "--quant",
+        "int8",
+        "--max-context",
+        "64",
+    ]);
+    let (found, _) = bundle_fp8_bytes(&bundle);
+    assert!(
+        found == checkpoint_fp8_bytes(),
+        "--quant int8 requantized the checkpoint's fp8 experts"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bundle.join("manifest.json")).unwrap())
+            .unwrap();
+    let sqnr = manifest["quantization"]["sqnr_db"].as_object().unwrap();
+    assert!(
+        sqnr.keys().any(|k| k.contains("attn")),
+        "int8 applies to the bf16 weights: {:?}",
+        sqnr.keys()
+    );
+}
