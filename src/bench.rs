@@ -95,7 +95,7 @@ pub fn bundle(path: &Path, options: &RuntimeOptions, decode_steps: usize) -> Res
         "decode_tokens_per_s": decode,
         "decode_steps": decode_steps,
         "peak_rss_bytes": peak_rss,
-        "prepack": options.prepack,
+        "prepack": options.prepack_for(&model.bundle),
         "kv_bytes_per_token": kv_per_token,
         "memory_bandwidth_bytes_per_s": bandwidth,
         "active_weight_bytes_per_token": m.model.active_weight_bytes_per_token,

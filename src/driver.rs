@@ -58,7 +58,7 @@ pub fn compile(
     let imported = herd_ir::import(&options.model)?;
     let mut graph = imported.graph;
     let config = imported.checkpoint.config.clone();
-    let params = imported.checkpoint.param_counts();
+
     let checkpoint_bytes = imported
         .checkpoint
         .store
@@ -126,13 +126,7 @@ pub fn compile(
         ),
     ])?;
     let (bos, stop_ids) = special_tokens(&options.model, config.vocab_size)?;
-    let element_bytes = options.dtype.bits() as u64 / 8;
-    let gathered = if config.tie_word_embeddings {
-        0
-    } else {
-        (config.vocab_size - 1) as u64 * config.hidden_size as u64
-    };
-    let active_bytes = params.active.saturating_sub(gathered) * element_bytes;
+    let active_bytes = model.active_weight_bytes;
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         herd_version: env!("CARGO_PKG_VERSION").to_string(),

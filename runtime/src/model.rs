@@ -22,9 +22,19 @@ pub struct RuntimeOptions {
     pub ort_library: Option<PathBuf>,
     /// Threads for one operator; ONNX Runtime's default when None.
     pub intra_threads: Option<usize>,
-    /// Let ONNX Runtime repack MatMul weights at load: faster batched prefill/decode (about 2x at batch
-    /// 4-8 on CPU) at the cost of a second, anonymous copy of the dense weights and a slower load.
-    pub prepack: bool,
+    /// Whether ONNX Runtime repacks MatMul weights at load. None (automatic): yes for quantized bundles,
+    /// whose MatMulNBits kernels need it (17x faster decode) and whose packed copy is small; no for
+    /// float bundles, whose weights are then held once, mapped from the bundle (repacking them costs a
+    /// second copy of the dense weights for about 2x faster batched prefill/decode on CPU).
+    pub prepack: Option<bool>,
+}
+
+impl RuntimeOptions {
+    /// Whether `bundle` is loaded with prepacking (see [`RuntimeOptions::prepack`]).
+    pub fn prepack_for(&self, bundle: &Bundle) -> bool {
+        self.prepack
+            .unwrap_or(bundle.manifest.quantization.is_some())
+    }
 }
 
 /// What one call to [`Model::generate`] does.
@@ -74,11 +84,13 @@ impl Model {
             .with_optimization_level(GraphOptimizationLevel::Level3)?
             // Keep fp32 activations if a quantized MatMulNBits is formed (its default quantizes them).
             .with_config_entry("session.qdq_matmulnbits_accuracy_level", "0")?
-            // Prepacking copies every MatMul weight into MLAS's layout: a second copy of the dense weights
-            // beside the mmapped external data. Off by default so weights are held once.
             .with_config_entry(
                 "session.disable_prepacking",
-                if options.prepack { "0" } else { "1" },
+                if options.prepack_for(&bundle) {
+                    "0"
+                } else {
+                    "1"
+                },
             )?;
         if let Some(n) = options.intra_threads {
             builder = builder.with_intra_threads(n)?;

@@ -34,6 +34,9 @@ pub struct OnnxModel {
     pub node_counts: BTreeMap<Option<usize>, BTreeMap<String, usize>>,
     /// SQNR in dB of every quantized weight, by node name (empty when nothing is quantized).
     pub sqnr_db: BTreeMap<String, f64>,
+    /// Weight bytes one decoded token reads: experts count top_k / E of their bytes, an embedding
+    /// table one row, everything else all of it.
+    pub active_weight_bytes: u64,
 }
 
 const MODEL_FILE: &str = "model.onnx";
@@ -82,6 +85,8 @@ pub fn emit(
         weights: HashMap::new(),
         ints: HashMap::new(),
         sqnr_db: BTreeMap::new(),
+        weight_bytes: HashMap::new(),
+        quantized_cache: HashMap::new(),
         written: 0,
         total_weight_bytes,
         progress,
@@ -109,6 +114,11 @@ pub(super) struct Emitter<'a> {
     ints: HashMap<Vec<i64>, String>,
     /// SQNR in dB of every quantized weight, by node name.
     pub(super) sqnr_db: BTreeMap<String, f64>,
+    /// Bytes written for each weight node (all its layouts and scales).
+    pub(super) weight_bytes: HashMap<NodeIndex, u64>,
+    /// Quantized weights already written, by node and layout.
+    pub(super) quantized_cache:
+        HashMap<(NodeIndex, super::quantized::QLayout), super::quantized::QTensors>,
     pub(super) written: u64,
     pub(super) total_weight_bytes: u64,
     pub(super) progress: &'a mut dyn FnMut(u64, u64),
@@ -201,11 +211,21 @@ impl Emitter<'_> {
         if let Some(name) = self.weights.get(&(index, transposed)) {
             return Ok(name.clone());
         }
+        let before = self.data.offset();
+        let name = self.constant_uncached(index, transposed)?;
+        *self.weight_bytes.entry(index).or_default() += self.data.offset() - before;
+        self.weights.insert((index, transposed), name.clone());
+        Ok(name)
+    }
+
+    fn constant_uncached(
+        &mut self,
+        index: NodeIndex,
+        transposed: bool,
+    ) -> Result<String, TargetError> {
         let node = self.graph.node(index).expect("checked by caller");
         if matches!(&node.op, Op::Weight(w) if w.effective_quant().is_some()) {
-            let name = self.dequantized(index, transposed)?;
-            self.weights.insert((index, transposed), name.clone());
-            return Ok(name);
+            return self.dequantized(index, transposed);
         }
         let dtype = self.options.dtype;
         let label = if transposed {
@@ -273,7 +293,6 @@ impl Emitter<'_> {
             _ => return Err(TargetError::Bug("not a constant".into())),
         }
         self.initializers.push(tensor);
-        self.weights.insert((index, transposed), name.clone());
         Ok(name)
     }
 
@@ -1001,6 +1020,7 @@ impl Emitter<'_> {
         }
         kv.sort_by_key(|k| k.layer);
         let uses_ms = self.nodes.iter().any(|n| n.domain == "com.microsoft");
+        let active_weight_bytes = active_bytes(self.graph, &self.weight_bytes);
 
         let mut graph = GraphProto::new();
         graph.name = "herd_llama4_decoder".into();
@@ -1040,8 +1060,42 @@ impl Emitter<'_> {
             },
             node_counts,
             sqnr_db: self.sqnr_db,
+            active_weight_bytes,
         })
     }
+}
+
+/// Bytes of weights one decoded token reads (see [`OnnxModel::active_weight_bytes`]).
+fn active_bytes(graph: &Graph, written: &HashMap<NodeIndex, u64>) -> u64 {
+    let mut fraction: HashMap<NodeIndex, f64> = written.keys().map(|&n| (n, 1.0)).collect();
+    for index in graph.node_indices() {
+        let inputs = graph.inputs(index);
+        match graph.node(index).map(|n| &n.op) {
+            Some(Op::FusedMoe(m)) => {
+                for v in &inputs[2..4] {
+                    fraction.insert(v.node, m.top_k as f64 / m.num_experts as f64);
+                }
+            }
+            Some(Op::Embedding { .. }) => {
+                let rows = graph
+                    .value_type(inputs[1])
+                    .and_then(|t| t.shape.0.first().copied())
+                    .and_then(|d| d.fixed())
+                    .unwrap_or(1);
+                let used_elsewhere = graph.node_indices().iter().any(|&o| {
+                    o != index && graph.inputs(o).iter().any(|v| v.node == inputs[1].node)
+                });
+                if !used_elsewhere {
+                    fraction.insert(inputs[1].node, 1.0 / rows.max(1) as f64);
+                }
+            }
+            _ => {}
+        }
+    }
+    written
+        .iter()
+        .map(|(n, &b)| (b as f64 * fraction[n]) as u64)
+        .sum()
 }
 
 fn opset(domain: &str, version: i64) -> OperatorSetIdProto {

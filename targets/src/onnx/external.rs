@@ -52,6 +52,11 @@ impl ExternalData {
         })
     }
 
+    /// Bytes written so far (the offset of the next byte).
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
     /// Appends `bytes` and points `tensor` at them.
     pub fn append(&mut self, tensor: &mut TensorProto, bytes: &[u8]) -> Result<(), TargetError> {
         let offset = self.begin()?;

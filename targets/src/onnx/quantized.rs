@@ -26,6 +26,7 @@ pub enum QLayout {
 }
 
 /// Names of a written quantized weight and the DequantizeLinear attributes that read it.
+#[derive(Clone)]
 pub struct QTensors {
     pub values: String,
     pub scales: String,
@@ -36,6 +37,21 @@ pub struct QTensors {
 impl Emitter<'_> {
     /// Writes the quantized form of weight node `index` in `layout` (once per layout).
     pub(super) fn quantized(
+        &mut self,
+        index: NodeIndex,
+        layout: QLayout,
+    ) -> Result<QTensors, TargetError> {
+        if let Some(q) = self.quantized_cache.get(&(index, layout)) {
+            return Ok(q.clone());
+        }
+        let before = self.data.offset();
+        let q = self.quantized_uncached(index, layout)?;
+        *self.weight_bytes.entry(index).or_default() += self.data.offset() - before;
+        self.quantized_cache.insert((index, layout), q.clone());
+        Ok(q)
+    }
+
+    fn quantized_uncached(
         &mut self,
         index: NodeIndex,
         layout: QLayout,
