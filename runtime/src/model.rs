@@ -22,18 +22,24 @@ pub struct RuntimeOptions {
     pub ort_library: Option<PathBuf>,
     /// Threads for one operator; ONNX Runtime's default when None.
     pub intra_threads: Option<usize>,
-    /// Whether ONNX Runtime repacks MatMul weights at load. None (automatic): yes for quantized bundles,
-    /// whose MatMulNBits kernels need it (17x faster decode) and whose packed copy is small; no for
-    /// float bundles, whose weights are then held once, mapped from the bundle (repacking them costs a
-    /// second copy of the dense weights for about 2x faster batched prefill/decode on CPU).
+    /// Whether ONNX Runtime repacks MatMul weights at load. None (automatic): yes for int4 bundles, whose
+    /// MatMulNBits/QMoE kernels need it (17x faster decode) and whose packed copy is small. No for int8
+    /// bundles: ONNX Runtime's prepacked block-wise int8 QMoE quantizes activations to int8 (about 1e-2
+    /// of the logit scale here), the unpacked path keeps them in f32. No for float bundles, whose weights
+    /// are then held once, mapped from the bundle (repacking them costs a second copy of the dense
+    /// weights for about 2x faster batched prefill/decode on CPU).
     pub prepack: Option<bool>,
 }
 
 impl RuntimeOptions {
     /// Whether `bundle` is loaded with prepacking (see [`RuntimeOptions::prepack`]).
     pub fn prepack_for(&self, bundle: &Bundle) -> bool {
-        self.prepack
-            .unwrap_or(bundle.manifest.quantization.is_some())
+        let int4 = bundle
+            .manifest
+            .quantization
+            .as_ref()
+            .is_some_and(|q| q.scheme.starts_with("int4"));
+        self.prepack.unwrap_or(int4)
     }
 }
 

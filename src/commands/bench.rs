@@ -36,8 +36,8 @@ pub struct BenchArgs {
     /// Path of libonnxruntime.so.
     #[arg(long)]
     pub ort_library: Option<PathBuf>,
-    /// Let ONNX Runtime repack MatMul weights at load (default: only for quantized bundles, whose int4/int8
-    /// kernels need it; for float bundles it doubles the dense weights' memory for ~2x faster batches).
+    /// Let ONNX Runtime repack MatMul weights at load (default: int4 bundles only; for float bundles it
+    /// doubles the dense weights' memory for ~2x faster batches; for int8 it quantizes activations).
     #[arg(long, conflicts_with = "no_prepack")]
     pub prepack: bool,
     /// Never repack MatMul weights (hold every weight once, mapped from the bundle).
