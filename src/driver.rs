@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use herd_ir::DType;
 use herd_passes::pipeline::{run_pipeline, PassOptions, RunOptions};
-use herd_runtime::manifest::{Manifest, ModelInfo, QuantizationInfo, FORMAT_VERSION};
+use herd_runtime::manifest::{Manifest, ModelInfo, QuantizationInfo, TensorRtInfo, FORMAT_VERSION};
 use herd_targets::bundle::BundleWriter;
 use herd_targets::onnx::{self, MoeLowering, OnnxOptions};
 
@@ -30,10 +30,65 @@ pub struct CompileOptions {
     pub dtype: DType,
     pub max_context: usize,
     pub quant: Option<herd_passes::quantize::QuantOptions>,
+    /// `Some` for the TensorRT target.
+    pub tensorrt: Option<TensorRtOptions>,
     pub force: bool,
     pub run: RunOptions,
     /// Where `--dump-ir-after` writes (stdout when None).
     pub dump_dir: Option<PathBuf>,
+}
+
+/// Settings of the TensorRT target.
+#[derive(Clone, Debug)]
+pub struct TensorRtOptions {
+    pub max_batch: usize,
+    pub max_seq: usize,
+    /// Lint rules a violation of which does not fail the compile.
+    pub allow_lint: Vec<String>,
+}
+
+/// Refuses options the TensorRT target cannot honour, before any work is done.
+fn check_tensorrt(options: &CompileOptions, trt: &TensorRtOptions) -> Result<()> {
+    if options.moe != MoeLowering::Portable {
+        anyhow::bail!(
+            "--target tensorrt-h100 needs --moe portable: com.microsoft ops do not reach TensorRT"
+        );
+    }
+    if let Some(q) = &options.quant {
+        use herd_ir::quant::QuantScheme;
+        match q.scheme {
+            QuantScheme::Int4 { block: 64 | 128 } => {}
+            QuantScheme::Int4 { block } => {
+                anyhow::bail!("--quant int4:{block}: TensorRT takes INT4 blocks of 64 or 128; use int4:64 or int4:128")
+            }
+            QuantScheme::Int8 { .. } => {
+                anyhow::bail!("--quant int8: TensorRT takes block quantization for INT4 weights only; use int4:64 or int4:128")
+            }
+            QuantScheme::Fp8 => anyhow::bail!(
+                "--quant fp8 for TensorRT needs per-tensor activation scales from a calibration run, which herd does not \
+                 produce yet; use int4:64 or int4:128, or fp8 with --target onnx"
+            ),
+        }
+    }
+    for rule in &trt.allow_lint {
+        if !herd_targets::tensorrt::RULES.iter().any(|(r, _)| r == rule) {
+            let known: Vec<&str> = herd_targets::tensorrt::RULES
+                .iter()
+                .map(|(r, _)| *r)
+                .collect();
+            anyhow::bail!(
+                "--allow-lint {rule}: no such rule; rules are {}",
+                known.join(", ")
+            );
+        }
+    }
+    if trt.max_batch == 0 || trt.max_seq == 0 || trt.max_seq > options.max_context {
+        anyhow::bail!(
+            "--max-batch and --max-seq must be positive, and --max-seq at most --max-context ({})",
+            options.max_context
+        );
+    }
+    Ok(())
 }
 
 /// What a compile did.
@@ -53,6 +108,11 @@ pub fn compile(
     options: &CompileOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<CompileReport> {
+    if let Some(trt) = &options.tensorrt {
+        check_tensorrt(options, trt)?;
+    } else if options.dtype == DType::BF16 {
+        anyhow::bail!("--dtype bf16 is for --target tensorrt-h100: ONNX Runtime's CPU kernels have no bf16 MatMul or Attention");
+    }
     let mut stages = Vec::new();
     let start = Instant::now();
     let imported = herd_ir::import(&options.model)?;
@@ -106,6 +166,52 @@ pub fn compile(
     let model = onnx::emit(&graph, writer.dir(), &onnx_options, progress)?;
     stages.push(("emit onnx".to_string(), start.elapsed()));
 
+    let tensorrt = match &options.tensorrt {
+        Some(trt) => {
+            let start = Instant::now();
+            let violations =
+                herd_targets::tensorrt::lint_file(&writer.dir().join(&model.model_file))?;
+            let blocking: Vec<String> = violations
+                .iter()
+                .filter(|v| !trt.allow_lint.iter().any(|r| r == v.rule))
+                .map(|v| v.to_string())
+                .collect();
+            if !blocking.is_empty() {
+                anyhow::bail!(
+                    "the graph breaks {} TensorRT rule(s) (allow one with --allow-lint RULE):\n  {}",
+                    blocking.len(),
+                    blocking.join("\n  ")
+                );
+            }
+            stages.push(("tensorrt lint".to_string(), start.elapsed()));
+            let kv: Vec<String> = model
+                .io
+                .kv
+                .iter()
+                .flat_map(|k| [k.past_key.clone(), k.past_value.clone()])
+                .collect();
+            let p = herd_targets::tensorrt::profiles(
+                &kv,
+                config.num_kv_heads,
+                config.head_dim,
+                trt.max_batch,
+                trt.max_seq,
+                options.max_context,
+            );
+            Some(TensorRtInfo {
+                profile_min_shapes: p.min,
+                profile_opt_shapes: p.opt,
+                profile_max_shapes: p.max,
+                min_tensorrt: "10.15".into(),
+                compute_capability: herd_targets::tensorrt::H100_COMPUTE_CAPABILITY.into(),
+                strongly_typed: options.quant.is_some(),
+                allowed_lint: trt.allow_lint.clone(),
+                engine: None,
+            })
+        }
+        None => None,
+    };
+
     let start = Instant::now();
     for name in TOKENIZER_FILES {
         let src = options.model.join(name);
@@ -150,6 +256,12 @@ pub fn compile(
         files,
         stop_token_ids: stop_ids,
         bos_token_id: bos,
+        target: if tensorrt.is_some() {
+            "tensorrt-h100".into()
+        } else {
+            "onnx".into()
+        },
+        tensorrt,
         quantization: options.quant.as_ref().map(|q| QuantizationInfo {
             scheme: q.scheme.name(),
             sqnr_db: model.sqnr_db.clone(),

@@ -35,6 +35,8 @@ enum Command {
     Bench(commands::bench::BenchArgs),
     /// Compare a bundle's next-token distributions with a reference (KL divergence, top-1 agreement).
     Eval(commands::eval::EvalArgs),
+    /// Check a bundle's graph against TensorRT's ONNX parser (also run by compile --target tensorrt-h100).
+    Lint(commands::lint::LintArgs),
 }
 
 /// Streaming allocates and frees blocks of tens of MiB continuously. By default glibc maps each one
@@ -63,6 +65,7 @@ fn main() -> ExitCode {
         Command::Synth(args) => commands::synth::run(&args),
         Command::Bench(args) => commands::bench::run(&args),
         Command::Eval(args) => commands::eval::run(&args),
+        Command::Lint(args) => commands::lint::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -185,3 +185,36 @@ fn quantized_bundles_match_fake_quant_goldens() {
         }
     }
 }
+
+/// TensorRT-target bundles hold the graph TensorRT would receive: it passes the lint and, built in f32
+/// and run on ONNX Runtime's CPU provider, matches transformers. An ort-lowered bundle does not lint.
+#[test]
+fn tensorrt_target_bundles_lint_clean_and_match_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        let bundle = compile_with(
+            name,
+            "portable",
+            "f32",
+            &["--target", "tensorrt-h100"],
+            dir.path(),
+        );
+        ok(&["lint", &bundle, "--target", "tensorrt"]);
+        let manifest: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(Path::new(&bundle).join("manifest.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(manifest["target"], "tensorrt-h100");
+        assert_eq!(manifest["tensorrt"]["compute_capability"], "9.0");
+        assert!(manifest["tensorrt"]["profile_max_shapes"]
+            .as_str()
+            .unwrap()
+            .contains("past_key.0:1x"));
+        run_goldens(name, &bundle, dir.path(), LOGIT_TOLERANCE, true);
+    }
+    let ort_bundle = compile("tiny-maverick", "ort", "f32", dir.path());
+    let out = herd(&["lint", &ort_bundle, "--target", "tensorrt"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains("[unsupported-op] node `layers.1.moe.experts`: com.microsoft.MoE"));
+}

@@ -29,9 +29,51 @@ pub struct Manifest {
     /// Token ids that end generation.
     pub stop_token_ids: Vec<i64>,
     pub bos_token_id: Option<i64>,
+    /// What the bundle was compiled for: `onnx` (ONNX Runtime, any provider) or `tensorrt-h100`.
+    #[serde(default = "default_target")]
+    pub target: String,
+    /// TensorRT build settings and requirements (tensorrt targets), and the engine once built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensorrt: Option<TensorRtInfo>,
     /// Present when weights are quantized.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization: Option<QuantizationInfo>,
+}
+
+fn default_target() -> String {
+    "onnx".to_string()
+}
+
+/// TensorRT settings of a bundle compiled for a TensorRT target.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TensorRtInfo {
+    /// Optimisation profile in the TensorRT EP's syntax (`name:1x1,name2:1x8x0x128,...`).
+    pub profile_min_shapes: String,
+    pub profile_opt_shapes: String,
+    pub profile_max_shapes: String,
+    /// Oldest TensorRT whose ONNX parser takes the graph (RotaryEmbedding, RMSNormalization).
+    pub min_tensorrt: String,
+    /// Compute capability the engine is built for (H100: 9.0).
+    pub compute_capability: String,
+    /// Q/DQ graphs must be built strongly typed (no fp16/int8 builder flags).
+    pub strongly_typed: bool,
+    /// Lint rules the compile was allowed to break (`--allow-lint`).
+    #[serde(default)]
+    pub allowed_lint: Vec<String>,
+    /// The built engine, once `herd build-engine` ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineInfo>,
+}
+
+/// A TensorRT engine built into the bundle.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EngineInfo {
+    /// The EPContext model wrapping the engine, relative to the bundle.
+    pub model_file: String,
+    pub gpu_name: String,
+    pub compute_capability: String,
+    pub tensorrt_version: String,
+    pub onnxruntime_version: String,
 }
 
 /// How a bundle's weights were quantized, and what that costs in accuracy.

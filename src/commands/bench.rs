@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use herd_ir::DType;
 use herd_passes::pipeline::RunOptions;
 use herd_runtime::RuntimeOptions;
 use herd_targets::onnx::MoeLowering;
@@ -88,12 +87,10 @@ fn compile_bench(args: &BenchArgs) -> Result<serde_json::Value> {
             MoeArg::Ort => MoeLowering::Ort,
             MoeArg::Portable => MoeLowering::Portable,
         },
-        dtype: match args.dtype {
-            DtypeArg::F32 => DType::F32,
-            DtypeArg::F16 => DType::F16,
-        },
+        dtype: args.dtype.dtype(),
         max_context: 4096,
         quant: None,
+        tensorrt: None,
         force: false,
         run: RunOptions::default(),
         dump_dir: None,

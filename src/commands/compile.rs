@@ -9,7 +9,7 @@ use herd_passes::pipeline::RunOptions;
 use herd_targets::onnx::MoeLowering;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::driver::{compile, CompileOptions};
+use crate::driver::{compile, CompileOptions, TensorRtOptions};
 
 /// How the mixture-of-experts layers are lowered.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -21,10 +21,33 @@ pub enum MoeArg {
 }
 
 /// Compute dtype of the bundle.
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DtypeArg {
     F32,
     F16,
+    /// bf16 (TensorRT target only: ONNX Runtime's CPU kernels have no bf16 MatMul or Attention).
+    Bf16,
+}
+
+impl DtypeArg {
+    /// The IR dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::F16 => DType::F16,
+            DtypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// What the bundle is compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TargetArg {
+    /// ONNX Runtime (CPU, CUDA or TensorRT providers); any op ONNX Runtime runs.
+    Onnx,
+    /// TensorRT on H100 (SM 9.0) through ONNX Runtime's TensorRT EP: standard ONNX ops only, linted
+    /// against TensorRT 10.15's parser, optimisation profiles in the manifest.
+    TensorrtH100,
 }
 
 /// Arguments of `herd compile`.
@@ -35,12 +58,25 @@ pub struct CompileArgs {
     /// Bundle folder to create (written elsewhere first and renamed into place when complete).
     #[arg(short, long)]
     pub output: PathBuf,
-    /// MoE lowering.
-    #[arg(long, value_enum, default_value = "ort")]
-    pub moe: MoeArg,
-    /// Element type of weights, activations and KV cache (logits are always f32).
-    #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: DtypeArg,
+    /// What to compile for.
+    #[arg(long, value_enum, default_value = "onnx")]
+    pub target: TargetArg,
+    /// MoE lowering [default: ort for --target onnx, portable for tensorrt-h100].
+    #[arg(long, value_enum)]
+    pub moe: Option<MoeArg>,
+    /// Element type of weights, activations and KV cache; logits are always f32 [default: f32 for
+    /// --target onnx, f16 for tensorrt-h100].
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
+    /// TensorRT target: largest batch of the optimisation profile.
+    #[arg(long, default_value_t = 1)]
+    pub max_batch: usize,
+    /// TensorRT target: most new tokens per call (prefill chunk) of the optimisation profile.
+    #[arg(long, default_value_t = 2048)]
+    pub max_seq: usize,
+    /// TensorRT target: do not fail on this lint rule (repeatable; `herd lint --rules` lists them).
+    #[arg(long = "allow-lint", value_name = "RULE")]
+    pub allow_lint: Vec<String>,
     /// Longest context (prompt + generated tokens) the bundle accepts; sizes the rotary tables.
     #[arg(long, default_value_t = 8192)]
     pub max_context: usize,
@@ -86,29 +122,42 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     if args.max_context == 0 {
         anyhow::bail!("--max-context must be at least 1");
     }
+    let tensorrt = args.target == TargetArg::TensorrtH100;
+    let dtype = args.dtype.unwrap_or(if tensorrt {
+        DtypeArg::F16
+    } else {
+        DtypeArg::F32
+    });
     let options = CompileOptions {
         model: args.model.clone(),
         output: args.output.clone(),
-        moe: match args.moe {
+        moe: match args.moe.unwrap_or(if tensorrt {
+            MoeArg::Portable
+        } else {
+            MoeArg::Ort
+        }) {
             MoeArg::Ort => MoeLowering::Ort,
             MoeArg::Portable => MoeLowering::Portable,
         },
-        dtype: match args.dtype {
-            DtypeArg::F32 => DType::F32,
-            DtypeArg::F16 => DType::F16,
-        },
+        dtype: dtype.dtype(),
         max_context: args.max_context,
         quant: args
             .quant
             .map(|scheme| herd_passes::quantize::QuantOptions {
                 scheme,
-                scale_dtype: match args.dtype {
-                    DtypeArg::F32 => DType::F32,
-                    DtypeArg::F16 => DType::F16,
+                scale_dtype: if dtype == DtypeArg::F32 {
+                    DType::F32
+                } else {
+                    DType::F16
                 },
                 embeddings: args.quant_embeddings,
                 keep: args.quant_keep.clone(),
             }),
+        tensorrt: tensorrt.then(|| TensorRtOptions {
+            max_batch: args.max_batch,
+            max_seq: args.max_seq.min(args.max_context),
+            allow_lint: args.allow_lint.clone(),
+        }),
         force: args.force,
         run: RunOptions {
             disabled: args.disable_pass.clone(),
@@ -193,6 +242,7 @@ fn accuracy_report(
         dtype: DType::F32,
         max_context: options.max_context,
         quant: None,
+        tensorrt: None,
         force: false,
         run: RunOptions::default(),
         dump_dir: None,

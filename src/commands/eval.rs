@@ -45,6 +45,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             dtype: DType::F32,
             max_context: bundle.manifest.model.max_positions,
             quant: None,
+            tensorrt: None,
             force: false,
             run: RunOptions::default(),
             dump_dir: None,

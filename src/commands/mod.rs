@@ -4,5 +4,6 @@ pub mod bench;
 pub mod compile;
 pub mod eval;
 pub mod inspect;
+pub mod lint;
 pub mod run;
 pub mod synth;

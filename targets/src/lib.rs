@@ -3,6 +3,7 @@
 pub mod bundle;
 pub mod error;
 pub mod onnx;
+pub mod tensorrt;
 
 pub use error::TargetError;
 

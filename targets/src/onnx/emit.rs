@@ -57,7 +57,7 @@ pub fn emit(
             "the ONNX target needs a Lowered graph".into(),
         ));
     }
-    if !matches!(options.dtype, DType::F32 | DType::F16) {
+    if !matches!(options.dtype, DType::F32 | DType::F16 | DType::BF16) {
         return Err(TargetError::Bug(format!(
             "unsupported compute dtype {}",
             options.dtype

@@ -1,0 +1,64 @@
+//! `herd lint BUNDLE --target tensorrt`: checks a bundle's graph against what TensorRT's ONNX parser takes.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+
+/// Which parser to lint against.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LintTarget {
+    /// TensorRT 10.15's ONNX parser (table in targets/src/tensorrt/support.json).
+    Tensorrt,
+}
+
+/// Arguments of `herd lint`.
+#[derive(Args)]
+pub struct LintArgs {
+    /// A bundle folder (its model.onnx is linted).
+    #[arg(required_unless_present = "rules")]
+    pub bundle: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "tensorrt")]
+    pub target: LintTarget,
+    /// List the rules and exit.
+    #[arg(long)]
+    pub rules: bool,
+}
+
+/// Runs the command: prints every violation and fails if there is any.
+pub fn run(args: &LintArgs) -> Result<()> {
+    if args.rules {
+        for (rule, what) in herd_targets::tensorrt::RULES {
+            println!("{rule:<24} {what}");
+        }
+        return Ok(());
+    }
+    let bundle = args
+        .bundle
+        .as_ref()
+        .expect("clap requires BUNDLE without --rules");
+    let manifest = herd_runtime::Bundle::open(bundle)?.manifest;
+    let violations = herd_targets::tensorrt::lint_file(&bundle.join(&manifest.graph.model_file))?;
+    let allowed = manifest
+        .tensorrt
+        .map(|t| t.allowed_lint)
+        .unwrap_or_default();
+    for v in &violations {
+        let note = if allowed.iter().any(|r| r == v.rule) {
+            " (allowed at compile)"
+        } else {
+            ""
+        };
+        println!("{v}{note}");
+    }
+    if violations.is_empty() {
+        eprintln!("{}: no TensorRT violations", bundle.display());
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "{}: {} TensorRT violation(s)",
+            bundle.display(),
+            violations.len()
+        )
+    }
+}

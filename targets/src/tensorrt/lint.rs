@@ -1,0 +1,300 @@
+//! The TensorRT compatibility lint: every node of an ONNX model against the support table
+//! (`support.json`, TensorRT 10.15's ONNX parser) and the parser's restrictions. Each violation names the
+//! node and the rule; a compile for TensorRT fails on any rule it was not allowed to break.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+
+use onnx_protobuf::attribute_proto::AttributeType;
+use onnx_protobuf::tensor_proto::DataType;
+use onnx_protobuf::{Message, ModelProto, NodeProto, TensorProto};
+use protobuf::Enum;
+use serde::Deserialize;
+
+use crate::error::TargetError;
+
+/// The rules, each with what it checks.
+pub const RULES: &[(&str, &str)] = &[
+    ("opset", "the model's default-domain opset is within what the parser reads (9..=24)"),
+    ("unsupported-op", "every node is a default-domain op in the support table (no com.microsoft ops)"),
+    ("unknown-attribute", "no node carries an attribute outside its ONNX schema (TensorRT-only attributes break ONNX Runtime)"),
+    ("dtype", "every initializer and graph input has a dtype TensorRT takes"),
+    ("attention-4d", "Attention takes 4D q/k/v and a mask only: no past_key/past_value inputs, no present outputs, no softcap, no 3D (q_num_heads) form"),
+    ("rotary-position-ids", "RotaryEmbedding gets int64 position ids"),
+    ("topk", "TopK is sorted and K < 3840"),
+    ("scatternd-reduction", "ScatterND has no reduction"),
+    ("qdq-symmetric", "Q/DQ have no zero point other than 0"),
+    ("activation-per-tensor", "quantized activations use one scale (per-tensor)"),
+    ("int4-block", "INT4 is weight-only (a DQ of an initializer) with block size 64 or 128"),
+    ("blocked-non-int4", "block quantization is used for INT4 weights only"),
+];
+
+/// One finding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    pub rule: &'static str,
+    pub node: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[{}] node `{}`: {}", self.rule, self.node, self.message)
+    }
+}
+
+#[derive(Deserialize)]
+struct Support {
+    opsets: (i64, i64),
+    dtypes: Vec<String>,
+    ops: BTreeMap<String, Vec<String>>,
+}
+
+fn support() -> Support {
+    serde_json::from_str(include_str!("support.json"))
+        .expect("support.json is valid (checked by a test)")
+}
+
+fn dtype_name(code: i32) -> String {
+    DataType::from_i32(code).map_or_else(|| format!("dtype {code}"), |d| format!("{d:?}"))
+}
+
+/// Lints a model file.
+pub fn lint_file(path: &Path) -> Result<Vec<Violation>, TargetError> {
+    let bytes = std::fs::read(path).map_err(|e| TargetError::io(path, e))?;
+    let model = ModelProto::parse_from_bytes(&bytes).map_err(|e| TargetError::Io {
+        path: path.display().to_string(),
+        message: format!("not an ONNX model: {e}"),
+    })?;
+    Ok(lint(&model))
+}
+
+/// Lints a model.
+pub fn lint(model: &ModelProto) -> Vec<Violation> {
+    let table = support();
+    let mut out = Vec::new();
+    let mut report = |rule: &'static str, node: &str, message: String| {
+        out.push(Violation {
+            rule,
+            node: node.to_string(),
+            message,
+        })
+    };
+
+    for o in &model.opset_import {
+        if o.domain.is_empty() && (o.version < table.opsets.0 || o.version > table.opsets.1) {
+            report(
+                "opset",
+                "<model>",
+                format!(
+                    "opset {} is outside {}..={}",
+                    o.version, table.opsets.0, table.opsets.1
+                ),
+            );
+        }
+    }
+    let graph = model.graph.get_or_default();
+    let initializers: HashMap<&str, &TensorProto> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    let allowed: HashSet<&str> = table.dtypes.iter().map(String::as_str).collect();
+    for t in &graph.initializer {
+        let name = dtype_name(t.data_type);
+        if !allowed.contains(name.as_str()) {
+            report("dtype", &t.name, format!("initializer of dtype {name}"));
+        }
+    }
+    let mut int64_values: HashSet<&str> = HashSet::new();
+    for input in &graph.input {
+        if let Some(onnx_protobuf::type_proto::Value::TensorType(t)) =
+            &input.type_.get_or_default().value
+        {
+            let name = dtype_name(t.elem_type);
+            if !allowed.contains(name.as_str()) {
+                report("dtype", &input.name, format!("graph input of dtype {name}"));
+            }
+            if t.elem_type == DataType::INT64 as i32 {
+                int64_values.insert(input.name.as_str());
+            }
+        }
+    }
+
+    for node in &graph.node {
+        let name = if node.name.is_empty() {
+            node.output.first().map_or("?", |s| s.as_str())
+        } else {
+            node.name.as_str()
+        };
+        let Some(attrs) = table
+            .ops
+            .get(&node.op_type)
+            .filter(|_| node.domain.is_empty() || node.domain == "ai.onnx")
+        else {
+            let op = if node.domain.is_empty() {
+                node.op_type.clone()
+            } else {
+                format!("{}.{}", node.domain, node.op_type)
+            };
+            report(
+                "unsupported-op",
+                name,
+                format!("{op} is not in TensorRT 10.15's ONNX parser"),
+            );
+            continue;
+        };
+        for a in &node.attribute {
+            if !attrs.contains(&a.name) {
+                report(
+                    "unknown-attribute",
+                    name,
+                    format!("{} has no attribute `{}` in ONNX", node.op_type, a.name),
+                );
+            }
+        }
+        let input = |i: usize| {
+            node.input
+                .get(i)
+                .map(String::as_str)
+                .filter(|s| !s.is_empty())
+        };
+        match node.op_type.as_str() {
+            "Attention" => {
+                if input(4).is_some() || input(5).is_some() {
+                    report(
+                        "attention-4d",
+                        name,
+                        "past_key/past_value inputs (keep the KV cache outside Attention)".into(),
+                    );
+                }
+                if node.output.iter().skip(1).any(|o| !o.is_empty()) {
+                    report(
+                        "attention-4d",
+                        name,
+                        "present_key/present_value/qk outputs".into(),
+                    );
+                }
+                if attr_f(node, "softcap").is_some_and(|v| v != 0.0) {
+                    report("attention-4d", name, "softcap".into());
+                }
+                if attr_i(node, "q_num_heads").is_some() || attr_i(node, "kv_num_heads").is_some() {
+                    report(
+                        "attention-4d",
+                        name,
+                        "3D inputs (q_num_heads/kv_num_heads)".into(),
+                    );
+                }
+            }
+            "RotaryEmbedding" => match input(3) {
+                Some(pos) if int64_values.contains(pos) => {}
+                Some(pos) => report(
+                    "rotary-position-ids",
+                    name,
+                    format!("position ids `{pos}` are not a graph input of int64"),
+                ),
+                None => report("rotary-position-ids", name, "no position ids".into()),
+            },
+            "TopK" => {
+                if attr_i(node, "sorted") == Some(0) {
+                    report("topk", name, "sorted=0".into());
+                }
+                match input(1)
+                    .and_then(|k| initializers.get(k))
+                    .and_then(|t| int64s(t).first().copied())
+                {
+                    Some(k) if k < 3840 => {}
+                    Some(k) => report("topk", name, format!("K = {k} is not below 3840")),
+                    None => report("topk", name, "K is not a constant".into()),
+                }
+            }
+            "ScatterND" => {
+                if node
+                    .attribute
+                    .iter()
+                    .any(|a| a.name == "reduction" && a.s != b"none")
+                {
+                    report("scatternd-reduction", name, "reduction".into());
+                }
+            }
+            "QuantizeLinear" | "DequantizeLinear" => {
+                if let Some(zp) = input(2) {
+                    let zero = initializers.get(zp).is_some_and(|t| {
+                        t.raw_data.iter().all(|&b| b == 0) && t.int32_data.iter().all(|&v| v == 0)
+                    });
+                    if !zero {
+                        report("qdq-symmetric", name, format!("zero point `{zp}`"));
+                    }
+                }
+                let weight = input(0).and_then(|x| initializers.get(x));
+                let scale = input(1).and_then(|s| initializers.get(s));
+                let per_tensor = scale.is_some_and(|t| t.dims.iter().product::<i64>() == 1);
+                let is_activation = node.op_type == "QuantizeLinear" || weight.is_none();
+                if is_activation && !per_tensor {
+                    report(
+                        "activation-per-tensor",
+                        name,
+                        "activation scale is not a single value".into(),
+                    );
+                }
+                let blocked = attr_i(node, "block_size").is_some_and(|b| b > 0);
+                let int4 = weight.is_some_and(|w| w.data_type == DataType::INT4 as i32);
+                if int4 {
+                    match attr_i(node, "block_size") {
+                        Some(64 | 128) => {}
+                        Some(b) => report(
+                            "int4-block",
+                            name,
+                            format!("INT4 block size {b} (TensorRT takes 64 or 128)"),
+                        ),
+                        None => {
+                            report("int4-block", name, "INT4 without block quantization".into())
+                        }
+                    }
+                } else if node.op_type == "DequantizeLinear"
+                    && weight.is_none()
+                    && input(0).is_some()
+                    && blocked
+                {
+                    report(
+                        "int4-block",
+                        name,
+                        "blocked DequantizeLinear of an activation".into(),
+                    );
+                } else if blocked {
+                    report(
+                        "blocked-non-int4",
+                        name,
+                        "block quantization of a non-INT4 tensor".into(),
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn attr_i(node: &NodeProto, name: &str) -> Option<i64> {
+    node.attribute
+        .iter()
+        .find(|a| a.name == name && a.type_.enum_value() == Ok(AttributeType::INT))
+        .map(|a| a.i)
+}
+
+fn attr_f(node: &NodeProto, name: &str) -> Option<f32> {
+    node.attribute
+        .iter()
+        .find(|a| a.name == name && a.type_.enum_value() == Ok(AttributeType::FLOAT))
+        .map(|a| a.f)
+}
+
+fn int64s(t: &TensorProto) -> Vec<i64> {
+    if !t.int64_data.is_empty() {
+        return t.int64_data.clone();
+    }
+    t.raw_data
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect()
+}
