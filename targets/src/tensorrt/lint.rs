@@ -208,14 +208,13 @@ pub fn lint(model: &ModelProto) -> Vec<Violation> {
                     None => report("topk", name, "K is not a constant".into()),
                 }
             }
-            "ScatterND" => {
+            "ScatterND"
                 if node
                     .attribute
                     .iter()
-                    .any(|a| a.name == "reduction" && a.s != b"none")
-                {
-                    report("scatternd-reduction", name, "reduction".into());
-                }
+                    .any(|a| a.name == "reduction" && a.s != b"none") =>
+            {
+                report("scatternd-reduction", name, "reduction".into());
             }
             "QuantizeLinear" | "DequantizeLinear" => {
                 if let Some(zp) = input(2) {
