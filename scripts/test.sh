@@ -8,4 +8,7 @@ cd "$(dirname "$0")/.."
 ./scripts/install-onnxruntime.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The GPU providers (CUDA, TensorRT) must keep building, though no GPU exists here to run them.
+cargo clippy -p herd-runtime --features tensorrt --locked -- -D warnings
+cargo build --features tensorrt --locked
 cargo test --workspace --locked

@@ -37,6 +37,8 @@ enum Command {
     Eval(commands::eval::EvalArgs),
     /// Check a bundle's graph against TensorRT's ONNX parser (also run by compile --target tensorrt-h100).
     Lint(commands::lint::LintArgs),
+    /// Build a tensorrt-target bundle's TensorRT engine on this machine's GPU (H100).
+    BuildEngine(commands::build_engine::BuildEngineArgs),
 }
 
 /// Streaming allocates and frees blocks of tens of MiB continuously. By default glibc maps each one
@@ -66,6 +68,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => commands::bench::run(&args),
         Command::Eval(args) => commands::eval::run(&args),
         Command::Lint(args) => commands::lint::run(&args),
+        Command::BuildEngine(args) => commands::build_engine::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -331,3 +331,55 @@ fn seeded_sampling_is_reproducible() {
         "different seeds drew the same 12 tokens"
     );
 }
+
+#[test]
+fn gpu_paths_fail_with_instructions_on_a_machine_without_a_gpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = tmp.path().join("trt");
+    let out = herd(&[
+        "compile",
+        fixture("tiny-maverick").to_str().unwrap(),
+        "-o",
+        bundle.to_str().unwrap(),
+        "--target",
+        "tensorrt-h100",
+        "--max-context",
+        "64",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let b = bundle.to_str().unwrap();
+    // No nvidia-smi here (CI has none either): build-engine stops before anything else, naming what a GPU machine needs.
+    fails_with(
+        &["build-engine", b],
+        &["no NVIDIA GPU 0", "H100", "TensorRT 10", "ORT_DYLIB_PATH"],
+    );
+    let manifest = std::fs::read_to_string(bundle.join("manifest.json")).unwrap();
+    assert!(
+        !manifest.contains("\"engine\""),
+        "a failed build-engine must not touch the manifest"
+    );
+    fails_with(
+        &["run", b, "--input-ids", "1", "--ep", "tensorrt"],
+        &["GPU execution providers", "--features tensorrt"],
+    );
+    fails_with(
+        &["run", b, "--input-ids", "1", "--ep", "cuda"],
+        &["GPU execution providers"],
+    );
+    // The CPU provider runs the same bundle.
+    assert!(
+        herd(&["run", b, "--input-ids", "1,2", "--max-new-tokens", "2"])
+            .status
+            .success()
+    );
+    let onnx = tmp.path().join("onnx");
+    compile_maverick(&onnx);
+    fails_with(
+        &["build-engine", onnx.to_str().unwrap()],
+        &["compiled for `onnx`", "--target tensorrt-h100"],
+    );
+}

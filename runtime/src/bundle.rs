@@ -130,3 +130,36 @@ fn sha256_file(path: &Path) -> Result<String, RuntimeError> {
         .map(|b| format!("{b:02x}"))
         .collect())
 }
+
+/// Records a built engine in the bundle's manifest: the engine file joins the checksummed files. The
+/// manifest is rewritten to a temporary file and renamed into place.
+pub fn record_engine(dir: &Path, engine: &crate::manifest::EngineInfo) -> Result<(), RuntimeError> {
+    let io = |path: &Path, e: std::io::Error| RuntimeError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
+    let path = dir.join(MANIFEST_FILE);
+    let text = fs::read_to_string(&path).map_err(|e| io(&path, e))?;
+    let mut manifest: Manifest =
+        serde_json::from_str(&text).map_err(|e| RuntimeError::BadManifest {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+    let file = dir.join(&engine.model_file);
+    let bytes = fs::metadata(&file).map_err(|e| io(&file, e))?.len();
+    let sha256 = sha256_file(&file)?;
+    manifest.files.retain(|f| f.path != engine.model_file);
+    manifest.files.push(crate::manifest::FileEntry {
+        path: engine.model_file.clone(),
+        bytes,
+        sha256,
+    });
+    if let Some(trt) = manifest.tensorrt.as_mut() {
+        trt.engine = Some(engine.clone());
+    }
+    let tmp = path.with_extension("json.partial");
+    let text =
+        serde_json::to_string_pretty(&manifest).map_err(|e| RuntimeError::Param(e.to_string()))?;
+    fs::write(&tmp, text + "\n").map_err(|e| io(&tmp, e))?;
+    fs::rename(&tmp, &path).map_err(|e| io(&path, e))
+}

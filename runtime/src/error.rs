@@ -19,6 +19,8 @@ pub enum RuntimeError {
     OrtMissing { tried: String },
     #[error("ONNX Runtime: {0}")]
     Ort(String),
+    #[error("{0}")]
+    Gpu(String),
     #[error("invalid parameter: {0}")]
     Param(String),
     #[error("prompt is {len} tokens but the bundle accepts at most {max} positions (compile with a larger --max-context)")]

@@ -7,9 +7,11 @@ pub mod error;
 pub mod manifest;
 pub mod model;
 pub mod onnxruntime;
+pub mod providers;
 pub mod sampling;
 
 pub use bundle::Bundle;
 pub use error::RuntimeError;
 pub use model::{GenerateParams, Generation, Model, RuntimeOptions, StopReason};
+pub use providers::Provider;
 pub use sampling::Sampling;

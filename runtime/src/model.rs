@@ -29,6 +29,27 @@ pub struct RuntimeOptions {
     /// are then held once, mapped from the bundle (repacking them costs a second copy of the dense
     /// weights for about 2x faster batched prefill/decode on CPU).
     pub prepack: Option<bool>,
+    /// Execution provider (CPU by default; CUDA and TensorRT need the `tensorrt` feature and a GPU).
+    pub provider: crate::providers::Provider,
+    /// GPU index for CUDA and TensorRT.
+    pub device: u32,
+}
+
+/// Where the TensorRT EP keeps engine and timing caches for a bundle without a prebuilt engine.
+fn trt_cache_dir(bundle: &Bundle) -> std::path::PathBuf {
+    let base = std::env::var_os("HERD_CACHE_DIR")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/herd"))
+        })
+        .unwrap_or_else(std::env::temp_dir);
+    let id = bundle
+        .manifest
+        .files
+        .iter()
+        .find(|f| f.path == bundle.manifest.graph.model_file)
+        .map_or("bundle", |f| &f.sha256[..16]);
+    base.join("tensorrt").join(id)
 }
 
 impl RuntimeOptions {
@@ -101,7 +122,28 @@ impl Model {
         if let Some(n) = options.intra_threads {
             builder = builder.with_intra_threads(n)?;
         }
-        let model_path = bundle.file(&bundle.manifest.graph.model_file);
+        let mut model_file = bundle.manifest.graph.model_file.clone();
+        if options.provider == crate::providers::Provider::TensorRt {
+            if let Some(engine) = bundle
+                .manifest
+                .tensorrt
+                .as_ref()
+                .and_then(|t| t.engine.as_ref())
+            {
+                let gpu = crate::providers::gpu_info(options.device)?;
+                crate::providers::check_engine(engine, &gpu, crate::providers::tensorrt_major())?;
+                model_file = engine.model_file.clone();
+            }
+        }
+        let cache_dir = trt_cache_dir(&bundle);
+        builder = crate::providers::register(
+            builder,
+            options.provider,
+            &bundle.manifest,
+            options.device,
+            &cache_dir,
+        )?;
+        let model_path = bundle.file(&model_file);
         let session = builder
             .commit_from_file(&model_path)
             .map_err(|e| RuntimeError::Ort(format!("{}: {e}", model_path.display())))?;

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use herd_passes::pipeline::RunOptions;
-use herd_runtime::RuntimeOptions;
 use herd_targets::onnx::MoeLowering;
 use serde_json::json;
 
@@ -32,16 +31,8 @@ pub struct BenchArgs {
     /// Print one JSON object with stable keys instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Path of libonnxruntime.so.
-    #[arg(long)]
-    pub ort_library: Option<PathBuf>,
-    /// Let ONNX Runtime repack MatMul weights at load (default: int4 bundles only; for float bundles it
-    /// doubles the dense weights' memory for ~2x faster batches; for int8 it quantizes activations).
-    #[arg(long, conflicts_with = "no_prepack")]
-    pub prepack: bool,
-    /// Never repack MatMul weights (hold every weight once, mapped from the bundle).
-    #[arg(long)]
-    pub no_prepack: bool,
+    #[command(flatten)]
+    pub runtime: super::runtime_args::RuntimeArgs,
 }
 
 /// Runs the command.
@@ -49,21 +40,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let report = if args.compile {
         compile_bench(args)?
     } else {
-        crate::bench::bundle(
-            &args.path,
-            &RuntimeOptions {
-                ort_library: args.ort_library.clone(),
-                intra_threads: None,
-                prepack: if args.prepack {
-                    Some(true)
-                } else if args.no_prepack {
-                    Some(false)
-                } else {
-                    None
-                },
-            },
-            args.decode_steps,
-        )?
+        crate::bench::bundle(&args.path, &args.runtime.options(), args.decode_steps)?
     };
     if args.json {
         println!("{report}");

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use herd_runtime::{GenerateParams, Model, RuntimeOptions, Sampling, StopReason};
+use herd_runtime::{GenerateParams, Model, Sampling, StopReason};
 use serde_json::json;
 
 /// Arguments of `herd run`.
@@ -42,31 +42,13 @@ pub struct RunArgs {
     /// Print one JSON object (output_ids, prefill_ms, decode_tokens_per_s, ...).
     #[arg(long)]
     pub json: bool,
-    /// Path of libonnxruntime.so (default: ORT_DYLIB_PATH, then the project's .cache/onnxruntime).
-    #[arg(long)]
-    pub ort_library: Option<PathBuf>,
-    /// Let ONNX Runtime repack MatMul weights at load (default: int4 bundles only; for float bundles it
-    /// doubles the dense weights' memory for ~2x faster batches; for int8 it quantizes activations).
-    #[arg(long, conflicts_with = "no_prepack")]
-    pub prepack: bool,
-    /// Never repack MatMul weights (hold every weight once, mapped from the bundle).
-    #[arg(long)]
-    pub no_prepack: bool,
+    #[command(flatten)]
+    pub runtime: super::runtime_args::RuntimeArgs,
 }
 
 /// Runs the command.
 pub fn run(args: &RunArgs) -> Result<()> {
-    let options = RuntimeOptions {
-        ort_library: args.ort_library.clone(),
-        intra_threads: None,
-        prepack: if args.prepack {
-            Some(true)
-        } else if args.no_prepack {
-            Some(false)
-        } else {
-            None
-        },
-    };
+    let options = args.runtime.options();
     let model = Model::load(&args.bundle, &options)?;
     let sampling = match args.temperature {
         Some(temperature) => Sampling::Sample {

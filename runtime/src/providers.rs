@@ -1,0 +1,374 @@
+//! Execution providers: CPU (always), CUDA and TensorRT (built with the `tensorrt` feature and run with
+//! a GPU build of ONNX Runtime). TensorRT is configured from the bundle manifest's optimisation profiles;
+//! engines are built once per GPU type with [`build_engine`] and refused on an incompatible device.
+
+use std::path::Path;
+use std::process::Command;
+use std::str::FromStr;
+
+use crate::error::RuntimeError;
+use crate::manifest::{EngineInfo, Manifest};
+
+/// Where a session runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Provider {
+    #[default]
+    Cpu,
+    Cuda,
+    TensorRt,
+}
+
+impl FromStr for Provider {
+    type Err = RuntimeError;
+    fn from_str(s: &str) -> Result<Provider, RuntimeError> {
+        match s {
+            "cpu" => Ok(Provider::Cpu),
+            "cuda" => Ok(Provider::Cuda),
+            "tensorrt" => Ok(Provider::TensorRt),
+            other => Err(RuntimeError::Param(format!(
+                "unknown execution provider `{other}`: use cpu, cuda or tensorrt"
+            ))),
+        }
+    }
+}
+
+/// File name of the EPContext model (the engine wrapped in ONNX) inside a bundle.
+pub const ENGINE_MODEL_FILE: &str = "model.trt.onnx";
+
+/// What a GPU machine needs, for error messages.
+const GPU_SETUP: &str = "a machine with the target GPU (H100, SM 9.0), CUDA 12, TensorRT 10.x (libnvinfer.so.10) and \
+the GPU build of ONNX Runtime 1.31.1 (the onnxruntime-gpu wheel's libonnxruntime.so with its \
+libonnxruntime_providers_tensorrt.so; point ORT_DYLIB_PATH at it), and herd built with `--features tensorrt`";
+
+/// The TensorRT EP options for a bundle (profiles from the manifest, timing cache in `cache_dir`).
+pub fn tensorrt_options(
+    manifest: &Manifest,
+    device: u32,
+    cache_dir: &Path,
+) -> Result<Vec<(String, String)>, RuntimeError> {
+    let trt = manifest.tensorrt.as_ref().ok_or_else(|| {
+        RuntimeError::Param("the bundle was not compiled for TensorRT: recompile with `herd compile --target tensorrt-h100`".into())
+    })?;
+    let cache = cache_dir.display().to_string();
+    Ok(vec![
+        ("device_id".into(), device.to_string()),
+        (
+            "trt_profile_min_shapes".into(),
+            trt.profile_min_shapes.clone(),
+        ),
+        (
+            "trt_profile_opt_shapes".into(),
+            trt.profile_opt_shapes.clone(),
+        ),
+        (
+            "trt_profile_max_shapes".into(),
+            trt.profile_max_shapes.clone(),
+        ),
+        // Strongly typed: precision comes from the graph's types and Q/DQ, never from builder flags.
+        ("trt_fp16_enable".into(), "0".into()),
+        ("trt_int8_enable".into(), "0".into()),
+        ("trt_engine_cache_enable".into(), "1".into()),
+        ("trt_engine_cache_path".into(), cache.clone()),
+        ("trt_timing_cache_enable".into(), "1".into()),
+        ("trt_timing_cache_path".into(), cache),
+    ])
+}
+
+/// A GPU as `nvidia-smi` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuInfo {
+    pub name: String,
+    pub compute_capability: String,
+}
+
+/// The name and compute capability of GPU `device`, or why there is none.
+pub fn gpu_info(device: u32) -> Result<GpuInfo, RuntimeError> {
+    let missing = |why: String| {
+        RuntimeError::Gpu(format!(
+            "no NVIDIA GPU {device} ({why}); this needs {GPU_SETUP}"
+        ))
+    };
+    let out = Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=name,compute_cap",
+            "--format=csv,noheader",
+            "-i",
+            &device.to_string(),
+        ])
+        .output()
+        .map_err(|e| missing(format!("nvidia-smi: {e}")))?;
+    if !out.status.success() {
+        return Err(missing(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (name, cc) = text
+        .trim()
+        .rsplit_once(',')
+        .ok_or_else(|| missing(format!("unexpected nvidia-smi output `{}`", text.trim())))?;
+    Ok(GpuInfo {
+        name: name.trim().to_string(),
+        compute_capability: cc.trim().to_string(),
+    })
+}
+
+/// The major version of the TensorRT library the dynamic loader finds (libnvinfer.so.N).
+pub fn tensorrt_major() -> Option<u32> {
+    let out = Command::new("ldconfig").arg("-p").output().ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("libnvinfer.so.")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .max()
+}
+
+/// Refuses an engine built for another GPU architecture or TensorRT major version.
+pub fn check_engine(
+    engine: &EngineInfo,
+    gpu: &GpuInfo,
+    tensorrt_major: Option<u32>,
+) -> Result<(), RuntimeError> {
+    if engine.compute_capability != gpu.compute_capability {
+        return Err(RuntimeError::Gpu(format!(
+            "the bundle's TensorRT engine was built for compute capability {} ({}), but this GPU is {} ({}): rebuild it here with `herd build-engine`",
+            engine.compute_capability, engine.gpu_name, gpu.compute_capability, gpu.name
+        )));
+    }
+    let built_major = engine
+        .tensorrt_version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse::<u32>().ok());
+    if let (Some(built), Some(found)) = (built_major, tensorrt_major) {
+        if built != found {
+            return Err(RuntimeError::Gpu(format!(
+                "the bundle's TensorRT engine was built with TensorRT {}, but this machine has TensorRT {found}: rebuild it with `herd build-engine`",
+                engine.tensorrt_version
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Adds the provider to a session builder.
+#[cfg(feature = "tensorrt")]
+pub(crate) fn register(
+    builder: ort::session::builder::SessionBuilder,
+    provider: Provider,
+    manifest: &Manifest,
+    device: u32,
+    cache_dir: &Path,
+) -> Result<ort::session::builder::SessionBuilder, RuntimeError> {
+    use ort::ep::{ArbitrarilyConfigurableExecutionProvider, ExecutionProvider};
+    let unavailable = |ep: &str| {
+        RuntimeError::Gpu(format!("the loaded ONNX Runtime has no {ep} execution provider (it is the CPU build); this needs {GPU_SETUP}"))
+    };
+    let cuda = ort::ep::CUDA::default().with_device_id(device as i32);
+    match provider {
+        Provider::Cpu => Ok(builder),
+        Provider::Cuda => {
+            if !ort::ep::CUDA::is_available()? {
+                return Err(unavailable("CUDA"));
+            }
+            Ok(builder.with_execution_providers([cuda.build().error_on_failure()])?)
+        }
+        Provider::TensorRt => {
+            if !ort::ep::TensorRT::is_available()? {
+                return Err(unavailable("TensorRT"));
+            }
+            let mut trt = ort::ep::TensorRT::default();
+            for (k, v) in tensorrt_options(manifest, device, cache_dir)? {
+                trt = trt.with_arbitrary_config(k, v);
+            }
+            Ok(builder.with_execution_providers([trt.build().error_on_failure(), cuda.build()])?)
+        }
+    }
+}
+
+/// Adds the provider to a session builder.
+#[cfg(not(feature = "tensorrt"))]
+pub(crate) fn register(
+    builder: ort::session::builder::SessionBuilder,
+    provider: Provider,
+    _manifest: &Manifest,
+    _device: u32,
+    _cache_dir: &Path,
+) -> Result<ort::session::builder::SessionBuilder, RuntimeError> {
+    match provider {
+        Provider::Cpu => Ok(builder),
+        Provider::Cuda | Provider::TensorRt => Err(RuntimeError::Gpu(format!(
+            "this herd was built without GPU execution providers: rebuild with `cargo build --release --features tensorrt`; running on a GPU also needs {GPU_SETUP}"
+        ))),
+    }
+}
+
+/// Builds the TensorRT engine of a tensorrt-target bundle on GPU `device`: writes the EPContext model
+/// (engine embedded) into the bundle and records the GPU, TensorRT and ONNX Runtime versions in the
+/// manifest. Fails, naming what is missing, on a machine without a GPU, TensorRT or a GPU ONNX Runtime.
+pub fn build_engine(
+    dir: &Path,
+    device: u32,
+    ort_library: Option<&Path>,
+) -> Result<EngineInfo, RuntimeError> {
+    let bundle = crate::bundle::Bundle::open(dir)?;
+    if bundle.manifest.tensorrt.is_none() {
+        return Err(RuntimeError::Param(format!(
+            "{} was compiled for `{}`: compile it with `herd compile --target tensorrt-h100` first",
+            dir.display(),
+            bundle.manifest.target
+        )));
+    }
+    let gpu = gpu_info(device)?;
+    let wanted = &bundle
+        .manifest
+        .tensorrt
+        .as_ref()
+        .expect("checked")
+        .compute_capability;
+    if &gpu.compute_capability != wanted {
+        return Err(RuntimeError::Gpu(format!(
+            "GPU {device} ({}) has compute capability {}, the bundle targets {wanted}: build engines on the GPU type that will serve them",
+            gpu.name, gpu.compute_capability
+        )));
+    }
+    build_on_gpu(&bundle, device, ort_library, gpu)
+}
+
+#[cfg(feature = "tensorrt")]
+fn build_on_gpu(
+    bundle: &crate::bundle::Bundle,
+    device: u32,
+    ort_library: Option<&Path>,
+    gpu: GpuInfo,
+) -> Result<EngineInfo, RuntimeError> {
+    let env = crate::onnxruntime::environment(ort_library)?;
+    let cache = bundle.dir.join("trt_cache");
+    std::fs::create_dir_all(&cache).map_err(|e| RuntimeError::Io {
+        path: cache.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let builder = ort::session::Session::builder(env)?;
+    let builder = register(
+        builder,
+        Provider::TensorRt,
+        &bundle.manifest,
+        device,
+        &cache,
+    )?;
+    let model = bundle.file(&bundle.manifest.graph.model_file);
+    let out = bundle.file(ENGINE_MODEL_FILE);
+    ort::compiler::ModelCompiler::new(builder)?
+        .with_model_from_file(&model)?
+        .with_embed_ep_context()?
+        .compile_to_file(&out)?;
+    let engine = EngineInfo {
+        model_file: ENGINE_MODEL_FILE.into(),
+        gpu_name: gpu.name,
+        compute_capability: gpu.compute_capability,
+        tensorrt_version: tensorrt_major().map_or_else(|| "unknown".into(), |m| format!("{m}")),
+        onnxruntime_version: "1.31".into(),
+    };
+    crate::bundle::record_engine(&bundle.dir, &engine)?;
+    Ok(engine)
+}
+
+#[cfg(not(feature = "tensorrt"))]
+fn build_on_gpu(
+    _: &crate::bundle::Bundle,
+    _: u32,
+    _: Option<&Path>,
+    _: GpuInfo,
+) -> Result<EngineInfo, RuntimeError> {
+    Err(RuntimeError::Gpu(format!(
+        "this herd was built without GPU execution providers: rebuild with `cargo build --release --features tensorrt`; engines also need {GPU_SETUP}"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engines_are_refused_on_other_gpus_and_tensorrt_versions() {
+        let engine = EngineInfo {
+            model_file: ENGINE_MODEL_FILE.into(),
+            gpu_name: "NVIDIA H100 80GB HBM3".into(),
+            compute_capability: "9.0".into(),
+            tensorrt_version: "10".into(),
+            onnxruntime_version: "1.31".into(),
+        };
+        let h100 = GpuInfo {
+            name: "NVIDIA H100 80GB HBM3".into(),
+            compute_capability: "9.0".into(),
+        };
+        let a100 = GpuInfo {
+            name: "NVIDIA A100".into(),
+            compute_capability: "8.0".into(),
+        };
+        assert!(check_engine(&engine, &h100, Some(10)).is_ok());
+        assert!(check_engine(&engine, &a100, Some(10))
+            .unwrap_err()
+            .to_string()
+            .contains("built for compute capability 9.0"));
+        assert!(check_engine(&engine, &h100, Some(11))
+            .unwrap_err()
+            .to_string()
+            .contains("TensorRT 11"));
+    }
+
+    #[test]
+    fn provider_names() {
+        assert_eq!("tensorrt".parse::<Provider>().unwrap(), Provider::TensorRt);
+        assert!("vulkan"
+            .parse::<Provider>()
+            .unwrap_err()
+            .to_string()
+            .contains("cpu, cuda or tensorrt"));
+    }
+}
+
+#[cfg(test)]
+mod option_tests {
+    use super::*;
+    use crate::manifest::TensorRtInfo;
+
+    #[test]
+    fn tensorrt_options_come_from_the_manifest() {
+        let text = include_str!("../tests/data/tensorrt-manifest.json");
+        let mut manifest: Manifest = serde_json::from_str(text).expect("test manifest");
+        let opts = tensorrt_options(&manifest, 1, Path::new("/cache")).unwrap();
+        let get = |k: &str| {
+            opts.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("device_id"), Some("1"));
+        assert_eq!(
+            get("trt_profile_min_shapes"),
+            Some("input_ids:1x1,position_ids:1x1,past_key.0:1x1x0x16,past_value.0:1x1x0x16")
+        );
+        assert_eq!(
+            get("trt_profile_max_shapes"),
+            Some("input_ids:2x64,position_ids:2x64,past_key.0:2x1x127x16,past_value.0:2x1x127x16")
+        );
+        assert_eq!(
+            get("trt_fp16_enable"),
+            Some("0"),
+            "strongly typed: no precision flags"
+        );
+        assert_eq!(get("trt_timing_cache_path"), Some("/cache"));
+        let _: Option<&TensorRtInfo> = manifest.tensorrt.as_ref();
+        manifest.tensorrt = None;
+        assert!(tensorrt_options(&manifest, 0, Path::new("/c"))
+            .unwrap_err()
+            .to_string()
+            .contains("--target tensorrt-h100"));
+    }
+}

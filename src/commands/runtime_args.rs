@@ -1,0 +1,62 @@
+//! Runtime options shared by the commands that load bundles (`run`, `bench`).
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use herd_runtime::{Provider, RuntimeOptions};
+
+/// Execution provider on the command line.
+#[derive(Clone, Copy, Debug, Default, ValueEnum)]
+pub enum EpArg {
+    /// ONNX Runtime's CPU kernels.
+    #[default]
+    Cpu,
+    /// CUDA (needs herd built with --features tensorrt and a GPU build of ONNX Runtime).
+    Cuda,
+    /// TensorRT with the manifest's profiles, or the engine `herd build-engine` built (same needs as cuda).
+    Tensorrt,
+}
+
+/// How a bundle is loaded.
+#[derive(Args, Clone, Debug)]
+pub struct RuntimeArgs {
+    /// Execution provider.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub ep: EpArg,
+    /// GPU index for --ep cuda/tensorrt.
+    #[arg(long, default_value_t = 0)]
+    pub device: u32,
+    /// Path of libonnxruntime.so (default: ORT_DYLIB_PATH, then the project's .cache/onnxruntime).
+    #[arg(long)]
+    pub ort_library: Option<PathBuf>,
+    /// Let ONNX Runtime repack MatMul weights at load (default: int4 bundles only; for float bundles it
+    /// doubles the dense weights' memory for ~2x faster batches; for int8 it quantizes activations).
+    #[arg(long, conflicts_with = "no_prepack")]
+    pub prepack: bool,
+    /// Never repack MatMul weights (hold every weight once, mapped from the bundle).
+    #[arg(long)]
+    pub no_prepack: bool,
+}
+
+impl RuntimeArgs {
+    /// The runtime options these arguments ask for.
+    pub fn options(&self) -> RuntimeOptions {
+        RuntimeOptions {
+            ort_library: self.ort_library.clone(),
+            intra_threads: None,
+            prepack: if self.prepack {
+                Some(true)
+            } else if self.no_prepack {
+                Some(false)
+            } else {
+                None
+            },
+            provider: match self.ep {
+                EpArg::Cpu => Provider::Cpu,
+                EpArg::Cuda => Provider::Cuda,
+                EpArg::Tensorrt => Provider::TensorRt,
+            },
+            device: self.device,
+        }
+    }
+}
