@@ -36,6 +36,31 @@ pub struct CompileOptions {
     pub run: RunOptions,
     /// Where `--dump-ir-after` writes (stdout when None).
     pub dump_dir: Option<PathBuf>,
+    /// Token-id prompts for activation calibration (fp8 for TensorRT); a built-in set when None.
+    pub calibration_prompts: Option<Vec<Vec<i64>>>,
+    /// Build a calibration bundle: expose the inputs of fp8 projections as outputs (internal).
+    pub expose_calibration: bool,
+}
+
+impl CompileOptions {
+    /// Defaults of `herd compile MODEL -o OUTPUT`: ONNX target, ort MoE, f32, 8192 positions, no
+    /// quantization.
+    pub fn new(model: PathBuf, output: PathBuf) -> CompileOptions {
+        CompileOptions {
+            model,
+            output,
+            moe: MoeLowering::Ort,
+            dtype: DType::F32,
+            max_context: 8192,
+            quant: None,
+            tensorrt: None,
+            force: false,
+            run: RunOptions::default(),
+            dump_dir: None,
+            calibration_prompts: None,
+            expose_calibration: false,
+        }
+    }
 }
 
 /// Settings of the TensorRT target.
@@ -64,10 +89,8 @@ fn check_tensorrt(options: &CompileOptions, trt: &TensorRtOptions) -> Result<()>
             QuantScheme::Int8 { .. } => {
                 anyhow::bail!("--quant int8: TensorRT takes block quantization for INT4 weights only; use int4:64 or int4:128")
             }
-            QuantScheme::Fp8 => anyhow::bail!(
-                "--quant fp8 for TensorRT needs per-tensor activation scales from a calibration run, which herd does not \
-                 produce yet; use int4:64 or int4:128, or fp8 with --target onnx"
-            ),
+            // fp8 projections get calibrated per-tensor activation Q/DQ (see `calibrate`).
+            QuantScheme::Fp8 => {}
         }
     }
     for rule in &trt.allow_lint {
@@ -101,6 +124,8 @@ pub struct CompileReport {
     pub peak_rss_bytes: Option<u64>,
     pub node_counts:
         std::collections::BTreeMap<Option<usize>, std::collections::BTreeMap<String, usize>>,
+    /// Outputs exposed for calibration (calibration bundles only).
+    pub calibration_outputs: Vec<String>,
 }
 
 /// Compiles a checkpoint into a bundle. `progress(stage, done, total)` reports weight streaming.
@@ -113,6 +138,15 @@ pub fn compile(
     } else if options.dtype == DType::BF16 {
         anyhow::bail!("--dtype bf16 is for --target tensorrt-h100: ONNX Runtime's CPU kernels have no bf16 MatMul or Attention");
     }
+    let fp8 = options
+        .quant
+        .as_ref()
+        .is_some_and(|q| q.scheme == herd_ir::quant::QuantScheme::Fp8);
+    let calibration = if options.tensorrt.is_some() && fp8 {
+        Some(calibrate(options)?)
+    } else {
+        None
+    };
     let mut stages = Vec::new();
     let start = Instant::now();
     let imported = herd_ir::import(&options.model)?;
@@ -132,7 +166,14 @@ pub fn compile(
     let pass_options = PassOptions {
         moe_layout: options.moe.layout(),
         max_positions: options.max_context,
-        quant: options.quant.clone(),
+        quant: options.quant.clone().map(|mut q| {
+            if options.tensorrt.is_some() && q.scheme == herd_ir::quant::QuantScheme::Fp8 {
+                // TensorRT takes fp8 weights per channel feeding a GEMM; gathered expert matrices would need
+                // the blocked form it refuses, so experts stay in the compute dtype.
+                q.keep.push("*.moe".into());
+            }
+            q
+        }),
     };
     let dump_dir = options.dump_dir.clone();
     let mut dump_error = None;
@@ -156,6 +197,20 @@ pub fn compile(
     for (pass, elapsed) in report.timings {
         stages.push((format!("pass {pass}"), elapsed));
     }
+    let mut calibration_outputs = Vec::new();
+    let activations = if options.expose_calibration {
+        calibration_outputs = herd_passes::calibrate::expose(&mut graph);
+        None
+    } else if let Some((scales, prompts)) = &calibration {
+        let n = herd_passes::calibrate::quantize_activations(&mut graph, scales)
+            .map_err(|d| anyhow::anyhow!("herd bug: {}: {}", d.name, d.message))?;
+        herd_ir::verify(&graph, Some("calibrate")).map_err(|e| anyhow::anyhow!("herd bug: {e}"))?;
+        Some(format!(
+            "fp8 e4m3 per-tensor on the inputs of {n} projections, calibrated on {prompts} prompts; routed and shared experts unquantized"
+        ))
+    } else {
+        None
+    };
 
     let start = Instant::now();
     let writer = BundleWriter::create(&options.output, options.force)?;
@@ -265,6 +320,7 @@ pub fn compile(
         quantization: options.quant.as_ref().map(|q| QuantizationInfo {
             scheme: q.scheme.name(),
             sqnr_db: model.sqnr_db.clone(),
+            activations,
             accuracy: None,
         }),
     };
@@ -277,7 +333,69 @@ pub fn compile(
         checkpoint_bytes,
         peak_rss_bytes: peak_rss_bytes(),
         node_counts: model.node_counts,
+        calibration_outputs,
     })
+}
+
+/// Per-tensor activation maxima of the fp8 projections' inputs: compiles a calibration bundle (f32, the
+/// same fp8 weights, those inputs exposed as outputs) and prefills every calibration prompt through ONNX
+/// Runtime. Returns the maxima by output name and the number of prompts.
+fn calibrate(options: &CompileOptions) -> Result<(std::collections::HashMap<String, f32>, usize)> {
+    let tmp = tempfile::Builder::new()
+        .prefix("herd-calibrate")
+        .tempdir()?;
+    let calibration = CompileOptions {
+        moe: options.moe,
+        max_context: options.max_context,
+        quant: options.quant.clone(),
+        expose_calibration: true,
+        ..CompileOptions::new(options.model.clone(), tmp.path().join("calibration"))
+    };
+    tracing::info!("calibrating fp8 activations");
+    let report = compile(&calibration, &mut |_, _| {})?;
+    let model =
+        herd_runtime::Model::load(&report.bundle, &herd_runtime::RuntimeOptions::default())?;
+    let m = &model.bundle.manifest.model;
+    let prompts = match &options.calibration_prompts {
+        Some(p) => p.clone(),
+        None => crate::eval::prompts(Some(&options.model), m.vocab_size, m.max_positions)?,
+    };
+    let mut max_abs: std::collections::HashMap<String, f32> = std::collections::HashMap::new();
+    for prompt in &prompts {
+        for (name, v) in model.probe_max_abs(prompt, &report.calibration_outputs)? {
+            let e = max_abs.entry(name).or_insert(0.0);
+            *e = e.max(v);
+        }
+    }
+    Ok((max_abs, prompts.len()))
+}
+
+/// Reads `--calibrate FILE`: one prompt per line as comma-separated token ids; blank lines and lines
+/// starting with `#` are skipped.
+pub fn read_calibration_prompts(path: &Path) -> Result<Vec<Vec<i64>>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read calibration prompts", path.display()))?;
+    let mut prompts = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let ids = line
+            .split(',')
+            .map(|t| t.trim().parse::<i64>())
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| {
+                format!(
+                    "{} line {}: expected comma-separated token ids",
+                    path.display(),
+                    i + 1
+                )
+            })?;
+        prompts.push(ids);
+    }
+    anyhow::ensure!(!prompts.is_empty(), "{}: no prompts", path.display());
+    Ok(prompts)
 }
 
 /// BOS and stop ids: from generation_config.json or config.json, else Llama 4's when the vocabulary holds them.

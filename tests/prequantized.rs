@@ -170,3 +170,102 @@ fn quantizing_a_prequantized_checkpoint_keeps_its_fp8_experts() {
         sqnr.keys()
     );
 }
+
+/// fp8 for TensorRT: weights per channel and calibrated per-tensor activation Q/DQ in front of every fp8
+/// projection; the graph passes the TensorRT lint and runs on ONNX Runtime's CPU provider.
+#[test]
+fn fp8_for_tensorrt_quantizes_activations_per_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("calibration.txt");
+    std::fs::write(
+        &prompts,
+        "# two prompts\n1,2,3,4,5,6,7,8\n\n40, 41, 42, 300, 301\n",
+    )
+    .unwrap();
+    let bundle = dir.path().join("trt-fp8");
+    let model = fixture("tiny-scout");
+    herd(&[
+        "compile",
+        model.to_str().unwrap(),
+        "-o",
+        bundle.to_str().unwrap(),
+        "--target",
+        "tensorrt-h100",
+        "--dtype",
+        "f32",
+        "--quant",
+        "fp8",
+        "--calibrate",
+        prompts.to_str().unwrap(),
+        "--max-context",
+        "64",
+    ]);
+    herd(&["lint", bundle.to_str().unwrap(), "--target", "tensorrt"]);
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bundle.join("manifest.json")).unwrap())
+            .unwrap();
+    let activations = manifest["quantization"]["activations"].as_str().unwrap();
+    assert!(
+        activations.contains("inputs of 8 projections") && activations.contains("on 2 prompts"),
+        "{activations}"
+    );
+
+    let onnx =
+        ModelProto::parse_from_bytes(&std::fs::read(bundle.join("model.onnx")).unwrap()).unwrap();
+    let graph = onnx.graph.get_or_default();
+    let quantize: Vec<_> = graph
+        .node
+        .iter()
+        .filter(|n| n.op_type == "QuantizeLinear")
+        .collect();
+    // q/k/v (fused) and o of each of the 4 layers; experts stay unquantized for TensorRT.
+    assert_eq!(quantize.len(), 8);
+    for q in quantize {
+        let scale = graph
+            .initializer
+            .iter()
+            .find(|t| t.name == q.input[1])
+            .expect("scale initializer");
+        assert_eq!(
+            scale.dims.iter().product::<i64>(),
+            1,
+            "{}: per-tensor scale",
+            q.name
+        );
+        let value = f32::from_le_bytes(scale.raw_data[..4].try_into().unwrap());
+        assert!(value > 0.0 && value.is_finite());
+    }
+    let out = herd(&[
+        "run",
+        bundle.to_str().unwrap(),
+        "--input-ids",
+        "5,6,7",
+        "--max-new-tokens",
+        "3",
+        "--json",
+    ]);
+    assert!(out.contains("output_ids"));
+
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(&bad, "1,2,3\n4,x,6\n").unwrap();
+    let failed = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args([
+            "compile",
+            model.to_str().unwrap(),
+            "-o",
+            dir.path().join("never").to_str().unwrap(),
+            "--target",
+            "tensorrt-h100",
+            "--quant",
+            "fp8",
+            "--calibrate",
+            bad.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        !failed.status.success() && stderr.contains("bad.txt line 2"),
+        "{stderr}"
+    );
+}

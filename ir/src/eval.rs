@@ -92,6 +92,9 @@ pub fn evaluate(
             Op::Add => binary(args[0], args[1], |a, b| a + b, |a, b| a + b),
             Op::Mul => binary(args[0], args[1], |a, b| a * b, |a, b| a * b),
             Op::Sigmoid => Tensor::F32(float(args[0]).mapv(sigmoid)),
+            Op::QuantizeActivation { scale } => Tensor::F32(float(args[0]).mapv(|x| {
+                crate::weights::f8e4m3_to_f32(crate::quant::f32_to_f8e4m3(x / scale)) * scale
+            })),
             Op::Silu => Tensor::F32(float(args[0]).mapv(silu)),
             Op::Cast { to } => cast(args[0], *to),
             Op::Constant(c) => Tensor::F32(

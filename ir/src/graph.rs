@@ -234,6 +234,20 @@ impl Graph {
         }
     }
 
+    /// Feeds input `slot` of `node` from `value` instead of its current producer.
+    pub fn set_input(&mut self, node: NodeIndex, slot: usize, value: Value) {
+        let old: Vec<_> = self
+            .graph
+            .edges_directed(node, Direction::Incoming)
+            .filter(|e| e.weight().dst_slot == slot)
+            .map(|e| e.id())
+            .collect();
+        for id in old {
+            self.graph.remove_edge(id);
+        }
+        self.add_raw_edge(value, node, slot);
+    }
+
     /// Removes every node that no graph output depends on. Graph inputs are kept.
     pub fn prune_dead(&mut self) {
         let mut live = std::collections::HashSet::new();

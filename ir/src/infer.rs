@@ -73,6 +73,13 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String>
                 shape: broadcast(&a.shape, &b.shape)?,
             }
         }
+        Op::QuantizeActivation { scale } => {
+            if !(scale.is_finite() && *scale > 0.0) {
+                return Err(format!("activation scale {scale} must be positive"));
+            }
+            float_tensor(inputs[0], "x")?;
+            inputs[0].clone()
+        }
         Op::Sigmoid | Op::Silu => {
             float_tensor(inputs[0], "x")?;
             inputs[0].clone()

@@ -189,6 +189,9 @@ pub enum Op {
     /// x [B, S, H], router [E, H], fc1, fc2 (see [`ExpertLayout`]), shared_fc1 [2I, H] (gate rows then up
     /// rows), shared_fc2 [H, I] -> [B, S, H]. Same math as [`Op::Moe`].
     FusedMoe(FusedMoeAttrs),
+    /// x (float) -> same: per-tensor float8 e4m3 fake quantization of an activation,
+    /// `e4m3(x / scale) * scale` (saturating at 448): what an FP8 Q/DQ pair computes.
+    QuantizeActivation { scale: f32 },
 }
 
 impl Op {
@@ -219,6 +222,7 @@ impl Op {
             Op::Sdpa { .. } => "sdpa",
             Op::SwiGlu => "swiglu",
             Op::FusedMoe(_) => "fused_moe",
+            Op::QuantizeActivation { .. } => "quantize_activation",
         }
     }
 
@@ -234,6 +238,7 @@ impl Op {
             Op::Linear | Op::Add | Op::Mul => (2, 2),
             Op::Sigmoid | Op::Silu | Op::Cast { .. } => (1, 1),
             Op::Reshape { .. } | Op::Transpose { .. } | Op::Slice { .. } | Op::SwiGlu => (1, 1),
+            Op::QuantizeActivation { .. } => (1, 1),
             Op::Concat { .. } | Op::QueryTemperature(_) | Op::AttentionMask { .. } => (2, 2),
             Op::Rotary | Op::Sdpa { .. } => (4, 4),
             Op::FusedMoe(_) => (6, 6),
@@ -264,6 +269,7 @@ impl Op {
             | Op::Mul
             | Op::Sigmoid
             | Op::Silu
+            | Op::QuantizeActivation { .. }
             | Op::Cast { .. } => true,
         }
     }

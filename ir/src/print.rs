@@ -99,6 +99,7 @@ fn op_text(graph: &Graph, op: &Op) -> String {
         Op::AttentionMask { chunk: Some(c) } => format!("attention_mask[chunked({})]", c.size),
         Op::AttentionMask { chunk: None } => "attention_mask[causal]".to_string(),
         Op::Sdpa { scale } => format!("sdpa[scale={scale}]"),
+        Op::QuantizeActivation { scale } => format!("quantize_activation[fp8 scale={scale:e}]"),
         Op::FusedMoe(m) => format!(
             "fused_moe[experts={} top_k={} intermediate={} layout={:?}]",
             m.num_experts, m.top_k, m.intermediate_size, m.layout

@@ -1,5 +1,6 @@
 //! herd-passes: the IR passes (one file each) and the ordered pipeline that runs them.
 
+pub mod calibrate;
 pub mod expert_fusion;
 pub mod irope;
 pub mod pipeline;

@@ -83,6 +83,9 @@ pub struct QuantizationInfo {
     pub scheme: String,
     /// Signal-to-quantization-noise ratio of every quantized weight, in dB.
     pub sqnr_db: std::collections::BTreeMap<String, f64>,
+    /// Quantized activations, when any (fp8 for TensorRT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activations: Option<String>,
     /// Next-token agreement with the unquantized model (`herd compile --report`, `herd eval`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accuracy: Option<Accuracy>,

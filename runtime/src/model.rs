@@ -3,6 +3,7 @@
 //! never copied through Rust).
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -119,6 +120,16 @@ impl Model {
                     "1"
                 },
             )?;
+        if bundle
+            .manifest
+            .quantization
+            .as_ref()
+            .is_some_and(|q| q.activations.is_some())
+        {
+            // ONNX Runtime would fold activation Q/DQ + weight DQ + MatMul into MatMulIntegerToFloat,
+            // which takes no fp8 inputs: keep the Q/DQ nodes as they are.
+            builder = builder.with_config_entry("session.disable_quant_qdq", "1")?;
+        }
         if let Some(n) = options.intra_threads {
             builder = builder.with_intra_threads(n)?;
         }
@@ -216,6 +227,40 @@ impl Model {
         cache: Cache,
         all_rows: bool,
     ) -> Result<(Vec<f32>, Cache), RuntimeError> {
+        self.run_step_with(ids, batch, start, cache, all_rows, &mut |_| Ok(()))
+    }
+
+    /// Prefills `ids` and returns the largest magnitude of each named extra graph output (activation
+    /// calibration reads the inputs of quantized projections this way).
+    pub fn probe_max_abs(
+        &self,
+        ids: &[i64],
+        names: &[String],
+    ) -> Result<HashMap<String, f32>, RuntimeError> {
+        let mut found = HashMap::new();
+        self.run_step_with(ids, 1, 0, self.empty_cache(1)?, false, &mut |outputs| {
+            for name in names {
+                let value = outputs
+                    .get(name)
+                    .ok_or_else(|| RuntimeError::Ort(format!("no {name} output")))?;
+                let (_, data) = value.try_extract_tensor::<f32>()?;
+                found.insert(name.clone(), data.iter().fold(0f32, |m, v| m.max(v.abs())));
+            }
+            Ok(())
+        })?;
+        Ok(found)
+    }
+
+    /// [`Model::run_step`] that also shows the raw outputs to `inspect` before taking the cache.
+    fn run_step_with(
+        &self,
+        ids: &[i64],
+        batch: usize,
+        start: usize,
+        cache: Cache,
+        all_rows: bool,
+        inspect: &mut dyn FnMut(&ort::session::SessionOutputs) -> Result<(), RuntimeError>,
+    ) -> Result<(Vec<f32>, Cache), RuntimeError> {
         let m = &self.bundle.manifest;
         let n = ids.len() / batch.max(1);
         let positions: Vec<i64> = (0..batch)
@@ -262,6 +307,7 @@ impl Model {
                 })
                 .collect()
         };
+        inspect(&outputs)?;
         let mut next = Vec::new();
         for kv in &m.graph.kv {
             for (past, present) in [

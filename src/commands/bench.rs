@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use herd_passes::pipeline::RunOptions;
 use herd_targets::onnx::MoeLowering;
 use serde_json::json;
 
@@ -58,19 +57,13 @@ fn compile_bench(args: &BenchArgs) -> Result<serde_json::Value> {
         .prefix("herd-bench")
         .tempdir_in(std::env::temp_dir())?;
     let options = CompileOptions {
-        model: args.path.clone(),
-        output: out.path().join("bundle"),
         moe: match args.moe {
             MoeArg::Ort => MoeLowering::Ort,
             MoeArg::Portable => MoeLowering::Portable,
         },
         dtype: args.dtype.dtype(),
         max_context: 4096,
-        quant: None,
-        tensorrt: None,
-        force: false,
-        run: RunOptions::default(),
-        dump_dir: None,
+        ..CompileOptions::new(args.path.clone(), out.path().join("bundle"))
     };
     let report = compile(&options, &mut |_, _| {})?;
     let seconds: f64 = report.stages.iter().map(|(_, d)| d.as_secs_f64()).sum();

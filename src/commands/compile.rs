@@ -74,6 +74,10 @@ pub struct CompileArgs {
     /// TensorRT target: most new tokens per call (prefill chunk) of the optimisation profile.
     #[arg(long, default_value_t = 2048)]
     pub max_seq: usize,
+    /// With --quant fp8 for TensorRT: calibration prompts, one per line as comma-separated token ids
+    /// (default: the checkpoint's golden prompts if any, plus 8 seeded random prompts).
+    #[arg(long, value_name = "FILE")]
+    pub calibrate: Option<PathBuf>,
     /// TensorRT target: do not fail on this lint rule (repeatable; `herd lint --rules` lists them).
     #[arg(long = "allow-lint", value_name = "RULE")]
     pub allow_lint: Vec<String>,
@@ -123,6 +127,11 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         anyhow::bail!("--max-context must be at least 1");
     }
     let tensorrt = args.target == TargetArg::TensorrtH100;
+    let calibration_prompts = args
+        .calibrate
+        .as_deref()
+        .map(crate::driver::read_calibration_prompts)
+        .transpose()?;
     let dtype = args.dtype.unwrap_or(if tensorrt {
         DtypeArg::F16
     } else {
@@ -164,6 +173,8 @@ pub fn run(args: &CompileArgs) -> Result<()> {
             dump_after: args.dump_ir_after.clone(),
         },
         dump_dir: args.dump_dir.clone(),
+        calibration_prompts,
+        expose_calibration: false,
     };
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -236,16 +247,9 @@ fn accuracy_report(
 ) -> Result<()> {
     let tmp = tempfile::Builder::new().prefix("herd-report").tempdir()?;
     let reference = CompileOptions {
-        model: options.model.clone(),
-        output: tmp.path().join("reference"),
         moe: options.moe,
-        dtype: DType::F32,
         max_context: options.max_context,
-        quant: None,
-        tensorrt: None,
-        force: false,
-        run: RunOptions::default(),
-        dump_dir: None,
+        ..CompileOptions::new(options.model.clone(), tmp.path().join("reference"))
     };
     eprintln!("report: compiling the unquantized reference");
     let reference = compile(&reference, &mut |_, _| {})?.bundle;

@@ -5,8 +5,6 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use herd_ir::DType;
-use herd_passes::pipeline::RunOptions;
 use herd_targets::onnx::MoeLowering;
 
 use crate::driver::{compile, CompileOptions};
@@ -39,16 +37,9 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             MoeLowering::Ort
         };
         let options = CompileOptions {
-            model: args.against.clone(),
-            output: tmp.path().join("reference"),
             moe,
-            dtype: DType::F32,
             max_context: bundle.manifest.model.max_positions,
-            quant: None,
-            tensorrt: None,
-            force: false,
-            run: RunOptions::default(),
-            dump_dir: None,
+            ..CompileOptions::new(args.against.clone(), tmp.path().join("reference"))
         };
         compile(&options, &mut |_, _| {})?.bundle
     } else {

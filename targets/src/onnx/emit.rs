@@ -537,6 +537,26 @@ impl Emitter<'_> {
                 self.swiglu(name, &x, n)
             }
             Op::FusedMoe(m) => self.fused_moe(name, m, &inputs)?,
+            Op::QuantizeActivation { scale } => {
+                // Per-tensor, symmetric: a scalar scale and an fp8 zero point of 0 (which sets the type).
+                let x = self.input(inputs[0], false)?;
+                let s = self.float_scalar(*scale, t);
+                let zp_name = "const.f8e4m3.zero".to_string();
+                if self.used.insert(zp_name.clone()) {
+                    let mut zp = float_tensor(&zp_name, &[], &[], DType::F32);
+                    zp.data_type = onnx_dtype(DType::F8E4M3) as i32;
+                    zp.raw_data = vec![0];
+                    self.initializers.push(zp);
+                }
+                let q = self.push(
+                    &format!("{name}.q"),
+                    "QuantizeLinear",
+                    "",
+                    &[&x, &s, &zp_name],
+                    vec![],
+                );
+                self.push(name, "DequantizeLinear", "", &[&q, &s, &zp_name], vec![])
+            }
             Op::Attention(_) | Op::Mlp | Op::Moe(_) => {
                 return Err(self.unsupported(
                     name,

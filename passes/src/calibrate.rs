@@ -1,0 +1,76 @@
+//! FP8 activation quantization for TensorRT: per-tensor scales for the inputs of fp8-weight projections,
+//! calibrated by running prompts (the runner lives with the driver; these are the graph edits).
+//!
+//! `expose` adds a graph output `calib.{node}` for the input of every `Linear` whose weight is fp8, so a
+//! calibration bundle reports those activations; `quantize_activations` then inserts
+//! `QuantizeActivation { scale: max|x| / 448 }` in front of each such projection.
+//!
+//! Does not: quantize expert inputs (experts keep weight-only fp8), or touch other projections.
+
+use std::collections::HashMap;
+
+use herd_ir::quant::QuantScheme;
+use herd_ir::{Diagnostic, Graph, Op, Value};
+
+/// The largest magnitude e4m3 represents.
+pub const FP8_MAX: f32 = 448.0;
+
+/// (node name, node, input value) of every `Linear` whose weight is stored fp8.
+fn fp8_projections(graph: &Graph) -> Vec<(String, herd_ir::graph::NodeIndex, Value)> {
+    graph
+        .node_indices()
+        .into_iter()
+        .filter_map(|n| {
+            let node = graph.node(n)?;
+            if !matches!(node.op, Op::Linear) {
+                return None;
+            }
+            let inputs = graph.inputs(n);
+            let fp8 = matches!(&graph.node(inputs[1].node)?.op, Op::Weight(w) if w.effective_quant().is_some_and(|q| q.scheme == QuantScheme::Fp8));
+            fp8.then(|| (node.name.clone(), n, inputs[0]))
+        })
+        .collect()
+}
+
+/// The output name that carries a projection's input in a calibration bundle.
+pub fn output_name(node: &str) -> String {
+    format!("calib.{node}")
+}
+
+/// Exposes the input of every fp8 projection as a graph output; returns the output names.
+pub fn expose(graph: &mut Graph) -> Vec<String> {
+    let mut names = Vec::new();
+    for (name, _, value) in fp8_projections(graph) {
+        let out = output_name(&name);
+        graph.set_output(out.clone(), value);
+        names.push(out);
+    }
+    names
+}
+
+/// Inserts the activation quantization before every fp8 projection with a calibrated maximum in
+/// `max_abs` (keyed by output name); returns how many were inserted.
+pub fn quantize_activations(
+    graph: &mut Graph,
+    max_abs: &HashMap<String, f32>,
+) -> Result<usize, Diagnostic> {
+    let mut count = 0;
+    for (name, node, value) in fp8_projections(graph) {
+        let Some(&amax) = max_abs.get(&output_name(&name)) else {
+            continue;
+        };
+        if !(amax.is_finite() && amax > 0.0) {
+            continue;
+        }
+        let q = graph.add(
+            format!("{name}.input_fp8"),
+            Op::QuantizeActivation {
+                scale: amax / FP8_MAX,
+            },
+            &[value],
+        )?;
+        graph.set_input(node, 0, q);
+        count += 1;
+    }
+    Ok(count)
+}
