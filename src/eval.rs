@@ -99,6 +99,18 @@ pub fn compare(
     })
 }
 
+/// One line: KL mean and max, top-1 agreement, and what they were measured over.
+pub fn describe(a: &Accuracy) -> String {
+    format!(
+        "KL mean {:.3e}, max {:.3e} nats; top-1 agreement {:.1}% over {} positions of {} prompts",
+        a.kl_mean,
+        a.kl_max,
+        a.top1_agreement * 100.0,
+        a.positions,
+        a.prompts
+    )
+}
+
 fn log_softmax(logits: &[f32]) -> Vec<f64> {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
     let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();

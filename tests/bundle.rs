@@ -3,31 +3,13 @@
 
 mod common;
 
+use common::{fails_with, herd};
+
 use std::fs;
 use std::path::Path;
 use std::process::Command;
 
 use common::fixture;
-
-fn herd(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_herd"))
-        .args(args)
-        .output()
-        .expect("run herd")
-}
-
-fn fails_with(args: &[&str], parts: &[&str]) {
-    let out = herd(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "herd {args:?} succeeded");
-    assert!(!stderr.contains("panicked"), "herd panicked: {stderr}");
-    for part in parts {
-        assert!(
-            stderr.contains(part),
-            "error does not mention `{part}`: {stderr}"
-        );
-    }
-}
 
 fn compile_maverick(bundle: &Path) {
     let out = herd(&[

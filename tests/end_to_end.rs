@@ -6,31 +6,13 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
-use common::{fixture, goldens_file, max_error, FIXTURES, LOGIT_TOLERANCE};
+use common::{fixture, goldens_file, herd, max_error, ok, FIXTURES, LOGIT_TOLERANCE};
 use ndarray::Array2;
 
 /// f16 keeps 11 significant bits (~5e-4 relative per rounding); through 4 layers the logits drift
 /// ~1e-3 of their scale. This bounds the f16 drift; f32 bundles are held to LOGIT_TOLERANCE.
 const F16_TOLERANCE: f32 = 5e-3;
-
-fn herd(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_herd"))
-        .args(args)
-        .output()
-        .expect("run herd")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = herd(args);
-    assert!(
-        out.status.success(),
-        "herd {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 fn compile(name: &str, moe: &str, dtype: &str, dir: &Path) -> String {
     compile_with(name, moe, dtype, &[], dir)

@@ -3,31 +3,12 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::{fixture, FIXTURES};
+use common::{fixture, ok, FIXTURES};
 use serde_json::{json, Value};
 
-fn herd(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_herd"))
-        .args(args)
-        .output()
-        .expect("run herd");
-    assert!(
-        out.status.success(),
-        "herd {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8")
-}
-
 fn inspect_json(name: &str) -> Value {
-    serde_json::from_str(&herd(&[
-        "inspect",
-        fixture(name).to_str().unwrap(),
-        "--json",
-    ]))
-    .expect("one JSON object")
+    serde_json::from_str(&ok(&["inspect", fixture(name).to_str().unwrap(), "--json"]))
+        .expect("one JSON object")
 }
 
 fn config(name: &str) -> Value {
@@ -111,7 +92,7 @@ fn maverick_summary_matches_config() {
 #[test]
 fn ir_snapshots() {
     for name in FIXTURES {
-        let text = herd(&["inspect", fixture(name).to_str().unwrap(), "--ir"]);
+        let text = ok(&["inspect", fixture(name).to_str().unwrap(), "--ir"]);
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/snapshots")
             .join(format!("{name}.imported.ir"));

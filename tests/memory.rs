@@ -2,25 +2,14 @@
 //! synthetic checkpoints with identical tensors but 2 and 8 layers (~134 MB and ~490 MB of bf16) must
 //! compile within the same memory, well under the 1.5 GiB budget herd holds for multi-GB models.
 
-use std::process::Command;
+mod common;
 
-fn herd(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_herd"))
-        .args(args)
-        .output()
-        .expect("run herd");
-    assert!(
-        out.status.success(),
-        "herd {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use common::ok;
 
 fn compile_peak_rss(preset: &str, dir: &std::path::Path) -> (u64, u64) {
     let model = dir.join(preset);
-    herd(&["synth", "--preset", preset, "-o", model.to_str().unwrap()]);
-    let out = herd(&[
+    ok(&["synth", "--preset", preset, "-o", model.to_str().unwrap()]);
+    let out = ok(&[
         "compile",
         model.to_str().unwrap(),
         "-o",

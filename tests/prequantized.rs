@@ -7,24 +7,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use common::{fixture, goldens, max_error, LOGIT_TOLERANCE};
+use common::{fixture, goldens, max_error, ok, LOGIT_TOLERANCE};
 use onnx_protobuf::tensor_proto::DataType;
 use onnx_protobuf::{Message, ModelProto};
 
 const FIXTURE: &str = "tiny-maverick-fp8";
-
-fn herd(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_herd"))
-        .args(args)
-        .output()
-        .expect("run herd");
-    assert!(
-        out.status.success(),
-        "herd {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// Sorted float8 bytes of every expert tensor of the checkpoint, per MoE layer.
 fn checkpoint_fp8_bytes() -> BTreeMap<usize, Vec<u8>> {
@@ -87,7 +74,7 @@ fn prequantized_fp8_matches_golden_and_keeps_its_bytes() {
     );
     for moe in ["ort", "portable"] {
         let bundle = dir.path().join(moe);
-        herd(&[
+        ok(&[
             "compile",
             fixture(FIXTURE).to_str().unwrap(),
             "-o",
@@ -111,7 +98,7 @@ fn prequantized_fp8_matches_golden_and_keeps_its_bytes() {
             let ids: Vec<String> = golden.input_ids.iter().map(|t| t.to_string()).collect();
             let npy = dir.path().join(format!("{moe}-{n}.npy"));
             let steps = golden.greedy_ids.len().to_string();
-            let out = herd(&[
+            let out = ok(&[
                 "run",
                 bundle.to_str().unwrap(),
                 "--input-ids",
@@ -145,7 +132,7 @@ fn prequantized_fp8_matches_golden_and_keeps_its_bytes() {
 fn quantizing_a_prequantized_checkpoint_keeps_its_fp8_experts() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("int8");
-    herd(&[
+    ok(&[
         "compile",
         fixture(FIXTURE).to_str().unwrap(),
         "-o",
@@ -184,7 +171,7 @@ fn fp8_for_tensorrt_quantizes_activations_per_tensor() {
     .unwrap();
     let bundle = dir.path().join("trt-fp8");
     let model = fixture("tiny-scout");
-    herd(&[
+    ok(&[
         "compile",
         model.to_str().unwrap(),
         "-o",
@@ -200,7 +187,7 @@ fn fp8_for_tensorrt_quantizes_activations_per_tensor() {
         "--max-context",
         "64",
     ]);
-    herd(&["lint", bundle.to_str().unwrap(), "--target", "tensorrt"]);
+    ok(&["lint", bundle.to_str().unwrap(), "--target", "tensorrt"]);
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(bundle.join("manifest.json")).unwrap())
             .unwrap();
@@ -235,7 +222,7 @@ fn fp8_for_tensorrt_quantizes_activations_per_tensor() {
         let value = f32::from_le_bytes(scale.raw_data[..4].try_into().unwrap());
         assert!(value > 0.0 && value.is_finite());
     }
-    let out = herd(&[
+    let out = ok(&[
         "run",
         bundle.to_str().unwrap(),
         "--input-ids",

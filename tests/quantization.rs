@@ -3,27 +3,11 @@
 
 mod common;
 
+use common::{herd, ok};
+
 use std::path::Path;
-use std::process::Command;
 
 use common::fixture;
-
-fn herd(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_herd"))
-        .args(args)
-        .output()
-        .expect("run herd")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = herd(args);
-    assert!(
-        out.status.success(),
-        "herd {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 fn manifest(bundle: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(bundle.join("manifest.json")).unwrap()).unwrap()

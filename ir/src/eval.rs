@@ -417,49 +417,22 @@ fn swiglu(x: &ArrayD<f32>) -> ArrayD<f32> {
 }
 
 fn fused_moe(m: &FusedMoeAttrs, x: &ArrayD<f32>, w: &[&ArrayD<f32>]) -> ArrayD<f32> {
-    let (router, fc1, fc2) = (w[0], w[1], w[2]);
-    let shape = x.shape().to_vec();
-    let xs = as_matrix(x);
-    let logits = as_matrix(&linear(x, router));
-    let mut out = as_matrix(&linear(&swiglu(&linear(x, w[3])), w[4]));
+    let (fc1, fc2) = (w[1], w[2]);
+    let shared = linear(&swiglu(&linear(x, w[3])), w[4]);
     let inter = m.intermediate_size;
-    for t in 0..xs.nrows() {
-        let row = logits.row(t);
-        let mut ranked: Vec<usize> = (0..m.num_experts).collect();
-        ranked.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
-        for &e in &ranked[..m.top_k] {
-            let z = xs.row(t).mapv(|v| v * sigmoid(row[e]));
-            let w1 = fc1
-                .index_axis(Axis(0), e)
-                .into_dimensionality::<Ix2>()
-                .expect("verified rank 2");
-            let w2 = fc2
-                .index_axis(Axis(0), e)
-                .into_dimensionality::<Ix2>()
-                .expect("verified rank 2");
-            let (h1, y) = match m.layout {
-                ExpertLayout::Interleaved => {
-                    let h1 = w1.dot(&z);
-                    let act: ndarray::Array1<f32> = (0..inter)
-                        .map(|i| silu(h1[2 * i]) * h1[2 * i + 1])
-                        .collect();
-                    (h1.len(), w2.dot(&act))
-                }
-                ExpertLayout::Halves => {
-                    let h1 = z.dot(&w1);
-                    let act = h1.slice(s![..inter]).mapv(silu) * h1.slice(s![inter..]);
-                    (h1.len(), act.dot(&w2))
-                }
-            };
-            debug_assert_eq!(h1, 2 * inter);
-            out.row_mut(t)
-                .iter_mut()
-                .zip(y.iter())
-                .for_each(|(o, v)| *o += v);
+    routed(x, w[0], shared, m.num_experts, m.top_k, |e, z| {
+        match m.layout {
+            ExpertLayout::Interleaved => {
+                // fc1 [2I, H] rows interleaved gate/up, fc2 [H, I].
+                let h1 = matrix(fc1, e).dot(&z);
+                let act: ndarray::Array1<f32> = (0..inter)
+                    .map(|i| silu(h1[2 * i]) * h1[2 * i + 1])
+                    .collect();
+                matrix(fc2, e).dot(&act)
+            }
+            ExpertLayout::Halves => halves_expert(matrix(fc1, e), matrix(fc2, e), z, inter),
         }
-    }
-    out.into_shape_with_order(IxDyn(&shape))
-        .expect("sizes agree")
+    })
 }
 
 fn sigmoid(x: f32) -> f32 {
@@ -554,44 +527,59 @@ fn mlp(x: &ArrayD<f32>, gate: &ArrayD<f32>, up: &ArrayD<f32>, down: &ArrayD<f32>
 }
 
 fn moe(m: &MoeAttrs, x: &ArrayD<f32>, w: &[&ArrayD<f32>]) -> ArrayD<f32> {
-    let (router, gate_up, down) = (w[0], w[1], w[2]);
-    let mut out = mlp(x, w[3], w[4], w[5]);
-    let shape = out.shape().to_vec();
-    let h = shape[2];
+    let (gate_up, down) = (w[1], w[2]);
+    let shared = mlp(x, w[3], w[4], w[5]);
+    routed(x, w[0], shared, m.num_experts, m.top_k, |e, z| {
+        halves_expert(matrix(gate_up, e), matrix(down, e), z, m.intermediate_size)
+    })
+}
+
+/// `shared + sum over each token's top-k experts e of expert(e, sigmoid(l_e) * x)`, with router logits
+/// `l = x router^T` and ties broken toward the lower expert index.
+fn routed(
+    x: &ArrayD<f32>,
+    router: &ArrayD<f32>,
+    shared: ArrayD<f32>,
+    num_experts: usize,
+    top_k: usize,
+    expert: impl Fn(usize, ndarray::Array1<f32>) -> ndarray::Array1<f32>,
+) -> ArrayD<f32> {
+    let shape = shared.shape().to_vec();
     let xs = as_matrix(x);
     let logits = as_matrix(&linear(x, router));
-    let mut out2 = as_matrix(&out);
-    let inter = m.intermediate_size;
+    let mut out = as_matrix(&shared);
     for t in 0..xs.nrows() {
         let row = logits.row(t);
-        let mut ranked: Vec<usize> = (0..m.num_experts).collect();
-        // Descending logit; ties keep the lower expert index first.
+        let mut ranked: Vec<usize> = (0..num_experts).collect();
         ranked.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
-        for &e in &ranked[..m.top_k] {
-            let z = xs.row(t).mapv(|v| v * sigmoid(row[e]));
-            let gu = gate_up
-                .index_axis(Axis(0), e)
-                .into_dimensionality::<Ix2>()
-                .expect("verified [H, 2I]");
-            let g = z.dot(&gu.slice(s![.., ..inter]));
-            let u = z.dot(&gu.slice(s![.., inter..]));
-            let act = g.mapv(silu) * u;
-            let d = down
-                .index_axis(Axis(0), e)
-                .into_dimensionality::<Ix2>()
-                .expect("verified [I, H]");
-            let y = act.dot(&d);
-            out2.row_mut(t)
+        for &e in &ranked[..top_k] {
+            let y = expert(e, xs.row(t).mapv(|v| v * sigmoid(row[e])));
+            out.row_mut(t)
                 .iter_mut()
                 .zip(y.iter())
                 .for_each(|(o, v)| *o += v);
         }
     }
-    debug_assert_eq!(out2.ncols(), h);
-    out = out2
-        .into_shape_with_order(IxDyn(&shape))
-        .expect("sizes agree");
-    out
+    out.into_shape_with_order(IxDyn(&shape))
+        .expect("sizes agree")
+}
+
+/// Expert `e`'s matrix of a stacked [E, ..] weight.
+fn matrix(w: &ArrayD<f32>, e: usize) -> ndarray::ArrayView2<'_, f32> {
+    w.index_axis(Axis(0), e)
+        .into_dimensionality::<Ix2>()
+        .expect("verified rank 3")
+}
+
+/// One expert in the checkpoint layout: `fc1` [H, 2I] (gate columns, then up), `fc2` [I, H], as `z @ W`.
+fn halves_expert(
+    fc1: ndarray::ArrayView2<f32>,
+    fc2: ndarray::ArrayView2<f32>,
+    z: ndarray::Array1<f32>,
+    inter: usize,
+) -> ndarray::Array1<f32> {
+    let h1 = z.dot(&fc1);
+    (h1.slice(s![..inter]).mapv(silu) * h1.slice(s![inter..])).dot(&fc2)
 }
 
 /// Llama 4 self-attention over the whole sequence; positions come from `positions` for both queries and

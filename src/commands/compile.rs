@@ -269,13 +269,6 @@ fn accuracy_report(
     let min = sqnr.iter().copied().fold(f64::INFINITY, f64::min);
     let mean = sqnr.iter().sum::<f64>() / sqnr.len().max(1) as f64;
     eprintln!("report: {} quantized tensors, SQNR mean {mean:.1} dB, min {min:.1} dB (per tensor in manifest.json)", sqnr.len());
-    eprintln!(
-        "report: KL mean {:.3e}, max {:.3e} nats; top-1 agreement {:.1}% over {} positions of {} prompts",
-        accuracy.kl_mean,
-        accuracy.kl_max,
-        accuracy.top1_agreement * 100.0,
-        accuracy.positions,
-        accuracy.prompts
-    );
+    eprintln!("report: {}", crate::eval::describe(&accuracy));
     Ok(())
 }

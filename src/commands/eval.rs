@@ -63,14 +63,10 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&accuracy)?);
     } else {
         println!(
-            "{} vs {}: KL mean {:.3e}, max {:.3e} nats; top-1 agreement {:.1}% over {} positions of {} prompts",
+            "{} vs {}: {}",
             args.bundle.display(),
             args.against.display(),
-            accuracy.kl_mean,
-            accuracy.kl_max,
-            accuracy.top1_agreement * 100.0,
-            accuracy.positions,
-            accuracy.prompts
+            crate::eval::describe(&accuracy)
         );
     }
     Ok(())

@@ -118,3 +118,36 @@ pub fn names<T>(map: &HashMap<String, T>) -> Vec<&str> {
     v.sort_unstable();
     v
 }
+
+/// Runs the `herd` binary.
+pub fn herd(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args(args)
+        .output()
+        .expect("run herd")
+}
+
+/// Runs `herd`, asserts success, returns stdout.
+pub fn ok(args: &[&str]) -> String {
+    let out = herd(args);
+    assert!(
+        out.status.success(),
+        "herd {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+/// Runs `herd`, asserts it fails without panicking and that stderr mentions every part.
+pub fn fails_with(args: &[&str], parts: &[&str]) {
+    let out = herd(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "herd {args:?} succeeded");
+    assert!(!stderr.contains("panicked"), "herd panicked: {stderr}");
+    for part in parts {
+        assert!(
+            stderr.contains(part),
+            "error does not mention `{part}`: {stderr}"
+        );
+    }
+}
