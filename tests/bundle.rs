@@ -120,7 +120,17 @@ fn manifest_lists_every_file_with_checksums() {
         .iter()
         .map(|f| f["path"].as_str().unwrap())
         .collect();
-    assert_eq!(files, vec!["chat_template.jinja", "model.onnx", "model.onnx.data", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]);
+    assert_eq!(
+        files,
+        vec![
+            "chat_template.jinja",
+            "model.onnx",
+            "model.onnx.data",
+            "special_tokens_map.json",
+            "tokenizer.json",
+            "tokenizer_config.json"
+        ]
+    );
     for f in manifest["files"].as_array().unwrap() {
         let bytes = fs::read(bundle.join(f["path"].as_str().unwrap())).unwrap();
         assert_eq!(f["bytes"].as_u64().unwrap(), bytes.len() as u64);

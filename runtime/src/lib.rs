@@ -9,9 +9,11 @@ pub mod model;
 pub mod onnxruntime;
 pub mod providers;
 pub mod sampling;
+pub mod session;
 
 pub use bundle::Bundle;
 pub use error::RuntimeError;
 pub use model::{GenerateParams, Generation, Model, RuntimeOptions, StopReason};
 pub use providers::Provider;
 pub use sampling::Sampling;
+pub use session::{KvBytes, Session};

@@ -95,7 +95,7 @@ pub struct Generation {
 }
 
 /// The KV cache between steps: each `past_*` input name with the value to feed it.
-type Cache = Vec<(String, DynValue)>;
+pub(crate) type Cache = Vec<(String, DynValue)>;
 
 /// A loaded bundle with its ONNX Runtime session.
 pub struct Model {
@@ -164,7 +164,7 @@ impl Model {
         })
     }
 
-    fn empty_cache(&self, batch: usize) -> Result<Cache, RuntimeError> {
+    pub(crate) fn empty_cache(&self, batch: usize) -> Result<Cache, RuntimeError> {
         let m = &self.bundle.manifest;
         let shape = [batch, m.model.num_kv_heads, 0, m.model.head_dim];
         let mut out = Vec::new();
@@ -183,7 +183,7 @@ impl Model {
 
     /// Runs one step on `ids` at positions `start..`, consuming the cache and returning the new one with
     /// the logits of the last position.
-    fn step(
+    pub(crate) fn step(
         &self,
         ids: &[i64],
         start: usize,
@@ -365,11 +365,11 @@ impl Model {
         if params.max_new_tokens == 0 {
             return Ok(out);
         }
+        let mut session = self.session()?;
         let start = Instant::now();
-        let (mut logits, mut cache) = self.step(prompt, 0, self.empty_cache(1)?)?;
+        let mut logits = session.feed(prompt)?;
         out.prefill = start.elapsed();
         let decode_start = Instant::now();
-        let mut position = prompt.len();
         loop {
             let token = sampler.next(&logits);
             if params.return_logits {
@@ -383,13 +383,15 @@ impl Model {
             if out.tokens.len() == params.max_new_tokens {
                 break;
             }
-            let (l, c) = self.step(&[token], position, cache)?;
-            logits = l;
-            cache = c;
-            position += 1;
+            logits = session.feed(&[token])?;
         }
         out.decode = decode_start.elapsed();
         Ok(out)
+    }
+
+    /// A new conversation with an empty cache.
+    pub fn session(&self) -> Result<crate::session::Session<'_>, RuntimeError> {
+        crate::session::Session::new(self)
     }
 
     /// Times a prefill of `prompt_len` tokens in each of `batch` rows, then `steps` decode steps

@@ -1,0 +1,155 @@
+//! A conversation: its KV cache and position. Chunked-attention (RoPE) layers only attend inside the
+//! current chunk, so after every step their caches keep just the positions of the current chunk before the
+//! next token (`position % chunk`); NoPE layers keep the whole context, up to the bundle's maximum. The
+//! graph derives key positions from each cache's length (`first position - past length + j`), so a
+//! trimmed, contiguous cache is exactly what its masks expect.
+
+use ndarray::{Axis, Slice};
+use ort::value::{DynValue, Tensor};
+
+use crate::error::RuntimeError;
+use crate::model::{Cache, Model};
+
+/// Bytes held by a session's KV cache, by layer type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvBytes {
+    /// Chunked-attention (RoPE) layers: bounded by the chunk size.
+    pub chunked: u64,
+    /// Full-attention (NoPE) layers: grow with the context.
+    pub full: u64,
+}
+
+impl KvBytes {
+    /// All layers.
+    pub fn total(&self) -> u64 {
+        self.chunked + self.full
+    }
+}
+
+/// One conversation on a [`Model`]: feed it tokens, read the logits of the last one.
+pub struct Session<'m> {
+    model: &'m Model,
+    cache: Cache,
+    position: usize,
+}
+
+impl<'m> Session<'m> {
+    pub(crate) fn new(model: &'m Model) -> Result<Session<'m>, RuntimeError> {
+        Ok(Session {
+            model,
+            cache: model.empty_cache(1)?,
+            position: 0,
+        })
+    }
+
+    /// Tokens consumed so far (the position of the next token).
+    pub fn position(&self) -> usize {
+        self.position
+    }
+
+    /// Runs `ids` after what the session holds; returns the logits of the last of them.
+    pub fn feed(&mut self, ids: &[i64]) -> Result<Vec<f32>, RuntimeError> {
+        let m = &self.model.bundle.manifest;
+        if ids.is_empty() {
+            return Err(RuntimeError::Param("no tokens to feed".into()));
+        }
+        if let Some(bad) = ids
+            .iter()
+            .find(|&&t| t < 0 || t as usize >= m.model.vocab_size)
+        {
+            return Err(RuntimeError::Param(format!(
+                "token id {bad} is outside the vocabulary 0..{}",
+                m.model.vocab_size
+            )));
+        }
+        let end = self.position + ids.len();
+        if end > m.model.max_positions {
+            return Err(RuntimeError::TooLong {
+                len: end,
+                max: m.model.max_positions,
+            });
+        }
+        let cache = std::mem::take(&mut self.cache);
+        let (logits, cache) = self.model.step(ids, self.position, cache)?;
+        self.position = end;
+        self.cache = self.bound(cache)?;
+        Ok(logits)
+    }
+
+    /// Keeps only the current chunk's positions in the chunked layers' caches.
+    fn bound(&self, cache: Cache) -> Result<Cache, RuntimeError> {
+        let m = &self.model.bundle.manifest.model;
+        let keep = self.position % m.attention_chunk_size.max(1);
+        let f16 = self.model.bundle.manifest.dtype == "f16";
+        cache
+            .into_iter()
+            .map(|(name, value)| {
+                if is_full_layer(&name, &m.nope_layers) {
+                    Ok((name, value))
+                } else {
+                    Ok((name, keep_last(value, keep, f16)?))
+                }
+            })
+            .collect()
+    }
+
+    /// Bytes of the cache now.
+    pub fn kv_bytes(&self) -> KvBytes {
+        let m = &self.model.bundle.manifest;
+        let element = if m.dtype == "f16" { 2 } else { 4 };
+        let mut bytes = KvBytes {
+            chunked: 0,
+            full: 0,
+        };
+        for (name, value) in &self.cache {
+            let n = elements(value) * element;
+            if is_full_layer(name, &m.model.nope_layers) {
+                bytes.full += n;
+            } else {
+                bytes.chunked += n;
+            }
+        }
+        bytes
+    }
+}
+
+/// Whether the cache input `past_{key,value}.{layer}` belongs to a full-attention (NoPE) layer.
+fn is_full_layer(name: &str, nope_layers: &[usize]) -> bool {
+    name.rsplit('.')
+        .next()
+        .and_then(|l| l.parse::<usize>().ok())
+        .is_some_and(|l| nope_layers.contains(&l))
+}
+
+fn elements(value: &DynValue) -> u64 {
+    match value.dtype() {
+        ort::value::ValueType::Tensor { shape, .. } => {
+            shape.iter().map(|&d| d.max(0) as u64).product()
+        }
+        _ => 0,
+    }
+}
+
+/// The last `keep` positions (axis 2) of a [batch, heads, length, head_dim] cache tensor.
+fn keep_last(value: DynValue, keep: usize, f16: bool) -> Result<DynValue, RuntimeError> {
+    fn cut<T: ort::value::PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static>(
+        value: &DynValue,
+        keep: usize,
+    ) -> Result<Option<DynValue>, RuntimeError> {
+        let view = value.try_extract_array::<T>()?;
+        let len = view.shape()[2];
+        if len <= keep {
+            return Ok(None);
+        }
+        let kept = view
+            .slice_axis(Axis(2), Slice::from(len - keep..len))
+            .to_owned();
+        Ok(Some(Tensor::from_array(kept)?.into_dyn()))
+    }
+    let trimmed = if f16 {
+        cut::<half::f16>(&value, keep)?
+    } else {
+        cut::<f32>(&value, keep)?
+    };
+    Ok(trimmed.unwrap_or(value))
+}

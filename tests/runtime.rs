@@ -1,0 +1,169 @@
+//! The runtime library through its Rust API: long generation across many chunk boundaries with the
+//! chunked layers' caches bounded (kv_bytes() against the formula at every length), the maximum context,
+//! and many threads generating from one shared Model.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{fixture, goldens_file, max_error, ok, LOGIT_TOLERANCE};
+use herd_runtime::{GenerateParams, Model, RuntimeOptions, Sampling};
+
+fn compile(name: &str, dir: &std::path::Path, max_context: usize) -> std::path::PathBuf {
+    let bundle = dir.join(name);
+    ok(&[
+        "compile",
+        fixture(name).to_str().unwrap(),
+        "-o",
+        bundle.to_str().unwrap(),
+        "--max-context",
+        &max_context.to_string(),
+    ]);
+    bundle
+}
+
+fn greedy(n: usize) -> GenerateParams {
+    GenerateParams {
+        max_new_tokens: n,
+        sampling: Sampling::Greedy,
+        stop_ids: Some(vec![]),
+        return_logits: true,
+    }
+}
+
+#[test]
+fn long_generation_across_chunks_matches_transformers_with_bounded_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::load(
+        &compile("tiny-scout", dir.path(), 128),
+        &RuntimeOptions::default(),
+    )
+    .unwrap();
+    let (_, golden) = goldens_file("tiny-scout", "goldens-long.safetensors")
+        .pop()
+        .unwrap();
+    assert_eq!((golden.input_ids.len(), golden.greedy_ids.len()), (12, 48));
+    let out = model.generate(&golden.input_ids, &greedy(48)).unwrap();
+    assert_eq!(
+        out.tokens, golden.greedy_ids,
+        "greedy tokens across 7 chunk boundaries"
+    );
+    let logits = ndarray::Array2::from_shape_vec((48, 512), out.step_logits.concat()).unwrap();
+    let (err, scale) = max_error(&logits, &golden.step_logits);
+    eprintln!("long generation: max error {err:.3e} (scale {scale:.3})");
+    assert!(
+        err <= LOGIT_TOLERANCE * scale,
+        "logits differ by {err} (scale {scale})"
+    );
+
+    // kv_bytes() at every length: 3 chunked layers keep position % 8 tokens, 1 NoPE layer keeps them all.
+    let per_token_per_layer = 2 * 2 * 16 * 4; // k and v, 2 kv heads, head_dim 16, f32
+    let mut session = model.session().unwrap();
+    let mut ids = golden.input_ids.clone();
+    ids.extend_from_slice(&golden.greedy_ids);
+    session.feed(&ids[..12]).unwrap();
+    for t in 12..ids.len() {
+        let p = session.position() as u64;
+        let kv = session.kv_bytes();
+        assert_eq!(
+            kv.chunked,
+            3 * per_token_per_layer * (p % 8),
+            "chunked layers at position {p}"
+        );
+        assert_eq!(
+            kv.full,
+            per_token_per_layer * p,
+            "NoPE layer at position {p}"
+        );
+        session.feed(&ids[t..t + 1]).unwrap();
+    }
+    let whole = 4 * per_token_per_layer * session.position() as u64;
+    eprintln!(
+        "at {} tokens the cache holds {} bytes; keeping every layer whole would take {whole}",
+        session.position(),
+        session.kv_bytes().total()
+    );
+}
+
+#[test]
+fn longer_than_the_maximum_context_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::load(
+        &compile("tiny-maverick", dir.path(), 16),
+        &RuntimeOptions::default(),
+    )
+    .unwrap();
+    let mut session = model.session().unwrap();
+    session.feed(&[5; 10]).unwrap();
+    let err = session.feed(&[5; 7]).unwrap_err().to_string();
+    assert!(
+        err.contains("17 tokens") && err.contains("at most 16 positions"),
+        "{err}"
+    );
+    assert_eq!(
+        session.position(),
+        10,
+        "a refused feed leaves the session as it was"
+    );
+    session.feed(&[5; 6]).unwrap();
+    assert!(model
+        .generate(&[1; 17], &greedy(1))
+        .unwrap_err()
+        .to_string()
+        .contains("at most 16"));
+}
+
+#[test]
+fn threads_share_one_model_and_get_what_they_get_alone() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Model>();
+    let dir = tempfile::tempdir().unwrap();
+    let model = Arc::new(
+        Model::load(
+            &compile("tiny-scout", dir.path(), 64),
+            &RuntimeOptions::default(),
+        )
+        .unwrap(),
+    );
+    let prompt = |i: i64| vec![3 + i, 40 + 2 * i, 100 + 3 * i, 7];
+    let params = |i: u64| GenerateParams {
+        max_new_tokens: 12,
+        sampling: if i % 2 == 0 {
+            Sampling::Greedy
+        } else {
+            Sampling::Sample {
+                temperature: 0.9,
+                top_k: 20,
+                top_p: 0.95,
+                seed: i,
+            }
+        },
+        stop_ids: Some(vec![]),
+        return_logits: false,
+    };
+    let alone: Vec<Vec<i64>> = (0..16)
+        .map(|i| {
+            model
+                .generate(&prompt(i), &params(i as u64))
+                .unwrap()
+                .tokens
+        })
+        .collect();
+    let handles: Vec<_> = (0..16)
+        .map(|i| {
+            let model = Arc::clone(&model);
+            std::thread::spawn(move || {
+                model
+                    .generate(&prompt(i), &params(i as u64))
+                    .unwrap()
+                    .tokens
+            })
+        })
+        .collect();
+    let together: Vec<Vec<i64>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(together, alone);
+    assert!(
+        alone.windows(2).any(|w| w[0] != w[1]),
+        "the 16 generations should differ"
+    );
+}
