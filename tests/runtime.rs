@@ -167,3 +167,59 @@ fn threads_share_one_model_and_get_what_they_get_alone() {
         "the 16 generations should differ"
     );
 }
+
+#[test]
+fn tokenizer_and_chat_template_match_transformers() {
+    use herd_runtime::{Message, TextCodec};
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = compile("tiny-scout", dir.path(), 64);
+    let codec = TextCodec::load(&bundle).unwrap();
+    let goldens: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("tiny-scout").join("tokenizer-goldens.json")).unwrap(),
+    )
+    .unwrap();
+    let ids = |v: &serde_json::Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    for t in goldens["texts"].as_array().unwrap() {
+        assert_eq!(
+            codec.encode(t["text"].as_str().unwrap()).unwrap(),
+            ids(&t["ids"]),
+            "{}",
+            t["text"]
+        );
+    }
+    let messages: Vec<Message> =
+        serde_json::from_value(goldens["chat"]["messages"].clone()).unwrap();
+    assert_eq!(
+        codec.render(&messages, true).unwrap(),
+        goldens["chat"]["rendered"].as_str().unwrap()
+    );
+    let chat = codec.encode_chat(&messages, true).unwrap();
+    assert_eq!(chat, ids(&goldens["chat"]["ids"]));
+    assert_eq!(
+        chat.iter().filter(|&&i| i == 500).count(),
+        1,
+        "exactly one BOS"
+    );
+    assert_eq!(
+        codec.decode(&ids(&goldens["decode"]["ids"]), true).unwrap(),
+        goldens["decode"]["text"].as_str().unwrap()
+    );
+
+    // Without a template in the checkpoint, Llama 4's format is used.
+    std::fs::remove_file(bundle.join("chat_template.jinja")).unwrap();
+    let fallback = TextCodec::load(&bundle).unwrap();
+    let one = [Message {
+        role: "user".into(),
+        content: " hi ".into(),
+    }];
+    assert_eq!(
+        fallback.render(&one, true).unwrap(),
+        "<|begin_of_text|><|header_start|>user<|header_end|>\n\nhi<|eot|><|header_start|>assistant<|header_end|>\n\n"
+    );
+}

@@ -10,6 +10,7 @@ pub mod onnxruntime;
 pub mod providers;
 pub mod sampling;
 pub mod session;
+pub mod text;
 
 pub use bundle::Bundle;
 pub use error::RuntimeError;
@@ -17,3 +18,4 @@ pub use model::{GenerateParams, Generation, Model, RuntimeOptions, StopReason};
 pub use providers::Provider;
 pub use sampling::Sampling;
 pub use session::{KvBytes, Session};
+pub use text::{Message, TextCodec};

@@ -1,0 +1,173 @@
+//! Text in and out: the bundle's `tokenizer.json` (through the `tokenizers` crate) and chat template
+//! (`chat_template.jinja` or `chat_template` in `tokenizer_config.json`, rendered with `minijinja`;
+//! Llama 4's format when the checkpoint has none). A rendered conversation already starts with BOS, so it
+//! is tokenized without the tokenizer's own special tokens: never a double BOS.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::RuntimeError;
+
+/// Llama 4's chat format (shared/llama4.md), used when the checkpoint ships no template.
+pub const LLAMA4_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}<|header_start|>{{ message.role }}<|header_end|>\n\n\
+{{ message.content | trim }}<|eot|>{% endfor %}{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>\n\n{% endif %}";
+
+/// One chat message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// A bundle's tokenizer and chat template.
+pub struct TextCodec {
+    tokenizer: tokenizers::Tokenizer,
+    template: String,
+    bos_token: String,
+}
+
+#[derive(Deserialize)]
+struct TokenizerConfig {
+    chat_template: Option<serde_json::Value>,
+    bos_token: Option<serde_json::Value>,
+}
+
+fn token_text(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+impl TextCodec {
+    /// Loads `tokenizer.json` and the chat template from a bundle folder.
+    pub fn load(dir: &Path) -> Result<TextCodec, RuntimeError> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(RuntimeError::Param(format!(
+                "{} has no tokenizer.json: text needs a bundle compiled from a checkpoint folder that has one (token ids still work)",
+                dir.display()
+            )));
+        }
+        let tokenizer =
+            tokenizers::Tokenizer::from_file(&path).map_err(|e| RuntimeError::BadManifest {
+                path: path.display().to_string(),
+                message: format!("invalid tokenizer: {e}"),
+            })?;
+        let config: Option<TokenizerConfig> =
+            std::fs::read_to_string(dir.join("tokenizer_config.json"))
+                .ok()
+                .map(|t| serde_json::from_str(&t))
+                .transpose()
+                .map_err(|e| RuntimeError::BadManifest {
+                    path: dir.join("tokenizer_config.json").display().to_string(),
+                    message: e.to_string(),
+                })?;
+        let from_config = config
+            .as_ref()
+            .and_then(|c| c.chat_template.as_ref())
+            .and_then(|t| match t {
+                serde_json::Value::String(s) => Some(s.clone()),
+                // A list of named templates: the default one.
+                serde_json::Value::Array(list) => list
+                    .iter()
+                    .find(|e| e.get("name").and_then(|n| n.as_str()) == Some("default"))
+                    .and_then(|e| e.get("template")?.as_str().map(str::to_string)),
+                _ => None,
+            });
+        let template = match std::fs::read_to_string(dir.join("chat_template.jinja")) {
+            Ok(t) => t,
+            Err(_) => from_config.unwrap_or_else(|| LLAMA4_TEMPLATE.to_string()),
+        };
+        let bos_token = config
+            .and_then(|c| c.bos_token.as_ref().and_then(token_text))
+            .unwrap_or_else(|| "<|begin_of_text|>".to_string());
+        Ok(TextCodec {
+            tokenizer,
+            template,
+            bos_token,
+        })
+    }
+
+    /// Token ids of plain text, with the tokenizer's special tokens (BOS).
+    pub fn encode(&self, text: &str) -> Result<Vec<i64>, RuntimeError> {
+        self.encode_with(text, true)
+    }
+
+    fn encode_with(&self, text: &str, special: bool) -> Result<Vec<i64>, RuntimeError> {
+        let enc = self
+            .tokenizer
+            .encode(text, special)
+            .map_err(|e| RuntimeError::Param(format!("cannot tokenize: {e}")))?;
+        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+    }
+
+    /// The conversation rendered with the chat template.
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, RuntimeError> {
+        let mut env = minijinja::Environment::new();
+        env.add_template("chat", &self.template)
+            .map_err(|e| RuntimeError::Param(format!("invalid chat template: {e}")))?;
+        let ctx = minijinja::context! { messages => messages, add_generation_prompt => add_generation_prompt, bos_token => &self.bos_token };
+        env.get_template("chat")
+            .and_then(|t| t.render(ctx))
+            .map_err(|e| RuntimeError::Param(format!("cannot render the chat template: {e}")))
+    }
+
+    /// Token ids of a rendered conversation (BOS from the template only).
+    pub fn encode_chat(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<i64>, RuntimeError> {
+        self.encode_with(&self.render(messages, add_generation_prompt)?, false)
+    }
+
+    /// Text of token ids; special tokens are left out when `skip_special`.
+    pub fn decode(&self, ids: &[i64], skip_special: bool) -> Result<String, RuntimeError> {
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        self.tokenizer
+            .decode(&ids, skip_special)
+            .map_err(|e| RuntimeError::Param(format!("cannot decode: {e}")))
+    }
+}
+
+/// Turns a stream of token ids into text deltas, holding back bytes of incomplete UTF-8 characters.
+pub struct Detokenizer<'c> {
+    codec: &'c TextCodec,
+    ids: Vec<i64>,
+    emitted: usize,
+}
+
+impl<'c> Detokenizer<'c> {
+    /// A detokenizer for `codec`.
+    pub fn new(codec: &'c TextCodec) -> Detokenizer<'c> {
+        Detokenizer {
+            codec,
+            ids: Vec::new(),
+            emitted: 0,
+        }
+    }
+
+    /// Adds a token; returns the text it completes (possibly empty).
+    pub fn push(&mut self, id: i64) -> Result<String, RuntimeError> {
+        self.ids.push(id);
+        let text = self.codec.decode(&self.ids, true)?;
+        if text.ends_with('\u{fffd}') || text.len() < self.emitted {
+            return Ok(String::new());
+        }
+        let delta = text[self.emitted..].to_string();
+        self.emitted = text.len();
+        Ok(delta)
+    }
+
+    /// All text so far.
+    pub fn text(&self) -> Result<String, RuntimeError> {
+        self.codec.decode(&self.ids, true)
+    }
+}
