@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 
 use common::{fixture, goldens_file, max_error, ok, LOGIT_TOLERANCE};
-use herd_runtime::{GenerateParams, Model, RuntimeOptions, Sampling};
+use herd_runtime::{GenerateParams, Model, RuntimeOptions, SampleParams, Sampling};
 
 fn compile(name: &str, dir: &std::path::Path, max_context: usize) -> std::path::PathBuf {
     let bundle = dir.join(name);
@@ -27,6 +27,7 @@ fn greedy(n: usize) -> GenerateParams {
         max_new_tokens: n,
         sampling: Sampling::Greedy,
         stop_ids: Some(vec![]),
+        stop_strings: vec![],
         return_logits: true,
     }
 }
@@ -131,14 +132,16 @@ fn threads_share_one_model_and_get_what_they_get_alone() {
         sampling: if i % 2 == 0 {
             Sampling::Greedy
         } else {
-            Sampling::Sample {
+            Sampling::Sample(SampleParams {
                 temperature: 0.9,
                 top_k: 20,
                 top_p: 0.95,
                 seed: i,
-            }
+                ..Default::default()
+            })
         },
         stop_ids: Some(vec![]),
+        stop_strings: vec![],
         return_logits: false,
     };
     let alone: Vec<Vec<i64>> = (0..16)

@@ -4,6 +4,7 @@
 
 pub mod bundle;
 pub mod error;
+pub mod generate;
 pub mod manifest;
 pub mod model;
 pub mod onnxruntime;
@@ -14,8 +15,9 @@ pub mod text;
 
 pub use bundle::Bundle;
 pub use error::RuntimeError;
+pub use generate::{Prompt, TokenEvent, TokenStream};
 pub use model::{GenerateParams, Generation, Model, RuntimeOptions, StopReason};
 pub use providers::Provider;
-pub use sampling::Sampling;
+pub use sampling::{SampleParams, Sampling};
 pub use session::{KvBytes, Session};
 pub use text::{Message, TextCodec};

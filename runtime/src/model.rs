@@ -14,7 +14,7 @@ use ort::value::{DynValue, Tensor};
 
 use crate::bundle::Bundle;
 use crate::error::RuntimeError;
-use crate::sampling::{Sampler, Sampling};
+use crate::sampling::Sampling;
 
 /// How a bundle is loaded.
 #[derive(Clone, Debug, Default)]
@@ -66,12 +66,14 @@ impl RuntimeOptions {
 }
 
 /// What one call to [`Model::generate`] does.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct GenerateParams {
     pub max_new_tokens: usize,
     pub sampling: Sampling,
     /// Token ids that end generation; the bundle's stop ids when None.
     pub stop_ids: Option<Vec<i64>>,
+    /// Texts that end generation (checked on the decoded output; needs a tokenizer).
+    pub stop_strings: Vec<String>,
     /// Keep the logits of every step (row i produced token i).
     pub return_logits: bool,
 }
@@ -81,6 +83,8 @@ pub struct GenerateParams {
 pub enum StopReason {
     MaxTokens,
     StopToken,
+    StopString,
+    Cancelled,
 }
 
 /// The result of one generation.
@@ -101,6 +105,7 @@ pub(crate) type Cache = Vec<(String, DynValue)>;
 pub struct Model {
     pub bundle: Bundle,
     session: Mutex<Session>,
+    text: Option<crate::text::TextCodec>,
 }
 
 impl Model {
@@ -158,9 +163,15 @@ impl Model {
         let session = builder
             .commit_from_file(&model_path)
             .map_err(|e| RuntimeError::Ort(format!("{}: {e}", model_path.display())))?;
+        let text = if bundle.dir.join("tokenizer.json").is_file() {
+            Some(crate::text::TextCodec::load(&bundle.dir)?)
+        } else {
+            None
+        };
         Ok(Model {
             bundle,
             session: Mutex::new(session),
+            text,
         })
     }
 
@@ -323,38 +334,14 @@ impl Model {
         Ok((last, next))
     }
 
-    /// Generates up to `params.max_new_tokens` tokens after `prompt` (token ids).
+    /// Generates up to `params.max_new_tokens` tokens after `prompt` (token ids); see [`Model::stream`].
     pub fn generate(
         &self,
         prompt: &[i64],
         params: &GenerateParams,
     ) -> Result<Generation, RuntimeError> {
-        params.sampling.validate()?;
-        let m = &self.bundle.manifest;
-        if prompt.is_empty() {
-            return Err(RuntimeError::Param("the prompt has no tokens".into()));
-        }
-        if let Some(bad) = prompt
-            .iter()
-            .find(|&&t| t < 0 || t as usize >= m.model.vocab_size)
-        {
-            return Err(RuntimeError::Param(format!(
-                "token id {bad} is outside the vocabulary 0..{}",
-                m.model.vocab_size
-            )));
-        }
-        let needed = prompt.len() + params.max_new_tokens.saturating_sub(1);
-        if needed > m.model.max_positions {
-            return Err(RuntimeError::TooLong {
-                len: needed,
-                max: m.model.max_positions,
-            });
-        }
-        let stop_ids = params
-            .stop_ids
-            .clone()
-            .unwrap_or_else(|| m.stop_token_ids.clone());
-        let mut sampler = Sampler::new(params.sampling.clone());
+        let mut stream =
+            self.stream(crate::generate::Prompt::Ids(prompt.to_vec()), params, None)?;
         let mut out = Generation {
             tokens: Vec::new(),
             step_logits: Vec::new(),
@@ -362,31 +349,36 @@ impl Model {
             decode: Duration::ZERO,
             stop: StopReason::MaxTokens,
         };
-        if params.max_new_tokens == 0 {
-            return Ok(out);
-        }
-        let mut session = self.session()?;
         let start = Instant::now();
-        let mut logits = session.feed(prompt)?;
-        out.prefill = start.elapsed();
-        let decode_start = Instant::now();
-        loop {
-            let token = sampler.next(&logits);
-            if params.return_logits {
-                out.step_logits.push(std::mem::take(&mut logits));
+        let mut first = None;
+        for event in &mut stream {
+            let event = event?;
+            first.get_or_insert_with(|| start.elapsed());
+            out.tokens.push(event.id);
+            if let Some(l) = event.logits {
+                out.step_logits.push(l);
             }
-            out.tokens.push(token);
-            if stop_ids.contains(&token) {
-                out.stop = StopReason::StopToken;
-                break;
-            }
-            if out.tokens.len() == params.max_new_tokens {
-                break;
-            }
-            logits = session.feed(&[token])?;
         }
-        out.decode = decode_start.elapsed();
+        out.prefill = first.unwrap_or_default();
+        out.decode = start.elapsed().saturating_sub(out.prefill);
+        out.stop = stream.stop_reason().unwrap_or(StopReason::MaxTokens);
         Ok(out)
+    }
+
+    /// Streams generated tokens (with their text when the bundle has a tokenizer) after `prompt`;
+    /// `cancel`, when set to true from another thread, ends the stream after the current token.
+    pub fn stream(
+        &self,
+        prompt: crate::generate::Prompt,
+        params: &GenerateParams,
+        cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    ) -> Result<crate::generate::TokenStream<'_>, RuntimeError> {
+        crate::generate::TokenStream::new(self, prompt, params.clone(), cancel)
+    }
+
+    /// The bundle's tokenizer and chat template, if it has a tokenizer.
+    pub fn text(&self) -> Option<&crate::text::TextCodec> {
+        self.text.as_ref()
     }
 
     /// A new conversation with an empty cache.
