@@ -29,6 +29,8 @@ enum Command {
     Compile(commands::compile::CompileArgs),
     /// Generate tokens from a compiled bundle with ONNX Runtime.
     Run(commands::run::RunArgs),
+    /// Chat with a compiled bundle interactively (streamed; needs the checkpoint's tokenizer).
+    Chat(commands::chat::ChatArgs),
     /// Write a synthetic Llama 4-shaped checkpoint (random bf16 weights) for benchmarks.
     Synth(commands::synth::SynthArgs),
     /// Measure a bundle (load, prefill, decode, memory, roofline) or, with --compile, compiling a checkpoint.
@@ -64,6 +66,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => commands::inspect::run(&args),
         Command::Compile(args) => commands::compile::run(&args),
         Command::Run(args) => commands::run::run(&args),
+        Command::Chat(args) => commands::chat::run(&args),
         Command::Synth(args) => commands::synth::run(&args),
         Command::Bench(args) => commands::bench::run(&args),
         Command::Eval(args) => commands::eval::run(&args),

@@ -226,3 +226,109 @@ fn tokenizer_and_chat_template_match_transformers() {
         "<|begin_of_text|><|header_start|>user<|header_end|>\n\nhi<|eot|><|header_start|>assistant<|header_end|>\n\n"
     );
 }
+
+#[test]
+fn streaming_stops_at_strings_and_on_cancellation() {
+    use herd_runtime::{Message, Prompt, StopReason};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::load(
+        &compile("tiny-scout", dir.path(), 128),
+        &RuntimeOptions::default(),
+    )
+    .unwrap();
+    let text =
+        |stream: herd_runtime::TokenStream| stream.map(|e| e.unwrap().text).collect::<String>();
+
+    let all = text(
+        model
+            .stream(Prompt::Text("Hello, world!".into()), &greedy(30), None)
+            .unwrap(),
+    );
+    let ids = model
+        .generate(
+            &model.text().unwrap().encode("Hello, world!").unwrap(),
+            &greedy(30),
+        )
+        .unwrap()
+        .tokens;
+    assert_eq!(
+        all,
+        model.text().unwrap().decode(&ids, true).unwrap(),
+        "streamed text deltas add up to the decoded text"
+    );
+
+    // Stop at the first occurrence of a piece of that text.
+    let needle: String = all.chars().skip(3).take(2).collect();
+    let params = GenerateParams {
+        stop_strings: vec![needle.clone()],
+        ..greedy(30)
+    };
+    let mut stream = model
+        .stream(Prompt::Text("Hello, world!".into()), &params, None)
+        .unwrap();
+    let cut: String = (&mut stream).map(|e| e.unwrap().text).collect();
+    assert_eq!(stream.stop_reason(), Some(StopReason::StopString));
+    assert!(
+        cut.contains(&needle) && cut.len() <= all.len(),
+        "{cut:?} / {all:?}"
+    );
+
+    // Cancellation from another holder of the flag ends the stream after the current token.
+    let cancel = std::sync::Arc::new(AtomicBool::new(false));
+    let chat = vec![Message {
+        role: "user".into(),
+        content: "hi".into(),
+    }];
+    let mut stream = model
+        .stream(Prompt::Chat(chat), &greedy(30), Some(cancel.clone()))
+        .unwrap();
+    assert!(stream.next().unwrap().is_ok());
+    cancel.store(true, Ordering::Relaxed);
+    assert!(stream.next().is_none());
+    assert_eq!(stream.stop_reason(), Some(StopReason::Cancelled));
+}
+
+#[test]
+fn chat_streams_over_a_pipe() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = compile("tiny-scout", dir.path(), 256);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args([
+            "chat",
+            bundle.to_str().unwrap(),
+            "--system",
+            "You are herd.",
+            "--max-new-tokens",
+            "6",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello!\n/reset\nCompile Llama 4\n/exit\nnever read\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.matches("> ").count(),
+        4,
+        "a prompt per line read until /exit: {stdout:?}"
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.len() > 2).count(),
+        2,
+        "two replies: {stdout:?}"
+    );
+}

@@ -35,18 +35,13 @@ impl Default for SampleParams {
 }
 
 /// How the next token is chosen.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub enum Sampling {
     /// The most likely token (the first on ties), as transformers' greedy search.
+    #[default]
     Greedy,
     /// A seeded draw from the filtered distribution.
     Sample(SampleParams),
-}
-
-impl Default for Sampling {
-    fn default() -> Sampling {
-        Sampling::Greedy
-    }
 }
 
 impl Sampling {

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod build_engine;
+pub mod chat;
 pub mod compile;
 pub mod eval;
 pub mod inspect;
