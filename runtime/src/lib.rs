@@ -3,6 +3,7 @@
 //! owns the KV cache between steps, and samples tokens. It depends on no compiler crate.
 
 pub mod bundle;
+pub mod capi;
 pub mod error;
 pub mod generate;
 pub mod manifest;

@@ -1,0 +1,61 @@
+/* herd's C ABI end to end: load a bundle, generate from token ids and from text, read an error, free. */
+#include <stdio.h>
+#include <string.h>
+
+#include "herd.h"
+
+static int on_token(int64_t token, const char *text, void *user_data) {
+    int *count = (int *)user_data;
+    (*count)++;
+    printf("token %lld %s\n", (long long)token, text);
+    return 0;
+}
+
+static int stop_after_two(int64_t token, const char *text, void *user_data) {
+    (void)token;
+    (void)text;
+    int *count = (int *)user_data;
+    return ++(*count) >= 2;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 2) {
+        fprintf(stderr, "usage: %s BUNDLE\n", argv[0]);
+        return 64;
+    }
+    char *error = NULL;
+    HerdModel *model = herd_model_load(argv[1], &error);
+    if (model == NULL) {
+        fprintf(stderr, "load failed: %s\n", error);
+        herd_string_free(error);
+        return 1;
+    }
+    int64_t ids[] = {5, 6, 7};
+    int count = 0;
+    int n = herd_generate_ids(model, ids, 3, 8, on_token, &count, &error);
+    if (n < 1 || n != count) {
+        fprintf(stderr, "generate_ids: %d tokens, %d callbacks, error %s\n", n, count, error ? error : "-");
+        return 2;
+    }
+    count = 0;
+    n = herd_generate_text(model, "Hello, world!", 1, 8, stop_after_two, &count, &error);
+    if (n != 2) {
+        fprintf(stderr, "generate_text: expected to stop after 2 tokens, got %d (%s)\n", n, error ? error : "-");
+        return 3;
+    }
+    if (herd_model_load("/nonexistent/bundle", &error) != NULL || error == NULL || strstr(error, "manifest.json") == NULL) {
+        fprintf(stderr, "a missing bundle must fail with a message\n");
+        return 4;
+    }
+    printf("error: %s\n", error);
+    herd_string_free(error);
+    error = NULL;
+    if (herd_generate_ids(NULL, ids, 3, 1, NULL, NULL, &error) != -1 || error == NULL) {
+        fprintf(stderr, "a NULL model must fail with a message\n");
+        return 5;
+    }
+    herd_string_free(error);
+    herd_model_free(model);
+    printf("ok\n");
+    return 0;
+}
