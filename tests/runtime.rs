@@ -119,13 +119,12 @@ fn threads_share_one_model_and_get_what_they_get_alone() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Model>();
     let dir = tempfile::tempdir().unwrap();
-    let model = Arc::new(
-        Model::load(
-            &compile("tiny-scout", dir.path(), 64),
-            &RuntimeOptions::default(),
-        )
-        .unwrap(),
-    );
+    // Four ONNX Runtime sessions: the 16 threads really run graphs in parallel.
+    let options = RuntimeOptions {
+        sessions: 4,
+        ..Default::default()
+    };
+    let model = Arc::new(Model::load(&compile("tiny-scout", dir.path(), 64), &options).unwrap());
     let prompt = |i: i64| vec![3 + i, 40 + 2 * i, 100 + 3 * i, 7];
     let params = |i: u64| GenerateParams {
         max_new_tokens: 12,

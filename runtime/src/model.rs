@@ -30,6 +30,9 @@ pub struct RuntimeOptions {
     /// are then held once, mapped from the bundle (repacking them costs a second copy of the dense
     /// weights for about 2x faster batched prefill/decode on CPU).
     pub prepack: Option<bool>,
+    /// ONNX Runtime sessions to run graphs in parallel (default 1). Weights are mapped once and shared;
+    /// prepacked weights (int4 bundles) are repacked per session.
+    pub sessions: usize,
     /// Execution provider (CPU by default; CUDA and TensorRT need the `tensorrt` feature and a GPU).
     pub provider: crate::providers::Provider,
     /// GPU index for CUDA and TensorRT.
@@ -104,7 +107,9 @@ pub(crate) type Cache = Vec<(String, DynValue)>;
 /// A loaded bundle with its ONNX Runtime session.
 pub struct Model {
     pub bundle: Bundle,
-    session: Mutex<Session>,
+    /// ONNX Runtime sessions over the same mapped weights; each graph run takes a free one.
+    sessions: Vec<Mutex<Session>>,
+    next: std::sync::atomic::AtomicUsize,
     text: Option<crate::text::TextCodec>,
 }
 
@@ -160,9 +165,14 @@ impl Model {
             &cache_dir,
         )?;
         let model_path = bundle.file(&model_file);
-        let session = builder
-            .commit_from_file(&model_path)
-            .map_err(|e| RuntimeError::Ort(format!("{}: {e}", model_path.display())))?;
+        let sessions = (0..options.sessions.max(1))
+            .map(|_| {
+                builder
+                    .commit_from_file(&model_path)
+                    .map(Mutex::new)
+                    .map_err(|e| RuntimeError::Ort(format!("{}: {e}", model_path.display())))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let text = if bundle.dir.join("tokenizer.json").is_file() {
             Some(crate::text::TextCodec::load(&bundle.dir)?)
         } else {
@@ -170,7 +180,8 @@ impl Model {
         };
         Ok(Model {
             bundle,
-            session: Mutex::new(session),
+            sessions,
+            next: std::sync::atomic::AtomicUsize::new(0),
             text,
         })
     }
@@ -294,10 +305,17 @@ impl Model {
         for (name, value) in cache {
             inputs.push((name.into(), value.into()));
         }
-        let mut session = self
-            .session
-            .lock()
-            .map_err(|_| RuntimeError::Ort("session lock poisoned".into()))?;
+        // A free ONNX Runtime session if there is one, else wait for the next in turn.
+        let mut session = match self.sessions.iter().find_map(|s| s.try_lock().ok()) {
+            Some(free) => free,
+            None => {
+                let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    % self.sessions.len();
+                self.sessions[turn]
+                    .lock()
+                    .map_err(|_| RuntimeError::Ort("session lock poisoned".into()))?
+            }
+        };
         let mut outputs = session.run(inputs)?;
         let logits = outputs
             .get(&m.graph.logits)

@@ -36,6 +36,9 @@ pub struct RuntimeArgs {
     /// Never repack MatMul weights (hold every weight once, mapped from the bundle).
     #[arg(long)]
     pub no_prepack: bool,
+    /// ONNX Runtime sessions for running graphs in parallel (weights shared; prepacked ones per session).
+    #[arg(long, default_value_t = 1)]
+    pub sessions: usize,
 }
 
 impl RuntimeArgs {
@@ -57,6 +60,7 @@ impl RuntimeArgs {
                 EpArg::Tensorrt => Provider::TensorRt,
             },
             device: self.device,
+            sessions: self.sessions,
         }
     }
 }
