@@ -273,7 +273,11 @@ fn build_on_gpu(
         gpu_name: gpu.name,
         compute_capability: gpu.compute_capability,
         tensorrt_version: tensorrt_major().map_or_else(|| "unknown".into(), |m| format!("{m}")),
-        onnxruntime_version: "1.31".into(),
+        onnxruntime_version: ort::info()
+            .split(',')
+            .find_map(|part| part.trim().strip_prefix("git-branch=rel-"))
+            .unwrap_or("unknown")
+            .to_string(),
     };
     crate::bundle::record_engine(&bundle.dir, &engine)?;
     Ok(engine)
