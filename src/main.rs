@@ -55,7 +55,18 @@ fn keep_freed_blocks() {
     }
 }
 
+/// Rust ignores SIGPIPE, so printing into a closed pipe (`herd ... | head`) would panic; a command-line
+/// tool should just stop, as the default disposition does.
+fn exit_quietly_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: restores the default SIGPIPE disposition before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    exit_quietly_on_closed_pipe();
     keep_freed_blocks();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("HERD_LOG"))
