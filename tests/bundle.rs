@@ -364,3 +364,23 @@ fn gpu_paths_fail_with_instructions_on_a_machine_without_a_gpu() {
         &["compiled for `onnx`", "--target tensorrt-h100"],
     );
 }
+
+#[test]
+fn staging_folders_of_killed_compiles_are_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A compile killed mid-way (its process is gone) left its staging folder behind.
+    let stale = tmp.path().join(".bundle.herd-partial-4000000000");
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join("model.onnx.data"), b"half written").unwrap();
+    let unrelated = tmp.path().join(".other.herd-partial-4000000000");
+    std::fs::create_dir(&unrelated).unwrap();
+    compile_maverick(&tmp.path().join("bundle"));
+    assert!(
+        !stale.exists(),
+        "the abandoned staging folder is still there"
+    );
+    assert!(
+        unrelated.exists(),
+        "another bundle's staging folder must be left alone"
+    );
+}

@@ -37,6 +37,7 @@ impl BundleWriter {
             _ => PathBuf::from("."),
         };
         fs::create_dir_all(&parent).map_err(|e| TargetError::io(&parent, e))?;
+        remove_abandoned(&parent, &name);
         let staging = parent.join(format!(".{name}.herd-partial-{}", std::process::id()));
         if staging.exists() {
             fs::remove_dir_all(&staging).map_err(|e| TargetError::io(&staging, e))?;
@@ -121,6 +122,28 @@ impl BundleWriter {
         }
         self.finished = true;
         Ok(self.destination.clone())
+    }
+}
+
+/// Removes staging folders of `name` left by compiles that were killed (their process no longer runs).
+fn remove_abandoned(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.herd-partial-");
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file_name
+            .strip_prefix(&prefix)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = Path::new("/proc").join(pid.to_string()).exists();
+        if !alive && pid != std::process::id() {
+            tracing::info!(folder = %entry.path().display(), "removing the staging folder of an interrupted compile");
+            let _ = fs::remove_dir_all(entry.path());
+        }
     }
 }
 
