@@ -39,6 +39,12 @@ pub fn prompts(
         names.sort();
         for name in names {
             let t = st.tensor(&name)?;
+            anyhow::ensure!(
+                t.dtype() == safetensors::Dtype::I64,
+                "{}: `{name}` is {:?}, expected I64 token ids",
+                path.display(),
+                t.dtype()
+            );
             out.push(
                 t.data()
                     .chunks_exact(8)

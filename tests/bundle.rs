@@ -384,3 +384,36 @@ fn staging_folders_of_killed_compiles_are_removed() {
         "another bundle's staging folder must be left alone"
     );
 }
+
+#[test]
+fn manifests_that_disagree_with_the_graph_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = tmp.path().join("bundle");
+    compile_maverick(&bundle);
+    let b = bundle.to_str().unwrap();
+    let path = bundle.join("manifest.json");
+    let original = std::fs::read_to_string(&path).unwrap();
+    // A model file outside the checked files.
+    std::fs::write(
+        &path,
+        original.replace(
+            "\"model_file\": \"model.onnx\"",
+            "\"model_file\": \"other.onnx\"",
+        ),
+    )
+    .unwrap();
+    fails_with(
+        &["run", b, "--input-ids", "1"],
+        &["model file `other.onnx` is not among the bundle's checked files"],
+    );
+    // A vocabulary size the graph does not produce (the manifest itself is not checksummed).
+    std::fs::write(
+        &path,
+        original.replace("\"vocab_size\": 512", "\"vocab_size\": 4096"),
+    )
+    .unwrap();
+    fails_with(
+        &["run", b, "--input-ids", "1"],
+        &["manifest says vocab_size 4096"],
+    );
+}

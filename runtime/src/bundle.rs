@@ -52,6 +52,23 @@ impl Bundle {
             manifest,
         };
         bundle.check_files(false)?;
+        // Every model file the runtime may load must be one of the checked files inside the bundle.
+        let engine = bundle
+            .manifest
+            .tensorrt
+            .as_ref()
+            .and_then(|t| t.engine.as_ref())
+            .map(|e| e.model_file.clone());
+        for model in std::iter::once(bundle.manifest.graph.model_file.clone()).chain(engine) {
+            if !bundle.manifest.files.iter().any(|f| f.path == model) {
+                return Err(RuntimeError::Tampered {
+                    path: bundle.dir.join(MANIFEST_FILE).display().to_string(),
+                    message: format!(
+                        "model file `{model}` is not among the bundle's checked files"
+                    ),
+                });
+            }
+        }
         Ok(bundle)
     }
 

@@ -52,7 +52,8 @@ fn trt_cache_dir(bundle: &Bundle) -> std::path::PathBuf {
         .files
         .iter()
         .find(|f| f.path == bundle.manifest.graph.model_file)
-        .map_or("bundle", |f| &f.sha256[..16]);
+        .and_then(|f| f.sha256.get(..16))
+        .unwrap_or("bundle");
     base.join("tensorrt").join(id)
 }
 
@@ -325,6 +326,21 @@ impl Model {
         let all = logits
             .as_slice()
             .ok_or_else(|| RuntimeError::Ort("non-contiguous logits".into()))?;
+        if all.len() != batch * n * vocab {
+            // The manifest is not checksummed: a vocab_size that disagrees with the graph is a damaged bundle.
+            return Err(RuntimeError::Tampered {
+                path: self
+                    .bundle
+                    .dir
+                    .join(crate::manifest::MANIFEST_FILE)
+                    .display()
+                    .to_string(),
+                message: format!(
+                    "the graph returns {} logits per token, the manifest says vocab_size {vocab}",
+                    all.len() / (batch * n).max(1)
+                ),
+            });
+        }
         let last: Vec<f32> = if all_rows {
             all.to_vec()
         } else {
