@@ -97,13 +97,43 @@ impl RopeConfig {
     }
 }
 
-/// The vision tower's configuration as far as the importer records it (compiling it is a later stage).
+/// The vision tower, adapter and projector configuration (`vision_config`, transformers' defaults for
+/// missing keys), plus the top-level image token ids.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct VisionSummary {
+pub struct VisionConfig {
     pub hidden_size: usize,
     pub num_layers: usize,
+    pub num_heads: usize,
+    /// Width of the encoder MLP, and the adapter's input (pixel-shuffled) width.
+    pub intermediate_size: usize,
+    /// Side of one square tile in pixels.
     pub image_size: usize,
     pub patch_size: usize,
+    pub num_channels: usize,
+    pub rope_theta: f64,
+    pub pixel_shuffle_ratio: f64,
+    pub projector_input_dim: usize,
+    pub projector_output_dim: usize,
+    /// Input width of `multi_modal_projector.linear_1`.
+    pub vision_output_dim: usize,
+    /// `image_token_index`: the `<|patch|>` token whose embeddings the features replace.
+    pub patch_token_id: i64,
+    /// `boi_token_index` / `eoi_token_index`: `<|image_start|>` and `<|image_end|>`.
+    pub image_start_id: i64,
+    pub image_end_id: i64,
+}
+
+impl VisionConfig {
+    /// Patches along one side of a tile.
+    pub fn grid(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    /// Feature rows one tile produces after the pixel shuffle.
+    pub fn tokens_per_tile(&self) -> usize {
+        let g = self.grid();
+        g * g / 4
+    }
 }
 
 /// A fully resolved Llama 4 text model configuration.
@@ -134,7 +164,7 @@ pub struct Llama4Config {
     pub floor_scale: f64,
     pub attn_scale: f64,
     pub tie_word_embeddings: bool,
-    pub vision: Option<VisionSummary>,
+    pub vision: Option<VisionConfig>,
 }
 
 impl Llama4Config {
@@ -206,12 +236,7 @@ impl Llama4Config {
         let vision = match (architecture, value.get("vision_config")) {
             (Architecture::ConditionalGeneration, Some(v)) if !v.is_null() => {
                 let raw: RawVisionConfig = parse(v, file, "vision_config.")?;
-                Some(VisionSummary {
-                    hidden_size: raw.hidden_size.unwrap_or(768),
-                    num_layers: raw.num_hidden_layers.unwrap_or(34),
-                    image_size: raw.image_size.unwrap_or(448),
-                    patch_size: raw.patch_size.unwrap_or(14),
-                })
+                Some(vision_config(raw, &top, file)?)
             }
             _ => None,
         };
@@ -240,6 +265,9 @@ struct RawTopConfig {
     architectures: Option<Vec<String>>,
     model_type: Option<String>,
     tie_word_embeddings: Option<bool>,
+    image_token_index: Option<i64>,
+    boi_token_index: Option<i64>,
+    eoi_token_index: Option<i64>,
 }
 
 /// `attn_temperature_tuning` is a bool in new files and an int (truthy) in older ones.
@@ -295,8 +323,100 @@ struct RawTextConfig {
 struct RawVisionConfig {
     hidden_size: Option<usize>,
     num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    intermediate_size: Option<usize>,
     image_size: Option<usize>,
     patch_size: Option<usize>,
+    num_channels: Option<usize>,
+    rope_theta: Option<f64>,
+    pixel_shuffle_ratio: Option<f64>,
+    projector_input_dim: Option<usize>,
+    projector_output_dim: Option<usize>,
+    vision_output_dim: Option<usize>,
+    hidden_act: Option<String>,
+}
+
+/// Resolves `vision_config` with transformers' `Llama4VisionConfig` defaults and checks what the
+/// compiler relies on (square patch grid, pixel shuffle 0.5, GELU, RoPE pair split).
+fn vision_config(
+    raw: RawVisionConfig,
+    top: &RawTopConfig,
+    file: &str,
+) -> Result<VisionConfig, ConfigError> {
+    let bad = |key: &str, problem: String| ConfigError::BadValue {
+        file: file.to_string(),
+        key: format!("vision_config.{key}"),
+        problem,
+    };
+    let c = VisionConfig {
+        hidden_size: raw.hidden_size.unwrap_or(768),
+        num_layers: raw.num_hidden_layers.unwrap_or(34),
+        num_heads: raw.num_attention_heads.unwrap_or(16),
+        intermediate_size: raw.intermediate_size.unwrap_or(5632),
+        image_size: raw.image_size.unwrap_or(448),
+        patch_size: raw.patch_size.unwrap_or(14),
+        num_channels: raw.num_channels.unwrap_or(3),
+        rope_theta: raw.rope_theta.unwrap_or(10000.0),
+        pixel_shuffle_ratio: raw.pixel_shuffle_ratio.unwrap_or(0.5),
+        projector_input_dim: raw.projector_input_dim.unwrap_or(4096),
+        projector_output_dim: raw.projector_output_dim.unwrap_or(4096),
+        vision_output_dim: raw.vision_output_dim.unwrap_or(7680),
+        patch_token_id: top.image_token_index.unwrap_or(200092),
+        image_start_id: top.boi_token_index.unwrap_or(200080),
+        image_end_id: top.eoi_token_index.unwrap_or(200081),
+    };
+    if c.pixel_shuffle_ratio != 0.5 {
+        return Err(bad(
+            "pixel_shuffle_ratio",
+            format!(
+                "is {}; herd compiles Llama 4's 0.5 only",
+                c.pixel_shuffle_ratio
+            ),
+        ));
+    }
+    if let Some(act) = raw.hidden_act.filter(|a| a != "gelu") {
+        return Err(bad(
+            "hidden_act",
+            format!("is `{act}`; Llama 4's vision tower uses exact `gelu`"),
+        ));
+    }
+    if c.patch_size == 0 || c.image_size % c.patch_size != 0 || c.grid() % 2 != 0 {
+        return Err(bad(
+            "image_size",
+            format!(
+                "{} must be an even multiple of patch_size {}",
+                c.image_size, c.patch_size
+            ),
+        ));
+    }
+    if c.num_heads == 0 || c.hidden_size % (c.num_heads * 4) != 0 {
+        return Err(bad(
+            "num_attention_heads",
+            format!(
+                "hidden_size {} must split into {} heads whose size is a multiple of 4 (2D RoPE)",
+                c.hidden_size, c.num_heads
+            ),
+        ));
+    }
+    if c.intermediate_size != 4 * c.hidden_size {
+        return Err(bad(
+            "intermediate_size",
+            format!(
+                "{} must be 4 x hidden_size {}: the pixel-shuffled width feeds the adapter",
+                c.intermediate_size, c.hidden_size
+            ),
+        ));
+    }
+    if c.projector_output_dim != c.vision_output_dim {
+        return Err(bad(
+            "vision_output_dim",
+            format!(
+                "{} must equal projector_output_dim {}",
+                c.vision_output_dim, c.projector_output_dim
+            ),
+        ));
+    }
+    Ok(c)
 }
 
 struct Resolver<'a> {
@@ -328,7 +448,7 @@ impl Resolver<'_> {
         &self,
         raw: RawTextConfig,
         architecture: Architecture,
-        vision: Option<VisionSummary>,
+        vision: Option<VisionConfig>,
         tie_word_embeddings: bool,
     ) -> Result<Llama4Config, ConfigError> {
         let vocab_size = self.required(raw.vocab_size, "vocab_size")?;

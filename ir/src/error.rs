@@ -75,6 +75,8 @@ pub enum ImportError {
     MissingTensor { tensor: String, what: String },
     #[error("herd bug: the imported graph failed verification:\n{0}")]
     Verify(VerifyError),
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// One verifier finding, attached to the node it concerns.

@@ -88,7 +88,24 @@ pub fn evaluate(
                 args.get(1).map(|w| float(w)),
                 a.eps,
             )),
-            Op::Linear => Tensor::F32(linear(float(args[0]), float(args[1]))),
+            Op::Linear => {
+                let y = linear(float(args[0]), float(args[1]));
+                Tensor::F32(match args.get(2) {
+                    Some(bias) => y + float(bias),
+                    None => y,
+                })
+            }
+            Op::LayerNorm(a) => Tensor::F32(layer_norm(
+                float(args[0]),
+                float(args[1]),
+                float(args[2]),
+                a.eps,
+            )),
+            Op::Gelu => Tensor::F32(float(args[0]).mapv(gelu)),
+            Op::AppendToken => Tensor::F32(append_token(float(args[0]), float(args[1]))),
+            Op::ScatterRows => Tensor::F32(
+                scatter_rows(float(args[0]), int(args[1]), float(args[2])).map_err(fail)?,
+            ),
             Op::Add => binary(args[0], args[1], |a, b| a + b, |a, b| a + b),
             Op::Mul => binary(args[0], args[1], |a, b| a * b, |a, b| a * b),
             Op::Sigmoid => Tensor::F32(float(args[0]).mapv(sigmoid)),
@@ -102,7 +119,7 @@ pub fn evaluate(
                     .map_err(|e| fail(e.to_string()))?,
             ),
             Op::Reshape { shape } => {
-                let sizes: Vec<usize> = shape.iter().map(|&d| dims.resolve(d)).collect();
+                let sizes = reshape_sizes(shape, &dims, args[0].shape()).map_err(fail)?;
                 map_any(args[0], |a| {
                     a.as_standard_layout()
                         .into_owned()
@@ -123,10 +140,17 @@ pub fn evaluate(
             })
             .map_err(fail)?,
             Op::Concat { axis } => concat(args[0], args[1], *axis).map_err(fail)?,
-            Op::Rotary => Tensor::F32(
-                rotary(float(args[0]), float(args[1]), float(args[2]), int(args[3]))
-                    .map_err(fail)?,
-            ),
+            Op::Rotary => {
+                let x = float(args[0]);
+                let positions = match args.get(3) {
+                    Some(p) => int(p).clone(),
+                    None => {
+                        let (b, s) = (x.shape()[0], x.shape()[2]);
+                        ArrayD::from_shape_fn(IxDyn(&[b, s]), |i| i[1] as i64)
+                    }
+                };
+                Tensor::F32(rotary(x, float(args[1]), float(args[2]), &positions).map_err(fail)?)
+            }
             Op::QueryTemperature(t) => Tensor::F32(scale_by_temperature(
                 float(args[0]).clone(),
                 int(args[1]),
@@ -138,13 +162,17 @@ pub fn evaluate(
                 args[1].shape()[2],
                 chunk.map(|c| c.size),
             )),
-            Op::Sdpa { scale } => Tensor::F32(sdpa(
-                float(args[0]),
-                float(args[1]),
-                float(args[2]),
-                boolean(args[3]),
-                *scale,
-            )),
+            Op::Sdpa { scale } => {
+                let (q, k) = (float(args[0]), float(args[1]));
+                let mask = match args.get(3) {
+                    Some(m) => boolean(m).clone(),
+                    None => ArrayD::from_elem(
+                        IxDyn(&[q.shape()[0], 1, q.shape()[2], k.shape()[2]]),
+                        true,
+                    ),
+                };
+                Tensor::F32(sdpa(q, k, float(args[2]), &mask, *scale))
+            }
             Op::SwiGlu => Tensor::F32(swiglu(float(args[0]))),
             Op::FusedMoe(m) => Tensor::F32(fused_moe(m, float(args[0]), &floats(&args[1..]))),
         };
@@ -219,6 +247,7 @@ fn bind_inputs(graph: &Graph, inputs: &HashMap<String, Tensor>) -> Result<DimBin
         batch: get(SymDim::Batch),
         seq: get(SymDim::Seq),
         past: get(SymDim::Past),
+        features: bound.get(&SymDim::Features).copied(),
     };
     if bound
         .get(&SymDim::Total)
@@ -292,6 +321,90 @@ fn concat(a: &Tensor, b: &Tensor, axis: usize) -> Result<Tensor, String> {
         }
         _ => return Err("operands of different element types".into()),
     })
+}
+
+/// Sizes of a reshape target; an unbound `features` dim takes whatever the element count leaves.
+fn reshape_sizes(shape: &[Dim], dims: &DimBindings, from: &[usize]) -> Result<Vec<usize>, String> {
+    let mut sizes: Vec<usize> = shape.iter().map(|&d| dims.resolve(d)).collect();
+    if dims.features.is_none() {
+        if let Some(i) = shape.iter().position(|&d| d == Dim::Sym(SymDim::Features)) {
+            let rest: usize = sizes
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != i)
+                .map(|(_, &n)| n)
+                .product();
+            let total: usize = from.iter().product();
+            if rest == 0 || total % rest != 0 {
+                return Err(format!("cannot reshape {from:?} to {shape:?}"));
+            }
+            sizes[i] = total / rest;
+        }
+    }
+    Ok(sizes)
+}
+
+/// `nn.LayerNorm` over the last axis with biased variance, in f32.
+pub fn layer_norm(
+    x: &ArrayD<f32>,
+    weight: &ArrayD<f32>,
+    bias: &ArrayD<f32>,
+    eps: f32,
+) -> ArrayD<f32> {
+    let h = *x.shape().last().expect("verified rank >= 1");
+    let mut out = x.as_standard_layout().into_owned();
+    let (w, b) = (
+        weight.as_slice().expect("1-D"),
+        bias.as_slice().expect("1-D"),
+    );
+    for row in out.as_slice_mut().expect("standard layout").chunks_mut(h) {
+        let mean = row.iter().sum::<f32>() / h as f32;
+        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
+        let inv = 1.0 / (var + eps).sqrt();
+        for (i, v) in row.iter_mut().enumerate() {
+            *v = (*v - mean) * inv * w[i] + b[i];
+        }
+    }
+    out
+}
+
+/// Exact GELU, computed in f64 and rounded once.
+fn gelu(x: f32) -> f32 {
+    let x = x as f64;
+    (0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))) as f32
+}
+
+/// x [B, T, H] with `token` [H] appended at position T of every row.
+fn append_token(x: &ArrayD<f32>, token: &ArrayD<f32>) -> ArrayD<f32> {
+    let (b, h) = (x.shape()[0], x.shape()[2]);
+    let row = token
+        .view()
+        .into_shape_with_order(IxDyn(&[1, 1, h]))
+        .expect("verified [H]");
+    let rows = row.broadcast(IxDyn(&[b, 1, h])).expect("broadcasts");
+    ndarray::concatenate(Axis(1), &[x.view(), rows]).expect("shapes agree")
+}
+
+/// x [B, S, H] with flattened row `positions[f]` replaced by `rows[f]`.
+fn scatter_rows(
+    x: &ArrayD<f32>,
+    positions: &ArrayD<i64>,
+    rows: &ArrayD<f32>,
+) -> Result<ArrayD<f32>, String> {
+    let h = x.shape()[2];
+    let n = x.len() / h.max(1);
+    let mut out = x.as_standard_layout().into_owned();
+    let flat = out.as_slice_mut().expect("standard layout");
+    let rows = rows.as_standard_layout();
+    let src = rows.as_slice().expect("standard layout");
+    for (f, &p) in positions.iter().enumerate() {
+        let p = usize::try_from(p)
+            .ok()
+            .filter(|&p| p < n)
+            .ok_or_else(|| format!("position {p} is outside the {n} tokens"))?;
+        flat[p * h..(p + 1) * h].copy_from_slice(&src[f * h..(f + 1) * h]);
+    }
+    Ok(out)
 }
 
 /// NoPE query temperature at absolute position `p`, computed in f32 like transformers.

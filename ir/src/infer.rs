@@ -59,9 +59,46 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String>
                     x.shape, w.shape
                 ));
             }
+            if let Some(bias) = inputs.get(2) {
+                float_tensor(bias, "bias")?;
+                expect(bias, &[n], "bias")?;
+            }
             let mut shape = x.shape.0.clone();
             *shape.last_mut().expect("rank >= 1") = n;
             TensorType::new(x.dtype, shape)
+        }
+        Op::LayerNorm(_) => {
+            let x = inputs[0];
+            float_tensor(x, "x")?;
+            let h = x.shape.last().ok_or("x must have rank >= 1")?;
+            for (t, what) in [(inputs[1], "weight"), (inputs[2], "bias")] {
+                float_tensor(t, what)?;
+                expect(t, &[h], what)?;
+            }
+            x.clone()
+        }
+        Op::Gelu => {
+            float_tensor(inputs[0], "x")?;
+            inputs[0].clone()
+        }
+        Op::AppendToken => {
+            let (x, token) = (inputs[0], inputs[1]);
+            let [b, t, h] = activation(x)?;
+            float_tensor(token, "token")?;
+            expect(token, &[h], "token")?;
+            let t = t.fixed().ok_or("the token axis must have a fixed size")?;
+            TensorType::new(x.dtype, vec![b, Dim::Fixed(t + 1), h])
+        }
+        Op::ScatterRows => {
+            let (x, positions, rows) = (inputs[0], inputs[1], inputs[2]);
+            let [_, _, h] = activation(x)?;
+            index_tensor(positions, 1, "positions")?;
+            let [f] = dims::<1>(positions, "positions")?;
+            if rows.dtype != x.dtype {
+                return Err(format!("rows {rows} must have x's dtype {}", x.dtype));
+            }
+            expect(rows, &[f, h], "rows")?;
+            x.clone()
         }
         Op::Add | Op::Mul => {
             let (a, b) = (inputs[0], inputs[1]);
@@ -165,7 +202,17 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String>
                     inputs[1].shape, inputs[2].shape
                 ));
             }
-            positions(inputs[3], b, s)?;
+            match inputs.get(3) {
+                Some(p) => positions(p, b, s)?,
+                None => {
+                    let [rows, _] = dims::<2>(inputs[1], "cos")?;
+                    if rows != s {
+                        return Err(format!(
+                            "without position ids the tables need {s} rows, got {rows}"
+                        ));
+                    }
+                }
+            }
             x.clone()
         }
         Op::QueryTemperature(_) => {
@@ -186,7 +233,7 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String>
             TensorType::new(DType::Bool, vec![b, Dim::Fixed(1), s, dim_sum(past, s)?])
         }
         Op::Sdpa { .. } => {
-            let (q, k, v, mask) = (inputs[0], inputs[1], inputs[2], inputs[3]);
+            let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
             let [b, nh, s, d] = dims::<4>(q, "q")?;
             let [kb, nkv, t, kd] = dims::<4>(k, "k")?;
             float_tensor(q, "q")?;
@@ -201,8 +248,10 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String>
                     ))
                 }
             }
-            if mask.dtype != DType::Bool || mask.shape.0 != [b, Dim::Fixed(1), s, t] {
-                return Err(format!("mask must be bool[{b}, 1, {s}, {t}], got {mask}"));
+            if let Some(mask) = inputs.get(3) {
+                if mask.dtype != DType::Bool || mask.shape.0 != [b, Dim::Fixed(1), s, t] {
+                    return Err(format!("mask must be bool[{b}, 1, {s}, {t}], got {mask}"));
+                }
             }
             q.clone()
         }
@@ -337,7 +386,12 @@ fn same_elements(a: &[Dim], b: &[Dim]) -> bool {
             syms,
         )
     };
-    split(a) == split(b)
+    let ((pa, sa), (pb, sb)) = (split(a), split(b));
+    // `features` counts feature rows: it may absorb one other symbolic dim times a fixed factor.
+    let absorbs = |from: &[SymDim], to: &[SymDim], pf: usize, pt: usize| {
+        to == [SymDim::Features] && from.len() == 1 && pt > 0 && pf % pt == 0
+    };
+    (pa == pb && sa == sb) || absorbs(&sa, &sb, pa, pb) || absorbs(&sb, &sa, pb, pa)
 }
 
 /// Dims of an activation `[B, S, H]` in a float type.

@@ -14,6 +14,7 @@ pub mod quant;
 pub mod stream;
 pub mod types;
 pub mod verify;
+pub mod vision;
 pub mod weights;
 
 pub use config::Llama4Config;

@@ -43,6 +43,13 @@ pub struct RmsNormAttrs {
     pub eps: f32,
 }
 
+/// Layer normalisation over the last axis: `(x - mean) / sqrt(var + eps) * weight + bias`, statistics in
+/// f32 (biased variance), as `nn.LayerNorm`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerNormAttrs {
+    pub eps: f32,
+}
+
 /// Rotary position embedding of one attention layer, precomputed from the config.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RopeAttrs {
@@ -145,8 +152,19 @@ pub enum Op {
     // ---- primitives (every phase) ----
     /// x [.., H] (float), optional weight [H] -> same type as x. See [`RmsNormAttrs`].
     RmsNorm(RmsNormAttrs),
-    /// x [.., K], w [N, K] -> [.., N]: `x w^T` (nn.Linear without bias), output of x's dtype.
+    /// x [.., K], w [N, K], optional bias [N] -> [.., N]: `x w^T (+ bias)` (nn.Linear), output of x's
+    /// dtype.
     Linear,
+    /// x [.., H] (float), weight [H], bias [H] -> same type as x. See [`LayerNormAttrs`].
+    LayerNorm(LayerNormAttrs),
+    /// x (float) -> same: exact GELU, `x * (1 + erf(x / sqrt 2)) / 2` (nn.GELU()).
+    Gelu,
+    /// x [B, T, H], token [H] -> [B, T + 1, H]: the same token appended after every row's last position
+    /// (the vision tower's class embedding).
+    AppendToken,
+    /// x [B, S, H], positions i64[F], rows [F, H] -> x's type: x with row `positions[f]` of its flattened
+    /// [B * S, H] view replaced by `rows[f]` (image features placed at their `<|patch|>` tokens).
+    ScatterRows,
     /// a, b of equal type (numpy broadcasting over equal ranks) -> that type.
     Add,
     /// a, b of equal type (numpy broadcasting over equal ranks) -> that type.
@@ -171,8 +189,9 @@ pub enum Op {
     },
     /// a, b equal but on `axis` -> concatenation (sizes add; `past + seq` gives `total`).
     Concat { axis: usize },
-    /// x [B, heads, S, d], cos [P, d/2], sin [P, d/2], position_ids i64[B, S] -> x's type. Interleaved
-    /// (GPT-J) rotation of pairs (2j, 2j+1) by the angle whose cos/sin sit at row position_ids[b, s].
+    /// x [B, heads, S, d], cos [P, d/2], sin [P, d/2], optional position_ids i64[B, S] -> x's type.
+    /// Interleaved (GPT-J) rotation of pairs (2j, 2j+1) by the angle whose cos/sin sit at row
+    /// position_ids[b, s]; without position_ids the tables have exactly S rows and token s uses row s.
     Rotary,
     /// q [B, heads, S, d], position_ids i64[B, S] -> q's type:
     /// `q * (1 + attn_scale * ln(1 + floor((p + 1) / floor_scale)))`.
@@ -181,8 +200,9 @@ pub enum Op {
     /// `position_ids[b, 0] - P + j` (the cache holds the P positions just before this call); query s sees
     /// key j iff `pos_k <= pos_q` and, when chunked, both lie in the same chunk.
     AttentionMask { chunk: Option<ChunkAttrs> },
-    /// q [B, nh, S, d], k [B, nkv, T, d], v [B, nkv, T, d], mask bool[B, 1, S, T] -> [B, nh, S, d]:
-    /// `softmax(q k^T * scale, masked) v`, query head h reading kv head `h / (nh / nkv)`.
+    /// q [B, nh, S, d], k [B, nkv, T, d], v [B, nkv, T, d], optional mask bool[B, 1, S, T] ->
+    /// [B, nh, S, d]: `softmax(q k^T * scale, masked) v`, query head h reading kv head `h / (nh / nkv)`.
+    /// Without a mask every query sees every key (bidirectional).
     Sdpa { scale: f32 },
     /// x [.., 2I] (gate half, then up half) -> [.., I]: `silu(gate) * up`.
     SwiGlu,
@@ -206,6 +226,10 @@ impl Op {
             Op::Moe(_) => "moe",
             Op::RmsNorm(_) => "rms_norm",
             Op::Linear => "linear",
+            Op::LayerNorm(_) => "layer_norm",
+            Op::Gelu => "gelu",
+            Op::AppendToken => "append_token",
+            Op::ScatterRows => "scatter_rows",
             Op::Add => "add",
             Op::Mul => "mul",
             Op::Sigmoid => "sigmoid",
@@ -235,12 +259,14 @@ impl Op {
             Op::Mlp => (4, 4),
             Op::Moe(_) => (7, 7),
             Op::RmsNorm(_) => (1, 2),
-            Op::Linear | Op::Add | Op::Mul => (2, 2),
-            Op::Sigmoid | Op::Silu | Op::Cast { .. } => (1, 1),
+            Op::Add | Op::Mul | Op::AppendToken => (2, 2),
+            Op::Linear => (2, 3),
+            Op::LayerNorm(_) | Op::ScatterRows => (3, 3),
+            Op::Sigmoid | Op::Silu | Op::Gelu | Op::Cast { .. } => (1, 1),
             Op::Reshape { .. } | Op::Transpose { .. } | Op::Slice { .. } | Op::SwiGlu => (1, 1),
             Op::QuantizeActivation { .. } => (1, 1),
             Op::Concat { .. } | Op::QueryTemperature(_) | Op::AttentionMask { .. } => (2, 2),
-            Op::Rotary | Op::Sdpa { .. } => (4, 4),
+            Op::Rotary | Op::Sdpa { .. } => (3, 4),
             Op::FusedMoe(_) => (6, 6),
         }
     }
@@ -265,6 +291,10 @@ impl Op {
             | Op::FusedMoe(_)
             | Op::RmsNorm(_)
             | Op::Linear
+            | Op::LayerNorm(_)
+            | Op::Gelu
+            | Op::AppendToken
+            | Op::ScatterRows
             | Op::Add
             | Op::Mul
             | Op::Sigmoid

@@ -86,6 +86,7 @@ fn op_text(graph: &Graph, op: &Op) -> String {
             m.num_experts, m.top_k, m.intermediate_size
         ),
         Op::RmsNorm(a) => format!("rms_norm[eps={:e}]", a.eps),
+        Op::LayerNorm(a) => format!("layer_norm[eps={:e}]", a.eps),
         Op::Cast { to } => format!("cast[to={to}]"),
         Op::Constant(c) => format!("constant{:?}", c.shape),
         Op::Reshape { shape } => format!("reshape[{}]", crate::types::Shape(shape.clone())),
@@ -111,6 +112,9 @@ fn op_text(graph: &Graph, op: &Op) -> String {
         | Op::Sigmoid
         | Op::Silu
         | Op::Rotary
+        | Op::Gelu
+        | Op::AppendToken
+        | Op::ScatterRows
         | Op::SwiGlu => op.name().to_string(),
     }
 }

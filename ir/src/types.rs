@@ -76,6 +76,8 @@ pub enum SymDim {
     Past,
     /// `Past + Seq`: the key/value length after this call.
     Total,
+    /// Number of image feature rows (image tiles x tokens per tile).
+    Features,
 }
 
 impl SymDim {
@@ -86,6 +88,7 @@ impl SymDim {
             SymDim::Seq => "seq",
             SymDim::Past => "past",
             SymDim::Total => "total",
+            SymDim::Features => "features",
         }
     }
 }
@@ -184,6 +187,8 @@ pub struct DimBindings {
     pub batch: usize,
     pub seq: usize,
     pub past: usize,
+    /// Image feature rows; `None` when no input binds them (a graph that produces them infers the size).
+    pub features: Option<usize>,
 }
 
 impl DimBindings {
@@ -195,6 +200,7 @@ impl DimBindings {
             Dim::Sym(SymDim::Seq) => self.seq,
             Dim::Sym(SymDim::Past) => self.past,
             Dim::Sym(SymDim::Total) => self.past + self.seq,
+            Dim::Sym(SymDim::Features) => self.features.unwrap_or(0),
         }
     }
 

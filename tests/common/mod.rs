@@ -151,3 +151,54 @@ pub fn fails_with(args: &[&str], parts: &[&str]) {
         );
     }
 }
+
+/// The committed synthetic images, in the order of the vision goldens.
+pub const IMAGES: [&str; 3] = ["wide.png", "small.png", "padded.png"];
+
+/// Path of a file in tests/fixtures/images.
+pub fn image(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/images")
+        .join(name)
+}
+
+/// transformers' processor and vision outputs for one image.
+pub struct ImageGolden {
+    /// [tiles, 3, T, T]: the processor's tiles (bf16 values stored as f32).
+    pub pixel_values: ndarray::ArrayD<f32>,
+    /// Tile rows and columns of the canvas.
+    pub aspect_ratio: (i64, i64),
+    /// [tiles * tokens_per_tile, hidden]: vision model + projector on `pixel_values`.
+    pub features: Array2<f32>,
+}
+
+/// tiny-scout's vision goldens: one entry per image of [`IMAGES`], and the image+text prompt.
+pub fn vision_goldens() -> (Vec<ImageGolden>, Golden) {
+    let bytes = std::fs::read(fixture("tiny-scout").join("goldens-vision.safetensors"))
+        .expect("goldens-vision.safetensors");
+    let st = SafeTensors::deserialize(&bytes).expect("goldens parse");
+    let images = (0..IMAGES.len())
+        .map(|i| {
+            let t = st.tensor(&format!("image{i}.pixel_values")).unwrap();
+            let values: Vec<f32> = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let ratio = i64_vec(&st, &format!("image{i}.aspect_ratio"));
+            ImageGolden {
+                pixel_values: ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(t.shape()), values)
+                    .unwrap(),
+                aspect_ratio: (ratio[0], ratio[1]),
+                features: f32_matrix(&st, &format!("image{i}.features")),
+            }
+        })
+        .collect();
+    let prompt = Golden {
+        input_ids: i64_vec(&st, "prompt.input_ids"),
+        logits: f32_matrix(&st, "prompt.logits"),
+        greedy_ids: i64_vec(&st, "prompt.greedy_ids"),
+        step_logits: f32_matrix(&st, "prompt.step_logits"),
+    };
+    (images, prompt)
+}

@@ -39,16 +39,47 @@ pub struct OnnxModel {
     pub active_weight_bytes: u64,
 }
 
-const MODEL_FILE: &str = "model.onnx";
 /// Values per streamed weight block (64 MiB of f32): bounds the emitter's memory whatever the model size.
 pub(super) const STREAM_BLOCK_ELEMENTS: usize = 16 << 20;
-const DATA_FILE: &str = "model.onnx.data";
 
-/// Emits `graph` as `dir/model.onnx` + `dir/model.onnx.data`. `progress(done, total)` is called with
-/// weight bytes written so far.
+/// File and graph names of one emitted model.
+#[derive(Clone, Copy, Debug)]
+pub struct ModelNames {
+    pub model_file: &'static str,
+    pub data_file: &'static str,
+    pub graph_name: &'static str,
+}
+
+/// The decoder: `model.onnx` + `model.onnx.data`.
+pub const DECODER: ModelNames = ModelNames {
+    model_file: "model.onnx",
+    data_file: "model.onnx.data",
+    graph_name: "herd_llama4_decoder",
+};
+
+/// The vision encoder and projector: `vision.onnx` + `vision.onnx.data`.
+pub const VISION: ModelNames = ModelNames {
+    model_file: "vision.onnx",
+    data_file: "vision.onnx.data",
+    graph_name: "herd_llama4_vision",
+};
+
+/// Emits the decoder `graph` as `dir/model.onnx` + `dir/model.onnx.data`. `progress(done, total)` is
+/// called with weight bytes written so far.
 pub fn emit(
     graph: &Graph,
     dir: &Path,
+    options: &OnnxOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<OnnxModel, TargetError> {
+    emit_as(graph, dir, DECODER, options, progress)
+}
+
+/// Emits `graph` under `names` in `dir`.
+pub fn emit_as(
+    graph: &Graph,
+    dir: &Path,
+    names: ModelNames,
     options: &OnnxOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<OnnxModel, TargetError> {
@@ -79,7 +110,8 @@ pub fn emit(
         nodes: Vec::new(),
         initializers: Vec::new(),
         inputs: Vec::new(),
-        data: ExternalData::create(dir, DATA_FILE)?,
+        data: ExternalData::create(dir, names.data_file)?,
+        model_names: names,
         names: HashMap::new(),
         used: HashSet::new(),
         weights: HashMap::new(),
@@ -105,6 +137,7 @@ pub(super) struct Emitter<'a> {
     pub(super) initializers: Vec<TensorProto>,
     inputs: Vec<ValueInfoProto>,
     pub(super) data: ExternalData,
+    model_names: ModelNames,
     /// ONNX tensor name of each IR value already emitted.
     names: HashMap<Value, String>,
     used: HashSet<String>,
@@ -358,7 +391,116 @@ impl Emitter<'_> {
             Op::Linear => {
                 let x = self.input(inputs[0], false)?;
                 let w = self.input(inputs[1], true)?;
-                self.push(name, "MatMul", "", &[&x, &w], vec![])
+                match inputs.get(2) {
+                    Some(bias) => {
+                        let bias = self.input(*bias, false)?;
+                        let y =
+                            self.push(&format!("{name}.matmul"), "MatMul", "", &[&x, &w], vec![]);
+                        self.push(name, "Add", "", &[&y, &bias], vec![])
+                    }
+                    None => self.push(name, "MatMul", "", &[&x, &w], vec![]),
+                }
+            }
+            Op::LayerNorm(a) => {
+                let x = self.input(inputs[0], false)?;
+                let w = self.input(inputs[1], false)?;
+                let b = self.input(inputs[2], false)?;
+                self.push(
+                    name,
+                    "LayerNormalization",
+                    "",
+                    &[&x, &w, &b],
+                    vec![
+                        ("axis", Attr::Int(-1)),
+                        ("epsilon", Attr::Float(a.eps)),
+                        ("stash_type", Attr::Int(1)),
+                    ],
+                )
+            }
+            Op::Gelu => {
+                let x = self.input(inputs[0], false)?;
+                self.push(name, "Gelu", "", &[&x], vec![])
+            }
+            Op::AppendToken => {
+                let x = self.input(inputs[0], false)?;
+                let token = self.input(inputs[1], false)?;
+                let h = graph
+                    .value_type(inputs[1])
+                    .and_then(|ty| ty.shape.last())
+                    .and_then(|d| d.fixed())
+                    .ok_or_else(|| self.unsupported(name, &node.op, "token size must be fixed"))?;
+                let axes = self.int_const(&[0, 1]);
+                let token = self.push(
+                    &format!("{name}.token"),
+                    "Unsqueeze",
+                    "",
+                    &[&token, &axes],
+                    vec![],
+                );
+                let batch = self.push(
+                    &format!("{name}.batch"),
+                    "Shape",
+                    "",
+                    &[&x],
+                    vec![("start", Attr::Int(0)), ("end", Attr::Int(1))],
+                );
+                let rest = self.int_const(&[1, h as i64]);
+                let shape = self.push(
+                    &format!("{name}.shape"),
+                    "Concat",
+                    "",
+                    &[&batch, &rest],
+                    vec![("axis", Attr::Int(0))],
+                );
+                let rows = self.push(
+                    &format!("{name}.rows"),
+                    "Expand",
+                    "",
+                    &[&token, &shape],
+                    vec![],
+                );
+                self.push(
+                    name,
+                    "Concat",
+                    "",
+                    &[&x, &rows],
+                    vec![("axis", Attr::Int(1))],
+                )
+            }
+            Op::ScatterRows => {
+                let x = self.input(inputs[0], false)?;
+                let positions = self.input(inputs[1], false)?;
+                let rows = self.input(inputs[2], false)?;
+                let h = graph
+                    .value_type(inputs[0])
+                    .and_then(|ty| ty.shape.last())
+                    .and_then(|d| d.fixed())
+                    .ok_or_else(|| self.unsupported(name, &node.op, "hidden size must be fixed"))?;
+                let flat_shape = self.int_const(&[-1, h as i64]);
+                let flat = self.push(
+                    &format!("{name}.flat"),
+                    "Reshape",
+                    "",
+                    &[&x, &flat_shape],
+                    vec![],
+                );
+                let axes = self.int_const(&[1]);
+                let index = self.push(
+                    &format!("{name}.index"),
+                    "Unsqueeze",
+                    "",
+                    &[&positions, &axes],
+                    vec![],
+                );
+                let scattered = self.push(
+                    &format!("{name}.scatter"),
+                    "ScatterND",
+                    "",
+                    &[&flat, &index, &rows],
+                    vec![],
+                );
+                let shape = self.push(&format!("{name}.shape"), "Shape", "", &[&x], vec![]);
+                self.push(name, "Reshape", "", &[&scattered, &shape], vec![])
             }
             Op::Add | Op::Mul | Op::Sigmoid => {
                 let op_type = match node.op {
@@ -435,10 +577,50 @@ impl Emitter<'_> {
                 )
             }
             Op::Rotary => {
-                let args: Vec<String> = inputs
+                let mut args: Vec<String> = inputs
                     .iter()
                     .map(|v| self.input(*v, false))
                     .collect::<Result<_, _>>()?;
+                if args.len() == 3 {
+                    // Positions 0..S for every batch row (S is fixed: the tables have S rows).
+                    let s = graph
+                        .value_type(inputs[0])
+                        .and_then(|ty| ty.shape.0.get(2).copied())
+                        .and_then(|d| d.fixed())
+                        .ok_or_else(|| {
+                            self.unsupported(
+                                name,
+                                &node.op,
+                                "implicit positions need a fixed length",
+                            )
+                        })?;
+                    let row: Vec<i64> = (0..s as i64).collect();
+                    let row_name = self.fresh(&format!("const.positions[{s}]"));
+                    self.initializers
+                        .push(int64_tensor(&row_name, &[1, s as i64], &row));
+                    let batch = self.push(
+                        &format!("{name}.batch"),
+                        "Shape",
+                        "",
+                        &[&args[0]],
+                        vec![("start", Attr::Int(0)), ("end", Attr::Int(1))],
+                    );
+                    let seq = self.int_const(&[s as i64]);
+                    let shape = self.push(
+                        &format!("{name}.positions_shape"),
+                        "Concat",
+                        "",
+                        &[&batch, &seq],
+                        vec![("axis", Attr::Int(0))],
+                    );
+                    args.push(self.push(
+                        &format!("{name}.positions"),
+                        "Expand",
+                        "",
+                        &[&row_name, &shape],
+                        vec![],
+                    ));
+                }
                 self.push(
                     name,
                     "RotaryEmbedding",
@@ -519,11 +701,12 @@ impl Emitter<'_> {
                     .iter()
                     .map(|v| self.input(*v, false))
                     .collect::<Result<_, _>>()?;
+                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
                 self.push(
                     name,
                     "Attention",
                     "",
-                    &[&args[0], &args[1], &args[2], &args[3]],
+                    &refs,
                     vec![("scale", Attr::Float(*scale)), ("is_causal", Attr::Int(0))],
                 )
             }
@@ -1043,7 +1226,7 @@ impl Emitter<'_> {
         let active_weight_bytes = active_bytes(self.graph, &self.weight_bytes);
 
         let mut graph = GraphProto::new();
-        graph.name = "herd_llama4_decoder".into();
+        graph.name = self.model_names.graph_name.into();
         graph.node = self.nodes;
         graph.initializer = self.initializers;
         graph.input = self.inputs;
@@ -1061,17 +1244,18 @@ impl Emitter<'_> {
         let bytes = model
             .write_to_bytes()
             .map_err(|e| TargetError::Bug(format!("serialising the ONNX model: {e}")))?;
-        let path = dir.join(MODEL_FILE);
+        let names = self.model_names;
+        let path = dir.join(names.model_file);
         std::fs::write(&path, &bytes).map_err(|e| TargetError::io(&path, e))?;
         Ok(OnnxModel {
-            model_file: MODEL_FILE.into(),
-            data_file: DATA_FILE.into(),
+            model_file: names.model_file.into(),
+            data_file: names.data_file.into(),
             model_bytes: bytes.len() as u64,
             model_sha256: crate::sha256_hex(&bytes),
             data_bytes,
             data_sha256,
             io: GraphIo {
-                model_file: MODEL_FILE.into(),
+                model_file: names.model_file.into(),
                 input_ids: "input_ids".into(),
                 position_ids: "position_ids".into(),
                 logits: "logits".into(),

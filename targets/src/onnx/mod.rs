@@ -28,7 +28,7 @@ mod external;
 mod proto;
 mod quantized;
 
-pub use emit::{emit, OnnxModel};
+pub use emit::{emit, emit_as, ModelNames, OnnxModel, DECODER, VISION};
 
 use herd_ir::ops::ExpertLayout;
 use herd_ir::DType;
