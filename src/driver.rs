@@ -40,6 +40,12 @@ pub struct CompileOptions {
     pub calibration_prompts: Option<Vec<Vec<i64>>>,
     /// Build a calibration bundle: expose the inputs of fp8 projections as outputs (internal).
     pub expose_calibration: bool,
+    /// Compile the vision tower when the checkpoint has one (`--text-only` turns it off).
+    pub vision: bool,
+    /// Most tiles per image canvas (transformers' `max_patches`, 16 for Llama 4).
+    pub max_tiles: usize,
+    /// Most images per prompt.
+    pub max_images: usize,
 }
 
 impl CompileOptions {
@@ -59,6 +65,9 @@ impl CompileOptions {
             dump_dir: None,
             calibration_prompts: None,
             expose_calibration: false,
+            vision: true,
+            max_tiles: 16,
+            max_images: 8,
         }
     }
 }
@@ -149,9 +158,19 @@ pub fn compile(
     };
     let mut stages = Vec::new();
     let start = Instant::now();
-    let imported = herd_ir::import(&options.model)?;
+    let checkpoint_has_vision = herd_ir::Checkpoint::open(&options.model)?
+        .config
+        .vision
+        .is_some();
+    let with_vision = options.vision && checkpoint_has_vision && !options.expose_calibration;
+    let imported = herd_ir::import_with(&options.model, with_vision)?;
     let mut graph = imported.graph;
     let config = imported.checkpoint.config.clone();
+    let vision_graph = if with_vision {
+        Some(herd_ir::vision::build_vision_graph(&imported.checkpoint)?)
+    } else {
+        None
+    };
 
     let checkpoint_bytes = imported
         .checkpoint
@@ -220,12 +239,26 @@ pub fn compile(
     };
     let model = onnx::emit(&graph, writer.dir(), &onnx_options, progress)?;
     stages.push(("emit onnx".to_string(), start.elapsed()));
+    let vision_model = match &vision_graph {
+        Some(g) => {
+            let start = Instant::now();
+            let m = onnx::emit_as(g, writer.dir(), onnx::VISION, &onnx_options, progress)?;
+            stages.push(("emit vision onnx".to_string(), start.elapsed()));
+            Some(m)
+        }
+        None => None,
+    };
 
     let tensorrt = match &options.tensorrt {
         Some(trt) => {
             let start = Instant::now();
-            let violations =
+            let mut violations =
                 herd_targets::tensorrt::lint_file(&writer.dir().join(&model.model_file))?;
+            if let Some(v) = &vision_model {
+                violations.extend(herd_targets::tensorrt::lint_file(
+                    &writer.dir().join(&v.model_file),
+                )?);
+            }
             let blocking: Vec<String> = violations
                 .iter()
                 .filter(|v| !trt.allow_lint.iter().any(|r| r == v.rule))
@@ -245,7 +278,7 @@ pub fn compile(
                 .iter()
                 .flat_map(|k| [k.past_key.clone(), k.past_value.clone()])
                 .collect();
-            let p = herd_targets::tensorrt::profiles(
+            let mut p = herd_targets::tensorrt::profiles(
                 &kv,
                 config.num_kv_heads,
                 config.head_dim,
@@ -253,6 +286,34 @@ pub fn compile(
                 trt.max_seq,
                 options.max_context,
             );
+            let vision_profile_shapes = config.vision.as_ref().filter(|_| with_vision).map(|v| {
+                // Image feature rows arrive with prompt tokens: none in decode, up to a full call.
+                let h = config.hidden_size;
+                let rows = |n: usize| {
+                    format!(
+                        ",{}:{n}x{h},{}:{n}",
+                        herd_ir::import::IMAGE_FEATURES_INPUT,
+                        herd_ir::import::IMAGE_POSITIONS_INPUT
+                    )
+                };
+                p.min.push_str(&rows(0));
+                p.opt.push_str(&rows(0));
+                p.max.push_str(&rows(trt.max_batch * trt.max_seq));
+                let tiles = |n: usize| {
+                    format!(
+                        "{}:{n}x{}x{t}x{t}",
+                        herd_ir::vision::PIXEL_VALUES,
+                        v.num_channels,
+                        t = v.image_size
+                    )
+                };
+                let per_image = options.max_tiles + 1;
+                [
+                    tiles(1),
+                    tiles(per_image),
+                    tiles(per_image * options.max_images),
+                ]
+            });
             Some(TensorRtInfo {
                 profile_min_shapes: p.min,
                 profile_opt_shapes: p.opt,
@@ -261,6 +322,7 @@ pub fn compile(
                 compute_capability: herd_targets::tensorrt::H100_COMPUTE_CAPABILITY.into(),
                 strongly_typed: options.quant.is_some(),
                 allowed_lint: trt.allow_lint.clone(),
+                vision_profile_shapes,
                 engine: None,
             })
         }
@@ -274,7 +336,7 @@ pub fn compile(
             writer.copy_in(&src, name)?;
         }
     }
-    let files = writer.file_entries(&[
+    let mut emitted = vec![
         (
             model.data_file.clone(),
             model.data_bytes,
@@ -285,7 +347,16 @@ pub fn compile(
             model.model_bytes,
             model.model_sha256.clone(),
         ),
-    ])?;
+    ];
+    if let Some(v) = &vision_model {
+        emitted.push((v.data_file.clone(), v.data_bytes, v.data_sha256.clone()));
+        emitted.push((v.model_file.clone(), v.model_bytes, v.model_sha256.clone()));
+    }
+    let files = writer.file_entries(&emitted)?;
+    let vision = match (&vision_model, &config.vision) {
+        (Some(m), Some(v)) => Some(vision_info(&options.model, m, v, options)?),
+        _ => None,
+    };
     let (bos, stop_ids) = special_tokens(&options.model, config.vocab_size)?;
     let active_bytes = model.active_weight_bytes;
     let manifest = Manifest {
@@ -323,13 +394,17 @@ pub fn compile(
             activations,
             accuracy: None,
         }),
+        vision,
     };
     let bundle = writer.finish(&manifest)?;
     stages.push(("write bundle".to_string(), start.elapsed()));
+    let vision_bytes = vision_model
+        .as_ref()
+        .map_or(0, |v| v.data_bytes + v.model_bytes);
     Ok(CompileReport {
         bundle,
         stages,
-        bytes_written: model.data_bytes + model.model_bytes,
+        bytes_written: model.data_bytes + model.model_bytes + vision_bytes,
         checkpoint_bytes,
         peak_rss_bytes: peak_rss_bytes(),
         node_counts: model.node_counts,
@@ -396,6 +471,77 @@ pub fn read_calibration_prompts(path: &Path) -> Result<Vec<Vec<i64>>> {
     }
     anyhow::ensure!(!prompts.is_empty(), "{}: no prompts", path.display());
     Ok(prompts)
+}
+
+/// The manifest's image section: the vision graph's names, preprocessing constants and the image
+/// token ids (`<|image|>` and the tile separators come from tokenizer.json).
+fn vision_info(
+    model_dir: &Path,
+    emitted: &onnx::OnnxModel,
+    v: &herd_ir::config::VisionConfig,
+    options: &CompileOptions,
+) -> Result<herd_runtime::manifest::VisionInfo> {
+    let path = model_dir.join("tokenizer.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{}: the image prompt layout needs the tokenizer's image tokens (or compile with --text-only)",
+            path.display()
+        )
+    })?;
+    let tokenizer: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+    let id_of = |content: &str| -> Result<i64> {
+        tokenizer["added_tokens"]
+            .as_array()
+            .and_then(|tokens| {
+                tokens
+                    .iter()
+                    .find(|t| t["content"] == content)
+                    .and_then(|t| t["id"].as_i64())
+            })
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: no added token `{content}`, which image prompts need (or compile with --text-only)",
+                    path.display()
+                )
+            })
+    };
+    let tokens = herd_runtime::manifest::ImageTokens {
+        image_start: v.image_start_id,
+        image_end: v.image_end_id,
+        image: id_of("<|image|>")?,
+        patch: v.patch_token_id,
+        tile_x_separator: id_of("<|tile_x_separator|>")?,
+        tile_y_separator: id_of("<|tile_y_separator|>")?,
+    };
+    for (what, id) in [
+        ("<|patch|>", tokens.patch),
+        ("<|image_start|>", tokens.image_start),
+        ("<|image_end|>", tokens.image_end),
+    ] {
+        if id_of(what)? != id {
+            anyhow::bail!(
+                "config.json and {} disagree on the id of {what}",
+                path.display()
+            );
+        }
+    }
+    Ok(herd_runtime::manifest::VisionInfo {
+        model_file: emitted.model_file.clone(),
+        pixel_values: herd_ir::vision::PIXEL_VALUES.into(),
+        image_features: herd_ir::vision::IMAGE_FEATURES.into(),
+        decoder_features: herd_ir::import::IMAGE_FEATURES_INPUT.into(),
+        decoder_positions: herd_ir::import::IMAGE_POSITIONS_INPUT.into(),
+        tile_size: v.image_size,
+        num_channels: v.num_channels,
+        tokens_per_tile: v.tokens_per_tile(),
+        max_tiles: options.max_tiles,
+        max_images: options.max_images,
+        rescale_factor: 1.0 / 255.0,
+        image_mean: vec![0.5; v.num_channels],
+        image_std: vec![0.5; v.num_channels],
+        tokens,
+    })
 }
 
 /// BOS and stop ids: from generation_config.json or config.json, else Llama 4's when the vocabulary holds them.

@@ -358,13 +358,26 @@ pub struct Imported {
 /// Opens `dir` and builds the verified Imported-phase decoder graph:
 /// inputs `input_ids` i64[batch, seq] and `position_ids` i64[batch, seq], output `logits` f32[batch, seq, vocab].
 pub fn import(dir: &Path) -> Result<Imported, ImportError> {
+    import_with(dir, false)
+}
+
+/// Name of the decoder input holding image features, [features, hidden] (see [`import_with`]).
+pub const IMAGE_FEATURES_INPUT: &str = "image_features";
+/// Name of the decoder input holding where the image features go, i64 [features].
+pub const IMAGE_POSITIONS_INPUT: &str = "image_positions";
+
+/// Like [`import`]; with `image_features` the decoder also takes `image_features` [features, hidden]
+/// and `image_positions` i64[features] and replaces embedding row `image_positions[f]` of the flattened
+/// [batch * seq, hidden] embeddings by feature row f (the `<|patch|>` tokens of an image prompt; both
+/// inputs are empty for text).
+pub fn import_with(dir: &Path, image_features: bool) -> Result<Imported, ImportError> {
     let checkpoint = Checkpoint::open(dir)?;
-    let graph = build_graph(&checkpoint)?;
+    let graph = build_graph(&checkpoint, image_features)?;
     verify(&graph, None).map_err(ImportError::Verify)?;
     Ok(Imported { graph, checkpoint })
 }
 
-fn build_graph(ckpt: &Checkpoint) -> Result<Graph, ImportError> {
+fn build_graph(ckpt: &Checkpoint, image_features: bool) -> Result<Graph, ImportError> {
     let c = &ckpt.config;
     let p = c.architecture.text_prefix();
     let (h, v, d) = (c.hidden_size, c.vocab_size, c.head_dim);
@@ -392,6 +405,26 @@ fn build_graph(ckpt: &Checkpoint) -> Result<Graph, ImportError> {
     let embed_name = format!("{p}model.embed_tokens.weight");
     let embed = b.weight(&embed_name, &[v, h], "token embedding")?;
     let mut x = b.add("embed", Op::Embedding { out: DType::F32 }, &[ids, embed])?;
+    if image_features {
+        let features = Dim::Sym(SymDim::Features);
+        let rows = b.add(
+            IMAGE_FEATURES_INPUT,
+            Op::Input(InputAttrs {
+                name: IMAGE_FEATURES_INPUT.into(),
+                ty: TensorType::new(DType::F32, vec![features, Dim::Fixed(h)]),
+            }),
+            &[],
+        )?;
+        let at = b.add(
+            IMAGE_POSITIONS_INPUT,
+            Op::Input(InputAttrs {
+                name: IMAGE_POSITIONS_INPUT.into(),
+                ty: TensorType::new(DType::I64, vec![features]),
+            }),
+            &[],
+        )?;
+        x = b.add("merge_image_features", Op::ScatterRows, &[x, at, rows])?;
+    }
     let eps = c.rms_norm_eps as f32;
     for i in 0..c.num_layers {
         let l = format!("{p}model.layers.{i}.");

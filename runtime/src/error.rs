@@ -23,6 +23,8 @@ pub enum RuntimeError {
     Gpu(String),
     #[error("invalid parameter: {0}")]
     Param(String),
+    #[error("image {path}: {message}")]
+    Image { path: String, message: String },
     #[error("prompt is {len} tokens but the bundle accepts at most {max} positions (compile with a larger --max-context)")]
     TooLong { len: usize, max: usize },
 }

@@ -13,6 +13,7 @@ pub mod providers;
 pub mod sampling;
 pub mod session;
 pub mod text;
+pub mod vision;
 
 pub use bundle::Bundle;
 pub use error::RuntimeError;

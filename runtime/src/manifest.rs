@@ -38,6 +38,51 @@ pub struct Manifest {
     /// Present when weights are quantized.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization: Option<QuantizationInfo>,
+    /// Present when the bundle takes images (the vision encoder was compiled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vision: Option<VisionInfo>,
+}
+
+/// How to turn images into decoder inputs: the vision graph, its preprocessing and the image tokens.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VisionInfo {
+    /// The vision graph, relative to the bundle: `pixel_values` tiles in, `image_features` rows out.
+    pub model_file: String,
+    /// Input of the vision graph: [tiles, channels, tile_size, tile_size] in the bundle's dtype.
+    pub pixel_values: String,
+    /// Output of the vision graph: [tiles * tokens_per_tile, hidden].
+    pub image_features: String,
+    /// Decoder input receiving feature rows, [features, hidden] (empty for text).
+    pub decoder_features: String,
+    /// Decoder input saying where each row goes: i64 [features], flat `batch * seq` token indices.
+    pub decoder_positions: String,
+    /// Side of one square tile in pixels.
+    pub tile_size: usize,
+    pub num_channels: usize,
+    /// Feature rows (and `<|patch|>` tokens) per tile.
+    pub tokens_per_tile: usize,
+    /// Most tiles of one image's canvas (the global tile comes on top).
+    pub max_tiles: usize,
+    /// Most images in one prompt.
+    pub max_images: usize,
+    /// `pixel / 255`, then `(x - mean) / std` per channel, rounded to bf16 like transformers.
+    pub rescale_factor: f64,
+    pub image_mean: Vec<f32>,
+    pub image_std: Vec<f32>,
+    pub tokens: ImageTokens,
+}
+
+/// Token ids of the image prompt layout.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ImageTokens {
+    pub image_start: i64,
+    pub image_end: i64,
+    /// `<|image|>`: the placeholder in prompts, and the marker before the global tile.
+    pub image: i64,
+    /// `<|patch|>`: replaced by one feature row each.
+    pub patch: i64,
+    pub tile_x_separator: i64,
+    pub tile_y_separator: i64,
 }
 
 fn default_target() -> String {
@@ -60,6 +105,9 @@ pub struct TensorRtInfo {
     /// Lint rules the compile was allowed to break (`--allow-lint`).
     #[serde(default)]
     pub allowed_lint: Vec<String>,
+    /// Optimisation profile of the vision graph (bundles with images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vision_profile_shapes: Option<[String; 3]>,
     /// The built engine, once `herd build-engine` ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<EngineInfo>,

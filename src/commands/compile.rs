@@ -96,6 +96,15 @@ pub struct CompileArgs {
     /// repeatable. `herd inspect --ir` and --dump-ir-after show node names.
     #[arg(long, value_name = "PATTERN", requires = "quant")]
     pub quant_keep: Vec<String>,
+    /// Leave out the vision encoder of a multimodal checkpoint (the bundle then takes text only).
+    #[arg(long)]
+    pub text_only: bool,
+    /// Most tiles of one image's canvas (the processor's `max_patches`; a global tile comes on top).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub max_tiles: u16,
+    /// Most images in one prompt.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub max_images: u16,
     /// Replace an existing bundle at --output.
     #[arg(long)]
     pub force: bool,
@@ -168,6 +177,9 @@ pub fn run(args: &CompileArgs) -> Result<()> {
             allow_lint: args.allow_lint.clone(),
         }),
         force: args.force,
+        vision: !args.text_only,
+        max_tiles: args.max_tiles.into(),
+        max_images: args.max_images.into(),
         run: RunOptions {
             disabled: args.disable_pass.clone(),
             dump_after: args.dump_ir_after.clone(),
