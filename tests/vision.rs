@@ -183,3 +183,87 @@ fn preprocessing_matches_transformers_processor() {
         );
     }
 }
+
+/// The prompt of the vision goldens (make_fixtures.py IMAGE_PROMPT).
+const IMAGE_PROMPT: &str = "Compare <|image|> and<|image|> with <|image|>: which is brighter?";
+
+fn image_prompt() -> herd_runtime::Prompt {
+    herd_runtime::Prompt::WithImages {
+        prompt: Box::new(herd_runtime::Prompt::Text(IMAGE_PROMPT.into())),
+        images: IMAGES
+            .iter()
+            .map(|n| herd_runtime::vision::ImageSource::Path(image(n)))
+            .collect(),
+    }
+}
+
+#[test]
+fn compiled_bundle_matches_transformers_on_images_and_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = compile(dir.path(), &[]);
+    let model =
+        herd_runtime::Model::load(&bundle, &herd_runtime::RuntimeOptions::default()).unwrap();
+    let info = vision_info(&bundle);
+    let (images, golden) = vision_goldens();
+
+    // vision.onnx on transformers' own tiles against transformers' features.
+    for (i, g) in images.iter().enumerate() {
+        let tiles = herd_runtime::vision::ImageTiles {
+            pixels: g.pixel_values.iter().copied().collect(),
+            tiles: g.pixel_values.shape()[0],
+            rows: g.aspect_ratio.0 as usize,
+            cols: g.aspect_ratio.1 as usize,
+        };
+        let ours = model.encode_images(&[tiles]).unwrap();
+        let ours = Array2::from_shape_vec(g.features.raw_dim(), ours).unwrap();
+        let (err, scale) = max_error(&ours, &g.features);
+        eprintln!("vision.onnx image {i}: max error {err:.3e} (scale {scale:.3})");
+        assert!(err <= LOGIT_TOLERANCE * scale, "image {i}: {err}");
+    }
+
+    // PNG files -> preprocessing -> prompt expansion -> vision.onnx -> decoder.
+    let (ids, features) = herd_runtime::prepare_prompt(&model, image_prompt()).unwrap();
+    assert_eq!(ids, golden.input_ids, "expanded prompt ids");
+    assert_eq!(
+        features.len(),
+        ids.iter().filter(|&&t| t == info.tokens.patch).count() * 64
+    );
+    let logits = model.prompt_logits_with_images(&ids, &features).unwrap();
+    let ours = Array2::from_shape_vec(golden.logits.raw_dim(), logits).unwrap();
+    let (err, scale) = max_error(&ours, &golden.logits);
+    eprintln!(
+        "image+text prompt ({} tokens): max error {err:.3e} (scale {scale:.3})",
+        ids.len()
+    );
+    assert!(err <= LOGIT_TOLERANCE * scale, "prompt logits: {err}");
+
+    let params = herd_runtime::GenerateParams {
+        max_new_tokens: golden.greedy_ids.len(),
+        sampling: herd_runtime::Sampling::Greedy,
+        stop_ids: Some(vec![]),
+        stop_strings: vec![],
+        return_logits: true,
+    };
+    let mut tokens = Vec::new();
+    let mut worst = 0.0f32;
+    for (step, event) in model
+        .stream(image_prompt(), &params, None)
+        .unwrap()
+        .enumerate()
+    {
+        let event = event.unwrap();
+        let expected = golden.step_logits.row(step);
+        let err = event
+            .logits
+            .unwrap()
+            .iter()
+            .zip(expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        worst = worst.max(err);
+        tokens.push(event.id);
+    }
+    eprintln!("greedy {tokens:?}: step logits max error {worst:.3e}");
+    assert!(worst <= LOGIT_TOLERANCE * scale, "step logits: {worst}");
+    assert_eq!(tokens, golden.greedy_ids, "greedy tokens");
+}

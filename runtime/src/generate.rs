@@ -19,6 +19,61 @@ pub enum Prompt {
     Text(String),
     /// A conversation rendered with the chat template, ending with the assistant's header.
     Chat(Vec<Message>),
+    /// A prompt with images (bundles compiled with their vision encoder): each `<|image|>` placeholder
+    /// of the prompt takes the next image; without placeholders the images come first.
+    WithImages {
+        prompt: Box<Prompt>,
+        images: Vec<crate::vision::ImageSource>,
+    },
+}
+
+/// Token ids of `prompt` with image layouts expanded, and the image feature rows for its `<|patch|>`
+/// tokens (empty without images).
+pub fn prepare_prompt(model: &Model, prompt: Prompt) -> Result<(Vec<i64>, Vec<f32>), RuntimeError> {
+    let text = || {
+        model.text().ok_or_else(|| {
+            RuntimeError::Param("the bundle has no tokenizer.json: pass token ids".into())
+        })
+    };
+    Ok(match prompt {
+        Prompt::Ids(ids) => (ids, Vec::new()),
+        Prompt::Text(t) => (text()?.encode(&t)?, Vec::new()),
+        Prompt::Chat(messages) => (text()?.encode_chat(&messages, true)?, Vec::new()),
+        Prompt::WithImages { prompt, images } => {
+            let m = &model.bundle.manifest;
+            let info = m.vision.as_ref().ok_or_else(|| {
+                RuntimeError::Param(
+                    "this bundle takes no images: it was compiled without a vision encoder (--text-only or a text-only checkpoint)".into(),
+                )
+            })?;
+            if images.len() > info.max_images {
+                return Err(RuntimeError::Param(format!(
+                    "{} images given; this bundle takes at most {} per prompt (herd compile --max-images)",
+                    images.len(),
+                    info.max_images
+                )));
+            }
+            let (ids, _) = match *prompt {
+                Prompt::WithImages { .. } => {
+                    return Err(RuntimeError::Param("nested image prompts".into()))
+                }
+                inner => prepare_prompt(model, inner)?,
+            };
+            let tiles = images
+                .iter()
+                .map(|source| {
+                    crate::vision::load_image(source)
+                        .map(|img| crate::vision::preprocess(&img, info))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let layouts: Vec<Vec<i64>> = tiles
+                .iter()
+                .map(|t| crate::vision::image_prompt_tokens(t, info))
+                .collect();
+            let ids = crate::vision::expand_prompt(&ids, &layouts, info, m.bos_token_id)?;
+            (ids, model.encode_images(&tiles)?)
+        }
+    })
 }
 
 /// One generated token.
@@ -53,16 +108,7 @@ impl<'m> TokenStream<'m> {
         cancel: Option<Arc<AtomicBool>>,
     ) -> Result<TokenStream<'m>, RuntimeError> {
         params.sampling.validate()?;
-        let text = || {
-            model.text().ok_or_else(|| {
-                RuntimeError::Param("the bundle has no tokenizer.json: pass token ids".into())
-            })
-        };
-        let ids = match prompt {
-            Prompt::Ids(ids) => ids,
-            Prompt::Text(t) => text()?.encode(&t)?,
-            Prompt::Chat(messages) => text()?.encode_chat(&messages, true)?,
-        };
+        let (ids, features) = prepare_prompt(model, prompt)?;
         if ids.is_empty() {
             return Err(RuntimeError::Param("the prompt has no tokens".into()));
         }
@@ -78,7 +124,7 @@ impl<'m> TokenStream<'m> {
         }
         let mut session = model.session()?;
         let logits = if params.max_new_tokens > 0 {
-            Some(session.feed(&ids)?)
+            Some(session.feed_with_images(&ids, &features)?)
         } else {
             None
         };

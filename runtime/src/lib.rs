@@ -17,8 +17,8 @@ pub mod vision;
 
 pub use bundle::Bundle;
 pub use error::RuntimeError;
-pub use generate::{Prompt, TokenEvent, TokenStream};
-pub use model::{GenerateParams, Generation, Model, RuntimeOptions, StopReason};
+pub use generate::{prepare_prompt, Prompt, TokenEvent, TokenStream};
+pub use model::{GenerateParams, Generation, ImageRows, Model, RuntimeOptions, StopReason};
 pub use providers::Provider;
 pub use sampling::{SampleParams, Sampling};
 pub use session::{KvBytes, Session};

@@ -105,6 +105,14 @@ pub struct Generation {
 /// The KV cache between steps: each `past_*` input name with the value to feed it.
 pub(crate) type Cache = Vec<(String, DynValue)>;
 
+/// Image feature rows for one decoder call and the flat token indices (`batch * seq`) they replace.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ImageRows {
+    pub positions: Vec<i64>,
+    /// [positions.len(), hidden] row-major.
+    pub features: Vec<f32>,
+}
+
 /// A loaded bundle with its ONNX Runtime session.
 pub struct Model {
     pub bundle: Bundle,
@@ -112,6 +120,8 @@ pub struct Model {
     sessions: Vec<Mutex<Session>>,
     next: std::sync::atomic::AtomicUsize,
     text: Option<crate::text::TextCodec>,
+    /// The vision graph's session, for bundles that take images.
+    vision: Option<Mutex<Session>>,
 }
 
 impl Model {
@@ -174,6 +184,32 @@ impl Model {
                     .map_err(|e| RuntimeError::Ort(format!("{}: {e}", model_path.display())))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let vision = match &bundle.manifest.vision {
+            Some(v) => {
+                let mut builder = Session::builder(env)?
+                    .with_optimization_level(GraphOptimizationLevel::Level3)?;
+                if let Some(n) = options.intra_threads {
+                    builder = builder.with_intra_threads(n)?;
+                }
+                // The vision graph has no engine of its own: on GPUs it runs on the CUDA provider.
+                let provider = match options.provider {
+                    crate::providers::Provider::TensorRt => crate::providers::Provider::Cuda,
+                    p => p,
+                };
+                builder = crate::providers::register(
+                    builder,
+                    provider,
+                    &bundle.manifest,
+                    options.device,
+                    &cache_dir,
+                )?;
+                let path = bundle.file(&v.model_file);
+                Some(Mutex::new(builder.commit_from_file(&path).map_err(
+                    |e| RuntimeError::Ort(format!("{}: {e}", path.display())),
+                )?))
+            }
+            None => None,
+        };
         let text = if bundle.dir.join("tokenizer.json").is_file() {
             Some(crate::text::TextCodec::load(&bundle.dir)?)
         } else {
@@ -184,7 +220,68 @@ impl Model {
             sessions,
             next: std::sync::atomic::AtomicUsize::new(0),
             text,
+            vision,
         })
+    }
+
+    /// Runs the vision graph on preprocessed images and returns their feature rows in order,
+    /// [sum of tiles x tokens_per_tile, hidden] row-major. One graph run per image bounds memory.
+    pub fn encode_images(
+        &self,
+        images: &[crate::vision::ImageTiles],
+    ) -> Result<Vec<f32>, RuntimeError> {
+        let m = &self.bundle.manifest;
+        let (Some(info), Some(session)) = (&m.vision, &self.vision) else {
+            return Err(RuntimeError::Param(
+                "this bundle takes no images (it was compiled without a vision encoder)".into(),
+            ));
+        };
+        let mut session = session
+            .lock()
+            .map_err(|_| RuntimeError::Ort("vision session lock poisoned".into()))?;
+        let side = info.tile_size;
+        let mut features = Vec::new();
+        for image in images {
+            let shape = [image.tiles, info.num_channels, side, side];
+            let pixels: SessionInputValue = match m.dtype.as_str() {
+                "f16" => Tensor::<half::f16>::from_array((
+                    shape,
+                    image
+                        .pixels
+                        .iter()
+                        .map(|&v| half::f16::from_f32(v))
+                        .collect::<Vec<_>>(),
+                ))?
+                .into_dyn()
+                .into(),
+                _ => Tensor::<f32>::from_array((shape, image.pixels.clone()))?
+                    .into_dyn()
+                    .into(),
+            };
+            let outputs = session.run(vec![(Cow::from(info.pixel_values.as_str()), pixels)])?;
+            let out = outputs
+                .get(&info.image_features)
+                .ok_or_else(|| RuntimeError::Ort("no image_features output".into()))?;
+            let expected = image.tiles * info.tokens_per_tile * m.model.hidden_size;
+            let rows: Vec<f32> = match m.dtype.as_str() {
+                "f16" => out
+                    .try_extract_tensor::<half::f16>()?
+                    .1
+                    .iter()
+                    .map(|v| v.to_f32())
+                    .collect(),
+                _ => out.try_extract_tensor::<f32>()?.1.to_vec(),
+            };
+            if rows.len() != expected {
+                return Err(RuntimeError::Ort(format!(
+                    "the vision graph returned {} values for {} tiles, expected {expected}",
+                    rows.len(),
+                    image.tiles
+                )));
+            }
+            features.extend(rows);
+        }
+        Ok(features)
     }
 
     pub(crate) fn empty_cache(&self, batch: usize) -> Result<Cache, RuntimeError> {
@@ -211,8 +308,9 @@ impl Model {
         ids: &[i64],
         start: usize,
         cache: Cache,
+        images: Option<&ImageRows>,
     ) -> Result<(Vec<f32>, Cache), RuntimeError> {
-        self.step_batch(ids, 1, start, cache)
+        self.run_step_with(ids, 1, start, cache, false, images, &mut |_| Ok(()))
     }
 
     /// Runs one step on `ids` ([batch, n] row-major) at positions `start..start + n` for every row,
@@ -240,6 +338,36 @@ impl Model {
         Ok(self.run_step(ids, 1, 0, self.empty_cache(1)?, true)?.0)
     }
 
+    /// [`Model::prompt_logits`] of an image prompt: `features` ([`Model::encode_images`]) replace the
+    /// `<|patch|>` tokens of `ids` in order.
+    pub fn prompt_logits_with_images(
+        &self,
+        ids: &[i64],
+        features: &[f32],
+    ) -> Result<Vec<f32>, RuntimeError> {
+        let m = &self.bundle.manifest;
+        let info = m
+            .vision
+            .as_ref()
+            .ok_or_else(|| RuntimeError::Param("this bundle takes no images".into()))?;
+        if ids.len() > m.model.max_positions {
+            return Err(RuntimeError::TooLong {
+                len: ids.len(),
+                max: m.model.max_positions,
+            });
+        }
+        let rows = ImageRows {
+            positions: (0..ids.len() as i64)
+                .filter(|&i| ids[i as usize] == info.tokens.patch)
+                .collect(),
+            features: features.to_vec(),
+        };
+        let cache = self.empty_cache(1)?;
+        Ok(self
+            .run_step_with(ids, 1, 0, cache, true, Some(&rows), &mut |_| Ok(()))?
+            .0)
+    }
+
     /// One graph run; returns the logits of each row's last position, or of all positions when
     /// `all_rows`, with the new cache.
     fn run_step(
@@ -250,7 +378,7 @@ impl Model {
         cache: Cache,
         all_rows: bool,
     ) -> Result<(Vec<f32>, Cache), RuntimeError> {
-        self.run_step_with(ids, batch, start, cache, all_rows, &mut |_| Ok(()))
+        self.run_step_with(ids, batch, start, cache, all_rows, None, &mut |_| Ok(()))
     }
 
     /// Prefills `ids` and returns the largest magnitude of each named extra graph output (activation
@@ -261,16 +389,24 @@ impl Model {
         names: &[String],
     ) -> Result<HashMap<String, f32>, RuntimeError> {
         let mut found = HashMap::new();
-        self.run_step_with(ids, 1, 0, self.empty_cache(1)?, false, &mut |outputs| {
-            for name in names {
-                let value = outputs
-                    .get(name)
-                    .ok_or_else(|| RuntimeError::Ort(format!("no {name} output")))?;
-                let (_, data) = value.try_extract_tensor::<f32>()?;
-                found.insert(name.clone(), data.iter().fold(0f32, |m, v| m.max(v.abs())));
-            }
-            Ok(())
-        })?;
+        self.run_step_with(
+            ids,
+            1,
+            0,
+            self.empty_cache(1)?,
+            false,
+            None,
+            &mut |outputs| {
+                for name in names {
+                    let value = outputs
+                        .get(name)
+                        .ok_or_else(|| RuntimeError::Ort(format!("no {name} output")))?;
+                    let (_, data) = value.try_extract_tensor::<f32>()?;
+                    found.insert(name.clone(), data.iter().fold(0f32, |m, v| m.max(v.abs())));
+                }
+                Ok(())
+            },
+        )?;
         Ok(found)
     }
 
@@ -282,6 +418,7 @@ impl Model {
         start: usize,
         cache: Cache,
         all_rows: bool,
+        images: Option<&ImageRows>,
         inspect: &mut dyn FnMut(&ort::session::SessionOutputs) -> Result<(), RuntimeError>,
     ) -> Result<(Vec<f32>, Cache), RuntimeError> {
         let m = &self.bundle.manifest;
@@ -305,6 +442,43 @@ impl Model {
         ];
         for (name, value) in cache {
             inputs.push((name.into(), value.into()));
+        }
+        if let Some(v) = &m.vision {
+            let empty = ImageRows::default();
+            let rows = images.unwrap_or(&empty);
+            let h = m.model.hidden_size;
+            let f = rows.positions.len();
+            if rows.features.len() != f * h {
+                return Err(RuntimeError::Param(format!(
+                    "{} image feature values for {f} positions of width {h}",
+                    rows.features.len()
+                )));
+            }
+            let features: SessionInputValue = match m.dtype.as_str() {
+                "f16" => Tensor::<half::f16>::from_array((
+                    [f, h],
+                    rows.features
+                        .iter()
+                        .map(|&x| half::f16::from_f32(x))
+                        .collect::<Vec<_>>(),
+                ))?
+                .into_dyn()
+                .into(),
+                _ => Tensor::<f32>::from_array(([f, h], rows.features.clone()))?
+                    .into_dyn()
+                    .into(),
+            };
+            inputs.push((v.decoder_features.clone().into(), features));
+            inputs.push((
+                v.decoder_positions.clone().into(),
+                Tensor::<i64>::from_array(([f], rows.positions.clone()))?
+                    .into_dyn()
+                    .into(),
+            ));
+        } else if images.is_some_and(|r| !r.positions.is_empty()) {
+            return Err(RuntimeError::Param(
+                "this bundle takes no images (it was compiled without a vision encoder)".into(),
+            ));
         }
         // A free ONNX Runtime session if there is one, else wait for the next in turn.
         let mut session = match self.sessions.iter().find_map(|s| s.try_lock().ok()) {

@@ -49,6 +49,42 @@ impl<'m> Session<'m> {
 
     /// Runs `ids` after what the session holds; returns the logits of the last of them.
     pub fn feed(&mut self, ids: &[i64]) -> Result<Vec<f32>, RuntimeError> {
+        self.feed_with_images(ids, &[])
+    }
+
+    /// Like [`Session::feed`], with image feature rows ([`Model::encode_images`]) that replace the
+    /// embeddings of the `<|patch|>` tokens of `ids`, in order: one row per patch token.
+    pub fn feed_with_images(
+        &mut self,
+        ids: &[i64],
+        features: &[f32],
+    ) -> Result<Vec<f32>, RuntimeError> {
+        let m = &self.model.bundle.manifest;
+        let images = match &m.vision {
+            Some(v) if !features.is_empty() => {
+                let positions: Vec<i64> = (0..ids.len() as i64)
+                    .filter(|&i| ids[i as usize] == v.tokens.patch)
+                    .collect();
+                let h = m.model.hidden_size;
+                if positions.len() * h != features.len() {
+                    return Err(RuntimeError::Param(format!(
+                        "{} image feature rows for {} <|patch|> tokens",
+                        features.len() / h.max(1),
+                        positions.len()
+                    )));
+                }
+                Some(crate::model::ImageRows {
+                    positions,
+                    features: features.to_vec(),
+                })
+            }
+            None if !features.is_empty() => {
+                return Err(RuntimeError::Param(
+                    "this bundle takes no images (it was compiled without a vision encoder)".into(),
+                ))
+            }
+            _ => None,
+        };
         let m = &self.model.bundle.manifest;
         if ids.is_empty() {
             return Err(RuntimeError::Param("no tokens to feed".into()));
@@ -70,7 +106,9 @@ impl<'m> Session<'m> {
             });
         }
         let cache = std::mem::take(&mut self.cache);
-        let (logits, cache) = self.model.step(ids, self.position, cache)?;
+        let (logits, cache) = self
+            .model
+            .step(ids, self.position, cache, images.as_ref())?;
         self.position = end;
         self.cache = self.bound(cache)?;
         Ok(logits)
