@@ -105,6 +105,13 @@ pub struct Generation {
 /// The KV cache between steps: each `past_*` input name with the value to feed it.
 pub(crate) type Cache = Vec<(String, DynValue)>;
 
+/// The token ids of one decoder call: `batch` rows of equal length at positions `start..`.
+struct Tokens<'a> {
+    ids: &'a [i64],
+    batch: usize,
+    start: usize,
+}
+
 /// Image feature rows for one decoder call and the flat token indices (`batch * seq`) they replace.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ImageRows {
@@ -310,7 +317,12 @@ impl Model {
         cache: Cache,
         images: Option<&ImageRows>,
     ) -> Result<(Vec<f32>, Cache), RuntimeError> {
-        self.run_step_with(ids, 1, start, cache, false, images, &mut |_| Ok(()))
+        let tokens = Tokens {
+            ids,
+            batch: 1,
+            start,
+        };
+        self.run_step_with(tokens, cache, false, images, &mut |_| Ok(()))
     }
 
     /// Runs one step on `ids` ([batch, n] row-major) at positions `start..start + n` for every row,
@@ -364,7 +376,17 @@ impl Model {
         };
         let cache = self.empty_cache(1)?;
         Ok(self
-            .run_step_with(ids, 1, 0, cache, true, Some(&rows), &mut |_| Ok(()))?
+            .run_step_with(
+                Tokens {
+                    ids,
+                    batch: 1,
+                    start: 0,
+                },
+                cache,
+                true,
+                Some(&rows),
+                &mut |_| Ok(()),
+            )?
             .0)
     }
 
@@ -378,7 +400,8 @@ impl Model {
         cache: Cache,
         all_rows: bool,
     ) -> Result<(Vec<f32>, Cache), RuntimeError> {
-        self.run_step_with(ids, batch, start, cache, all_rows, None, &mut |_| Ok(()))
+        let tokens = Tokens { ids, batch, start };
+        self.run_step_with(tokens, cache, all_rows, None, &mut |_| Ok(()))
     }
 
     /// Prefills `ids` and returns the largest magnitude of each named extra graph output (activation
@@ -390,9 +413,11 @@ impl Model {
     ) -> Result<HashMap<String, f32>, RuntimeError> {
         let mut found = HashMap::new();
         self.run_step_with(
-            ids,
-            1,
-            0,
+            Tokens {
+                ids,
+                batch: 1,
+                start: 0,
+            },
             self.empty_cache(1)?,
             false,
             None,
@@ -413,14 +438,13 @@ impl Model {
     /// [`Model::run_step`] that also shows the raw outputs to `inspect` before taking the cache.
     fn run_step_with(
         &self,
-        ids: &[i64],
-        batch: usize,
-        start: usize,
+        tokens: Tokens<'_>,
         cache: Cache,
         all_rows: bool,
         images: Option<&ImageRows>,
         inspect: &mut dyn FnMut(&ort::session::SessionOutputs) -> Result<(), RuntimeError>,
     ) -> Result<(Vec<f32>, Cache), RuntimeError> {
+        let Tokens { ids, batch, start } = tokens;
         let m = &self.bundle.manifest;
         let n = ids.len() / batch.max(1);
         let positions: Vec<i64> = (0..batch)
