@@ -57,6 +57,7 @@ fn c_program_loads_a_bundle_and_generates() {
     );
     let run = Command::new(&exe)
         .arg(&bundle)
+        .arg(common::image("small.png"))
         .env("LD_LIBRARY_PATH", &target)
         .output()
         .unwrap();

@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{fixture, image, max_error, ok, vision_goldens, IMAGES, LOGIT_TOLERANCE};
+use common::{fails_with, fixture, image, max_error, ok, vision_goldens, IMAGES, LOGIT_TOLERANCE};
 use herd_ir::eval::{evaluate, Tensor};
 use ndarray::Array2;
 
@@ -266,4 +266,103 @@ fn compiled_bundle_matches_transformers_on_images_and_text() {
     eprintln!("greedy {tokens:?}: step logits max error {worst:.3e}");
     assert!(worst <= LOGIT_TOLERANCE * scale, "step logits: {worst}");
     assert_eq!(tokens, golden.greedy_ids, "greedy tokens");
+}
+
+#[test]
+fn cli_runs_image_prompts_and_refuses_bad_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = compile(dir.path(), &[]);
+    let bundle = bundle.to_str().unwrap();
+    let (_, golden) = vision_goldens();
+    let paths: Vec<String> = IMAGES
+        .iter()
+        .map(|n| image(n).to_str().unwrap().to_string())
+        .collect();
+    let mut args = vec![
+        "run",
+        bundle,
+        "--prompt",
+        IMAGE_PROMPT,
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ];
+    for p in &paths {
+        args.extend(["--image", p.as_str()]);
+    }
+    let out: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+    let ids: Vec<i64> = out["output_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, golden.greedy_ids, "herd run --image greedy tokens");
+
+    let run_with = |img: &str| {
+        let path = image(img);
+        let path = path.to_str().unwrap().to_string();
+        move |parts: &[&str]| {
+            fails_with(&["run", bundle, "--prompt", "hi", "--image", &path], parts)
+        }
+    };
+    run_with("truncated.png")(&["truncated.png", "corrupt or truncated"]);
+    run_with("empty.png")(&["empty.png", "empty"]);
+    run_with("huge.png")(&["huge.png", "100000x100000", "at most 16384"]);
+    fails_with(
+        &["run", bundle, "--prompt", "hi", "--image", "README.md"],
+        &["README.md", "not a PNG or JPEG"],
+    );
+    fails_with(
+        &[
+            "run",
+            bundle,
+            "--prompt",
+            "hi",
+            "--image",
+            "/no/such/image.png",
+        ],
+        &["/no/such/image.png", "cannot read"],
+    );
+    // More images than the bundle allows: the error names the limit.
+    let small = image("small.png");
+    let small = small.to_str().unwrap();
+    let mut args = vec!["run", bundle, "--prompt", "hi"];
+    for _ in 0..9 {
+        args.extend(["--image", small]);
+    }
+    fails_with(&args, &["9 images", "at most 8", "--max-images"]);
+    // Placeholders must match the images.
+    fails_with(
+        &[
+            "run",
+            bundle,
+            "--prompt",
+            "<|image|><|image|>",
+            "--image",
+            small,
+        ],
+        &["2 <|image|> placeholders", "1 images"],
+    );
+}
+
+#[test]
+fn text_only_bundles_refuse_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = compile(dir.path(), &["--text-only"]);
+    let manifest = herd_runtime::Bundle::open(&bundle).unwrap().manifest;
+    assert!(manifest.vision.is_none());
+    assert!(!bundle.join("vision.onnx").exists());
+    let small = image("small.png");
+    fails_with(
+        &[
+            "run",
+            bundle.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--image",
+            small.to_str().unwrap(),
+        ],
+        &["takes no images", "--text-only"],
+    );
 }

@@ -80,6 +80,22 @@ int herd_generate_text(const struct HerdModel *model,
                        void *user_data,
                        char **error);
 
+/**
+ * Like `herd_generate_text` with `n_images` PNG/JPEG files (bundles compiled with their vision
+ * encoder): each `<|image|>` in the prompt takes the next image; without one the images come first.
+ *
+ * # Safety
+ * As `herd_generate_text`; `image_paths` points to `n_images` NUL-terminated paths.
+ */
+int herd_generate_images(const struct HerdModel *model,
+                         const char *prompt,
+                         const char *const *image_paths,
+                         size_t n_images,
+                         size_t max_new_tokens,
+                         HerdTokenCallback callback,
+                         void *user_data,
+                         char **error);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

@@ -181,3 +181,55 @@ pub unsafe extern "C" fn herd_generate_text(
         run(model, prompt, max_new_tokens, callback, user_data)
     })
 }
+
+/// Like `herd_generate_text` with `n_images` PNG/JPEG files (bundles compiled with their vision
+/// encoder): each `<|image|>` in the prompt takes the next image; without one the images come first.
+///
+/// # Safety
+/// As `herd_generate_text`; `image_paths` points to `n_images` NUL-terminated paths.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn herd_generate_images(
+    model: *const HerdModel,
+    prompt: *const c_char,
+    image_paths: *const *const c_char,
+    n_images: usize,
+    max_new_tokens: usize,
+    callback: HerdTokenCallback,
+    user_data: *mut c_void,
+    error: *mut *mut c_char,
+) -> c_int {
+    guarded(error, -1, || {
+        if prompt.is_null() || (image_paths.is_null() && n_images > 0) {
+            return Err("herd_generate_images: prompt or image_paths is NULL".into());
+        }
+        // SAFETY: checked non-NULL; the caller guarantees NUL termination.
+        let text = unsafe { CStr::from_ptr(prompt) }
+            .to_str()
+            .map_err(|_| "herd_generate_images: prompt is not UTF-8".to_string())?
+            .to_string();
+        let paths = if n_images == 0 {
+            &[][..]
+        } else {
+            // SAFETY: checked non-NULL; the caller guarantees `n_images` readable pointers.
+            unsafe { std::slice::from_raw_parts(image_paths, n_images) }
+        };
+        let images = paths
+            .iter()
+            .map(|&p| {
+                if p.is_null() {
+                    return Err("herd_generate_images: an image path is NULL".to_string());
+                }
+                // SAFETY: checked non-NULL; the caller guarantees NUL termination.
+                let path = unsafe { CStr::from_ptr(p) }
+                    .to_str()
+                    .map_err(|_| "herd_generate_images: an image path is not UTF-8".to_string())?;
+                Ok(crate::vision::ImageSource::Path(path.into()))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let prompt = Prompt::WithImages {
+            prompt: Box::new(Prompt::Text(text)),
+            images,
+        };
+        run(model, prompt, max_new_tokens, callback, user_data)
+    })
+}

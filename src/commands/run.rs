@@ -1,4 +1,5 @@
-//! `herd run BUNDLE --input-ids 1,2,3 | --prompt TEXT`: generate from a compiled bundle.
+//! `herd run BUNDLE --input-ids 1,2,3 | --prompt TEXT [--image PATH ...]`: generate from a compiled
+//! bundle.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -77,6 +78,10 @@ pub struct RunArgs {
     /// Prompt text (tokenized with the bundle's tokenizer, BOS added); the output is streamed as text.
     #[arg(long)]
     pub prompt: Option<String>,
+    /// A PNG or JPEG image for the prompt (repeatable, in order; bundles compiled with their vision
+    /// encoder). Each `<|image|>` in the prompt takes the next image; without one the images come first.
+    #[arg(long = "image", value_name = "PATH")]
+    pub images: Vec<PathBuf>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Write the logits of every generated token as float32 .npy [N, vocab]; row 0 comes from the prefill.
@@ -92,10 +97,20 @@ pub struct RunArgs {
 /// Runs the command.
 pub fn run(args: &RunArgs) -> Result<()> {
     let model = Model::load(&args.bundle, &args.runtime.options())?;
-    let prompt = match &args.prompt {
+    let mut prompt = match &args.prompt {
         Some(text) => Prompt::Text(text.clone()),
         None => Prompt::Ids(args.input_ids.clone()),
     };
+    if !args.images.is_empty() {
+        prompt = Prompt::WithImages {
+            prompt: Box::new(prompt),
+            images: args
+                .images
+                .iter()
+                .map(|p| herd_runtime::vision::ImageSource::Path(p.clone()))
+                .collect(),
+        };
+    }
     let stream_text = args.prompt.is_some() && !args.json;
     let start = std::time::Instant::now();
     let mut stream = model.stream(

@@ -1,4 +1,4 @@
-/* herd's C ABI end to end: load a bundle, generate from token ids and from text, read an error, free. */
+/* herd's C ABI end to end: load a bundle, generate from token ids, text and an image, read an error, free. */
 #include <stdio.h>
 #include <string.h>
 
@@ -19,8 +19,8 @@ static int stop_after_two(int64_t token, const char *text, void *user_data) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 2) {
-        fprintf(stderr, "usage: %s BUNDLE\n", argv[0]);
+    if (argc != 3) {
+        fprintf(stderr, "usage: %s BUNDLE IMAGE\n", argv[0]);
         return 64;
     }
     char *error = NULL;
@@ -43,6 +43,21 @@ int main(int argc, char **argv) {
         fprintf(stderr, "generate_text: expected to stop after 2 tokens, got %d (%s)\n", n, error ? error : "-");
         return 3;
     }
+    const char *images[] = {argv[2]};
+    count = 0;
+    n = herd_generate_images(model, "What is in <|image|>?", images, 1, 4, stop_after_two, &count, &error);
+    if (n != 2) {
+        fprintf(stderr, "generate_images: expected to stop after 2 tokens, got %d (%s)\n", n, error ? error : "-");
+        return 6;
+    }
+    const char *broken[] = {"/nonexistent/image.png"};
+    if (herd_generate_images(model, "hi", broken, 1, 4, NULL, NULL, &error) != -1 || error == NULL ||
+        strstr(error, "image.png") == NULL) {
+        fprintf(stderr, "a missing image must fail with a message naming it\n");
+        return 7;
+    }
+    herd_string_free(error);
+    error = NULL;
     if (herd_model_load("/nonexistent/bundle", &error) != NULL || error == NULL || strstr(error, "manifest.json") == NULL) {
         fprintf(stderr, "a missing bundle must fail with a message\n");
         return 4;

@@ -418,8 +418,17 @@ impl Emitter<'_> {
                 )
             }
             Op::Gelu => {
+                // x * (1 + erf(x / sqrt 2)) / 2 in primitives: every parser takes Erf, and ONNX Runtime
+                // and TensorRT fuse the pattern into their GELU kernels.
                 let x = self.input(inputs[0], false)?;
-                self.push(name, "Gelu", "", &[&x], vec![])
+                let sqrt2 = self.float_scalar(std::f32::consts::SQRT_2, t);
+                let one = self.float_scalar(1.0, t);
+                let half = self.float_scalar(0.5, t);
+                let scaled = self.push(&format!("{name}.div"), "Div", "", &[&x, &sqrt2], vec![]);
+                let erf = self.push(&format!("{name}.erf"), "Erf", "", &[&scaled], vec![]);
+                let plus = self.push(&format!("{name}.add"), "Add", "", &[&erf, &one], vec![]);
+                let times = self.push(&format!("{name}.mul"), "Mul", "", &[&x, &plus], vec![]);
+                self.push(name, "Mul", "", &[&times, &half], vec![])
             }
             Op::AppendToken => {
                 let x = self.input(inputs[0], false)?;

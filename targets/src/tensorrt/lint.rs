@@ -20,7 +20,7 @@ pub const RULES: &[(&str, &str)] = &[
     ("unknown-attribute", "no node carries an attribute outside its ONNX schema (TensorRT-only attributes break ONNX Runtime)"),
     ("dtype", "every initializer and graph input has a dtype TensorRT takes"),
     ("attention-4d", "Attention takes 4D q/k/v and a mask only: no past_key/past_value inputs, no present outputs, no softcap, no 3D (q_num_heads) form"),
-    ("rotary-position-ids", "RotaryEmbedding gets int64 position ids"),
+    ("rotary-position-ids", "RotaryEmbedding gets int64 position ids (a graph input or constant, maybe expanded)"),
     ("topk", "TopK is sorted and K < 3840"),
     ("scatternd-reduction", "ScatterND has no reduction"),
     ("qdq-symmetric", "Q/DQ have no zero point other than 0"),
@@ -120,6 +120,26 @@ pub fn lint(model: &ModelProto) -> Vec<Violation> {
             }
         }
     }
+    // Int64 constants, and shape-only ops (the vision graph's expanded 0..S positions) keep the type.
+    for t in &graph.initializer {
+        if t.data_type == DataType::INT64 as i32 {
+            int64_values.insert(t.name.as_str());
+        }
+    }
+    for node in &graph.node {
+        let shape_only = matches!(
+            node.op_type.as_str(),
+            "Expand" | "Reshape" | "Unsqueeze" | "Identity"
+        );
+        if shape_only
+            && node
+                .input
+                .first()
+                .is_some_and(|i| int64_values.contains(i.as_str()))
+        {
+            int64_values.extend(node.output.iter().map(String::as_str));
+        }
+    }
 
     for node in &graph.node {
         let name = if node.name.is_empty() {
@@ -191,7 +211,7 @@ pub fn lint(model: &ModelProto) -> Vec<Violation> {
                 Some(pos) => report(
                     "rotary-position-ids",
                     name,
-                    format!("position ids `{pos}` are not a graph input of int64"),
+                    format!("position ids `{pos}` are not int64 (a graph input or constant)"),
                 ),
                 None => report("rotary-position-ids", name, "no position ids".into()),
             },
