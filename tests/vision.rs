@@ -366,3 +366,58 @@ fn text_only_bundles_refuse_images() {
         &["takes no images", "--text-only"],
     );
 }
+
+/// f16 keeps 11 significant bits; through the vision tower and 4 decoder layers the logits drift about
+/// 1e-3 of their scale (the text-only f16 bound of tests/end_to_end.rs).
+const F16_TOLERANCE: f32 = 5e-3;
+
+#[test]
+fn f16_bundle_reports_its_image_prompt_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = compile(dir.path(), &["--dtype", "f16"]);
+    let model =
+        herd_runtime::Model::load(&bundle, &herd_runtime::RuntimeOptions::default()).unwrap();
+    let (_, golden) = vision_goldens();
+    let (ids, features) = herd_runtime::prepare_prompt(&model, image_prompt()).unwrap();
+    assert_eq!(ids, golden.input_ids);
+    let logits = model.prompt_logits_with_images(&ids, &features).unwrap();
+    let ours = Array2::from_shape_vec(golden.logits.raw_dim(), logits).unwrap();
+    let (err, scale) = max_error(&ours, &golden.logits);
+    eprintln!("f16 image+text prompt: relative error {:.2e}", err / scale);
+    assert!(
+        err <= F16_TOLERANCE * scale,
+        "f16 drift {err} (scale {scale})"
+    );
+}
+
+#[test]
+fn tensorrt_target_vision_bundle_lints_clean_and_matches_on_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = compile(dir.path(), &["--target", "tensorrt-h100", "--dtype", "f32"]);
+    let manifest = herd_runtime::Bundle::open(&bundle).unwrap().manifest;
+    let trt = manifest.tensorrt.as_ref().unwrap();
+    assert!(trt
+        .profile_max_shapes
+        .contains("image_features:512x64,image_positions:512"));
+    let vision = trt.vision_profile_shapes.as_ref().unwrap();
+    assert_eq!(vision[0], "pixel_values:1x3x56x56");
+    assert_eq!(vision[2], "pixel_values:136x3x56x56");
+    let lint = common::herd(&["lint", bundle.to_str().unwrap(), "--target", "tensorrt"]);
+    let stderr = String::from_utf8_lossy(&lint.stderr);
+    assert!(lint.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("no TensorRT violations in model.onnx, vision.onnx"),
+        "{stderr}"
+    );
+    let model =
+        herd_runtime::Model::load(&bundle, &herd_runtime::RuntimeOptions::default()).unwrap();
+    let (_, golden) = vision_goldens();
+    let (ids, features) = herd_runtime::prepare_prompt(&model, image_prompt()).unwrap();
+    let logits = model.prompt_logits_with_images(&ids, &features).unwrap();
+    let ours = Array2::from_shape_vec(golden.logits.raw_dim(), logits).unwrap();
+    let (err, scale) = max_error(&ours, &golden.logits);
+    eprintln!(
+        "tensorrt-target bundle on CPU, image prompt: max error {err:.3e} (scale {scale:.3})"
+    );
+    assert!(err <= LOGIT_TOLERANCE * scale, "{err}");
+}

@@ -15,7 +15,7 @@ pub enum LintTarget {
 /// Arguments of `herd lint`.
 #[derive(Args)]
 pub struct LintArgs {
-    /// A bundle folder (its model.onnx is linted).
+    /// A bundle folder (its model.onnx, and vision.onnx when it takes images, are linted).
     #[arg(required_unless_present = "rules")]
     pub bundle: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "tensorrt")]
@@ -38,7 +38,14 @@ pub fn run(args: &LintArgs) -> Result<()> {
         .as_ref()
         .expect("clap requires BUNDLE without --rules");
     let manifest = herd_runtime::Bundle::open(bundle)?.manifest;
-    let violations = herd_targets::tensorrt::lint_file(&bundle.join(&manifest.graph.model_file))?;
+    let mut files = vec![manifest.graph.model_file.clone()];
+    if let Some(v) = &manifest.vision {
+        files.push(v.model_file.clone());
+    }
+    let mut violations = Vec::new();
+    for file in &files {
+        violations.extend(herd_targets::tensorrt::lint_file(&bundle.join(file))?);
+    }
     let allowed = manifest
         .tensorrt
         .map(|t| t.allowed_lint)
@@ -52,7 +59,11 @@ pub fn run(args: &LintArgs) -> Result<()> {
         println!("{v}{note}");
     }
     if violations.is_empty() {
-        eprintln!("{}: no TensorRT violations", bundle.display());
+        eprintln!(
+            "{}: no TensorRT violations in {}",
+            bundle.display(),
+            files.join(", ")
+        );
         Ok(())
     } else {
         anyhow::bail!(
