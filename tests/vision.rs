@@ -393,12 +393,23 @@ fn f16_bundle_reports_its_image_prompt_error() {
 #[test]
 fn tensorrt_target_vision_bundle_lints_clean_and_matches_on_cpu() {
     let dir = tempfile::tempdir().unwrap();
-    let bundle = compile(dir.path(), &["--target", "tensorrt-h100", "--dtype", "f32"]);
+    // A per-call profile shorter than the 144-token image prompt: prefill runs in 4 calls.
+    let bundle = compile(
+        dir.path(),
+        &[
+            "--target",
+            "tensorrt-h100",
+            "--dtype",
+            "f32",
+            "--max-seq",
+            "40",
+        ],
+    );
     let manifest = herd_runtime::Bundle::open(&bundle).unwrap().manifest;
     let trt = manifest.tensorrt.as_ref().unwrap();
     assert!(trt
         .profile_max_shapes
-        .contains("image_features:512x64,image_positions:512"));
+        .contains("image_features:40x64,image_positions:40"));
     let vision = trt.vision_profile_shapes.as_ref().unwrap();
     assert_eq!(vision[0], "pixel_values:1x3x56x56");
     assert_eq!(vision[2], "pixel_values:136x3x56x56");
@@ -420,4 +431,145 @@ fn tensorrt_target_vision_bundle_lints_clean_and_matches_on_cpu() {
         "tensorrt-target bundle on CPU, image prompt: max error {err:.3e} (scale {scale:.3})"
     );
     assert!(err <= LOGIT_TOLERANCE * scale, "{err}");
+
+    // Generation feeds the prompt in calls of at most 40 tokens, splitting the image rows to match.
+    assert_eq!(
+        herd_runtime::session::max_tokens_per_call(&manifest),
+        Some(40)
+    );
+    let params = herd_runtime::GenerateParams {
+        max_new_tokens: golden.greedy_ids.len(),
+        sampling: herd_runtime::Sampling::Greedy,
+        stop_ids: Some(vec![]),
+        stop_strings: vec![],
+        return_logits: true,
+    };
+    let generation = model.stream(image_prompt(), &params, None).unwrap();
+    let mut tokens = Vec::new();
+    for (step, event) in generation.enumerate() {
+        let event = event.unwrap();
+        let err = event
+            .logits
+            .unwrap()
+            .iter()
+            .zip(golden.step_logits.row(step))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(err <= LOGIT_TOLERANCE * scale, "step {step}: {err}");
+        tokens.push(event.id);
+    }
+    assert_eq!(
+        tokens, golden.greedy_ids,
+        "greedy tokens with a chunked prefill"
+    );
+}
+
+/// The largest relative feature error over the golden images of a (possibly altered) vision graph.
+fn worst_feature_error(graph: &herd_ir::Graph) -> f32 {
+    let (images, _) = vision_goldens();
+    images
+        .iter()
+        .map(|golden| {
+            let inputs = HashMap::from([(
+                herd_ir::vision::PIXEL_VALUES.to_string(),
+                Tensor::F32(golden.pixel_values.clone()),
+            )]);
+            let out = evaluate(graph, &inputs).expect("evaluate");
+            let ours: Array2<f32> = out[herd_ir::vision::IMAGE_FEATURES]
+                .as_f32()
+                .unwrap()
+                .clone()
+                .into_dimensionality()
+                .unwrap();
+            let (err, scale) = max_error(&ours, &golden.features);
+            err / scale
+        })
+        .fold(0.0, f32::max)
+}
+
+/// Replaces the op of the node called `name`.
+fn alter(graph: &mut herd_ir::Graph, name: &str, op: herd_ir::Op) {
+    let index = graph
+        .node_indices()
+        .into_iter()
+        .find(|&i| graph.node(i).unwrap().name == name)
+        .unwrap_or_else(|| panic!("no node {name}"));
+    graph.node_mut(index).unwrap().op = op;
+}
+
+#[test]
+fn vision_goldens_catch_each_detail_of_the_tower() {
+    let ckpt = herd_ir::Checkpoint::open(&fixture("tiny-scout")).unwrap();
+    let config = ckpt.config.vision.clone().unwrap();
+    let exact = herd_ir::vision::build_vision_graph(&ckpt).unwrap();
+    assert!(worst_feature_error(&exact) <= LOGIT_TOLERANCE);
+    let (cos, sin) = herd_ir::vision::rotary_tables(&config);
+    let half = cos.shape[1] / 2;
+    let rows = cos.shape[0];
+    let remap = |t: &herd_ir::ops::ConstantData, f: &dyn Fn(usize, usize) -> (usize, usize)| {
+        let mut values = t.values.to_vec();
+        for r in 0..rows {
+            for j in 0..2 * half {
+                let (sr, sj) = f(r, j);
+                values[r * 2 * half + j] = t.values[sr * 2 * half + sj];
+            }
+        }
+        herd_ir::Op::Constant(herd_ir::ops::ConstantData {
+            shape: t.shape.clone(),
+            values: std::sync::Arc::new(values),
+        })
+    };
+    let variants: Vec<(&str, Vec<(&str, herd_ir::Op)>)> = vec![
+        (
+            "rows and columns of the 2D RoPE swapped",
+            vec![
+                (
+                    "rope.cos",
+                    remap(&cos, &|r, j| (r, (j + half) % (2 * half))),
+                ),
+                (
+                    "rope.sin",
+                    remap(&sin, &|r, j| (r, (j + half) % (2 * half))),
+                ),
+            ],
+        ),
+        (
+            "class token rotated like patch 0",
+            vec![
+                (
+                    "rope.cos",
+                    remap(&cos, &|r, j| (if r == rows - 1 { 0 } else { r }, j)),
+                ),
+                (
+                    "rope.sin",
+                    remap(&sin, &|r, j| (if r == rows - 1 { 0 } else { r }, j)),
+                ),
+            ],
+        ),
+        (
+            "pixel shuffle without its second transpose",
+            vec![(
+                "shuffle.transpose2",
+                herd_ir::Op::Transpose {
+                    perm: vec![0, 1, 2, 3],
+                },
+            )],
+        ),
+        (
+            "GELU of layer 0 replaced by SiLU",
+            vec![("vision.layers.0.gelu", herd_ir::Op::Silu)],
+        ),
+    ];
+    for (what, changes) in variants {
+        let mut graph = exact.clone();
+        for (name, op) in changes {
+            alter(&mut graph, name, op);
+        }
+        let err = worst_feature_error(&graph);
+        eprintln!("{what}: relative feature error {err:.2e}");
+        assert!(
+            err > 10.0 * LOGIT_TOLERANCE,
+            "{what}: the goldens do not notice ({err:e})"
+        );
+    }
 }

@@ -53,38 +53,13 @@ impl<'m> Session<'m> {
     }
 
     /// Like [`Session::feed`], with image feature rows ([`Model::encode_images`]) that replace the
-    /// embeddings of the `<|patch|>` tokens of `ids`, in order: one row per patch token.
+    /// embeddings of the `<|patch|>` tokens of `ids`, in order: one row per patch token. Prompts longer
+    /// than a TensorRT bundle's per-call profile are fed in several calls.
     pub fn feed_with_images(
         &mut self,
         ids: &[i64],
         features: &[f32],
     ) -> Result<Vec<f32>, RuntimeError> {
-        let m = &self.model.bundle.manifest;
-        let images = match &m.vision {
-            Some(v) if !features.is_empty() => {
-                let positions: Vec<i64> = (0..ids.len() as i64)
-                    .filter(|&i| ids[i as usize] == v.tokens.patch)
-                    .collect();
-                let h = m.model.hidden_size;
-                if positions.len() * h != features.len() {
-                    return Err(RuntimeError::Param(format!(
-                        "{} image feature rows for {} <|patch|> tokens",
-                        features.len() / h.max(1),
-                        positions.len()
-                    )));
-                }
-                Some(crate::model::ImageRows {
-                    positions,
-                    features: features.to_vec(),
-                })
-            }
-            None if !features.is_empty() => {
-                return Err(RuntimeError::Param(
-                    "this bundle takes no images (it was compiled without a vision encoder)".into(),
-                ))
-            }
-            _ => None,
-        };
         let m = &self.model.bundle.manifest;
         if ids.is_empty() {
             return Err(RuntimeError::Param("no tokens to feed".into()));
@@ -105,12 +80,52 @@ impl<'m> Session<'m> {
                 max: m.model.max_positions,
             });
         }
-        let cache = std::mem::take(&mut self.cache);
-        let (logits, cache) = self
-            .model
-            .step(ids, self.position, cache, images.as_ref())?;
-        self.position = end;
-        self.cache = self.bound(cache)?;
+        let h = m.model.hidden_size;
+        let patches: Vec<usize> = match &m.vision {
+            Some(v) if !features.is_empty() => {
+                let at: Vec<usize> = (0..ids.len())
+                    .filter(|&i| ids[i] == v.tokens.patch)
+                    .collect();
+                if at.len() * h != features.len() {
+                    return Err(RuntimeError::Param(format!(
+                        "{} image feature rows for {} <|patch|> tokens",
+                        features.len() / h.max(1),
+                        at.len()
+                    )));
+                }
+                at
+            }
+            None if !features.is_empty() => {
+                return Err(RuntimeError::Param(
+                    "this bundle takes no images (it was compiled without a vision encoder)".into(),
+                ))
+            }
+            _ => Vec::new(),
+        };
+        let per_call = max_tokens_per_call(m).unwrap_or(ids.len()).max(1);
+        let mut logits = Vec::new();
+        let mut row = 0;
+        for (c, chunk) in ids.chunks(per_call).enumerate() {
+            let offset = c * per_call;
+            let here: Vec<i64> = patches
+                .iter()
+                .skip(row)
+                .take_while(|&&p| p < offset + chunk.len())
+                .map(|&p| (p - offset) as i64)
+                .collect();
+            let images = (!here.is_empty()).then(|| crate::model::ImageRows {
+                features: features[row * h..(row + here.len()) * h].to_vec(),
+                positions: here,
+            });
+            row += images.as_ref().map_or(0, |r| r.positions.len());
+            let cache = std::mem::take(&mut self.cache);
+            let (out, cache) = self
+                .model
+                .step(chunk, self.position, cache, images.as_ref())?;
+            self.position += chunk.len();
+            self.cache = self.bound(cache)?;
+            logits = out;
+        }
         Ok(logits)
     }
 
@@ -149,6 +164,17 @@ impl<'m> Session<'m> {
         }
         bytes
     }
+}
+
+/// Most tokens one decoder call takes (None: no limit): a TensorRT bundle's profile bounds `input_ids`
+/// (`input_ids:BxS`); longer prompts are fed in several calls.
+pub fn max_tokens_per_call(m: &crate::manifest::Manifest) -> Option<usize> {
+    let profile = &m.tensorrt.as_ref()?.profile_max_shapes;
+    profile
+        .split(',')
+        .find_map(|entry| entry.strip_prefix(&format!("{}:", m.graph.input_ids)))
+        .and_then(|shape| shape.split('x').nth(1))
+        .and_then(|s| s.parse().ok())
 }
 
 /// Whether the cache input `past_{key,value}.{layer}` belongs to a full-attention (NoPE) layer.
