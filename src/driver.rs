@@ -167,7 +167,10 @@ pub fn compile(
     let mut graph = imported.graph;
     let config = imported.checkpoint.config.clone();
     let vision_graph = if with_vision {
-        Some(herd_ir::vision::build_vision_graph(&imported.checkpoint)?)
+        Some(
+            herd_ir::vision::build_vision_graph(&imported.checkpoint)
+                .context("the vision encoder cannot be compiled (--text-only leaves it out)")?,
+        )
     } else {
         None
     };

@@ -297,3 +297,65 @@ fn wrong_cli_arguments() {
         "{stderr}"
     );
 }
+
+#[test]
+fn vision_config_herd_cannot_compile() {
+    let tmp = copy_fixture("tiny-scout");
+    edit_json(&tmp.path().join("config.json"), |v| {
+        v["vision_config"]["pixel_shuffle_ratio"] = serde_json::json!(0.25);
+    });
+    assert_mentions(
+        &inspect_fails(tmp.path()),
+        &["config.json", "vision_config.pixel_shuffle_ratio", "0.5"],
+    );
+}
+
+#[test]
+fn missing_vision_tensor_names_it_and_the_way_out() {
+    let tmp = copy_fixture("tiny-scout");
+    edit_json(&tmp.path().join("model.safetensors.index.json"), |v| {
+        v["weight_map"]
+            .as_object_mut()
+            .unwrap()
+            .remove("vision_model.class_embedding");
+    });
+    let out_dir = tmp.path().join("bundle");
+    let out = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .arg("compile")
+        .arg(tmp.path())
+        .arg("-o")
+        .arg(&out_dir)
+        .output()
+        .expect("run herd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    assert_mentions(
+        &stderr,
+        &[
+            "missing tensor `vision_model.class_embedding`",
+            "--text-only",
+        ],
+    );
+    assert!(
+        !out_dir.exists(),
+        "a failed compile left {}",
+        out_dir.display()
+    );
+    // --text-only compiles the decoder alone.
+    let out = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .arg("compile")
+        .arg(tmp.path())
+        .arg("-o")
+        .arg(&out_dir)
+        .arg("--text-only")
+        .output()
+        .expect("run herd");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -776,6 +776,46 @@ mod tests {
     }
 
     #[test]
+    fn published_scout_vision_config() {
+        let c = Llama4Config::from_json(
+            r#"{"architectures": ["Llama4ForConditionalGeneration"], "boi_token_index": 200080,
+                "eoi_token_index": 200081, "image_token_index": 200092,
+                "text_config": {"vocab_size": 202048, "hidden_size": 5120, "intermediate_size": 8192,
+                    "intermediate_size_mlp": 16384, "num_hidden_layers": 48, "num_attention_heads": 40,
+                    "num_key_value_heads": 8, "head_dim": 128, "num_local_experts": 16, "moe_layers": []},
+                "vision_config": {"attention_dropout": 0.0, "hidden_act": "gelu", "hidden_size": 1408,
+                    "image_size": 336, "intermediate_size": 5632, "model_type": "llama4_vision_model",
+                    "multi_modal_projector_bias": false, "norm_eps": 1e-05, "num_attention_heads": 16,
+                    "num_channels": 3, "num_hidden_layers": 34, "patch_size": 14, "pixel_shuffle_ratio": 0.5,
+                    "projector_dropout": 0.0, "projector_input_dim": 4096, "projector_output_dim": 4096,
+                    "rope_theta": 10000, "vision_feature_layer": -1,
+                    "vision_feature_select_strategy": "default", "vision_output_dim": 4096}}"#,
+            "config.json",
+        )
+        .unwrap();
+        let v = c.vision.unwrap();
+        assert_eq!((v.grid(), v.tokens_per_tile()), (24, 144));
+        assert_eq!((v.hidden_size, v.num_heads, v.num_layers), (1408, 16, 34));
+        assert_eq!(
+            (v.patch_token_id, v.image_start_id, v.image_end_id),
+            (200092, 200080, 200081)
+        );
+        let bad = Llama4Config::from_json(
+            r#"{"architectures": ["Llama4ForConditionalGeneration"],
+                "text_config": {"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+                    "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1,
+                    "num_local_experts": 1, "moe_layers": []},
+                "vision_config": {"pixel_shuffle_ratio": 0.25}}"#,
+            "config.json",
+        );
+        let message = bad.unwrap_err().to_string();
+        assert!(
+            message.contains("vision_config.pixel_shuffle_ratio") && message.contains("0.5"),
+            "{message}"
+        );
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let missing = Llama4Config::from_json(
             &text(r#", "moe_layers": [1], "num_local_experts": null"#),
