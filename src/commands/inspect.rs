@@ -86,6 +86,7 @@ fn summarize(ckpt: &Checkpoint) -> serde_json::Value {
         "active_params": counts.active,
         "has_vision": counts.vision > 0,
         "vision_tensors": ckpt.vision_tensors().len(),
+        "vision": c.vision,
         "shards": ckpt.store.shards().len(),
     })
 }
@@ -123,10 +124,20 @@ fn print_human(ckpt: &Checkpoint, s: &serde_json::Value) {
         human(s["vision_params"].as_u64().unwrap_or(0)),
         human(s["active_params"].as_u64().unwrap_or(0)),
     );
-    println!(
-        "  weights: {} shard(s); vision tower: {} tensors recorded, not compiled",
-        s["shards"], s["vision_tensors"]
-    );
+    println!("  weights: {} shard(s)", s["shards"]);
+    if let Some(v) = &c.vision {
+        println!(
+            "  vision: {} layers, hidden {}, {} heads; {}px tiles of {}px patches -> {} tokens per tile; patch token {}; {} tensors",
+            v.num_layers,
+            v.hidden_size,
+            v.num_heads,
+            v.image_size,
+            v.patch_size,
+            v.tokens_per_tile(),
+            v.patch_token_id,
+            s["vision_tensors"]
+        );
+    }
 }
 
 fn human(n: u64) -> String {
