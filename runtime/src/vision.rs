@@ -94,8 +94,21 @@ pub fn load_image(source: &ImageSource) -> Result<RgbImage, RuntimeError> {
     let decoded = reader
         .decode()
         .map_err(|e| bad(format!("corrupt or truncated image: {e}")))?;
-    // Like PIL's convert("RGB"): alpha is dropped, grey is replicated.
-    Ok(decoded.to_rgb8())
+    // Like PIL's convert("RGB"): alpha is dropped, grey is replicated; 16-bit samples keep their high
+    // byte, as PIL unpacks them.
+    Ok(match decoded {
+        image::DynamicImage::ImageRgb16(_)
+        | image::DynamicImage::ImageRgba16(_)
+        | image::DynamicImage::ImageLuma16(_)
+        | image::DynamicImage::ImageLumaA16(_) => {
+            let wide = decoded.to_rgb16();
+            RgbImage::from_fn(wide.width(), wide.height(), |x, y| {
+                let p = wide.get_pixel(x, y).0;
+                image::Rgb([(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8])
+            })
+        }
+        other => other.to_rgb8(),
+    })
 }
 
 /// Allowed canvases (height, width) in tiles, in the order transformers' `find_supported_resolutions`

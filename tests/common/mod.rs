@@ -172,6 +172,26 @@ pub struct ImageGolden {
     pub features: Array2<f32>,
 }
 
+/// Preprocessing-only images of the vision goldens (`extra{i}.pixel_values`).
+pub const EXTRA_IMAGES: [&str; 2] = ["photo.jpg", "grey_alpha.png"];
+
+/// transformers' tiles and canvas for `EXTRA_IMAGES[i]`.
+pub fn extra_image_golden(i: usize) -> (ndarray::ArrayD<f32>, (i64, i64)) {
+    let bytes = std::fs::read(fixture("tiny-scout").join("goldens-vision.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(&format!("extra{i}.pixel_values")).unwrap();
+    let values: Vec<f32> = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let ratio = i64_vec(&st, &format!("extra{i}.aspect_ratio"));
+    (
+        ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(t.shape()), values).unwrap(),
+        (ratio[0], ratio[1]),
+    )
+}
+
 /// tiny-scout's vision goldens: one entry per image of [`IMAGES`], and the image+text prompt.
 pub fn vision_goldens() -> (Vec<ImageGolden>, Golden) {
     let bytes = std::fs::read(fixture("tiny-scout").join("goldens-vision.safetensors"))
