@@ -69,6 +69,10 @@ pub fn bundle(path: &Path, options: &RuntimeOptions, decode_steps: usize) -> Res
             json!((batch * decode_steps) as f64 / d.as_secs_f64()),
         );
     }
+    let vision = match &m.vision {
+        Some(info) => Some(vision_bench(&model, info)?),
+        None => None,
+    };
     // Measured before the bandwidth test allocates its buffer.
     let peak_rss = crate::driver::peak_rss_bytes();
     let bandwidth = read_bandwidth();
@@ -101,6 +105,57 @@ pub fn bundle(path: &Path, options: &RuntimeOptions, decode_steps: usize) -> Res
         "active_weight_bytes_per_token": m.model.active_weight_bytes_per_token,
         "decode_roofline_tokens_per_s": roofline,
         "decode_roofline_fraction": decode1 / roofline,
+        "vision": vision,
+    }))
+}
+
+/// Image throughput of a bundle with a vision encoder: encoding one tile and a 2x2 canvas (4 tiles and
+/// the global one), and prefilling that image's prompt with its features.
+fn vision_bench(model: &Model, info: &herd_runtime::manifest::VisionInfo) -> Result<Value> {
+    use herd_runtime::vision::{image_prompt_tokens, ImageTiles};
+    let tile = |rows: usize, cols: usize| {
+        let tiles = rows * cols + usize::from(rows * cols > 1);
+        ImageTiles {
+            // Content does not change the work; a mid-grey image.
+            pixels: vec![0.0; tiles * info.num_channels * info.tile_size * info.tile_size],
+            tiles,
+            rows,
+            cols,
+        }
+    };
+    let time = |image: &ImageTiles| -> Result<f64> {
+        let mut best = f64::MAX;
+        for _ in 0..2 {
+            let start = Instant::now();
+            std::hint::black_box(model.encode_images(std::slice::from_ref(image))?);
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        Ok(best)
+    };
+    let single = tile(1, 1);
+    let canvas = tile(2, 2);
+    let one = time(&single)?;
+    let five = time(&canvas)?;
+    let features = model.encode_images(std::slice::from_ref(&canvas))?;
+    let mut ids = image_prompt_tokens(&canvas, info);
+    ids.extend([1, 2, 3, 4]);
+    let mut prefill = f64::MAX;
+    if ids.len() <= model.bundle.manifest.model.max_positions {
+        for _ in 0..2 {
+            let mut session = model.session()?;
+            let start = Instant::now();
+            session.feed_with_images(&ids, &features)?;
+            prefill = prefill.min(start.elapsed().as_secs_f64());
+        }
+    }
+    Ok(json!({
+        "tile_size": info.tile_size,
+        "tokens_per_tile": info.tokens_per_tile,
+        "encode_one_tile_ms": one * 1e3,
+        "encode_2x2_canvas_ms": five * 1e3,
+        "encode_tiles_per_s": canvas.tiles as f64 / five,
+        "image_prompt_tokens": ids.len(),
+        "image_prompt_prefill_tokens_per_s": (prefill < f64::MAX).then(|| ids.len() as f64 / prefill),
     }))
 }
 

@@ -1,6 +1,7 @@
 //! Synthetic Llama 4-shaped checkpoints for measuring herd at size: seeded random bf16 weights in the
-//! published ConditionalGeneration layout (text only), sharded with an index. Tensors are generated one
-//! at a time while the safetensors writer asks for them, so memory stays at one tensor.
+//! published ConditionalGeneration layout (text, optionally a vision tower), sharded with an index.
+//! Tensors are generated one at a time while the safetensors writer asks for them, so memory stays at
+//! one tensor.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -32,7 +33,26 @@ pub struct SynthSpec {
     pub vocab: usize,
     pub shard_bytes: u64,
     pub seed: u64,
+    /// Vision tower layers at Scout's vision widths (1408 hidden, 16 heads, 336px tiles), if any.
+    pub vision_layers: Option<usize>,
 }
+
+/// Scout's vision tower widths (`vision_config` of Llama-4-Scout-17B-16E).
+const VISION_HIDDEN: usize = 1408;
+const VISION_HEADS: usize = 16;
+const VISION_INTERMEDIATE: usize = 5632;
+const VISION_IMAGE: usize = 336;
+const VISION_PATCH: usize = 14;
+const VISION_PROJECTOR: usize = 4096;
+/// Image tokens of a synthetic vocabulary: its last six ids.
+const IMAGE_TOKENS: [&str; 6] = [
+    "<|image_start|>",
+    "<|image_end|>",
+    "<|tile_x_separator|>",
+    "<|tile_y_separator|>",
+    "<|image|>",
+    "<|patch|>",
+];
 
 /// Named presets.
 pub fn preset(name: &str) -> Option<SynthSpec> {
@@ -49,10 +69,16 @@ pub fn preset(name: &str) -> Option<SynthSpec> {
         vocab: 8192,
         shard_bytes: 1 << 30,
         seed: 1,
+        vision_layers: None,
     };
     Some(match name {
         // ~1.2 GB: Scout's width, heads and 16 experts; narrow experts, small vocabulary, 4 layers.
         "scout-mini" => scout,
+        // ~1.5 GB: scout-mini plus 4 of the vision tower's 34 layers at Scout's widths.
+        "scout-mini-vision" => SynthSpec {
+            vision_layers: Some(4),
+            ..scout
+        },
         // ~8.1 GB: 8 layers with 1536-wide experts and a 32k vocabulary.
         "scout-8gb" => SynthSpec {
             layers: 8,
@@ -84,7 +110,8 @@ pub fn preset(name: &str) -> Option<SynthSpec> {
 }
 
 /// Names of the presets, for help and errors.
-pub const PRESETS: &str = "scout-mini (~1.2 GB), scout-8gb (~8.1 GB), ci-small, ci-large";
+pub const PRESETS: &str =
+    "scout-mini (~1.2 GB), scout-mini-vision (~1.5 GB), scout-8gb (~8.1 GB), ci-small, ci-large";
 
 struct SynthTensor {
     shape: Vec<usize>,
@@ -227,10 +254,102 @@ fn tensors(s: &SynthSpec) -> Vec<(String, SynthTensor)> {
     }
     add(format!("{p}model.norm.weight"), vec![h], Some(1.0));
     add(format!("{p}lm_head.weight"), vec![s.vocab, h], None);
+    if let Some(layers) = s.vision_layers {
+        let (vh, vi, grid) = (
+            VISION_HIDDEN,
+            VISION_INTERMEDIATE,
+            VISION_IMAGE / VISION_PATCH,
+        );
+        let v = "vision_model.";
+        add(
+            format!("{v}patch_embedding.linear.weight"),
+            vec![vh, 3 * VISION_PATCH * VISION_PATCH],
+            None,
+        );
+        add(format!("{v}class_embedding"), vec![vh], None);
+        add(
+            format!("{v}positional_embedding_vlm"),
+            vec![grid * grid + 1, vh],
+            None,
+        );
+        for norm in ["layernorm_pre", "layernorm_post"] {
+            add(format!("{v}{norm}.weight"), vec![vh], Some(1.0));
+            add(format!("{v}{norm}.bias"), vec![vh], Some(0.0));
+        }
+        for i in 0..layers {
+            let l = format!("{v}model.layers.{i}.");
+            for norm in ["input_layernorm", "post_attention_layernorm"] {
+                add(format!("{l}{norm}.weight"), vec![vh], Some(1.0));
+                add(format!("{l}{norm}.bias"), vec![vh], Some(0.0));
+            }
+            for proj in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+                add(format!("{l}self_attn.{proj}.weight"), vec![vh, vh], None);
+                add(format!("{l}self_attn.{proj}.bias"), vec![vh], None);
+            }
+            add(format!("{l}mlp.fc1.weight"), vec![vi, vh], None);
+            add(format!("{l}mlp.fc1.bias"), vec![vi], None);
+            add(format!("{l}mlp.fc2.weight"), vec![vh, vi], None);
+            add(format!("{l}mlp.fc2.bias"), vec![vh], None);
+        }
+        add(
+            format!("{v}vision_adapter.mlp.fc1.weight"),
+            vec![VISION_PROJECTOR, vi],
+            None,
+        );
+        add(
+            format!("{v}vision_adapter.mlp.fc2.weight"),
+            vec![VISION_PROJECTOR, VISION_PROJECTOR],
+            None,
+        );
+        add(
+            "multi_modal_projector.linear_1.weight".into(),
+            vec![h, VISION_PROJECTOR],
+            None,
+        );
+    }
     out
 }
 
+/// A minimal tokenizer.json holding only the image tokens (at the top of the vocabulary), so image
+/// prompts can be laid out; synthetic checkpoints have no real tokenizer.
+fn image_tokenizer(vocab: usize) -> serde_json::Value {
+    let first = vocab - IMAGE_TOKENS.len();
+    let added: Vec<serde_json::Value> = IMAGE_TOKENS
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            json!({"id": first + i, "content": t, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": {"<unk>": 0}, "unk_token": "<unk>"}
+    })
+}
+
 fn config(s: &SynthSpec) -> serde_json::Value {
+    let mut config = text_config(s);
+    if let Some(layers) = s.vision_layers {
+        let first = (s.vocab - IMAGE_TOKENS.len()) as i64;
+        config["boi_token_index"] = json!(first);
+        config["eoi_token_index"] = json!(first + 1);
+        config["image_token_index"] = json!(first + 5);
+        config["vision_config"] = json!({
+            "hidden_act": "gelu", "hidden_size": VISION_HIDDEN, "image_size": VISION_IMAGE,
+            "intermediate_size": VISION_INTERMEDIATE, "num_attention_heads": VISION_HEADS,
+            "num_channels": 3, "num_hidden_layers": layers, "patch_size": VISION_PATCH,
+            "pixel_shuffle_ratio": 0.5, "projector_input_dim": VISION_PROJECTOR,
+            "projector_output_dim": VISION_PROJECTOR, "rope_theta": 10000,
+            "vision_output_dim": VISION_PROJECTOR
+        });
+    }
+    config
+}
+
+fn text_config(s: &SynthSpec) -> serde_json::Value {
     json!({
         "architectures": ["Llama4ForConditionalGeneration"],
         "model_type": "llama4",
@@ -319,6 +438,12 @@ pub fn write(
         staging.join("config.json"),
         serde_json::to_string_pretty(&config(spec))?,
     )?;
+    if spec.vision_layers.is_some() {
+        std::fs::write(
+            staging.join("tokenizer.json"),
+            serde_json::to_string_pretty(&image_tokenizer(spec.vocab))?,
+        )?;
+    }
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| dir.display().to_string())?;
     }

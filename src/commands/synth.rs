@@ -46,6 +46,9 @@ pub fn run(args: &SynthArgs) -> Result<()> {
     spec.intermediate = args.intermediate.unwrap_or(spec.intermediate);
     spec.vocab = args.vocab.unwrap_or(spec.vocab);
     spec.seed = args.seed;
+    if spec.vision_layers.is_some() && spec.vocab < 64 {
+        anyhow::bail!("--vocab must be at least 64 for a preset with a vision tower (its image tokens sit at the top)");
+    }
     if spec.layers == 0 || spec.experts == 0 || spec.intermediate == 0 || spec.vocab == 0 {
         anyhow::bail!("--layers, --experts, --intermediate and --vocab must be positive");
     }
