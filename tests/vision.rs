@@ -612,3 +612,41 @@ fn vision_goldens_catch_each_detail_of_the_tower() {
         );
     }
 }
+
+#[test]
+fn chat_attaches_images_and_survives_a_bad_one() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = compile(dir.path(), &[]);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args(["chat", bundle.to_str().unwrap(), "--max-new-tokens", "4"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let script = format!(
+        "/image {}\nWhat is this?\n/image {}\nAnd this?\n/image {}\nCompare them.\n/exit\n",
+        image("small.png").display(),
+        image("truncated.png").display(),
+        image("padded.png").display(),
+    );
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("truncated.png"), "{stderr}");
+    assert_eq!(
+        stdout.lines().filter(|l| l.len() > 2).count(),
+        2,
+        "two replies (the turn with the bad image is dropped): {stdout:?}"
+    );
+}
