@@ -3,8 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The manifest format this runtime reads and the compiler writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The manifest format this runtime reads and the compiler writes. 2: decoders of multimodal bundles
+/// take image features (older runtimes would not feed them).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// File name of the manifest inside a bundle.
 pub const MANIFEST_FILE: &str = "manifest.json";
