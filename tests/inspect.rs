@@ -1,5 +1,6 @@
 //! `herd inspect`: the JSON summary agrees with the fixtures' config.json files and index metadata, and
-//! the printed IR of each fixture matches its committed snapshot (re-bless with `HERD_BLESS=1`).
+//! the printed IR of each fixture (and tiny-scout's vision graph) matches its committed snapshot (re-bless
+//! with `HERD_BLESS=1`).
 
 mod common;
 
@@ -91,11 +92,19 @@ fn maverick_summary_matches_config() {
 
 #[test]
 fn ir_snapshots() {
-    for name in FIXTURES {
-        let text = ok(&["inspect", fixture(name).to_str().unwrap(), "--ir"]);
+    let graphs = FIXTURES
+        .iter()
+        .map(|name| (*name, "--ir", format!("{name}.imported.ir")))
+        .chain([(
+            "tiny-scout",
+            "--vision-ir",
+            "tiny-scout.vision.ir".to_string(),
+        )]);
+    for (name, flag, file) in graphs {
+        let text = ok(&["inspect", fixture(name).to_str().unwrap(), flag]);
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/snapshots")
-            .join(format!("{name}.imported.ir"));
+            .join(file);
         if std::env::var_os("HERD_BLESS").is_some() {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(&path, &text).unwrap();

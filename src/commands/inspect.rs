@@ -19,6 +19,9 @@ pub struct InspectArgs {
     /// Print the imported graph IR (after verification).
     #[arg(long)]
     pub ir: bool,
+    /// Print the vision graph IR (multimodal checkpoints).
+    #[arg(long, conflicts_with_all = ["ir", "json"])]
+    pub vision_ir: bool,
 }
 
 /// Runs the command.
@@ -30,6 +33,18 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     }
     // The full import also validates every tensor against the config, so inspect reports bad checkpoints.
     let imported = import(&args.model)?;
+    if imported.checkpoint.config.vision.is_some() {
+        let vision = herd_ir::vision::build_vision_graph(&imported.checkpoint)?;
+        if args.vision_ir {
+            print!("{}", herd_ir::print::print(&vision));
+            return Ok(());
+        }
+    } else if args.vision_ir {
+        anyhow::bail!(
+            "{}: the checkpoint has no vision tower",
+            args.model.display()
+        );
+    }
     let summary = summarize(&imported.checkpoint);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
