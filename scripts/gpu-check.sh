@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with an H100, CUDA 12, TensorRT 10.x and the GPU build of ONNX Runtime 1.31.1: compiles a
-# fixture for TensorRT, builds its engine, runs it, and compares its logits with the CPU bundle's.
+# fixture for TensorRT, builds its engine, runs it, and compares its logits with the CPU bundle's; for
+# tiny-scout also an image prompt (vision encoder on the CUDA provider, decoder on the engine).
 #   ORT_DYLIB_PATH=/path/to/onnxruntime-gpu/libonnxruntime.so.1.31.1 scripts/gpu-check.sh [FIXTURE]
 # It cannot run on machines without a GPU (herd's CI has none); there it stops at the first check.
 set -euo pipefail
@@ -17,18 +18,28 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 ids=1,17,42,99,7,300,12,5,77,401,3,250
 
-"$herd" compile "tests/fixtures/$fixture" -o "$work/cpu" --moe portable --dtype f32 --max-context 64
-"$herd" compile "tests/fixtures/$fixture" -o "$work/trt" --target tensorrt-h100 --dtype f16 --max-context 64 --max-seq 32
+"$herd" compile "tests/fixtures/$fixture" -o "$work/cpu" --moe portable --dtype f32 --max-context 256
+"$herd" compile "tests/fixtures/$fixture" -o "$work/trt" --target tensorrt-h100 --dtype f16 --max-context 256 --max-seq 32
 "$herd" lint "$work/trt" --target tensorrt
 "$herd" build-engine "$work/trt"
 "$herd" run "$work/cpu" --input-ids "$ids" --max-new-tokens 8 --ignore-eos --dump-logits "$work/cpu.npy" --json
 "$herd" run "$work/trt" --input-ids "$ids" --max-new-tokens 8 --ignore-eos --dump-logits "$work/trt.npy" --json --ep tensorrt
-python3 - "$work/cpu.npy" "$work/trt.npy" <<'PY'
+compare() {
+python3 - "$1" "$2" "$3" <<'PY'
 import sys
 import numpy as np
 cpu, trt = np.load(sys.argv[1]), np.load(sys.argv[2])
 err, scale = float(np.abs(cpu - trt).max()), float(np.abs(cpu).max())
 agree = float((cpu.argmax(-1) == trt.argmax(-1)).mean())
-print(f"gpu-check: TensorRT f16 vs CPU f32: max error {err:.3e} ({err / scale:.2e} of the logit scale), top-1 agreement {agree:.0%}")
+print(f"gpu-check ({sys.argv[3]}): TensorRT f16 vs CPU f32: max error {err:.3e} ({err / scale:.2e} of the logit scale), top-1 agreement {agree:.0%}")
 sys.exit(0 if err <= 5e-3 * scale else 1)
 PY
+}
+compare "$work/cpu.npy" "$work/trt.npy" "token ids"
+if [ "$fixture" = tiny-scout ]; then
+    images=(--image tests/fixtures/images/wide.png --image tests/fixtures/images/small.png)
+    prompt="Compare <|image|> with <|image|>:"
+    "$herd" run "$work/cpu" --prompt "$prompt" "${images[@]}" --max-new-tokens 8 --ignore-eos --dump-logits "$work/cpu-image.npy" --json
+    "$herd" run "$work/trt" --prompt "$prompt" "${images[@]}" --max-new-tokens 8 --ignore-eos --dump-logits "$work/trt-image.npy" --json --ep tensorrt
+    compare "$work/cpu-image.npy" "$work/trt-image.npy" "images"
+fi
