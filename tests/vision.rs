@@ -650,3 +650,29 @@ fn chat_attaches_images_and_survives_a_bad_one() {
         "two replies (the turn with the bad image is dropped): {stdout:?}"
     );
 }
+
+#[test]
+fn image_prompts_longer_than_the_context_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("short");
+    ok(&[
+        "compile",
+        fixture("tiny-scout").to_str().unwrap(),
+        "-o",
+        bundle.to_str().unwrap(),
+        "--max-context",
+        "32",
+    ]);
+    // wide.png lays out 15 tiles: 60 <|patch|> tokens and their separators.
+    fails_with(
+        &[
+            "run",
+            bundle.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--image",
+            image("wide.png").to_str().unwrap(),
+        ],
+        &["at most 32 positions", "--max-context"],
+    );
+}

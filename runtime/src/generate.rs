@@ -71,6 +71,13 @@ pub fn prepare_prompt(model: &Model, prompt: Prompt) -> Result<(Vec<i64>, Vec<f3
                 .map(|t| crate::vision::image_prompt_tokens(t, info))
                 .collect();
             let ids = crate::vision::expand_prompt(&ids, &layouts, info, m.bos_token_id)?;
+            // Refuse an over-long prompt before spending the vision encoder on it.
+            if ids.len() > m.model.max_positions {
+                return Err(RuntimeError::TooLong {
+                    len: ids.len(),
+                    max: m.model.max_positions,
+                });
+            }
             (ids, model.encode_images(&tiles)?)
         }
     })

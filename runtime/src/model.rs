@@ -249,22 +249,16 @@ impl Model {
         let side = info.tile_size;
         let mut features = Vec::new();
         for image in images {
-            let shape = [image.tiles, info.num_channels, side, side];
-            let pixels: SessionInputValue = match m.dtype.as_str() {
-                "f16" => Tensor::<half::f16>::from_array((
-                    shape,
-                    image
-                        .pixels
-                        .iter()
-                        .map(|&v| half::f16::from_f32(v))
-                        .collect::<Vec<_>>(),
-                ))?
-                .into_dyn()
-                .into(),
-                _ => Tensor::<f32>::from_array((shape, image.pixels.clone()))?
-                    .into_dyn()
-                    .into(),
-            };
+            let shape = vec![image.tiles, info.num_channels, side, side];
+            if image.pixels.len() != shape.iter().product::<usize>() {
+                return Err(RuntimeError::Param(format!(
+                    "{} pixel values for {} tiles of {}x{side}x{side}",
+                    image.pixels.len(),
+                    image.tiles,
+                    info.num_channels
+                )));
+            }
+            let pixels = float_input(&m.dtype, shape, &image.pixels)?;
             let outputs = session.run(vec![(Cow::from(info.pixel_values.as_str()), pixels)])?;
             let out = outputs
                 .get(&info.image_features)
@@ -478,20 +472,7 @@ impl Model {
                     rows.features.len()
                 )));
             }
-            let features: SessionInputValue = match m.dtype.as_str() {
-                "f16" => Tensor::<half::f16>::from_array((
-                    [f, h],
-                    rows.features
-                        .iter()
-                        .map(|&x| half::f16::from_f32(x))
-                        .collect::<Vec<_>>(),
-                ))?
-                .into_dyn()
-                .into(),
-                _ => Tensor::<f32>::from_array(([f, h], rows.features.clone()))?
-                    .into_dyn()
-                    .into(),
-            };
+            let features = float_input(&m.dtype, vec![f, h], &rows.features)?;
             inputs.push((v.decoder_features.clone().into(), features));
             inputs.push((
                 v.decoder_positions.clone().into(),
@@ -654,4 +635,26 @@ impl Model {
         }
         Ok((prefill, start.elapsed()))
     }
+}
+
+/// A float graph input in the bundle's activation dtype (f16 bundles take f16, others f32).
+fn float_input(
+    dtype: &str,
+    shape: Vec<usize>,
+    values: &[f32],
+) -> Result<SessionInputValue<'static>, RuntimeError> {
+    Ok(match dtype {
+        "f16" => Tensor::<half::f16>::from_array((
+            shape,
+            values
+                .iter()
+                .map(|&v| half::f16::from_f32(v))
+                .collect::<Vec<_>>(),
+        ))?
+        .into_dyn()
+        .into(),
+        _ => Tensor::<f32>::from_array((shape, values.to_vec()))?
+            .into_dyn()
+            .into(),
+    })
 }
