@@ -193,8 +193,14 @@ impl Model {
             .collect::<Result<Vec<_>, _>>()?;
         let vision = match &bundle.manifest.vision {
             Some(v) => {
+                // Float weights, mapped once like a float decoder's unless prepacking is asked for.
+                let prepack = options.prepack.unwrap_or(false);
                 let mut builder = Session::builder(env)?
-                    .with_optimization_level(GraphOptimizationLevel::Level3)?;
+                    .with_optimization_level(GraphOptimizationLevel::Level3)?
+                    .with_config_entry(
+                        "session.disable_prepacking",
+                        if prepack { "0" } else { "1" },
+                    )?;
                 if let Some(n) = options.intra_threads {
                     builder = builder.with_intra_threads(n)?;
                 }
