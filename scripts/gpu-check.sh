@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with an H100, CUDA 12, TensorRT 10.x and the GPU build of ONNX Runtime 1.31.1: compiles a
 # fixture for TensorRT, builds its engine, runs it, and compares its logits with the CPU bundle's; for
-# tiny-scout also an image prompt (vision encoder on the CUDA provider, decoder on the engine).
+# tiny-scout also an image prompt (vision and decoder engines).
 #   ORT_DYLIB_PATH=/path/to/onnxruntime-gpu/libonnxruntime.so.1.31.1 scripts/gpu-check.sh [FIXTURE]
 # It cannot run on machines without a GPU (herd's CI has none); there it stops at the first check.
 set -euo pipefail

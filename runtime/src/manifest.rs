@@ -119,6 +119,9 @@ pub struct TensorRtInfo {
 pub struct EngineInfo {
     /// The EPContext model wrapping the engine, relative to the bundle.
     pub model_file: String,
+    /// The vision graph's EPContext model, for bundles that take images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vision_model_file: Option<String>,
     pub gpu_name: String,
     pub compute_capability: String,
     pub tensorrt_version: String,

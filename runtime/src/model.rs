@@ -179,6 +179,7 @@ impl Model {
             builder,
             options.provider,
             &bundle.manifest,
+            crate::providers::GraphKind::Decoder,
             options.device,
             &cache_dir,
         )?;
@@ -204,19 +205,24 @@ impl Model {
                 if let Some(n) = options.intra_threads {
                     builder = builder.with_intra_threads(n)?;
                 }
-                // The vision graph has no engine of its own: on GPUs it runs on the CUDA provider.
-                let provider = match options.provider {
-                    crate::providers::Provider::TensorRt => crate::providers::Provider::Cuda,
-                    p => p,
-                };
+                // With TensorRT: the vision engine `herd build-engine` made, else one built from
+                // the vision profile on first use (cached in the bundle's trt_cache).
                 builder = crate::providers::register(
                     builder,
-                    provider,
+                    options.provider,
                     &bundle.manifest,
+                    crate::providers::GraphKind::Vision,
                     options.device,
                     &cache_dir,
                 )?;
-                let path = bundle.file(&v.model_file);
+                let engine = bundle
+                    .manifest
+                    .tensorrt
+                    .as_ref()
+                    .and_then(|t| t.engine.as_ref())
+                    .and_then(|e| e.vision_model_file.clone())
+                    .filter(|_| options.provider == crate::providers::Provider::TensorRt);
+                let path = bundle.file(engine.as_ref().unwrap_or(&v.model_file));
                 Some(Mutex::new(builder.commit_from_file(&path).map_err(
                     |e| RuntimeError::Ort(format!("{}: {e}", path.display())),
                 )?))

@@ -34,36 +34,48 @@ impl FromStr for Provider {
 
 /// File name of the EPContext model (the engine wrapped in ONNX) inside a bundle.
 pub const ENGINE_MODEL_FILE: &str = "model.trt.onnx";
+/// The vision graph's EPContext model (engine embedded), inside the bundle.
+pub const VISION_ENGINE_MODEL_FILE: &str = "vision.trt.onnx";
+
+/// Which of a bundle's graphs a session runs: they have their own TensorRT profiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GraphKind {
+    Decoder,
+    Vision,
+}
 
 /// What a GPU machine needs, for error messages.
 const GPU_SETUP: &str = "a machine with the target GPU (H100, SM 9.0), CUDA 12, TensorRT 10.x (libnvinfer.so.10) and \
 the GPU build of ONNX Runtime 1.31.1 (the onnxruntime-gpu wheel's libonnxruntime.so with its \
 libonnxruntime_providers_tensorrt.so; point ORT_DYLIB_PATH at it), and herd built with `--features tensorrt`";
 
-/// The TensorRT EP options for a bundle (profiles from the manifest, timing cache in `cache_dir`).
+/// The TensorRT EP options for one of a bundle's graphs (profiles from the manifest, timing cache in
+/// `cache_dir`).
 pub fn tensorrt_options(
     manifest: &Manifest,
+    graph: GraphKind,
     device: u32,
     cache_dir: &Path,
 ) -> Result<Vec<(String, String)>, RuntimeError> {
     let trt = manifest.tensorrt.as_ref().ok_or_else(|| {
         RuntimeError::Param("the bundle was not compiled for TensorRT: recompile with `herd compile --target tensorrt-h100`".into())
     })?;
+    let [min, opt, max] = match graph {
+        GraphKind::Decoder => [
+            trt.profile_min_shapes.clone(),
+            trt.profile_opt_shapes.clone(),
+            trt.profile_max_shapes.clone(),
+        ],
+        GraphKind::Vision => trt.vision_profile_shapes.clone().ok_or_else(|| {
+            RuntimeError::Param("the bundle has no vision profile: it takes no images".into())
+        })?,
+    };
     let cache = cache_dir.display().to_string();
     Ok(vec![
         ("device_id".into(), device.to_string()),
-        (
-            "trt_profile_min_shapes".into(),
-            trt.profile_min_shapes.clone(),
-        ),
-        (
-            "trt_profile_opt_shapes".into(),
-            trt.profile_opt_shapes.clone(),
-        ),
-        (
-            "trt_profile_max_shapes".into(),
-            trt.profile_max_shapes.clone(),
-        ),
+        ("trt_profile_min_shapes".into(), min),
+        ("trt_profile_opt_shapes".into(), opt),
+        ("trt_profile_max_shapes".into(), max),
         // Strongly typed: precision comes from the graph's types and Q/DQ, never from builder flags.
         ("trt_fp16_enable".into(), "0".into()),
         ("trt_int8_enable".into(), "0".into()),
@@ -163,6 +175,7 @@ pub(crate) fn register(
     builder: ort::session::builder::SessionBuilder,
     provider: Provider,
     manifest: &Manifest,
+    graph: GraphKind,
     device: u32,
     cache_dir: &Path,
 ) -> Result<ort::session::builder::SessionBuilder, RuntimeError> {
@@ -184,7 +197,7 @@ pub(crate) fn register(
                 return Err(unavailable("TensorRT"));
             }
             let mut trt = ort::ep::TensorRT::default();
-            for (k, v) in tensorrt_options(manifest, device, cache_dir)? {
+            for (k, v) in tensorrt_options(manifest, graph, device, cache_dir)? {
                 trt = trt.with_arbitrary_config(k, v);
             }
             Ok(builder.with_execution_providers([trt.build().error_on_failure(), cuda.build()])?)
@@ -198,6 +211,7 @@ pub(crate) fn register(
     builder: ort::session::builder::SessionBuilder,
     provider: Provider,
     _manifest: &Manifest,
+    _graph: GraphKind,
     _device: u32,
     _cache_dir: &Path,
 ) -> Result<ort::session::builder::SessionBuilder, RuntimeError> {
@@ -254,22 +268,37 @@ fn build_on_gpu(
         path: cache.display().to_string(),
         message: e.to_string(),
     })?;
-    let builder = ort::session::Session::builder(env)?;
-    let builder = register(
-        builder,
-        Provider::TensorRt,
-        &bundle.manifest,
-        device,
-        &cache,
+    let compile = |graph: GraphKind, model: &str, out: &str| -> Result<(), RuntimeError> {
+        let builder = ort::session::Session::builder(env)?;
+        let builder = register(
+            builder,
+            Provider::TensorRt,
+            &bundle.manifest,
+            graph,
+            device,
+            &cache,
+        )?;
+        ort::compiler::ModelCompiler::new(builder)?
+            .with_model_from_file(bundle.file(model))?
+            .with_embed_ep_context()?
+            .compile_to_file(bundle.file(out))?;
+        Ok(())
+    };
+    compile(
+        GraphKind::Decoder,
+        &bundle.manifest.graph.model_file,
+        ENGINE_MODEL_FILE,
     )?;
-    let model = bundle.file(&bundle.manifest.graph.model_file);
-    let out = bundle.file(ENGINE_MODEL_FILE);
-    ort::compiler::ModelCompiler::new(builder)?
-        .with_model_from_file(&model)?
-        .with_embed_ep_context()?
-        .compile_to_file(&out)?;
+    let vision_model_file = match &bundle.manifest.vision {
+        Some(v) => {
+            compile(GraphKind::Vision, &v.model_file, VISION_ENGINE_MODEL_FILE)?;
+            Some(VISION_ENGINE_MODEL_FILE.to_string())
+        }
+        None => None,
+    };
     let engine = EngineInfo {
         model_file: ENGINE_MODEL_FILE.into(),
+        vision_model_file,
         gpu_name: gpu.name,
         compute_capability: gpu.compute_capability,
         tensorrt_version: tensorrt_major().map_or_else(|| "unknown".into(), |m| format!("{m}")),
@@ -303,6 +332,7 @@ mod tests {
     fn engines_are_refused_on_other_gpus_and_tensorrt_versions() {
         let engine = EngineInfo {
             model_file: ENGINE_MODEL_FILE.into(),
+            vision_model_file: None,
             gpu_name: "NVIDIA H100 80GB HBM3".into(),
             compute_capability: "9.0".into(),
             tensorrt_version: "10".into(),
@@ -347,7 +377,7 @@ mod option_tests {
     fn tensorrt_options_come_from_the_manifest() {
         let text = include_str!("../tests/data/tensorrt-manifest.json");
         let mut manifest: Manifest = serde_json::from_str(text).expect("test manifest");
-        let opts = tensorrt_options(&manifest, 1, Path::new("/cache")).unwrap();
+        let opts = tensorrt_options(&manifest, GraphKind::Decoder, 1, Path::new("/cache")).unwrap();
         let get = |k: &str| {
             opts.iter()
                 .find(|(key, _)| key == k)
@@ -369,10 +399,28 @@ mod option_tests {
         );
         assert_eq!(get("trt_timing_cache_path"), Some("/cache"));
         let _: Option<&TensorRtInfo> = manifest.tensorrt.as_ref();
+        assert!(
+            tensorrt_options(&manifest, GraphKind::Vision, 0, Path::new("/c"))
+                .unwrap_err()
+                .to_string()
+                .contains("takes no images")
+        );
+        manifest.tensorrt.as_mut().unwrap().vision_profile_shapes = Some([
+            "pixel_values:1x3x336x336".into(),
+            "pixel_values:17x3x336x336".into(),
+            "pixel_values:136x3x336x336".into(),
+        ]);
+        let vision = tensorrt_options(&manifest, GraphKind::Vision, 0, Path::new("/c")).unwrap();
+        assert!(vision.contains(&(
+            "trt_profile_max_shapes".to_string(),
+            "pixel_values:136x3x336x336".to_string()
+        )));
         manifest.tensorrt = None;
-        assert!(tensorrt_options(&manifest, 0, Path::new("/c"))
-            .unwrap_err()
-            .to_string()
-            .contains("--target tensorrt-h100"));
+        assert!(
+            tensorrt_options(&manifest, GraphKind::Decoder, 0, Path::new("/c"))
+                .unwrap_err()
+                .to_string()
+                .contains("--target tensorrt-h100")
+        );
     }
 }
