@@ -676,3 +676,40 @@ fn image_prompts_longer_than_the_context_are_refused() {
         &["at most 32 positions", "--max-context"],
     );
 }
+
+#[test]
+fn tampered_vision_manifests_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = compile(dir.path(), &[]);
+    let b = bundle.to_str().unwrap();
+    let path = bundle.join("manifest.json");
+    let original = std::fs::read_to_string(&path).unwrap();
+    let small = image("small.png");
+    let run = [
+        "run",
+        b,
+        "--prompt",
+        "hi",
+        "--image",
+        small.to_str().unwrap(),
+    ];
+    let cases = [
+        (
+            (
+                "\"model_file\": \"vision.onnx\"",
+                "\"model_file\": \"../vision.onnx\"",
+            ),
+            "model file `../vision.onnx` is not among the bundle's checked files",
+        ),
+        (
+            ("\"tokens_per_tile\": 4", "\"tokens_per_tile\": 5"),
+            "the vision graph returned 256 values for 1 tiles, expected 320",
+        ),
+        (("\"tile_size\": 56", "\"tile_size\": 64"), "pixel_values"),
+    ];
+    for ((from, to), message) in cases {
+        assert!(original.contains(from), "{from}");
+        std::fs::write(&path, original.replace(from, to)).unwrap();
+        fails_with(&run, &[message]);
+    }
+}

@@ -53,13 +53,13 @@ impl Bundle {
         };
         bundle.check_files(false)?;
         // Every model file the runtime may load must be one of the checked files inside the bundle.
-        let engine = bundle
-            .manifest
-            .tensorrt
-            .as_ref()
-            .and_then(|t| t.engine.as_ref())
-            .map(|e| e.model_file.clone());
-        for model in std::iter::once(bundle.manifest.graph.model_file.clone()).chain(engine) {
+        let m = &bundle.manifest;
+        let engine = m.tensorrt.as_ref().and_then(|t| t.engine.as_ref());
+        let models = std::iter::once(m.graph.model_file.clone())
+            .chain(m.vision.as_ref().map(|v| v.model_file.clone()))
+            .chain(engine.map(|e| e.model_file.clone()))
+            .chain(engine.and_then(|e| e.vision_model_file.clone()));
+        for model in models {
             if !bundle.manifest.files.iter().any(|f| f.path == model) {
                 return Err(RuntimeError::Tampered {
                     path: bundle.dir.join(MANIFEST_FILE).display().to_string(),
@@ -162,15 +162,17 @@ pub fn record_engine(dir: &Path, engine: &crate::manifest::EngineInfo) -> Result
             path: path.display().to_string(),
             message: e.to_string(),
         })?;
-    let file = dir.join(&engine.model_file);
-    let bytes = fs::metadata(&file).map_err(|e| io(&file, e))?.len();
-    let sha256 = sha256_file(&file)?;
-    manifest.files.retain(|f| f.path != engine.model_file);
-    manifest.files.push(crate::manifest::FileEntry {
-        path: engine.model_file.clone(),
-        bytes,
-        sha256,
-    });
+    for name in std::iter::once(&engine.model_file).chain(engine.vision_model_file.as_ref()) {
+        let file = dir.join(name);
+        let bytes = fs::metadata(&file).map_err(|e| io(&file, e))?.len();
+        let sha256 = sha256_file(&file)?;
+        manifest.files.retain(|f| &f.path != name);
+        manifest.files.push(crate::manifest::FileEntry {
+            path: name.clone(),
+            bytes,
+            sha256,
+        });
+    }
     if let Some(trt) = manifest.tensorrt.as_mut() {
         trt.engine = Some(engine.clone());
     }
