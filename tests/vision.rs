@@ -713,3 +713,50 @@ fn tampered_vision_manifests_are_refused() {
         fails_with(&run, &[message]);
     }
 }
+
+/// ONNX op counts of a vision.onnx, per encoder layer ("outside layers" for the rest), one line each.
+fn vision_node_counts(path: &std::path::Path) -> String {
+    use onnx_protobuf::Message;
+    let model = onnx_protobuf::ModelProto::parse_from_bytes(&std::fs::read(path).unwrap()).unwrap();
+    let mut counts: std::collections::BTreeMap<String, std::collections::BTreeMap<String, usize>> =
+        Default::default();
+    for node in &model.graph.node {
+        let group = node
+            .name
+            .strip_prefix("vision.layers.")
+            .and_then(|rest| rest.split('.').next())
+            .map_or("outside layers".to_string(), |l| format!("layer {l}"));
+        *counts
+            .entry(group)
+            .or_default()
+            .entry(node.op_type.clone())
+            .or_default() += 1;
+    }
+    counts
+        .iter()
+        .map(|(group, ops)| {
+            let ops: Vec<String> = ops.iter().map(|(op, n)| format!("{op}x{n}")).collect();
+            format!("{group}: {}\n", ops.join(" "))
+        })
+        .collect()
+}
+
+#[test]
+fn vision_onnx_node_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = compile(dir.path(), &[]);
+    let text = vision_node_counts(&bundle.join("vision.onnx"));
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/snapshots/tiny-scout.vision.onnx-nodes");
+    if std::env::var_os("HERD_BLESS").is_some() {
+        std::fs::write(&path, &text).unwrap();
+    }
+    let expected = std::fs::read_to_string(&path)
+        .unwrap_or_else(|_| panic!("{} missing: run with HERD_BLESS=1", path.display()));
+    assert_eq!(
+        text,
+        expected,
+        "vision.onnx node list differs from {}",
+        path.display()
+    );
+}

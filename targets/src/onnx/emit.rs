@@ -116,6 +116,7 @@ pub fn emit_as(
         used: HashSet::new(),
         weights: HashMap::new(),
         ints: HashMap::new(),
+        positions: HashMap::new(),
         sqnr_db: BTreeMap::new(),
         weight_bytes: HashMap::new(),
         quantized_cache: HashMap::new(),
@@ -145,6 +146,8 @@ pub(super) struct Emitter<'a> {
     weights: HashMap<(NodeIndex, bool), String>,
     /// Inline int64 constants by content.
     ints: HashMap<Vec<i64>, String>,
+    /// Implicit rotary positions (0..S for every batch row) already built, by S.
+    positions: HashMap<usize, String>,
     /// SQNR in dB of every quantized weight, by node name.
     pub(super) sqnr_db: BTreeMap<String, f64>,
     /// Bytes written for each weight node (all its layouts and scales).
@@ -603,32 +606,7 @@ impl Emitter<'_> {
                                 "implicit positions need a fixed length",
                             )
                         })?;
-                    let row: Vec<i64> = (0..s as i64).collect();
-                    let row_name = self.fresh(&format!("const.positions[{s}]"));
-                    self.initializers
-                        .push(int64_tensor(&row_name, &[1, s as i64], &row));
-                    let batch = self.push(
-                        &format!("{name}.batch"),
-                        "Shape",
-                        "",
-                        &[&args[0]],
-                        vec![("start", Attr::Int(0)), ("end", Attr::Int(1))],
-                    );
-                    let seq = self.int_const(&[s as i64]);
-                    let shape = self.push(
-                        &format!("{name}.positions_shape"),
-                        "Concat",
-                        "",
-                        &[&batch, &seq],
-                        vec![("axis", Attr::Int(0))],
-                    );
-                    args.push(self.push(
-                        &format!("{name}.positions"),
-                        "Expand",
-                        "",
-                        &[&row_name, &shape],
-                        vec![],
-                    ));
+                    args.push(self.implicit_positions(name, &args[0].clone(), s));
                 }
                 self.push(
                     name,
@@ -765,6 +743,42 @@ impl Emitter<'_> {
             out,
         );
         Ok(())
+    }
+
+    /// i64 [B, S] positions 0..S, B taken from `x`'s first axis. Every rotary of a graph sees the same
+    /// batch, so the first one's tensor serves the others.
+    fn implicit_positions(&mut self, name: &str, x: &str, s: usize) -> String {
+        if let Some(positions) = self.positions.get(&s) {
+            return positions.clone();
+        }
+        let row: Vec<i64> = (0..s as i64).collect();
+        let row_name = self.fresh(&format!("const.positions[{s}]"));
+        self.initializers
+            .push(int64_tensor(&row_name, &[1, s as i64], &row));
+        let batch = self.push(
+            &format!("{name}.batch"),
+            "Shape",
+            "",
+            &[x],
+            vec![("start", Attr::Int(0)), ("end", Attr::Int(1))],
+        );
+        let seq = self.int_const(&[s as i64]);
+        let shape = self.push(
+            &format!("{name}.positions_shape"),
+            "Concat",
+            "",
+            &[&batch, &seq],
+            vec![("axis", Attr::Int(0))],
+        );
+        let positions = self.push(
+            &format!("{name}.positions"),
+            "Expand",
+            "",
+            &[&row_name, &shape],
+            vec![],
+        );
+        self.positions.insert(s, positions.clone());
+        positions
     }
 
     fn unsupported(&self, node: &str, op: &Op, message: &str) -> TargetError {
