@@ -11,8 +11,9 @@ use herd_targets::bundle::BundleWriter;
 use herd_targets::onnx::{self, MoeLowering, OnnxOptions};
 
 /// Files copied from the checkpoint into the bundle when present.
-const TOKENIZER_FILES: [&str; 5] = [
+const COPIED_FILES: [&str; 6] = [
     "tokenizer.json",
+    "preprocessor_config.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
@@ -42,8 +43,8 @@ pub struct CompileOptions {
     pub expose_calibration: bool,
     /// Compile the vision tower when the checkpoint has one (`--text-only` turns it off).
     pub vision: bool,
-    /// Most tiles per image canvas (transformers' `max_patches`, 16 for Llama 4).
-    pub max_tiles: usize,
+    /// Most tiles per image canvas (transformers' `max_patches`); None: preprocessor_config.json's, else 16.
+    pub max_tiles: Option<usize>,
     /// Most images per prompt.
     pub max_images: usize,
 }
@@ -66,7 +67,7 @@ impl CompileOptions {
             calibration_prompts: None,
             expose_calibration: false,
             vision: true,
-            max_tiles: 16,
+            max_tiles: None,
             max_images: 8,
         }
     }
@@ -166,6 +167,14 @@ pub fn compile(
     let imported = herd_ir::import_with(&options.model, with_vision)?;
     let mut graph = imported.graph;
     let config = imported.checkpoint.config.clone();
+    let preprocessing = match (&config.vision, with_vision) {
+        (Some(v), true) => Some(crate::vision_manifest::preprocessing(
+            &options.model,
+            v,
+            options.max_tiles,
+        )?),
+        _ => None,
+    };
     let vision_graph = if with_vision {
         Some(
             herd_ir::vision::build_vision_graph(&imported.checkpoint)
@@ -310,7 +319,8 @@ pub fn compile(
                         t = v.image_size
                     )
                 };
-                let per_image = options.max_tiles + 1;
+                let max_tiles = preprocessing.as_ref().map_or(16, |p| p.max_tiles);
+                let per_image = max_tiles + 1;
                 [
                     tiles(1),
                     tiles(per_image),
@@ -333,7 +343,7 @@ pub fn compile(
     };
 
     let start = Instant::now();
-    for name in TOKENIZER_FILES {
+    for name in COPIED_FILES {
         let src = options.model.join(name);
         if src.is_file() {
             writer.copy_in(&src, name)?;
@@ -356,8 +366,14 @@ pub fn compile(
         emitted.push((v.model_file.clone(), v.model_bytes, v.model_sha256.clone()));
     }
     let files = writer.file_entries(&emitted)?;
-    let vision = match (&vision_model, &config.vision) {
-        (Some(m), Some(v)) => Some(vision_info(&options.model, m, v, options)?),
+    let vision = match (&vision_model, &config.vision, &preprocessing) {
+        (Some(m), Some(v), Some(pre)) => Some(crate::vision_manifest::vision_info(
+            &options.model,
+            &m.model_file,
+            v,
+            pre,
+            options.max_images,
+        )?),
         _ => None,
     };
     let (bos, stop_ids) = special_tokens(&options.model, config.vocab_size)?;
@@ -474,77 +490,6 @@ pub fn read_calibration_prompts(path: &Path) -> Result<Vec<Vec<i64>>> {
     }
     anyhow::ensure!(!prompts.is_empty(), "{}: no prompts", path.display());
     Ok(prompts)
-}
-
-/// The manifest's image section: the vision graph's names, preprocessing constants and the image
-/// token ids (`<|image|>` and the tile separators come from tokenizer.json).
-fn vision_info(
-    model_dir: &Path,
-    emitted: &onnx::OnnxModel,
-    v: &herd_ir::config::VisionConfig,
-    options: &CompileOptions,
-) -> Result<herd_runtime::manifest::VisionInfo> {
-    let path = model_dir.join("tokenizer.json");
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "{}: the image prompt layout needs the tokenizer's image tokens (or compile with --text-only)",
-            path.display()
-        )
-    })?;
-    let tokenizer: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
-    let id_of = |content: &str| -> Result<i64> {
-        tokenizer["added_tokens"]
-            .as_array()
-            .and_then(|tokens| {
-                tokens
-                    .iter()
-                    .find(|t| t["content"] == content)
-                    .and_then(|t| t["id"].as_i64())
-            })
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "{}: no added token `{content}`, which image prompts need (or compile with --text-only)",
-                    path.display()
-                )
-            })
-    };
-    let tokens = herd_runtime::manifest::ImageTokens {
-        image_start: v.image_start_id,
-        image_end: v.image_end_id,
-        image: id_of("<|image|>")?,
-        patch: v.patch_token_id,
-        tile_x_separator: id_of("<|tile_x_separator|>")?,
-        tile_y_separator: id_of("<|tile_y_separator|>")?,
-    };
-    for (what, id) in [
-        ("<|patch|>", tokens.patch),
-        ("<|image_start|>", tokens.image_start),
-        ("<|image_end|>", tokens.image_end),
-    ] {
-        if id_of(what)? != id {
-            anyhow::bail!(
-                "config.json and {} disagree on the id of {what}",
-                path.display()
-            );
-        }
-    }
-    Ok(herd_runtime::manifest::VisionInfo {
-        model_file: emitted.model_file.clone(),
-        pixel_values: herd_ir::vision::PIXEL_VALUES.into(),
-        image_features: herd_ir::vision::IMAGE_FEATURES.into(),
-        decoder_features: herd_ir::import::IMAGE_FEATURES_INPUT.into(),
-        decoder_positions: herd_ir::import::IMAGE_POSITIONS_INPUT.into(),
-        tile_size: v.image_size,
-        num_channels: v.num_channels,
-        tokens_per_tile: v.tokens_per_tile(),
-        max_tiles: options.max_tiles,
-        max_images: options.max_images,
-        rescale_factor: 1.0 / 255.0,
-        image_mean: vec![0.5; v.num_channels],
-        image_std: vec![0.5; v.num_channels],
-        tokens,
-    })
 }
 
 /// BOS and stop ids: from generation_config.json or config.json, else Llama 4's when the vocabulary holds them.

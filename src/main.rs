@@ -5,6 +5,7 @@ mod commands;
 mod driver;
 mod eval;
 mod synth;
+mod vision_manifest;
 
 use std::process::ExitCode;
 

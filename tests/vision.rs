@@ -540,3 +540,79 @@ fn vision_onnx_node_snapshot() {
         path.display()
     );
 }
+
+/// A copy of tiny-scout whose preprocessor_config.json was edited by `edit`.
+fn scout_with_processor(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture("tiny-scout")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
+    }
+    let path = tmp.path().join("preprocessor_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    tmp
+}
+
+#[test]
+fn preprocessor_config_sets_the_canvas_limit_and_refuses_what_herd_does_not_do() {
+    let four = scout_with_processor(|c| c["max_patches"] = serde_json::json!(4));
+    let model = four.path().to_str().unwrap();
+    let out = four.path().join("bundle");
+    ok(&["compile", model, "-o", out.to_str().unwrap()]);
+    let info = vision_info(&out);
+    assert_eq!(info.max_tiles, 4, "max_patches of preprocessor_config.json");
+    assert!(out.join("preprocessor_config.json").is_file());
+    // The 500x150 image no longer gets its 2x7 canvas: at most 4 tiles (1x4 here).
+    let tiles = herd_runtime::vision::preprocess_file(&image("wide.png"), &info).unwrap();
+    assert!(
+        tiles.rows * tiles.cols <= 4,
+        "{}x{}",
+        tiles.rows,
+        tiles.cols
+    );
+    ok(&[
+        "compile",
+        model,
+        "-o",
+        out.to_str().unwrap(),
+        "--force",
+        "--max-tiles",
+        "6",
+    ]);
+    assert_eq!(
+        vision_info(&out).max_tiles,
+        6,
+        "--max-tiles overrides the file"
+    );
+
+    let cases: [(&str, serde_json::Value, &str); 3] = [
+        (
+            "resize_to_max_canvas",
+            serde_json::json!(true),
+            "herd implements the default",
+        ),
+        (
+            "size",
+            serde_json::json!({"height": 64, "width": 64}),
+            "takes 56x56 tiles",
+        ),
+        ("image_std", serde_json::json!([0.5, 0.0, 0.5]), "nonzero"),
+    ];
+    for (key, value, message) in cases {
+        let tmp = scout_with_processor(|c| c[key] = value);
+        let out = tmp.path().join("bundle");
+        fails_with(
+            &[
+                "compile",
+                tmp.path().to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+            ],
+            &["preprocessor_config.json", key, message],
+        );
+        assert!(!out.exists());
+    }
+}

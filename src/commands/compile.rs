@@ -99,9 +99,10 @@ pub struct CompileArgs {
     /// Leave out the vision encoder of a multimodal checkpoint (the bundle then takes text only).
     #[arg(long)]
     pub text_only: bool,
-    /// Most tiles of one image's canvas (the processor's `max_patches`; a global tile comes on top).
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub max_tiles: u16,
+    /// Most tiles of one image's canvas (the processor's `max_patches`; a global tile comes on top)
+    /// [default: preprocessor_config.json's max_patches, else 16].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub max_tiles: Option<u16>,
     /// Most images in one prompt.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub max_images: u16,
@@ -178,7 +179,7 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         }),
         force: args.force,
         vision: !args.text_only,
-        max_tiles: args.max_tiles.into(),
+        max_tiles: args.max_tiles.map(usize::from),
         max_images: args.max_images.into(),
         run: RunOptions {
             disabled: args.disable_pass.clone(),
