@@ -486,6 +486,14 @@ fn tampered_vision_manifests_are_refused() {
             "the vision graph returned 256 values for 1 tiles, expected 320",
         ),
         (("\"tile_size\": 56", "\"tile_size\": 64"), "pixel_values"),
+        (
+            ("\"max_tiles\": 16", "\"max_tiles\": 0"),
+            "vision section: max_tiles and max_images must be positive",
+        ),
+        (
+            ("\"tile_size\": 56", "\"tile_size\": 0"),
+            "vision section: tile_size and tokens_per_tile must be positive",
+        ),
     ];
     for ((from, to), message) in cases {
         assert!(original.contains(from), "{from}");

@@ -384,6 +384,7 @@ fn build_graph(ckpt: &Checkpoint, image_features: bool) -> Result<Graph, ImportE
     let mut b = Builder {
         ckpt,
         graph: Graph::new(Phase::Imported, ckpt.store.clone()),
+        stage: "import",
     };
     let tokens = vec![Dim::Sym(SymDim::Batch), Dim::Sym(SymDim::Seq)];
     let ids = b.add(
@@ -563,34 +564,44 @@ fn build_graph(ckpt: &Checkpoint, image_features: bool) -> Result<Graph, ImportE
     Ok(b.graph)
 }
 
-struct Builder<'a> {
-    ckpt: &'a Checkpoint,
-    graph: Graph,
+/// Adds nodes to a graph being imported from `ckpt`; a node that fails typing is a herd bug reported
+/// as found after `stage`.
+pub(crate) struct Builder<'a> {
+    pub(crate) ckpt: &'a Checkpoint,
+    pub(crate) graph: Graph,
+    pub(crate) stage: &'static str,
 }
 
 impl Builder<'_> {
-    fn add(
+    pub(crate) fn add(
         &mut self,
         name: impl Into<String>,
         op: Op,
         inputs: &[Value],
     ) -> Result<Value, ImportError> {
-        self.graph.add(name, op, inputs).map_err(bug)
+        let stage = self.stage;
+        self.graph.add(name, op, inputs).map_err(|d| bug(stage, d))
     }
 
     fn node(&mut self, name: &str, op: Op) -> Result<Value, ImportError> {
         self.add(name, op, &[])
     }
 
-    fn weight(&mut self, name: &str, shape: &[usize], what: &str) -> Result<Value, ImportError> {
+    /// The checkpoint tensor `name`, checked to have `shape` (`what` names it in errors).
+    pub(crate) fn weight(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        what: &str,
+    ) -> Result<Value, ImportError> {
         let w = self.ckpt.weight(name, shape, what)?;
         self.add(name, Op::Weight(w), &[])
     }
 }
 
-fn bug(d: Diagnostic) -> ImportError {
+fn bug(stage: &str, d: Diagnostic) -> ImportError {
     ImportError::Verify(VerifyError {
-        after_pass: Some("import".into()),
+        after_pass: Some(stage.into()),
         diagnostics: vec![d],
     })
 }

@@ -8,7 +8,7 @@
 use crate::config::VisionConfig;
 use crate::error::ImportError;
 use crate::graph::{Graph, Value};
-use crate::import::Checkpoint;
+use crate::import::{Builder, Checkpoint};
 use crate::ops::{ConstantData, InputAttrs, LayerNormAttrs, Op, Phase};
 use crate::types::{DType, Dim, SymDim, TensorType};
 use crate::verify::verify;
@@ -38,6 +38,7 @@ pub fn build_vision_graph(ckpt: &Checkpoint) -> Result<Graph, ImportError> {
     let mut b = Builder {
         ckpt,
         graph: Graph::new(Phase::Lowered, ckpt.store.clone()),
+        stage: "vision import",
     };
 
     let pixels = b.add(
@@ -282,31 +283,7 @@ pub fn rotary_tables(c: &VisionConfig) -> (ConstantData, ConstantData) {
     (table(cos), table(sin))
 }
 
-struct Builder<'a> {
-    ckpt: &'a Checkpoint,
-    graph: Graph,
-}
-
 impl Builder<'_> {
-    fn add(
-        &mut self,
-        name: impl Into<String>,
-        op: Op,
-        inputs: &[Value],
-    ) -> Result<Value, ImportError> {
-        self.graph.add(name, op, inputs).map_err(|d| {
-            ImportError::Verify(crate::error::VerifyError {
-                after_pass: Some("vision import".into()),
-                diagnostics: vec![d],
-            })
-        })
-    }
-
-    fn weight(&mut self, name: &str, shape: &[usize], what: &str) -> Result<Value, ImportError> {
-        let w = self.ckpt.weight(name, shape, what)?;
-        self.add(name, Op::Weight(w), &[])
-    }
-
     fn reshape(&mut self, name: &str, x: Value, shape: Vec<Dim>) -> Result<Value, ImportError> {
         self.add(name, Op::Reshape { shape }, &[x])
     }

@@ -69,6 +69,28 @@ impl Bundle {
                 });
             }
         }
+        if let Some(v) = &bundle.manifest.vision {
+            // Preprocessing divides by and indexes with these: refuse values a compile never writes.
+            let problem = if v.tile_size == 0 || v.tokens_per_tile == 0 {
+                Some("tile_size and tokens_per_tile must be positive")
+            } else if v.max_tiles == 0 || v.max_images == 0 {
+                Some("max_tiles and max_images must be positive")
+            } else if v.num_channels != 3 || v.image_mean.len() != 3 || v.image_std.len() != 3 {
+                Some("images have 3 channels, each with a mean and std")
+            } else if v.image_std.iter().any(|s| *s == 0.0 || !s.is_finite())
+                || !(v.rescale_factor.is_finite() && v.rescale_factor > 0.0)
+            {
+                Some("image_std and rescale_factor must be finite and nonzero")
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(RuntimeError::Tampered {
+                    path: bundle.dir.join(MANIFEST_FILE).display().to_string(),
+                    message: format!("vision section: {problem}"),
+                });
+            }
+        }
         Ok(bundle)
     }
 

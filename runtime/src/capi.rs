@@ -51,15 +51,10 @@ pub unsafe extern "C" fn herd_model_load(
     error: *mut *mut c_char,
 ) -> *mut HerdModel {
     guarded(error, ptr::null_mut(), || {
-        if path.is_null() {
-            return Err("herd_model_load: path is NULL".into());
-        }
-        // SAFETY: checked non-NULL; the caller guarantees NUL termination.
-        let path = unsafe { CStr::from_ptr(path) }
-            .to_str()
-            .map_err(|_| "herd_model_load: path is not UTF-8".to_string())?;
+        // SAFETY: the caller guarantees a NUL-terminated string or NULL.
+        let path = unsafe { c_string(path, "herd_model_load: path") }?;
         let model =
-            Model::load(Path::new(path), &RuntimeOptions::default()).map_err(|e| e.to_string())?;
+            Model::load(Path::new(&path), &RuntimeOptions::default()).map_err(|e| e.to_string())?;
         Ok(Box::into_raw(Box::new(HerdModel(model))))
     })
 }
@@ -162,14 +157,8 @@ pub unsafe extern "C" fn herd_generate_text(
     error: *mut *mut c_char,
 ) -> c_int {
     guarded(error, -1, || {
-        if prompt.is_null() {
-            return Err("herd_generate_text: prompt is NULL".into());
-        }
-        // SAFETY: checked non-NULL; the caller guarantees NUL termination.
-        let text = unsafe { CStr::from_ptr(prompt) }
-            .to_str()
-            .map_err(|_| "herd_generate_text: prompt is not UTF-8".to_string())?
-            .to_string();
+        // SAFETY: the caller guarantees a NUL-terminated string or NULL.
+        let text = unsafe { c_string(prompt, "herd_generate_text: prompt") }?;
         let prompt = if chat != 0 {
             Prompt::Chat(vec![crate::text::Message {
                 role: "user".into(),
@@ -199,14 +188,11 @@ pub unsafe extern "C" fn herd_generate_images(
     error: *mut *mut c_char,
 ) -> c_int {
     guarded(error, -1, || {
-        if prompt.is_null() || (image_paths.is_null() && n_images > 0) {
-            return Err("herd_generate_images: prompt or image_paths is NULL".into());
+        if image_paths.is_null() && n_images > 0 {
+            return Err("herd_generate_images: image_paths is NULL".into());
         }
-        // SAFETY: checked non-NULL; the caller guarantees NUL termination.
-        let text = unsafe { CStr::from_ptr(prompt) }
-            .to_str()
-            .map_err(|_| "herd_generate_images: prompt is not UTF-8".to_string())?
-            .to_string();
+        // SAFETY: the caller guarantees a NUL-terminated string or NULL.
+        let text = unsafe { c_string(prompt, "herd_generate_images: prompt") }?;
         let paths = if n_images == 0 {
             &[][..]
         } else {
@@ -216,13 +202,8 @@ pub unsafe extern "C" fn herd_generate_images(
         let images = paths
             .iter()
             .map(|&p| {
-                if p.is_null() {
-                    return Err("herd_generate_images: an image path is NULL".to_string());
-                }
-                // SAFETY: checked non-NULL; the caller guarantees NUL termination.
-                let path = unsafe { CStr::from_ptr(p) }
-                    .to_str()
-                    .map_err(|_| "herd_generate_images: an image path is not UTF-8".to_string())?;
+                // SAFETY: the caller guarantees NUL-terminated strings or NULL.
+                let path = unsafe { c_string(p, "herd_generate_images: an image path") }?;
                 Ok(crate::vision::ImageSource::Path(path.into()))
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -232,4 +213,19 @@ pub unsafe extern "C" fn herd_generate_images(
         };
         run(model, prompt, max_new_tokens, callback, user_data)
     })
+}
+
+/// The UTF-8 string at `ptr`, or an error naming `what` when it is NULL or not UTF-8.
+///
+/// # Safety
+/// `ptr` is NULL or points to a NUL-terminated string.
+unsafe fn c_string(ptr: *const c_char, what: &str) -> Result<String, String> {
+    if ptr.is_null() {
+        return Err(format!("{what} is NULL"));
+    }
+    // SAFETY: checked non-NULL; the caller guarantees NUL termination.
+    unsafe { CStr::from_ptr(ptr) }
+        .to_str()
+        .map(str::to_string)
+        .map_err(|_| format!("{what} is not UTF-8"))
 }

@@ -134,7 +134,7 @@ fn supported_canvases(max_tiles: usize) -> Vec<(usize, usize)> {
 /// transformers' `get_best_fit`: the canvas (pixels) needing the least upscaling, else the least
 /// downscaling, smallest area among equals.
 fn best_canvas(height: usize, width: usize, tile: usize, max_tiles: usize) -> (usize, usize) {
-    let canvases: Vec<(usize, usize)> = supported_canvases(max_tiles)
+    let canvases: Vec<(usize, usize)> = supported_canvases(max_tiles.max(1))
         .into_iter()
         .map(|(h, w)| (h * tile, w * tile))
         .collect();
@@ -179,7 +179,8 @@ fn fit_without_distortion(height: usize, width: usize, target: (usize, usize)) -
     }
 }
 
-/// Preprocesses one image into tiles for the vision graph.
+/// Preprocesses one image into tiles for the vision graph (`info` from a loaded bundle, whose vision
+/// section is validated on load).
 pub fn preprocess(img: &RgbImage, info: &VisionInfo) -> ImageTiles {
     let tile = info.tile_size;
     let (width, height) = (img.width() as usize, img.height() as usize);
@@ -325,41 +326,32 @@ fn convolve(samples: impl Iterator<Item = (u8, i32)>, precision: u32) -> u8 {
 /// rounding to 8 bits, skipping a pass whose size does not change (torch's uint8 antialias kernel).
 pub fn resize_rgb8(rgb: &[u8], height: usize, width: usize, out_h: usize, out_w: usize) -> Vec<u8> {
     let mut current = rgb.to_vec();
-    let mut w = width;
     if out_w != width {
-        let t = taps(width, out_w);
-        let mut next = vec![0u8; height * out_w * 3];
-        for y in 0..height {
-            for x in 0..out_w {
-                for c in 0..3 {
-                    let samples = t.weights[x]
-                        .iter()
-                        .enumerate()
-                        .map(|(k, &wt)| (current[(y * w + t.start[x] + k) * 3 + c], wt));
-                    next[(y * out_w + x) * 3 + c] = convolve(samples, t.precision);
-                }
-            }
-        }
-        current = next;
-        w = out_w;
+        current = resample_axis(&current, height, width, 1, out_w);
     }
     if out_h != height {
-        let t = taps(height, out_h);
-        let mut next = vec![0u8; out_h * w * 3];
-        for y in 0..out_h {
-            for x in 0..w {
+        current = resample_axis(&current, 1, height, out_w, out_h);
+    }
+    current
+}
+
+/// One resize pass over RGB8 data laid out [outer, len, inner, 3]: `len` becomes `out_len`.
+fn resample_axis(data: &[u8], outer: usize, len: usize, inner: usize, out_len: usize) -> Vec<u8> {
+    let t = taps(len, out_len);
+    let mut next = vec![0u8; outer * out_len * inner * 3];
+    for o in 0..outer {
+        for a in 0..out_len {
+            for i in 0..inner {
                 for c in 0..3 {
-                    let samples = t.weights[y]
-                        .iter()
-                        .enumerate()
-                        .map(|(k, &wt)| (current[((t.start[y] + k) * w + x) * 3 + c], wt));
-                    next[(y * w + x) * 3 + c] = convolve(samples, t.precision);
+                    let samples = t.weights[a].iter().enumerate().map(|(k, &wt)| {
+                        (data[((o * len + t.start[a] + k) * inner + i) * 3 + c], wt)
+                    });
+                    next[((o * out_len + a) * inner + i) * 3 + c] = convolve(samples, t.precision);
                 }
             }
         }
-        current = next;
     }
-    current
+    next
 }
 
 /// The prompt tokens of one image: `<|image_start|>`, for several tiles each canvas row's tiles of

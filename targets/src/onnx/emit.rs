@@ -449,28 +449,7 @@ impl Emitter<'_> {
                     &[&token, &axes],
                     vec![],
                 );
-                let batch = self.push(
-                    &format!("{name}.batch"),
-                    "Shape",
-                    "",
-                    &[&x],
-                    vec![("start", Attr::Int(0)), ("end", Attr::Int(1))],
-                );
-                let rest = self.int_const(&[1, h as i64]);
-                let shape = self.push(
-                    &format!("{name}.shape"),
-                    "Concat",
-                    "",
-                    &[&batch, &rest],
-                    vec![("axis", Attr::Int(0))],
-                );
-                let rows = self.push(
-                    &format!("{name}.rows"),
-                    "Expand",
-                    "",
-                    &[&token, &shape],
-                    vec![],
-                );
+                let rows = self.expand_over_batch(&format!("{name}.rows"), &token, &x, &[1, h]);
                 self.push(
                     name,
                     "Concat",
@@ -755,6 +734,13 @@ impl Emitter<'_> {
         let row_name = self.fresh(&format!("const.positions[{s}]"));
         self.initializers
             .push(int64_tensor(&row_name, &[1, s as i64], &row));
+        let positions = self.expand_over_batch(&format!("{name}.positions"), &row_name, x, &[s]);
+        self.positions.insert(s, positions.clone());
+        positions
+    }
+
+    /// `src` [1, rest..] repeated along a new first axis as long as `x`'s first axis: [B, rest..].
+    fn expand_over_batch(&mut self, name: &str, src: &str, x: &str, rest: &[usize]) -> String {
         let batch = self.push(
             &format!("{name}.batch"),
             "Shape",
@@ -762,23 +748,16 @@ impl Emitter<'_> {
             &[x],
             vec![("start", Attr::Int(0)), ("end", Attr::Int(1))],
         );
-        let seq = self.int_const(&[s as i64]);
+        let rest: Vec<i64> = rest.iter().map(|&d| d as i64).collect();
+        let rest = self.int_const(&rest);
         let shape = self.push(
-            &format!("{name}.positions_shape"),
+            &format!("{name}.shape"),
             "Concat",
             "",
-            &[&batch, &seq],
+            &[&batch, &rest],
             vec![("axis", Attr::Int(0))],
         );
-        let positions = self.push(
-            &format!("{name}.positions"),
-            "Expand",
-            "",
-            &[&row_name, &shape],
-            vec![],
-        );
-        self.positions.insert(s, positions.clone());
-        positions
+        self.push(name, "Expand", "", &[src, &shape], vec![])
     }
 
     fn unsupported(&self, node: &str, op: &Op, message: &str) -> TargetError {
