@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use herd_ir::DType;
 use herd_passes::pipeline::{run_pipeline, PassOptions, RunOptions};
-use herd_runtime::manifest::{Manifest, ModelInfo, QuantizationInfo, TensorRtInfo, FORMAT_VERSION};
+use herd_runtime::manifest::{
+    CudaPartition, Manifest, ModelInfo, QuantizationInfo, TensorRtInfo, FORMAT_VERSION,
+};
 use herd_targets::bundle::BundleWriter;
 use herd_targets::onnx::{self, MoeLowering, OnnxOptions};
 
@@ -84,9 +86,9 @@ pub struct TensorRtOptions {
 
 /// Refuses options the TensorRT target cannot honour, before any work is done.
 fn check_tensorrt(options: &CompileOptions, trt: &TensorRtOptions) -> Result<()> {
-    if options.moe != MoeLowering::Portable {
+    if options.moe == MoeLowering::Ort {
         anyhow::bail!(
-            "--target tensorrt-h100 needs --moe portable: com.microsoft ops do not reach TensorRT"
+            "--target tensorrt-h100 takes --moe cuda (MoE nodes on the CUDA EP beside TensorRT) or --moe grouped (standard ops only); --moe ort is for ONNX Runtime's CPU kernels"
         );
     }
     if let Some(q) = &options.quant {
@@ -264,80 +266,17 @@ pub fn compile(
     let tensorrt = match &options.tensorrt {
         Some(trt) => {
             let start = Instant::now();
-            let mut violations =
-                herd_targets::tensorrt::lint_file(&writer.dir().join(&model.model_file))?;
-            if let Some(v) = &vision_model {
-                violations.extend(herd_targets::tensorrt::lint_file(
-                    &writer.dir().join(&v.model_file),
-                )?);
-            }
-            let blocking: Vec<String> = violations
-                .iter()
-                .filter(|v| !trt.allow_lint.iter().any(|r| r == v.rule))
-                .map(|v| v.to_string())
-                .collect();
-            if !blocking.is_empty() {
-                anyhow::bail!(
-                    "the graph breaks {} TensorRT rule(s) (allow one with --allow-lint RULE):\n  {}",
-                    blocking.len(),
-                    blocking.join("\n  ")
-                );
-            }
+            let info = tensorrt_stage(
+                options,
+                trt,
+                &config,
+                writer.dir(),
+                &model,
+                vision_model.as_ref(),
+                preprocessing.as_ref().map(|p| p.max_tiles),
+            )?;
             stages.push(("tensorrt lint".to_string(), start.elapsed()));
-            let kv: Vec<String> = model
-                .io
-                .kv
-                .iter()
-                .flat_map(|k| [k.past_key.clone(), k.past_value.clone()])
-                .collect();
-            let mut p = herd_targets::tensorrt::profiles(
-                &kv,
-                config.num_kv_heads,
-                config.head_dim,
-                trt.max_batch,
-                trt.max_seq,
-                options.max_context,
-            );
-            let vision_profile_shapes = config.vision.as_ref().filter(|_| with_vision).map(|v| {
-                // Image feature rows arrive with prompt tokens: none in decode, up to a full call.
-                let h = config.hidden_size;
-                let rows = |n: usize| {
-                    format!(
-                        ",{}:{n}x{h},{}:{n}",
-                        herd_ir::import::IMAGE_FEATURES_INPUT,
-                        herd_ir::import::IMAGE_POSITIONS_INPUT
-                    )
-                };
-                p.min.push_str(&rows(0));
-                p.opt.push_str(&rows(0));
-                p.max.push_str(&rows(trt.max_batch * trt.max_seq));
-                let tiles = |n: usize| {
-                    format!(
-                        "{}:{n}x{}x{t}x{t}",
-                        herd_ir::vision::PIXEL_VALUES,
-                        v.num_channels,
-                        t = v.image_size
-                    )
-                };
-                let max_tiles = preprocessing.as_ref().map_or(16, |p| p.max_tiles);
-                let per_image = max_tiles + 1;
-                [
-                    tiles(1),
-                    tiles(per_image),
-                    tiles(per_image * options.max_images),
-                ]
-            });
-            Some(TensorRtInfo {
-                profile_min_shapes: p.min,
-                profile_opt_shapes: p.opt,
-                profile_max_shapes: p.max,
-                min_tensorrt: "10.15".into(),
-                compute_capability: herd_targets::tensorrt::H100_COMPUTE_CAPABILITY.into(),
-                strongly_typed: options.quant.is_some(),
-                allowed_lint: trt.allow_lint.clone(),
-                vision_profile_shapes,
-                engine: None,
-            })
+            Some(info)
         }
         None => None,
     };
@@ -428,6 +367,101 @@ pub fn compile(
         peak_rss_bytes: peak_rss_bytes(),
         node_counts: model.node_counts,
         calibration_outputs,
+    })
+}
+
+/// The TensorRT stage of a compile: lints the emitted graphs (the MoE nodes of `--moe cuda` left to the
+/// CUDA EP), and returns the manifest's TensorRT section: profiles, requirements, expected partition.
+fn tensorrt_stage(
+    options: &CompileOptions,
+    trt: &TensorRtOptions,
+    config: &herd_ir::config::Llama4Config,
+    dir: &Path,
+    model: &onnx::OnnxModel,
+    vision_model: Option<&onnx::OnnxModel>,
+    max_tiles: Option<usize>,
+) -> Result<TensorRtInfo> {
+    let cuda_ep = options.moe == MoeLowering::Cuda;
+    let decoder = herd_targets::tensorrt::lint_file_with(&dir.join(&model.model_file), cuda_ep)?;
+    let mut violations = decoder.violations;
+    if let Some(v) = vision_model {
+        violations.extend(herd_targets::tensorrt::lint_file(&dir.join(&v.model_file))?);
+    }
+    let blocking: Vec<String> = violations
+        .iter()
+        .filter(|v| !trt.allow_lint.iter().any(|r| r == v.rule))
+        .map(|v| v.to_string())
+        .collect();
+    if !blocking.is_empty() {
+        anyhow::bail!(
+            "the graph breaks {} TensorRT rule(s) (allow one with --allow-lint RULE):\n  {}",
+            blocking.len(),
+            blocking.join("\n  ")
+        );
+    }
+    let kv: Vec<String> = model
+        .io
+        .kv
+        .iter()
+        .flat_map(|k| [k.past_key.clone(), k.past_value.clone()])
+        .collect();
+    let mut p = herd_targets::tensorrt::profiles(
+        &kv,
+        config.num_kv_heads,
+        config.head_dim,
+        trt.max_batch,
+        trt.max_seq,
+        options.max_context,
+    );
+    let vision_profile_shapes = config
+        .vision
+        .as_ref()
+        .filter(|_| vision_model.is_some())
+        .map(|v| {
+            // Image feature rows arrive with prompt tokens: none in decode, up to a full call.
+            let h = config.hidden_size;
+            let rows = |n: usize| {
+                format!(
+                    ",{}:{n}x{h},{}:{n}",
+                    herd_ir::import::IMAGE_FEATURES_INPUT,
+                    herd_ir::import::IMAGE_POSITIONS_INPUT
+                )
+            };
+            p.min.push_str(&rows(0));
+            p.opt.push_str(&rows(0));
+            p.max.push_str(&rows(trt.max_batch * trt.max_seq));
+            let tiles = |n: usize| {
+                format!(
+                    "{}:{n}x{}x{t}x{t}",
+                    herd_ir::vision::PIXEL_VALUES,
+                    v.num_channels,
+                    t = v.image_size
+                )
+            };
+            let per_image = max_tiles.unwrap_or(16) + 1;
+            [
+                tiles(1),
+                tiles(per_image),
+                tiles(per_image * options.max_images),
+            ]
+        });
+    let part = decoder.partition;
+    Ok(TensorRtInfo {
+        profile_min_shapes: p.min,
+        profile_opt_shapes: p.opt,
+        profile_max_shapes: p.max,
+        min_tensorrt: "10.15".into(),
+        compute_capability: herd_targets::tensorrt::H100_COMPUTE_CAPABILITY.into(),
+        strongly_typed: options.quant.is_some(),
+        allowed_lint: trt.allow_lint.clone(),
+        vision_profile_shapes,
+        engine: None,
+        cuda_partition: cuda_ep.then_some(CudaPartition {
+            tensorrt_subgraphs: part.tensorrt_subgraphs,
+            tensorrt_nodes: part.tensorrt_nodes,
+            cuda_nodes: part.cuda_nodes,
+            boundary_tensors: part.boundary_tensors,
+        }),
     })
 }
 

@@ -4,6 +4,7 @@ mod bench;
 mod commands;
 mod driver;
 mod eval;
+mod plan;
 mod synth;
 mod vision_manifest;
 
@@ -40,6 +41,9 @@ enum Command {
     Eval(commands::eval::EvalArgs),
     /// Check a bundle's graph against TensorRT's ONNX parser (also run by compile --target tensorrt-h100).
     Lint(commands::lint::LintArgs),
+    /// Plan a deployment from config.json or a bundle: weight, KV and activation bytes, GPUs needed,
+    /// the longest context that fits, decode and prefill rooflines.
+    Plan(commands::plan::PlanArgs),
     /// Build a tensorrt-target bundle's TensorRT engine on this machine's GPU (H100).
     BuildEngine(commands::build_engine::BuildEngineArgs),
 }
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => commands::bench::run(&args),
         Command::Eval(args) => commands::eval::run(&args),
         Command::Lint(args) => commands::lint::run(&args),
+        Command::Plan(args) => commands::plan::run(&args),
         Command::BuildEngine(args) => commands::build_engine::run(&args),
     };
     match result {

@@ -135,7 +135,7 @@ fn run_golden_file(
 fn compiled_bundles_match_transformers() {
     let dir = tempfile::tempdir().unwrap();
     for name in FIXTURES {
-        for moe in ["ort", "portable"] {
+        for moe in ["ort", "cuda", "grouped"] {
             let bundle = compile(name, moe, "f32", dir.path());
             run_goldens(name, &bundle, dir.path(), LOGIT_TOLERANCE, true);
         }
@@ -159,7 +159,7 @@ fn quantized_bundles_match_fake_quant_goldens() {
     let dir = tempfile::tempdir().unwrap();
     for name in FIXTURES {
         for scheme in ["int4:32", "int4:64", "int8:64", "fp8"] {
-            for moe in ["ort", "portable"] {
+            for moe in ["ort", "cuda", "grouped"] {
                 let bundle = compile_with(name, moe, "f32", &["--quant", scheme], dir.path());
                 let file = format!("goldens-{}.safetensors", scheme.replace(':', "-"));
                 run_golden_file(name, &file, &bundle, dir.path(), LOGIT_TOLERANCE, true);
@@ -168,20 +168,18 @@ fn quantized_bundles_match_fake_quant_goldens() {
     }
 }
 
-/// TensorRT-target bundles hold the graph TensorRT would receive: it passes the lint and, built in f32
-/// and run on ONNX Runtime's CPU provider, matches transformers. An ort-lowered bundle does not lint.
+/// TensorRT-target bundles hold the graph TensorRT (and, for `cuda`, the CUDA EP) would receive: it
+/// passes the lint and, built in f32 and run on ONNX Runtime's CPU provider, matches transformers. An
+/// ort-lowered bundle does not lint.
 #[test]
 fn tensorrt_target_bundles_lint_clean_and_match_transformers() {
     let dir = tempfile::tempdir().unwrap();
-    for name in FIXTURES {
-        let bundle = compile_with(
-            name,
-            "portable",
-            "f32",
-            &["--target", "tensorrt-h100"],
-            dir.path(),
-        );
-        ok(&["lint", &bundle, "--target", "tensorrt"]);
+    for (name, moe) in FIXTURES
+        .iter()
+        .flat_map(|n| ["cuda", "grouped"].map(|m| (*n, m)))
+    {
+        let bundle = compile_with(name, moe, "f32", &["--target", "tensorrt-h100"], dir.path());
+        let lint = ok(&["lint", &bundle, "--target", "tensorrt"]);
         let manifest: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(Path::new(&bundle).join("manifest.json")).unwrap(),
         )
@@ -192,6 +190,19 @@ fn tensorrt_target_bundles_lint_clean_and_match_transformers() {
             .as_str()
             .unwrap()
             .contains("past_key.0:1x"));
+        let partition = &manifest["tensorrt"]["cuda_partition"];
+        let moe_layers = manifest["model"]["config"]["moe_layers"]
+            .as_array()
+            .unwrap()
+            .len();
+        if moe == "cuda" {
+            // One MoE node per MoE layer, TensorRT subgraphs between and around them.
+            assert_eq!(partition["cuda_nodes"], moe_layers, "{name}");
+            assert_eq!(partition["tensorrt_subgraphs"], moe_layers + 1, "{name}");
+            assert!(lint.contains(&format!("{} node(s) on the CUDA EP", moe_layers)));
+        } else {
+            assert!(partition.is_null(), "{name}: {partition}");
+        }
         run_goldens(name, &bundle, dir.path(), LOGIT_TOLERANCE, true);
     }
     let ort_bundle = compile("tiny-maverick", "ort", "f32", dir.path());

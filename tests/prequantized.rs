@@ -72,18 +72,33 @@ fn prequantized_fp8_matches_golden_and_keeps_its_bytes() {
         vec![1, 3],
         "fixture: routed experts of layers 1 and 3 are fp8"
     );
-    for moe in ["ort", "portable"] {
-        let bundle = dir.path().join(moe);
+    let cases = [
+        ("onnx", "ort"),
+        ("onnx", "cuda"),
+        ("onnx", "grouped"),
+        ("tensorrt-h100", "cuda"),
+        ("tensorrt-h100", "grouped"),
+    ];
+    for (target, moe) in cases {
+        let bundle = dir.path().join(format!("{target}-{moe}"));
         ok(&[
             "compile",
             fixture(FIXTURE).to_str().unwrap(),
             "-o",
             bundle.to_str().unwrap(),
+            "--target",
+            target,
             "--moe",
             moe,
+            "--dtype",
+            "f32",
             "--max-context",
             "64",
         ]);
+        if target == "tensorrt-h100" {
+            ok(&["lint", bundle.to_str().unwrap(), "--target", "tensorrt"]);
+        }
+        let moe = format!("{target}/{moe}");
         let (found, float_experts) = bundle_fp8_bytes(&bundle);
         assert_eq!(
             float_experts, 0,
@@ -96,7 +111,7 @@ fn prequantized_fp8_matches_golden_and_keeps_its_bytes() {
 
         for (n, golden) in goldens(FIXTURE) {
             let ids: Vec<String> = golden.input_ids.iter().map(|t| t.to_string()).collect();
-            let npy = dir.path().join(format!("{moe}-{n}.npy"));
+            let npy = bundle.join(format!("logits-{n}.npy"));
             let steps = golden.greedy_ids.len().to_string();
             let out = ok(&[
                 "run",

@@ -23,7 +23,7 @@ pub struct Manifest {
     pub graph: GraphIo,
     /// Element type of activations, weights and the KV cache: "f32" or "f16". Logits are always f32.
     pub dtype: String,
-    /// How the MoE was lowered: "ort" (com.microsoft.MoE) or "portable" (standard ONNX ops).
+    /// How the MoE was lowered: "ort" or "cuda" (com.microsoft.MoE/QMoE), or "grouped" (standard ONNX).
     pub moe_lowering: String,
     /// Every file of the bundle except the manifest, with its size and sha256.
     pub files: Vec<FileEntry>,
@@ -112,6 +112,21 @@ pub struct TensorRtInfo {
     /// The built engine, once `herd build-engine` ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<EngineInfo>,
+    /// For `--moe cuda`: the MoE nodes run on the CUDA EP beside TensorRT, split as recorded here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda_partition: Option<CudaPartition>,
+}
+
+/// The expected split of a decoder between the TensorRT EP and the CUDA EP (`--moe cuda`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CudaPartition {
+    /// TensorRT engines: the stretches of nodes between MoE nodes.
+    pub tensorrt_subgraphs: usize,
+    pub tensorrt_nodes: usize,
+    /// `com.microsoft.MoE`/`QMoE` nodes, run by the CUDA EP (which must be present).
+    pub cuda_nodes: usize,
+    /// Tensors handed between the two providers per call.
+    pub boundary_tensors: usize,
 }
 
 /// A TensorRT engine built into the bundle.

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use herd_targets::onnx::MoeLowering;
 use serde_json::json;
 
 use super::compile::{DtypeArg, MoeArg};
@@ -57,10 +56,7 @@ fn compile_bench(args: &BenchArgs) -> Result<serde_json::Value> {
         .prefix("herd-bench")
         .tempdir_in(std::env::temp_dir())?;
     let options = CompileOptions {
-        moe: match args.moe {
-            MoeArg::Ort => MoeLowering::Ort,
-            MoeArg::Portable => MoeLowering::Portable,
-        },
+        moe: args.moe.lowering(),
         dtype: args.dtype.dtype(),
         max_context: 4096,
         ..CompileOptions::new(args.path.clone(), out.path().join("bundle"))

@@ -14,10 +14,28 @@ use crate::driver::{compile, CompileOptions, TensorRtOptions};
 /// How the mixture-of-experts layers are lowered.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum MoeArg {
-    /// com.microsoft.MoE: fastest on ONNX Runtime, not portable.
+    /// com.microsoft.MoE/QMoE for ONNX Runtime's CPU kernels: one node per MoE, experts read packed,
+    /// each token runs one expert. Not for TensorRT.
     Ort,
-    /// Standard ONNX ops only (TopK, Gather, MatMul): the form TensorRT receives.
-    Portable,
+    /// For H100: com.microsoft.MoE/QMoE on ONNX Runtime's CUDA EP (grouped GEMMs, int4/int8 experts kept
+    /// packed), everything else for TensorRT. One TensorRT subgraph per stretch between MoE nodes (about
+    /// one per MoE layer). fp8 experts (per-channel scales, which QMoE does not take) go grouped.
+    Cuda,
+    /// Standard ONNX only (any EP, TensorRT alone): per expert, the tokens routed to it (NonZero,
+    /// GatherND) times its own 2-D weights (DequantizeLinear -> MatMul), scattered back. Routed FLOPs,
+    /// each expert read once per call; data-dependent shapes (no CUDA graphs), E times the nodes.
+    Grouped,
+}
+
+impl MoeArg {
+    /// The target's lowering.
+    pub fn lowering(self) -> MoeLowering {
+        match self {
+            MoeArg::Ort => MoeLowering::Ort,
+            MoeArg::Cuda => MoeLowering::Cuda,
+            MoeArg::Grouped => MoeLowering::Grouped,
+        }
+    }
 }
 
 /// Compute dtype of the bundle.
@@ -61,7 +79,7 @@ pub struct CompileArgs {
     /// What to compile for.
     #[arg(long, value_enum, default_value = "onnx")]
     pub target: TargetArg,
-    /// MoE lowering [default: ort for --target onnx, portable for tensorrt-h100].
+    /// MoE lowering [default: ort for --target onnx, cuda for tensorrt-h100].
     #[arg(long, value_enum)]
     pub moe: Option<MoeArg>,
     /// Element type of weights, activations and KV cache; logits are always f32 [default: f32 for
@@ -150,14 +168,10 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     let options = CompileOptions {
         model: args.model.clone(),
         output: args.output.clone(),
-        moe: match args.moe.unwrap_or(if tensorrt {
-            MoeArg::Portable
-        } else {
-            MoeArg::Ort
-        }) {
-            MoeArg::Ort => MoeLowering::Ort,
-            MoeArg::Portable => MoeLowering::Portable,
-        },
+        moe: args
+            .moe
+            .unwrap_or(if tensorrt { MoeArg::Cuda } else { MoeArg::Ort })
+            .lowering(),
         dtype: dtype.dtype(),
         max_context: args.max_context,
         quant: args

@@ -31,10 +31,10 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let tmp = tempfile::Builder::new().prefix("herd-eval").tempdir()?;
     let reference = if is_checkpoint {
         let bundle = herd_runtime::Bundle::open(&args.bundle)?;
-        let moe = if bundle.manifest.moe_lowering == "portable" {
-            MoeLowering::Portable
-        } else {
-            MoeLowering::Ort
+        // The reference runs on ONNX Runtime's CPU kernels: `cuda` bundles compare against `ort`.
+        let moe = match MoeLowering::parse(&bundle.manifest.moe_lowering) {
+            Some(MoeLowering::Grouped) => MoeLowering::Grouped,
+            _ => MoeLowering::Ort,
         };
         let options = CompileOptions {
             moe,

@@ -42,9 +42,19 @@ pub fn run(args: &LintArgs) -> Result<()> {
     if let Some(v) = &manifest.vision {
         files.push(v.model_file.clone());
     }
-    let mut violations = Vec::new();
-    for file in &files {
+    // `--moe cuda` bundles leave their MoE nodes to the CUDA EP; the decoder's split is reported.
+    let cuda_ep = manifest.moe_lowering == herd_targets::onnx::MoeLowering::Cuda.name();
+    let decoder = herd_targets::tensorrt::lint_file_with(&bundle.join(&files[0]), cuda_ep)?;
+    let mut violations = decoder.violations;
+    for file in &files[1..] {
         violations.extend(herd_targets::tensorrt::lint_file(&bundle.join(file))?);
+    }
+    if cuda_ep {
+        let p = &decoder.partition;
+        println!(
+            "partition of {}: {} TensorRT subgraph(s) of {} nodes, {} node(s) on the CUDA EP (com.microsoft.MoE/QMoE), {} tensor(s) crossing between them",
+            files[0], p.tensorrt_subgraphs, p.tensorrt_nodes, p.cuda_nodes, p.boundary_tensors
+        );
     }
     let allowed = manifest
         .tensorrt

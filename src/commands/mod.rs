@@ -7,6 +7,7 @@ pub mod compile;
 pub mod eval;
 pub mod inspect;
 pub mod lint;
+pub mod plan;
 pub mod run;
 pub mod runtime_args;
 pub mod synth;

@@ -5,9 +5,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use herd_ir::graph::{NodeIndex, Value};
-use herd_ir::ops::{FusedMoeAttrs, Op};
-use herd_ir::quant::QuantScheme;
-use herd_ir::weights::Transform;
+use herd_ir::ops::Op;
+use herd_ir::weights::{Transform, WeightRef};
 use herd_ir::{DType, Dim, Graph, Phase};
 use herd_runtime::manifest::{GraphIo, KvNames};
 use onnx_protobuf::{
@@ -16,8 +15,7 @@ use onnx_protobuf::{
 
 use super::external::ExternalData;
 use super::proto::{float_tensor, int64_tensor, node, onnx_dtype, value_info, Attr};
-use super::quantized::QLayout;
-use super::{MoeLowering, OnnxOptions, IR_VERSION, OPSET};
+use super::{OnnxOptions, IR_VERSION, OPSET};
 use crate::error::TargetError;
 
 /// What the emitter wrote.
@@ -118,6 +116,7 @@ pub fn emit_as(
         ints: HashMap::new(),
         positions: HashMap::new(),
         sqnr_db: BTreeMap::new(),
+        expert_sqnr_sums: HashMap::new(),
         weight_bytes: HashMap::new(),
         quantized_cache: HashMap::new(),
         written: 0,
@@ -133,7 +132,7 @@ pub fn emit_as(
 
 pub(super) struct Emitter<'a> {
     pub(super) graph: &'a Graph,
-    options: &'a OnnxOptions,
+    pub(super) options: &'a OnnxOptions,
     pub(super) nodes: Vec<NodeProto>,
     pub(super) initializers: Vec<TensorProto>,
     inputs: Vec<ValueInfoProto>,
@@ -150,6 +149,8 @@ pub(super) struct Emitter<'a> {
     positions: HashMap<usize, String>,
     /// SQNR in dB of every quantized weight, by node name.
     pub(super) sqnr_db: BTreeMap<String, f64>,
+    /// Signal and noise energy of expert weights written one expert at a time, by node name.
+    pub(super) expert_sqnr_sums: HashMap<String, (f64, f64)>,
     /// Bytes written for each weight node (all its layouts and scales).
     pub(super) weight_bytes: HashMap<NodeIndex, u64>,
     /// Quantized weights already written, by node and layout.
@@ -186,7 +187,7 @@ impl Emitter<'_> {
         out
     }
 
-    fn int_const(&mut self, values: &[i64]) -> String {
+    pub(super) fn int_const(&mut self, values: &[i64]) -> String {
         if let Some(name) = self.ints.get(values) {
             return name.clone();
         }
@@ -198,7 +199,7 @@ impl Emitter<'_> {
         name
     }
 
-    fn scalar_int(&mut self, value: i64) -> String {
+    pub(super) fn scalar_int(&mut self, value: i64) -> String {
         let name = format!("const.i64.scalar({value})");
         if self.used.insert(name.clone()) {
             self.initializers.push(int64_tensor(&name, &[], &[value]));
@@ -206,7 +207,7 @@ impl Emitter<'_> {
         name
     }
 
-    fn float_scalar(&mut self, value: f32, dtype: DType) -> String {
+    pub(super) fn float_scalar(&mut self, value: f32, dtype: DType) -> String {
         let name = format!("const.{}({value:e})", dtype.name());
         if self.used.insert(name.clone()) {
             self.initializers
@@ -217,7 +218,7 @@ impl Emitter<'_> {
 
     /// Name of the ONNX tensor holding IR value `v`; weights and constants are written on first use,
     /// transposed to [K, N] when `transposed`.
-    fn input(&mut self, v: Value, transposed: bool) -> Result<String, TargetError> {
+    pub(super) fn input(&mut self, v: Value, transposed: bool) -> Result<String, TargetError> {
         let node = self
             .graph
             .node(v.node)
@@ -260,56 +261,21 @@ impl Emitter<'_> {
         transposed: bool,
     ) -> Result<String, TargetError> {
         let node = self.graph.node(index).expect("checked by caller");
-        if matches!(&node.op, Op::Weight(w) if w.effective_quant().is_some()) {
-            return self.dequantized(index, transposed);
-        }
-        let dtype = self.options.dtype;
         let label = if transposed {
             format!("{}.T", node.name)
         } else {
             node.name.clone()
         };
-        let name = self.fresh(&label);
-        let mut tensor;
         match &node.op {
-            Op::Weight(w) => {
-                let w = if transposed {
-                    w.clone().with(Transform::Transpose { perm: vec![1, 0] })
-                } else {
-                    w.clone()
-                };
-                let dims: Vec<i64> = w
-                    .shape()
-                    .map_err(TargetError::Bug)?
-                    .iter()
-                    .map(|&d| d as i64)
-                    .collect();
-                tensor = float_tensor(&name, &dims, &[], dtype);
-                let offset = self.data.begin()?;
-                let (data, written, total, progress) = (
-                    &mut self.data,
-                    &mut self.written,
-                    self.total_weight_bytes,
-                    &mut self.progress,
-                );
-                self.graph.weights().stream_rows::<TargetError>(
-                    &w,
-                    STREAM_BLOCK_ELEMENTS,
-                    1,
-                    |_, block| {
-                        let values = block
-                            .as_slice()
-                            .ok_or_else(|| TargetError::Bug("non-contiguous block".into()))?;
-                        let bytes = super::proto::encode_floats(values, dtype);
-                        *written += bytes.len() as u64;
-                        data.write_owned(bytes)?;
-                        progress((*written).min(total), total);
-                        Ok(())
-                    },
-                )?;
-                self.data.end(&mut tensor, offset);
+            Op::Weight(w) if w.effective_quant().is_some() => self.dequantized(index, transposed),
+            Op::Weight(w) if transposed => {
+                let w = w.clone().with(Transform::Transpose { perm: vec![1, 0] });
+                self.float_weight(&label, &w)
             }
+            Op::Weight(w) => self.float_weight(&label, w),
             Op::Constant(c) => {
+                let dtype = self.options.dtype;
+                let name = self.fresh(&label);
                 let array =
                     ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&c.shape), c.values.to_vec())
                         .map_err(|e| TargetError::Bug(e.to_string()))?;
@@ -319,15 +285,58 @@ impl Emitter<'_> {
                     array
                 };
                 let dims: Vec<i64> = array.shape().iter().map(|&d| d as i64).collect();
-                tensor = float_tensor(&name, &dims, &[], dtype);
+                let mut tensor = float_tensor(&name, &dims, &[], dtype);
                 let values = array
                     .as_slice()
                     .ok_or_else(|| TargetError::Bug("non-contiguous constant".into()))?;
                 self.data
                     .append(&mut tensor, &super::proto::encode_floats(values, dtype))?;
+                self.initializers.push(tensor);
+                Ok(name)
             }
-            _ => return Err(TargetError::Bug("not a constant".into())),
+            _ => Err(TargetError::Bug("not a constant".into())),
         }
+    }
+
+    /// Streams float weight `w` (after its transforms) into the external data file in the compute dtype
+    /// as a new initializer named after `label`.
+    pub(super) fn float_weight(
+        &mut self,
+        label: &str,
+        w: &WeightRef,
+    ) -> Result<String, TargetError> {
+        let dtype = self.options.dtype;
+        let name = self.fresh(label);
+        let dims: Vec<i64> = w
+            .shape()
+            .map_err(TargetError::Bug)?
+            .iter()
+            .map(|&d| d as i64)
+            .collect();
+        let mut tensor = float_tensor(&name, &dims, &[], dtype);
+        let offset = self.data.begin()?;
+        let (data, written, total, progress) = (
+            &mut self.data,
+            &mut self.written,
+            self.total_weight_bytes,
+            &mut self.progress,
+        );
+        self.graph.weights().stream_rows::<TargetError>(
+            w,
+            STREAM_BLOCK_ELEMENTS,
+            1,
+            |_, block| {
+                let values = block
+                    .as_slice()
+                    .ok_or_else(|| TargetError::Bug("non-contiguous block".into()))?;
+                let bytes = super::proto::encode_floats(values, dtype);
+                *written += bytes.len() as u64;
+                data.write_owned(bytes)?;
+                progress((*written).min(total), total);
+                Ok(())
+            },
+        )?;
+        self.data.end(&mut tensor, offset);
         self.initializers.push(tensor);
         Ok(name)
     }
@@ -770,7 +779,7 @@ impl Emitter<'_> {
     }
 
     /// `silu(x[.., :n/2]) * x[.., n/2:]` over the last axis.
-    fn swiglu(&mut self, name: &str, x: &str, n: usize) -> String {
+    pub(super) fn swiglu(&mut self, name: &str, x: &str, n: usize) -> String {
         let half = (n / 2) as i64;
         let (zero, mid, end, axis) = (
             self.int_const(&[0]),
@@ -906,243 +915,6 @@ impl Emitter<'_> {
             );
         }
         Ok(self.push(name, "Unsqueeze", "", &[&mask, &axis1], vec![]))
-    }
-
-    fn fused_moe(
-        &mut self,
-        name: &str,
-        m: &FusedMoeAttrs,
-        inputs: &[Value],
-    ) -> Result<String, TargetError> {
-        if m.top_k != 1 {
-            return Err(TargetError::Unsupported {
-                target: "onnx",
-                node: name.to_string(),
-                op: "fused_moe",
-                message: format!(
-                    "top_k {} is not supported; Llama 4 models route each token to 1 expert",
-                    m.top_k
-                ),
-            });
-        }
-        let expected = self.options.moe.layout();
-        if m.layout != expected {
-            return Err(TargetError::Bug(format!(
-                "`{name}` has layout {:?} but --moe {} needs {expected:?}",
-                m.layout,
-                self.options.moe.name()
-            )));
-        }
-        let x = self.input(inputs[0], false)?;
-        let hidden = self
-            .graph
-            .value_type(inputs[0])
-            .and_then(|t| t.shape.last())
-            .and_then(|d| d.fixed())
-            .unwrap_or(0) as i64;
-        let flat_shape = self.int_const(&[-1, hidden]);
-        let x2 = self.push(
-            &format!("{name}.tokens"),
-            "Reshape",
-            "",
-            &[&x, &flat_shape],
-            vec![],
-        );
-        let router = self.input(inputs[1], true)?;
-        let logits = self.push(
-            &format!("{name}.router_logits"),
-            "MatMul",
-            "",
-            &[&x2, &router],
-            vec![],
-        );
-        let routed = match self.options.moe {
-            MoeLowering::Ort => {
-                let axes = self.int_const(&[1]);
-                let top = self.push(
-                    &format!("{name}.top_logit"),
-                    "ReduceMax",
-                    "",
-                    &[&logits, &axes],
-                    vec![("keepdims", Attr::Int(1))],
-                );
-                let score = self.push(&format!("{name}.score"), "Sigmoid", "", &[&top], vec![]);
-                let scaled = self.push(
-                    &format!("{name}.scaled_input"),
-                    "Mul",
-                    "",
-                    &[&x2, &score],
-                    vec![],
-                );
-                let attrs = vec![
-                    ("k", Attr::Int(1)),
-                    ("activation_type", Attr::Str("swiglu")),
-                    ("swiglu_fusion", Attr::Int(1)),
-                    ("normalize_routing_weights", Attr::Int(1)),
-                    ("activation_alpha", Attr::Float(1.0)),
-                    ("activation_beta", Attr::Float(0.0)),
-                    ("swiglu_limit", Attr::Float(f32::INFINITY)),
-                ];
-                match self.int_quant(inputs[2]) {
-                    // Integer experts: QMoE reads them packed, one expert per token (never dequantized whole).
-                    Some((bits, block)) => {
-                        let fc1 = self.quantized(inputs[2].node, QLayout::Experts)?;
-                        let fc2 = self.quantized(inputs[3].node, QLayout::Experts)?;
-                        let mut attrs = attrs;
-                        attrs.push(("expert_weight_bits", Attr::Int(bits)));
-                        attrs.push(("block_size", Attr::Int(block)));
-                        self.push(
-                            &format!("{name}.experts"),
-                            "QMoE",
-                            "com.microsoft",
-                            &[
-                                &scaled,
-                                &logits,
-                                &fc1.values,
-                                &fc1.scales,
-                                "",
-                                &fc2.values,
-                                &fc2.scales,
-                            ],
-                            attrs,
-                        )
-                    }
-                    // Float (or fp8, dequantized whole per call: QMoE's fp8 wants square blocks).
-                    None => {
-                        let fc1 = self.input(inputs[2], false)?;
-                        let fc2 = self.input(inputs[3], false)?;
-                        self.push(
-                            &format!("{name}.experts"),
-                            "MoE",
-                            "com.microsoft",
-                            &[&scaled, &logits, &fc1, "", &fc2],
-                            attrs,
-                        )
-                    }
-                }
-            }
-            MoeLowering::Portable => {
-                let k = self.int_const(&[1]);
-                let top = format!("{name}.top");
-                let (values, indices) = (
-                    self.fresh(&format!("{top}.values")),
-                    self.fresh(&format!("{top}.indices")),
-                );
-                self.nodes.push(node(
-                    &top,
-                    "TopK",
-                    "",
-                    &[&logits, &k],
-                    &[&values, &indices],
-                    vec![
-                        ("axis", Attr::Int(1)),
-                        ("largest", Attr::Int(1)),
-                        ("sorted", Attr::Int(1)),
-                    ],
-                ));
-                let score = self.push(&format!("{name}.score"), "Sigmoid", "", &[&values], vec![]);
-                let scaled = self.push(
-                    &format!("{name}.scaled_input"),
-                    "Mul",
-                    "",
-                    &[&x2, &score],
-                    vec![],
-                );
-                let flat = self.int_const(&[-1]);
-                let expert = self.push(
-                    &format!("{name}.expert"),
-                    "Reshape",
-                    "",
-                    &[&indices, &flat],
-                    vec![],
-                );
-                let w1 = self.gather_expert(&format!("{name}.fc1_selected"), inputs[2], &expert)?;
-                let w2 = self.gather_expert(&format!("{name}.fc2_selected"), inputs[3], &expert)?;
-                let axis1 = self.int_const(&[1]);
-                let row = self.push(
-                    &format!("{name}.token_rows"),
-                    "Unsqueeze",
-                    "",
-                    &[&scaled, &axis1],
-                    vec![],
-                );
-                let h = self.push(&format!("{name}.fc1"), "MatMul", "", &[&row, &w1], vec![]);
-                let act = self.swiglu(&format!("{name}.act"), &h, 2 * m.intermediate_size);
-                let y = self.push(&format!("{name}.fc2"), "MatMul", "", &[&act, &w2], vec![]);
-                self.push(
-                    &format!("{name}.experts"),
-                    "Squeeze",
-                    "",
-                    &[&y, &axis1],
-                    vec![],
-                )
-            }
-        };
-        let sfc1 = self.input(inputs[4], true)?;
-        let sfc2 = self.input(inputs[5], true)?;
-        let sh = self.push(
-            &format!("{name}.shared_fc1"),
-            "MatMul",
-            "",
-            &[&x2, &sfc1],
-            vec![],
-        );
-        let sa = self.swiglu(&format!("{name}.shared_act"), &sh, 2 * m.intermediate_size);
-        let so = self.push(
-            &format!("{name}.shared_fc2"),
-            "MatMul",
-            "",
-            &[&sa, &sfc2],
-            vec![],
-        );
-        let sum = self.push(&format!("{name}.sum"), "Add", "", &[&routed, &so], vec![]);
-        let shape = self.push(&format!("{name}.input_shape"), "Shape", "", &[&x], vec![]);
-        Ok(self.push(name, "Reshape", "", &[&sum, &shape], vec![]))
-    }
-
-    /// (bits, block) when `v` is an int4/int8 quantized weight.
-    fn int_quant(&self, v: Value) -> Option<(i64, i64)> {
-        match &self.graph.node(v.node)?.op {
-            Op::Weight(w) => match w.effective_quant()?.scheme {
-                QuantScheme::Int4 { block } => Some((4, block as i64)),
-                QuantScheme::Int8 { block } => Some((8, block as i64)),
-                QuantScheme::Fp8 => None,
-            },
-            _ => None,
-        }
-    }
-
-    /// The selected experts' matrices: `Gather` on axis 0. An int8 weight is gathered with its scales and
-    /// dequantized after the gather (only the selected experts are dequantized); ONNX's Gather takes no
-    /// int4 or fp8 tensors, so those are dequantized whole first (every expert, every call).
-    fn gather_expert(
-        &mut self,
-        name: &str,
-        weight: Value,
-        expert: &str,
-    ) -> Result<String, TargetError> {
-        let gather_quantized = matches!(self.int_quant(weight), Some((8, _)));
-        let gather = vec![("axis", Attr::Int(0))];
-        if !gather_quantized {
-            let w = self.input(weight, false)?;
-            return Ok(self.push(name, "Gather", "", &[&w, expert], gather));
-        }
-        let q = self.quantized(weight.node, QLayout::Stored)?;
-        let values = self.push(
-            &format!("{name}.values"),
-            "Gather",
-            "",
-            &[&q.values, expert],
-            gather.clone(),
-        );
-        let scales = self.push(
-            &format!("{name}.scales"),
-            "Gather",
-            "",
-            &[&q.scales, expert],
-            gather,
-        );
-        Ok(self.dequantize_node(name, &values, &scales, q.axis, q.block_size))
     }
 
     fn emit_outputs(&mut self) -> Result<Vec<ValueInfoProto>, TargetError> {

@@ -3,28 +3,20 @@
 //!
 //! Standard ops carry the decoder: `Gather`, `RMSNormalization`, `MatMul` (weights stored transposed
 //! as [K, N]), `RotaryEmbedding` (interleaved=1, int64 position ids), `Attention` (4D, explicit bool
-//! mask, is_causal=0, the KV cache concatenated outside the op). The MoE has two lowerings:
+//! mask, is_causal=0, the KV cache concatenated outside the op). The routed experts of each MoE have
+//! three lowerings ([`MoeLowering`], module `moe`):
 //!
-//! - `ort`: `com.microsoft.MoE` (ONNX Runtime only). The input is pre-scaled by `sigmoid(max logit)` and
-//!   the op runs with k=1 and normalize_routing_weights=1, so the selected expert's weight is exactly 1
-//!   and Llama 4's input scaling is reproduced; plain SwiGLU (alpha 1, beta 0, no clamp). Cost: each token
-//!   runs one expert, reading 1/E of the expert weights.
-//! - `portable`: standard ops only (what TensorRT receives): `TopK` (k=1) -> `Sigmoid` -> `Gather` of the
-//!   selected expert's matrices -> batched `MatMul`. Compute is one expert per token, but the gather
-//!   copies each token's expert matrices ([T, H, 2I] + [T, I, H] elements), so prefill memory grows
-//!   with the number of tokens per call: prefill long prompts in slices.
-//!
-//! The shared expert runs beside the routed one in both lowerings.
+//! - `ort`: `com.microsoft.MoE` / `QMoE` for ONNX Runtime's CPU kernels (fp8 experts dequantized whole).
+//! - `cuda`: the same ops for ONNX Runtime's CUDA EP beside TensorRT (int experts marked raw for the CUDA
+//!   kernels' own prepacking; fp8 experts go `grouped`).
+//! - `grouped`: standard ops only; each expert multiplies the rows routed to it.
 //!
 //! Quantized weights (see `herd_ir::quant`) become `DequantizeLinear` (block scales along K, axis 0 of
-//! the [K, N] weight) feeding `MatMul`, which ONNX Runtime fuses into `MatMulNBits`. Quantized experts:
-//! `ort` uses `com.microsoft.QMoE` for int4/int8 (packed [E, N, K], one expert read per token) and
-//! dequantizes fp8 experts whole for `MoE`; `portable` gathers int8 experts before dequantizing them,
-//! but dequantizes int4/fp8 experts whole first (ONNX `Gather` takes neither type): correct, with the
-//! cost of every expert dequantized per call.
+//! the [K, N] weight) feeding `MatMul`, which ONNX Runtime fuses into `MatMulNBits`.
 
 mod emit;
 mod external;
+mod moe;
 mod proto;
 mod quantized;
 
@@ -41,18 +33,23 @@ pub const IR_VERSION: i64 = 11;
 /// How fused MoE ops are lowered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MoeLowering {
-    /// `com.microsoft.MoE`: fast on ONNX Runtime CPU, not portable.
+    /// `com.microsoft.MoE`/`QMoE` for ONNX Runtime's CPU kernels: fastest on CPU, not portable.
     Ort,
-    /// Standard ONNX ops only: the form TensorRT receives.
-    Portable,
+    /// `com.microsoft.MoE`/`QMoE` for ONNX Runtime's CUDA EP, the rest of the graph for TensorRT.
+    Cuda,
+    /// Standard ONNX only: per expert, the routed rows times its own weights (any EP, TensorRT alone).
+    Grouped,
 }
 
 impl MoeLowering {
+    /// Every lowering, in the order `--help` lists them.
+    pub const ALL: [MoeLowering; 3] = [MoeLowering::Ort, MoeLowering::Cuda, MoeLowering::Grouped];
+
     /// The expert layout `expert_fusion` must produce for this lowering.
     pub fn layout(self) -> ExpertLayout {
         match self {
-            MoeLowering::Ort => ExpertLayout::Interleaved,
-            MoeLowering::Portable => ExpertLayout::Halves,
+            MoeLowering::Ort | MoeLowering::Cuda => ExpertLayout::Interleaved,
+            MoeLowering::Grouped => ExpertLayout::Halves,
         }
     }
 
@@ -60,8 +57,19 @@ impl MoeLowering {
     pub fn name(self) -> &'static str {
         match self {
             MoeLowering::Ort => "ort",
-            MoeLowering::Portable => "portable",
+            MoeLowering::Cuda => "cuda",
+            MoeLowering::Grouped => "grouped",
         }
+    }
+
+    /// The lowering a manifest names, if herd knows it.
+    pub fn parse(name: &str) -> Option<MoeLowering> {
+        MoeLowering::ALL.into_iter().find(|m| m.name() == name)
+    }
+
+    /// Whether the graph holds `com.microsoft` MoE nodes (ONNX Runtime only).
+    pub fn uses_contrib_ops(self) -> bool {
+        !matches!(self, MoeLowering::Grouped)
     }
 }
 
@@ -71,4 +79,35 @@ pub struct OnnxOptions {
     /// Element type of weights, activations and the KV cache: f32 or f16. Logits are always f32.
     pub dtype: DType,
     pub moe: MoeLowering,
+}
+
+/// Every initializer of the ONNX model at `path` whose data lives in an external file, with its
+/// length in bytes.
+pub fn external_initializers(
+    path: &std::path::Path,
+) -> Result<Vec<(String, u64)>, crate::error::TargetError> {
+    use onnx_protobuf::Message;
+    let bytes = std::fs::read(path).map_err(|e| crate::error::TargetError::io(path, e))?;
+    let model = onnx_protobuf::ModelProto::parse_from_bytes(&bytes).map_err(|e| {
+        crate::error::TargetError::Io {
+            path: path.display().to_string(),
+            message: format!("not an ONNX model: {e}"),
+        }
+    })?;
+    Ok(model
+        .graph
+        .get_or_default()
+        .initializer
+        .iter()
+        .filter_map(|t| {
+            let length = t
+                .external_data
+                .iter()
+                .find(|e| e.key == "length")?
+                .value
+                .parse()
+                .ok()?;
+            Some((t.name.clone(), length))
+        })
+        .collect())
 }

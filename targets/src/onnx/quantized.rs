@@ -10,6 +10,7 @@ use ndarray::{ArrayD, IxDyn};
 use onnx_protobuf::tensor_proto::DataType;
 
 use super::emit::Emitter;
+use super::moe::expert_matrix_ref;
 use super::proto::{encode_floats, float_tensor, onnx_dtype};
 use crate::error::TargetError;
 
@@ -18,6 +19,8 @@ use crate::error::TargetError;
 pub enum QLayout {
     /// Transposed to [K, N] for `MatMul` (signed; int scales [K/B, N], fp8 scales [N] on axis 1).
     MatMul,
+    /// One expert of a stacked [E, ..] expert weight as a [K, N] `MatMul` operand, scales as `MatMul`'s.
+    ExpertMatMul { expert: usize },
     /// As the weight is shaped (signed; scales shaped like the weight with K -> K/B, or 1 for fp8).
     Stored,
     /// `com.microsoft.QMoE`: [E, N, K] with K packed per byte for int4, stored unsigned (q + 8 or q + 128,
@@ -75,14 +78,16 @@ impl Emitter<'_> {
                 base.clone().with(Transform::Transpose { perm: vec![1, 0] }),
                 0,
             ),
+            QLayout::ExpertMatMul { expert } => (expert_matrix_ref(&base, spec.k_axis, expert), 0),
             QLayout::Stored | QLayout::Experts => (base.clone(), spec.k_axis),
         };
         let out_spec = QuantSpec { k_axis, ..spec };
         let shape = src.shape().map_err(TargetError::Bug)?;
         let suffix = match layout {
-            QLayout::MatMul => ".T.q",
-            QLayout::Stored => ".q",
-            QLayout::Experts => ".qmoe",
+            QLayout::MatMul => ".T.q".to_string(),
+            QLayout::ExpertMatMul { expert } => format!(".expert{expert}.q"),
+            QLayout::Stored => ".q".to_string(),
+            QLayout::Experts => ".qmoe".to_string(),
         };
         let label = format!("{}{suffix}", node.name);
 
@@ -92,6 +97,9 @@ impl Emitter<'_> {
             Some(scales) => {
                 let scales = match layout {
                     QLayout::MatMul => scales.with(Transform::Transpose { perm: vec![1, 0] }),
+                    QLayout::ExpertMatMul { expert } => {
+                        expert_matrix_ref(&scales, spec.k_axis, expert)
+                    }
                     QLayout::Stored | QLayout::Experts => scales,
                 };
                 Some(self.graph.weights().load_f32(&scales)?)
@@ -103,8 +111,23 @@ impl Emitter<'_> {
             (QuantScheme::Fp8, 0) => {
                 let mut scales = Vec::new();
                 let column_spec = QuantSpec { k_axis: 1, ..spec };
+                // The weight as [N, K]: its rows are the output channels.
+                let rows_nk = match layout {
+                    QLayout::ExpertMatMul { expert } => {
+                        let selected = base.clone().with(Transform::Select {
+                            axis: 0,
+                            index: expert,
+                        });
+                        if spec.k_axis == 1 {
+                            selected.with(Transform::Transpose { perm: vec![1, 0] })
+                        } else {
+                            selected
+                        }
+                    }
+                    _ => base.clone(),
+                };
                 self.graph.weights().stream_rows::<TargetError>(
-                    &base,
+                    &rows_nk,
                     super::emit::STREAM_BLOCK_ELEMENTS,
                     1,
                     |_, block| {
@@ -190,13 +213,26 @@ impl Emitter<'_> {
         } else {
             10.0 * (signal / noise).log10()
         };
-        self.sqnr_db.entry(node.name.clone()).or_insert(sqnr);
+        if let QLayout::ExpertMatMul { .. } = layout {
+            // Experts are written one by one: the weight's SQNR is over all of them.
+            let sums = self.expert_sqnr_sums.entry(node.name.clone()).or_default();
+            sums.0 += signal;
+            sums.1 += noise;
+            let sqnr = if sums.1 == 0.0 {
+                f64::INFINITY
+            } else {
+                10.0 * (sums.0 / sums.1).log10()
+            };
+            self.sqnr_db.insert(node.name.clone(), sqnr);
+        } else {
+            self.sqnr_db.entry(node.name.clone()).or_insert(sqnr);
+        }
 
         let scales = match &fixed_scales {
             Some(s) => s.clone(),
             None => {
                 let shape = match layout {
-                    QLayout::MatMul => {
+                    QLayout::MatMul | QLayout::ExpertMatMul { .. } => {
                         vec![shape[0] / spec.scheme.block().unwrap_or(shape[0]), shape[1]]
                     }
                     _ => out_spec.scale_shape(&shape),
@@ -207,7 +243,9 @@ impl Emitter<'_> {
         };
         let scale_dims: Vec<i64> = match (layout, spec.scheme) {
             // Per-axis DequantizeLinear takes a 1-D scale.
-            (QLayout::MatMul, QuantScheme::Fp8) => vec![scales.len() as i64],
+            (QLayout::MatMul | QLayout::ExpertMatMul { .. }, QuantScheme::Fp8) => {
+                vec![scales.len() as i64]
+            }
             _ => scales.shape().iter().map(|&d| d as i64).collect(),
         };
         let scales_name = self.fresh(&format!("{label}.scales"));
@@ -217,8 +255,8 @@ impl Emitter<'_> {
             .append(&mut scale_tensor, &encode_floats(&flat, spec.scale_dtype))?;
         self.initializers.push(scale_tensor);
         let (axis, block_size) = match (layout, spec.scheme) {
-            (QLayout::MatMul, QuantScheme::Fp8) => (1, None),
-            (QLayout::MatMul, s) => (0, s.block().map(|b| b as i64)),
+            (QLayout::MatMul | QLayout::ExpertMatMul { .. }, QuantScheme::Fp8) => (1, None),
+            (QLayout::MatMul | QLayout::ExpertMatMul { .. }, s) => (0, s.block().map(|b| b as i64)),
             (_, s) => (
                 k_axis as i64,
                 Some(s.block().unwrap_or(shape[k_axis]) as i64),

@@ -11,6 +11,7 @@ use onnx_protobuf::{Message, ModelProto, NodeProto, TensorProto};
 use protobuf::Enum;
 use serde::Deserialize;
 
+use super::partition::{is_cuda_ep_node, partition, Partition};
 use crate::error::TargetError;
 
 /// The rules, each with what it checks.
@@ -59,18 +60,45 @@ fn dtype_name(code: i32) -> String {
     DataType::from_i32(code).map_or_else(|| format!("dtype {code}"), |d| format!("{d:?}"))
 }
 
-/// Lints a model file.
+/// Lints a model file for TensorRT alone.
 pub fn lint_file(path: &Path) -> Result<Vec<Violation>, TargetError> {
+    Ok(lint_file_with(path, false)?.violations)
+}
+
+/// What a lint found, and how the graph is expected to split between the providers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LintReport {
+    pub violations: Vec<Violation>,
+    pub partition: Partition,
+}
+
+/// Lints a model file; with `cuda_ep` the MoE contrib nodes are the CUDA EP's (see [`partition`]).
+pub fn lint_file_with(path: &Path, cuda_ep: bool) -> Result<LintReport, TargetError> {
     let bytes = std::fs::read(path).map_err(|e| TargetError::io(path, e))?;
     let model = ModelProto::parse_from_bytes(&bytes).map_err(|e| TargetError::Io {
         path: path.display().to_string(),
         message: format!("not an ONNX model: {e}"),
     })?;
-    Ok(lint(&model))
+    Ok(lint_with(&model, cuda_ep))
 }
 
-/// Lints a model.
+/// Lints a model for TensorRT alone.
 pub fn lint(model: &ModelProto) -> Vec<Violation> {
+    lint_with(model, false).violations
+}
+
+/// Lints a model; with `cuda_ep` the [`CUDA_EP_OPS`](super::CUDA_EP_OPS) nodes are left to the CUDA EP instead of flagged.
+pub fn lint_with(model: &ModelProto, cuda_ep: bool) -> LintReport {
+    let violations = violations(model, cuda_ep);
+    let graph = model.graph.get_or_default();
+    let partition = partition(graph);
+    LintReport {
+        violations,
+        partition,
+    }
+}
+
+fn violations(model: &ModelProto, cuda_ep: bool) -> Vec<Violation> {
     let table = support();
     let mut out = Vec::new();
     let mut report = |rule: &'static str, node: &str, message: String| {
@@ -147,6 +175,9 @@ pub fn lint(model: &ModelProto) -> Vec<Violation> {
         } else {
             node.name.as_str()
         };
+        if cuda_ep && is_cuda_ep_node(&node.domain, &node.op_type) {
+            continue;
+        }
         let Some(attrs) = table
             .ops
             .get(&node.op_type)

@@ -3,8 +3,10 @@
 //! Engines themselves are built on a GPU machine through ONNX Runtime's TensorRT EP (`herd build-engine`).
 
 mod lint;
+mod partition;
 
-pub use lint::{lint, lint_file, Violation, RULES};
+pub use lint::{lint, lint_file, lint_file_with, lint_with, LintReport, Violation, RULES};
+pub use partition::{is_cuda_ep_node, partition, Partition, CUDA_EP_OPS};
 
 /// Compute capability of the H100.
 pub const H100_COMPUTE_CAPABILITY: &str = "9.0";
