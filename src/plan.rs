@@ -178,7 +178,7 @@ fn part_of(name: &str) -> &'static str {
         "dense_mlp"
     } else if name.contains("embed_tokens") {
         "embeddings"
-    } else if name.starts_with("lm_head") {
+    } else if name.contains("lm_head") {
         "lm_head"
     } else {
         "norms_and_tables"
