@@ -199,14 +199,9 @@ pub fn compile(
     let pass_options = PassOptions {
         moe_layout: options.moe.layout(),
         max_positions: options.max_context,
-        quant: options.quant.clone().map(|mut q| {
-            if options.tensorrt.is_some() && q.scheme == herd_ir::quant::QuantScheme::Fp8 {
-                // TensorRT takes fp8 weights per channel feeding a GEMM; gathered expert matrices would need
-                // the blocked form it refuses, so experts stay in the compute dtype.
-                q.keep.push("*.moe".into());
-            }
-            q
-        }),
+        // fp8 experts stay fp8 on every target: per expert, a per-channel DequantizeLinear -> MatMul
+        // (grouped, also under --moe cuda), weight-only (calibration covers the projections).
+        quant: options.quant.clone(),
     };
     let dump_dir = options.dump_dir.clone();
     let mut dump_error = None;
@@ -239,7 +234,7 @@ pub fn compile(
             .map_err(|d| anyhow::anyhow!("herd bug: {}: {}", d.name, d.message))?;
         herd_ir::verify(&graph, Some("calibrate")).map_err(|e| anyhow::anyhow!("herd bug: {e}"))?;
         Some(format!(
-            "fp8 e4m3 per-tensor on the inputs of {n} projections, calibrated on {prompts} prompts; routed and shared experts unquantized"
+            "fp8 e4m3 per-tensor on the inputs of {n} projections, calibrated on {prompts} prompts; routed and shared experts weight-only fp8"
         ))
     } else {
         None

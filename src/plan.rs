@@ -251,7 +251,8 @@ pub struct Roofline {
     pub bound: &'static str,
 }
 
-/// Prefill of a `context`-token prompt.
+/// Prefill of a `context`-token prompt, compute-bound, through the stages one after another (no
+/// overlap between GPUs, like decode).
 #[derive(Clone, Debug, Serialize)]
 pub struct Prefill {
     pub flops_per_token: f64,
@@ -340,7 +341,7 @@ pub fn plan(config: &Llama4Config, weights: WeightParts, input: &PlanInput) -> P
         decode,
         prefill: Prefill {
             flops_per_token: prefill_flops,
-            roofline_tokens_per_s: input.gpu.fp16_flops_per_s * input.gpus as f64 / prefill_flops,
+            roofline_tokens_per_s: input.gpu.fp16_flops_per_s / prefill_flops,
         },
     }
 }

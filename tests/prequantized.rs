@@ -220,8 +220,20 @@ fn fp8_for_tensorrt_quantizes_activations_per_tensor() {
         .iter()
         .filter(|n| n.op_type == "QuantizeLinear")
         .collect();
-    // q/k/v (fused) and o of each of the 4 layers; experts stay unquantized for TensorRT.
+    // q/k/v (fused) and o of each of the 4 layers; experts are weight-only fp8.
     assert_eq!(quantize.len(), 8);
+    let fp8_experts = graph
+        .initializer
+        .iter()
+        .filter(|t| {
+            t.name.contains(".moe.fc1.expert") && t.data_type == DataType::FLOAT8E4M3FN as i32
+        })
+        .count();
+    assert_eq!(
+        fp8_experts,
+        4 * 4,
+        "every expert of the 4 MoE layers is stored fp8"
+    );
     for q in quantize {
         let scale = graph
             .initializer

@@ -45,7 +45,7 @@ pub enum GraphKind {
 }
 
 /// What a GPU machine needs, for error messages.
-const GPU_SETUP: &str = "a machine with the target GPU (H100, SM 9.0), CUDA 12, TensorRT 10.x (libnvinfer.so.10) and \
+const GPU_SETUP: &str = "a machine with the target GPU (H100, SM 9.0), CUDA 13 with cuDNN 9, TensorRT 10.x (libnvinfer.so.10) and \
 the GPU build of ONNX Runtime 1.31.1 (the onnxruntime-gpu wheel's libonnxruntime.so with its \
 libonnxruntime_providers_tensorrt.so; point ORT_DYLIB_PATH at it), and herd built with `--features tensorrt`";
 
