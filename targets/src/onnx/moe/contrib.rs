@@ -38,14 +38,7 @@ impl Emitter<'_> {
             &[ex.logits, &axes],
             vec![("keepdims", Attr::Int(1))],
         );
-        let score = self.push(&format!("{name}.score"), "Sigmoid", "", &[&top], vec![]);
-        let scaled = self.push(
-            &format!("{name}.scaled_input"),
-            "Mul",
-            "",
-            &[ex.tokens, &score],
-            vec![],
-        );
+        let scaled = self.scaled_tokens(ex, &top);
         let mut attrs = vec![
             ("k", Attr::Int(1)),
             ("activation_type", Attr::Str("swiglu")),

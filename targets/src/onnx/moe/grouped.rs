@@ -72,14 +72,7 @@ impl Emitter<'_> {
                 ("sorted", Attr::Int(1)),
             ],
         ));
-        let score = self.push(&format!("{name}.score"), "Sigmoid", "", &[&values], vec![]);
-        let scaled = self.push(
-            &format!("{name}.scaled_input"),
-            "Mul",
-            "",
-            &[ex.tokens, &score],
-            vec![],
-        );
+        let scaled = self.scaled_tokens(ex, &values);
         let flat = self.int_const(&[-1]);
         let expert = self.push(
             &format!("{name}.expert"),

@@ -132,6 +132,25 @@ impl Emitter<'_> {
         ))
     }
 
+    /// The expert input: token rows times `sigmoid(selected logit)` ([T, 1]).
+    fn scaled_tokens(&mut self, ex: &Experts<'_>, selected_logit: &str) -> String {
+        let name = ex.name;
+        let score = self.push(
+            &format!("{name}.score"),
+            "Sigmoid",
+            "",
+            &[selected_logit],
+            vec![],
+        );
+        self.push(
+            &format!("{name}.scaled_input"),
+            "Mul",
+            "",
+            &[ex.tokens, &score],
+            vec![],
+        )
+    }
+
     /// The quantization scheme a weight is stored with, if any.
     fn quant_scheme(&self, v: Value) -> Option<QuantScheme> {
         match &self.graph.node(v.node)?.op {
