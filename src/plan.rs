@@ -80,7 +80,7 @@ pub struct PlanInput {
 pub type WeightParts = BTreeMap<&'static str, u64>;
 
 /// The names of the parts, in report order.
-pub const PARTS: [&str; 7] = [
+pub const PARTS: [&str; 8] = [
     "experts",
     "shared_expert_and_router",
     "attention",
@@ -88,6 +88,7 @@ pub const PARTS: [&str; 7] = [
     "embeddings",
     "lm_head",
     "norms_and_tables",
+    "vision",
 ];
 
 /// Bytes of a [K, N] matrix stored with `quant` (scales in `scale_dtype`) or in `dtype`.
@@ -154,14 +155,48 @@ pub fn config_weights(config: &Llama4Config, input: &PlanInput, prequant_fp8: bo
         // One cos and one sin table of [max_context, d/2], shared by the RoPE layers.
         *parts.get_mut("norms_and_tables").unwrap() += 2 * float(input.context * d / 2);
     }
+    if let Some(vision) = &config.vision {
+        *parts.get_mut("vision").unwrap() += float(vision_values(vision, h));
+    }
     parts
 }
 
+/// Values of the vision encoder, adapter and projector (kept in the compute dtype), for a text
+/// hidden size of `text_hidden`.
+fn vision_values(v: &herd_ir::config::VisionConfig, text_hidden: u64) -> u64 {
+    let (h, i) = (v.hidden_size as u64, v.intermediate_size as u64);
+    let positions = (v.grid() * v.grid()) as u64 + 1;
+    let head_dim = h / v.num_heads.max(1) as u64;
+    let patch = (v.num_channels * v.patch_size * v.patch_size) as u64 * h;
+    // Per layer: two LayerNorms, q/k/v/o with biases, the MLP with biases.
+    let layer = 4 * h + 4 * (h * h + h) + (h * i + i) + (i * h + h);
+    let adapter = i * v.projector_input_dim as u64
+        + v.projector_input_dim as u64 * v.projector_output_dim as u64;
+    let projector = v.vision_output_dim as u64 * text_hidden;
+    patch
+        + h
+        + positions * h
+        + 4 * h
+        + v.num_layers as u64 * layer
+        + 2 * positions * (head_dim / 2)
+        + adapter
+        + projector
+}
+
 /// Weight bytes by part of a compiled bundle, from its decoder's initializers (names say the part).
-pub fn bundle_weights(bundle: &Path, model_file: &str) -> Result<WeightParts> {
+pub fn bundle_weights(
+    bundle: &Path,
+    model_file: &str,
+    vision_file: Option<&str>,
+) -> Result<WeightParts> {
     let mut parts: WeightParts = PARTS.iter().map(|p| (*p, 0)).collect();
     for (name, length) in herd_targets::onnx::external_initializers(&bundle.join(model_file))? {
         *parts.entry(part_of(&name)).or_default() += length;
+    }
+    if let Some(file) = vision_file {
+        for (_, length) in herd_targets::onnx::external_initializers(&bundle.join(file))? {
+            *parts.entry("vision").or_default() += length;
+        }
     }
     Ok(parts)
 }
@@ -296,11 +331,13 @@ pub fn plan(config: &Llama4Config, weights: WeightParts, input: &PlanInput) -> P
     let distinct = e * (1.0 - (1.0 - 1.0 / e).powf(input.batch as f64));
     let experts = weights["experts"] as f64;
     let embed_row = weights["embeddings"] as f64 / config.vocab_size.max(1) as f64;
-    // Norm weights are a few KB; rotary tables are read one row per token: neither counts.
+    // Norm weights are a few KB; rotary tables are read one row per token; the vision tower runs only
+    // for images: none counts.
     let dense_bytes = weight_bytes as f64
         - experts
         - weights["embeddings"] as f64
-        - weights["norms_and_tables"] as f64;
+        - weights["norms_and_tables"] as f64
+        - weights["vision"] as f64;
     let weight_read = dense_bytes + experts * distinct / e + embed_row * input.batch as f64;
     let bytes_per_step = (weight_read + kv as f64) as u64;
     let active_params = active_params_per_token(config);

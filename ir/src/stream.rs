@@ -2,9 +2,13 @@
 //! tensor: the row range of each block is traced back through the weight's lazy transforms to a range of
 //! one axis of the stored tensors, and only that region of the mmapped shards is decoded.
 //!
-//! Transposes move the traced axis, slices on it shift the range, selects renumber axes, and reshapes
-//! that keep the leading dimension keep it. A chain the trace cannot follow (a reshape that regroups the
-//! traced axis) is read whole, in one block.
+//! Transposes move the traced axis, slices on it shift the range, selects renumber axes, reshapes that
+//! keep the leading dimension keep it and reshapes that split it (stacked per-expert parts [E*R, K] ->
+//! [E, R, K]) scale it. A chain the trace cannot follow (a reshape that regroups the traced axis
+//! otherwise) is read whole, in one block.
+//!
+//! One expert of a stacked weight (a chain ending in `Select` of axis 0, maybe then a 2-D transpose) is
+//! read as the traced row `e` of the stacked weight: only that expert's region of the shards, once.
 
 use std::ops::Range;
 
@@ -19,10 +23,20 @@ use crate::weights::{decode_f32, decode_into, Transform, WeightPart, WeightRef, 
 struct Trace {
     /// Axis of the concatenated parts that output axis 0 comes from.
     axis: usize,
-    /// Offset along that axis added by slices.
-    offset: usize,
+    /// Per transform: how a range of the traced axis in its output maps to its input.
+    rows: Vec<RowMap>,
     /// Per transform: the traced axis in the transform's input.
     axes: Vec<usize>,
+}
+
+/// What one transform does to a range of the traced axis, read from output to input.
+#[derive(Clone, Copy)]
+enum RowMap {
+    Keep,
+    /// A slice on the traced axis: input index = output index + start.
+    Shift(usize),
+    /// A reshape splitting the leading axis: output row r is input rows r*k..(r+1)*k.
+    Scale(usize),
 }
 
 fn trace(w: &WeightRef) -> Option<Trace> {
@@ -39,12 +53,14 @@ fn trace(w: &WeightRef) -> Option<Trace> {
         shapes.push(tmp.shape().ok()?);
     }
     let mut axis = 0;
-    let mut offset = 0;
+    let mut rows = vec![RowMap::Keep; w.transforms.len()];
     let mut axes = vec![0; w.transforms.len()];
     for (i, t) in w.transforms.iter().enumerate().rev() {
         match t {
             Transform::Transpose { perm } => axis = perm[axis],
-            Transform::Slice { axis: a, start, .. } if *a == axis => offset += start,
+            Transform::Slice { axis: a, start, .. } if *a == axis => {
+                rows[i] = RowMap::Shift(*start)
+            }
             Transform::Slice { .. } => {}
             Transform::Select { axis: a, .. } => {
                 if axis >= *a {
@@ -52,14 +68,25 @@ fn trace(w: &WeightRef) -> Option<Trace> {
                 }
             }
             Transform::Reshape { .. } => {
-                if axis != 0 || shapes[i].first() != shapes[i + 1].first() {
+                let (input, output) = (&shapes[i], &shapes[i + 1]);
+                if axis != 0 || input.is_empty() || output.is_empty() {
                     return None;
+                }
+                if input[0] != output[0] {
+                    let (out_row, in_row) = (
+                        output[1..].iter().product::<usize>(),
+                        input[1..].iter().product::<usize>(),
+                    );
+                    if in_row == 0 || out_row % in_row != 0 {
+                        return None;
+                    }
+                    rows[i] = RowMap::Scale(out_row / in_row);
                 }
             }
         }
         axes[i] = axis;
     }
-    Some(Trace { axis, offset, axes })
+    Some(Trace { axis, rows, axes })
 }
 
 fn concat_shape(w: &WeightRef) -> Option<Vec<usize>> {
@@ -85,6 +112,9 @@ impl WeightStore {
             file: "<weight>".into(),
             problem,
         })?;
+        if let Some(matrix) = self.expert_matrix(w)? {
+            return stream_in_memory(&matrix, max_block_elements, row_multiple, sink);
+        }
         let Some(trace) = trace(w).filter(|_| !shape.is_empty()) else {
             let whole = self.load_f32(w)?;
             return sink(0..shape.first().copied().unwrap_or(1), &whole);
@@ -107,17 +137,53 @@ impl WeightStore {
         Ok(())
     }
 
+    /// One expert of a stacked weight, read alone: for a float chain `prefix + [Select axis 0]` (maybe
+    /// then a 2-D transpose) whose prefix traces, row `e` of the prefix. None for any other chain.
+    fn expert_matrix(&self, w: &WeightRef) -> Result<Option<ArrayD<f32>>, WeightError> {
+        let n = w.transforms.len();
+        let (select_at, transposed) = match w.transforms.as_slice() {
+            [.., Transform::Select { axis: 0, .. }] => (n - 1, false),
+            [.., Transform::Select { axis: 0, .. }, Transform::Transpose { perm }]
+                if perm == &[1, 0] =>
+            {
+                (n - 2, true)
+            }
+            _ => return Ok(None),
+        };
+        let Transform::Select { index, .. } = w.transforms[select_at] else {
+            return Ok(None);
+        };
+        if w.quant.is_some() {
+            return Ok(None);
+        }
+        let prefix = WeightRef {
+            transforms: w.transforms[..select_at].to_vec(),
+            ..w.clone()
+        };
+        let Some(trace) = trace(&prefix) else {
+            return Ok(None);
+        };
+        let stacked = self.block(&prefix, &trace, index..index + 1)?;
+        let one = stacked.index_axis(Axis(0), 0);
+        let one = if transposed { one.reversed_axes() } else { one };
+        Ok(Some(crate::layout::row_major(one.view())))
+    }
+
     fn block(
         &self,
         w: &WeightRef,
         trace: &Trace,
         rows: Range<usize>,
     ) -> Result<ArrayD<f32>, WeightError> {
-        let (a, lo, hi) = (
-            trace.axis,
-            rows.start + trace.offset,
-            rows.end + trace.offset,
-        );
+        let (mut lo, mut hi) = (rows.start, rows.end);
+        for map in trace.rows.iter().rev() {
+            (lo, hi) = match *map {
+                RowMap::Keep => (lo, hi),
+                RowMap::Shift(s) => (lo + s, hi + s),
+                RowMap::Scale(k) => (lo * k, hi * k),
+            };
+        }
+        let a = trace.axis;
         let mut pieces = Vec::new();
         let mut part_start = 0;
         for part in &w.parts {
@@ -154,7 +220,8 @@ impl WeightStore {
                 }
                 Transform::Reshape { shape } => {
                     let mut shape = shape.clone();
-                    shape[0] = array.shape()[0];
+                    let row: usize = shape[1..].iter().product();
+                    shape[0] = array.len() / row.max(1);
                     crate::layout::row_major(array.view())
                         .into_shape_with_order(IxDyn(&shape))
                         .map_err(|e| bad(e.to_string()))?
@@ -229,6 +296,30 @@ impl WeightStore {
         shape[axis] = range.len();
         ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| bad(e.to_string()))
     }
+}
+
+/// Streams an array held in memory in blocks of rows, as `stream_rows` does.
+fn stream_in_memory<E>(
+    array: &ArrayD<f32>,
+    max_block_elements: usize,
+    row_multiple: usize,
+    mut sink: impl FnMut(Range<usize>, &ArrayD<f32>) -> Result<(), E>,
+) -> Result<(), E> {
+    let rows_total = array.shape().first().copied().unwrap_or(1);
+    let row: usize = array.shape().iter().skip(1).product();
+    let multiple = row_multiple.max(1);
+    let step = ((max_block_elements / row.max(1)) / multiple).max(1) * multiple;
+    let mut start = 0;
+    while start < rows_total {
+        let rows = start..(start + step).min(rows_total);
+        let block = array
+            .slice_axis(Axis(0), rows.clone().into())
+            .as_standard_layout()
+            .into_owned();
+        sink(rows.clone(), &block)?;
+        start = rows.end;
+    }
+    Ok(())
 }
 
 fn shape_after(dims: &[usize], axis: usize, len: usize) -> Vec<usize> {
@@ -353,6 +444,49 @@ mod tests {
                     start: 1,
                     end: 4,
                 }),
+            ),
+            (
+                "split leading axis",
+                a.clone().with(Transform::Reshape {
+                    shape: vec![2, 12, 5],
+                }),
+            ),
+            (
+                "expert",
+                a.clone().with(Transform::Select { axis: 0, index: 3 }),
+            ),
+            (
+                "expert of split parts, transposed",
+                a.clone()
+                    .with(Transform::Reshape {
+                        shape: vec![2, 12, 5],
+                    })
+                    .with(Transform::Select { axis: 0, index: 1 })
+                    .with(Transform::Transpose { perm: vec![1, 0] }),
+            ),
+            (
+                "expert of interleaved, transposed",
+                a.clone()
+                    .with(Transform::Reshape {
+                        shape: vec![4, 6, 5, 1],
+                    })
+                    .with(Transform::Transpose {
+                        perm: vec![0, 2, 3, 1],
+                    })
+                    .with(Transform::Reshape {
+                        shape: vec![4, 5, 6],
+                    })
+                    .with(Transform::Select { axis: 0, index: 2 })
+                    .with(Transform::Transpose { perm: vec![1, 0] }),
+            ),
+            (
+                "expert of concatenated parts",
+                WeightRef {
+                    quant: None,
+                    parts: vec![part("a", &[4, 6, 5]), part("b", &[3, 6, 5])],
+                    concat_axis: 0,
+                    transforms: vec![Transform::Select { axis: 0, index: 5 }],
+                },
             ),
             (
                 "regrouping reshape (read whole)",

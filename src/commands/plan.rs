@@ -109,7 +109,11 @@ pub fn run(args: &PlanArgs) -> Result<()> {
             .map(|q| QuantScheme::parse(&q.scheme))
             .transpose()
             .map_err(|e| anyhow::anyhow!("the bundle's quantization scheme: {e}"))?;
-        let weights = plan::bundle_weights(&args.path, &m.graph.model_file)?;
+        let weights = plan::bundle_weights(
+            &args.path,
+            &m.graph.model_file,
+            m.vision.as_ref().map(|v| v.model_file.as_str()),
+        )?;
         (config, weights, input(args, gpu, dtype, quant))
     } else {
         let config_path = args.path.join("config.json");

@@ -107,7 +107,11 @@ fn each_rule_rejects_its_graph() {
         }),
         (
             "unsupported-op",
-            model(vec![node("NonZero", &["x"], &["y"], vec![])], vec![], 23),
+            model(
+                vec![node("Compress", &["x", "c"], &["y"], vec![])],
+                vec![],
+                23,
+            ),
         ),
         (
             "unknown-attribute",
@@ -324,6 +328,47 @@ fn each_rule_rejects_its_graph() {
     for (rule, _) in RULES {
         assert!(covered.contains(rule), "rule {rule} has no test");
     }
+}
+
+/// With the CUDA EP beside TensorRT, MoE contrib nodes are not violations, and the graph splits into
+/// the stretches of TensorRT nodes between them; tensors crossing a cut are counted once each.
+#[test]
+fn cuda_ep_nodes_split_the_graph() {
+    let moe = |name: &str, input: &str, output: &str| {
+        let mut n = node("QMoE", &[input], &[output], vec![]);
+        n.name = name.into();
+        n.domain = "com.microsoft".into();
+        n
+    };
+    let m = model(
+        vec![
+            node("Sigmoid", &["x"], &["a"], vec![]),
+            moe("the_moe0", "a", "b"),
+            node("Add", &["a", "b"], &["c"], vec![]),
+            node("Sigmoid", &["c"], &["d"], vec![]),
+            moe("the_moe1", "d", "e"),
+            node("Sigmoid", &["e"], &["y"], vec![]),
+        ],
+        vec![],
+        23,
+    );
+    let alone = lint(&m);
+    assert_eq!(
+        alone.iter().map(|v| v.rule).collect::<Vec<_>>(),
+        vec!["unsupported-op", "unsupported-op"]
+    );
+    let report = herd_targets::tensorrt::lint_with(&m, true);
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    assert_eq!(
+        report.partition,
+        herd_targets::tensorrt::Partition {
+            tensorrt_subgraphs: 3,
+            tensorrt_nodes: 4,
+            cuda_nodes: 2,
+            // a (into moe0, and across it into Add), b, d, e.
+            boundary_tensors: 4,
+        }
+    );
 }
 
 #[test]
