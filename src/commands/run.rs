@@ -161,6 +161,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             "decode_ms": decode.as_secs_f64() * 1e3,
             "decode_tokens_per_s": decode_tps,
             "stop_reason": stop,
+            "peak_rss_bytes": crate::driver::peak_rss_bytes(),
         });
         println!("{summary}");
     } else {
