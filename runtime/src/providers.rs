@@ -200,7 +200,18 @@ pub(crate) fn register(
             for (k, v) in tensorrt_options(manifest, graph, device, cache_dir)? {
                 trt = trt.with_arbitrary_config(k, v);
             }
-            Ok(builder.with_execution_providers([trt.build().error_on_failure(), cuda.build()])?)
+            // `--moe cuda` bundles leave their MoE nodes to the CUDA EP: without it they would fall back
+            // to the CPU, so it must register.
+            let cuda = if manifest
+                .tensorrt
+                .as_ref()
+                .is_some_and(|t| t.cuda_partition.is_some())
+            {
+                cuda.build().error_on_failure()
+            } else {
+                cuda.build()
+            };
+            Ok(builder.with_execution_providers([trt.build().error_on_failure(), cuda])?)
         }
     }
 }
