@@ -241,7 +241,7 @@ pub fn compile(
     };
 
     let start = Instant::now();
-    let writer = BundleWriter::create(&options.output, options.force)?;
+    let writer = BundleWriter::create(&options.output, options.force, &options.model)?;
     let onnx_options = OnnxOptions {
         dtype: options.dtype,
         moe: options.moe,
@@ -278,8 +278,7 @@ pub fn compile(
 
     let start = Instant::now();
     for name in COPIED_FILES {
-        let src = options.model.join(name);
-        if src.is_file() {
+        if let Some(src) = herd_ir::model_file(&options.model, name)? {
             writer.copy_in(&src, name)?;
         }
     }
@@ -524,10 +523,9 @@ pub fn read_calibration_prompts(path: &Path) -> Result<Vec<Vec<i64>>> {
 /// BOS and stop ids: from generation_config.json or config.json, else Llama 4's when the vocabulary holds them.
 fn special_tokens(model: &Path, vocab: usize) -> Result<(Option<i64>, Vec<i64>)> {
     let read = |name: &str| -> Result<Option<serde_json::Value>> {
-        let path = model.join(name);
-        if !path.is_file() {
+        let Some(path) = herd_ir::model_file(model, name)? else {
             return Ok(None);
-        }
+        };
         let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
         Ok(Some(serde_json::from_str(&text).with_context(|| {
             format!("{}: invalid JSON", path.display())

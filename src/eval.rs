@@ -23,10 +23,11 @@ pub fn prompts(
     max_positions: usize,
 ) -> Result<Vec<Vec<i64>>> {
     let mut out = Vec::new();
-    if let Some(path) = model_dir
-        .map(|d| d.join("goldens.safetensors"))
-        .filter(|p| p.is_file())
-    {
+    let goldens = match model_dir {
+        Some(d) => herd_ir::model_file(d, "goldens.safetensors")?,
+        None => None,
+    };
+    if let Some(path) = goldens {
         let bytes = std::fs::read(&path).with_context(|| path.display().to_string())?;
         let st = safetensors::SafeTensors::deserialize(&bytes)
             .with_context(|| path.display().to_string())?;

@@ -70,9 +70,26 @@ fn exit_quietly_on_closed_pipe() {
     }
 }
 
+/// On SIGINT or SIGTERM, remove the staging folders of unfinished bundles before exiting (the
+/// default disposition would leave hundreds of MB behind), with the shell's 128 + signal status.
+fn clean_up_on_interrupt() {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            herd_targets::bundle::remove_staging_folders();
+            eprintln!("herd: interrupted; unfinished bundles removed");
+            std::process::exit(128 + signal);
+        }
+    });
+}
+
 fn main() -> ExitCode {
     exit_quietly_on_closed_pipe();
     keep_freed_blocks();
+    clean_up_on_interrupt();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("HERD_LOG"))
         .with_writer(std::io::stderr)

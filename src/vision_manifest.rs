@@ -25,8 +25,9 @@ pub fn preprocessing(
     v: &VisionConfig,
     max_tiles: Option<usize>,
 ) -> Result<Preprocessing> {
+    let found = herd_ir::model_file(model_dir, "preprocessor_config.json")?;
     let path = model_dir.join("preprocessor_config.json");
-    let config: serde_json::Value = if path.is_file() {
+    let config: serde_json::Value = if found.is_some() {
         let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
         serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?
     } else {
@@ -123,6 +124,7 @@ pub fn vision_info(
     max_images: usize,
 ) -> Result<VisionInfo> {
     let path = model_dir.join("tokenizer.json");
+    herd_ir::model_file(model_dir, "tokenizer.json")?;
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
             "{}: the image prompt layout needs the tokenizer's image tokens (or compile with --text-only)",

@@ -77,6 +77,12 @@ pub enum ImportError {
     Verify(VerifyError),
     #[error("{0}")]
     Unsupported(String),
+    #[error("{file} {problem}: herd reads only regular files inside the model folder {dir}")]
+    OutsideFolder {
+        file: String,
+        dir: String,
+        problem: String,
+    },
 }
 
 /// One verifier finding, attached to the node it concerns.

@@ -63,11 +63,13 @@ struct RawIndex {
 impl Checkpoint {
     /// Opens `dir`: reads config.json, maps and validates every shard.
     pub fn open(dir: &Path) -> Result<Checkpoint, ImportError> {
-        let config = Llama4Config::from_file(&dir.join("config.json"))?;
+        let config_path =
+            model_file(dir, "config.json")?.unwrap_or_else(|| dir.join("config.json"));
+        let config = Llama4Config::from_file(&config_path)?;
         let mut store = WeightStore::default();
         let mut locations = BTreeMap::new();
-        let index_path = dir.join(INDEX_FILE);
-        if index_path.exists() {
+        let single = model_file(dir, SINGLE_FILE)?;
+        if let Some(index_path) = model_file(dir, INDEX_FILE)? {
             let index_name = index_path.display().to_string();
             let text = std::fs::read_to_string(&index_path).map_err(|e| ImportError::BadIndex {
                 file: index_name.clone(),
@@ -102,8 +104,7 @@ impl Checkpoint {
                 }
                 locations.insert(tensor.clone(), id);
             }
-        } else if dir.join(SINGLE_FILE).exists() {
-            let path = dir.join(SINGLE_FILE);
+        } else if let Some(path) = single {
             let id = store.push(Shard::open(&path, &path.display().to_string())?);
             for name in store.shard(id).tensor_names() {
                 locations.insert(name.to_string(), id);
@@ -318,6 +319,33 @@ impl Checkpoint {
     }
 }
 
+/// `dir/name` when it exists: a regular file whose canonical path lies inside the canonical `dir` (the
+/// folder itself may be a symlink, its files may not lead out of it). None when absent.
+pub fn model_file(dir: &Path, name: &str) -> Result<Option<PathBuf>, ImportError> {
+    let path = dir.join(name);
+    if path.symlink_metadata().is_err() {
+        return Ok(None);
+    }
+    let outside = |problem: &str| ImportError::OutsideFolder {
+        file: path.display().to_string(),
+        dir: dir.display().to_string(),
+        problem: problem.to_string(),
+    };
+    let (Ok(real_dir), Ok(real_path)) = (dir.canonicalize(), path.canonicalize()) else {
+        return Err(outside("cannot be resolved (a dangling symlink?)"));
+    };
+    if !real_path.starts_with(&real_dir) {
+        return Err(outside(&format!(
+            "resolves to {}, outside the model folder",
+            real_path.display()
+        )));
+    }
+    if !real_path.is_file() {
+        return Err(outside("is not a regular file"));
+    }
+    Ok(Some(path))
+}
+
 /// Resolves an index's shard entry, refusing paths that could leave the checkpoint folder.
 fn shard_path(dir: &Path, shard: &str) -> Result<PathBuf, String> {
     let relative = Path::new(shard);
@@ -330,22 +358,14 @@ fn shard_path(dir: &Path, shard: &str) -> Result<PathBuf, String> {
             "shard path `{shard}` must be a plain file name inside the checkpoint folder (absolute paths and `..` are refused)"
         ));
     }
-    let path = dir.join(relative);
-    if !path.exists() {
-        return Err(format!(
+    match model_file(dir, shard) {
+        Ok(Some(path)) => Ok(path),
+        Ok(None) => Err(format!(
             "shard `{shard}` is listed but {} does not exist",
-            path.display()
-        ));
+            dir.join(relative).display()
+        )),
+        Err(e) => Err(format!("shard `{shard}`: {e}")),
     }
-    let (Ok(real_dir), Ok(real_path)) = (dir.canonicalize(), path.canonicalize()) else {
-        return Err(format!("cannot resolve shard `{shard}`"));
-    };
-    if !real_path.starts_with(&real_dir) {
-        return Err(format!(
-            "shard `{shard}` resolves outside the checkpoint folder (a symlink?)"
-        ));
-    }
-    Ok(path)
 }
 
 /// A checkpoint imported into an Imported-phase graph.

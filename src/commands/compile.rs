@@ -124,7 +124,8 @@ pub struct CompileArgs {
     /// Most images in one prompt.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub max_images: u16,
-    /// Replace an existing bundle at --output.
+    /// Replace an existing bundle at --output (only a folder holding a herd manifest; never the model
+    /// folder, a folder containing it, a file, a device or a symlink).
     #[arg(long)]
     pub force: bool,
     /// Print (or write to --dump-dir) the IR after this pass; repeatable. Passes: irope, expert_fusion.

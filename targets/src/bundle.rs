@@ -4,10 +4,32 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use herd_runtime::manifest::{FileEntry, Manifest, MANIFEST_FILE};
 
 use crate::error::TargetError;
+
+/// Staging folders of bundles being written by this process, for [`remove_staging_folders`].
+static STAGING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Removes the staging folders of every unfinished bundle of this process: for a SIGINT/SIGTERM
+/// handler, which exits right after (destructors do not run then).
+pub fn remove_staging_folders() {
+    let folders = match STAGING.lock() {
+        Ok(mut f) => std::mem::take(&mut *f),
+        Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+    };
+    for folder in folders {
+        let _ = fs::remove_dir_all(&folder);
+    }
+}
+
+fn unregister(staging: &Path) {
+    if let Ok(mut folders) = STAGING.lock() {
+        folders.retain(|f| f != staging);
+    }
+}
 
 /// A bundle being written.
 pub struct BundleWriter {
@@ -18,13 +40,15 @@ pub struct BundleWriter {
 }
 
 impl BundleWriter {
-    /// Starts a bundle that will land at `destination`. Refuses an existing destination unless `force`.
-    pub fn create(destination: &Path, force: bool) -> Result<BundleWriter, TargetError> {
-        if destination.exists() && !force {
-            return Err(TargetError::Exists {
-                path: destination.display().to_string(),
-            });
-        }
+    /// Starts a bundle that will land at `destination`. Refuses an existing destination unless `force`,
+    /// and even then replaces only a herd bundle (see [`check_replaceable`]) that is not `source` (the
+    /// model folder being read) or a folder holding it.
+    pub fn create(
+        destination: &Path,
+        force: bool,
+        source: &Path,
+    ) -> Result<BundleWriter, TargetError> {
+        check_replaceable(destination, force, source)?;
         let name = destination
             .file_name()
             .ok_or_else(|| TargetError::Io {
@@ -43,6 +67,9 @@ impl BundleWriter {
             fs::remove_dir_all(&staging).map_err(|e| TargetError::io(&staging, e))?;
         }
         fs::create_dir(&staging).map_err(|e| TargetError::io(&staging, e))?;
+        if let Ok(mut folders) = STAGING.lock() {
+            folders.push(staging.clone());
+        }
         Ok(BundleWriter {
             destination: destination.to_path_buf(),
             staging,
@@ -104,12 +131,9 @@ impl BundleWriter {
         let text =
             serde_json::to_string_pretty(manifest).map_err(|e| TargetError::Bug(e.to_string()))?;
         fs::write(&path, text + "\n").map_err(|e| TargetError::io(&path, e))?;
-        if self.destination.exists() {
-            if !self.force {
-                return Err(TargetError::Exists {
-                    path: self.destination.display().to_string(),
-                });
-            }
+        if self.destination.symlink_metadata().is_ok() {
+            // Whatever appeared at the destination while compiling gets the same scrutiny.
+            check_replaceable(&self.destination, self.force, &self.staging)?;
             let old = self.staging.with_extension("replaced");
             fs::rename(&self.destination, &old)
                 .map_err(|e| TargetError::io(&self.destination, e))?;
@@ -121,8 +145,57 @@ impl BundleWriter {
                 .map_err(|e| TargetError::io(&self.destination, e))?;
         }
         self.finished = true;
+        unregister(&self.staging);
         Ok(self.destination.clone())
     }
+}
+
+/// Whether `destination` may be written: it does not exist, or `force` is given and it is a folder
+/// (not a symlink, file or device) holding a herd manifest that parses, and it is neither `source` nor
+/// a folder that contains `source`. Anything else is refused with the reason: herd never deletes what
+/// it did not make.
+pub fn check_replaceable(
+    destination: &Path,
+    force: bool,
+    source: &Path,
+) -> Result<(), TargetError> {
+    let Ok(meta) = destination.symlink_metadata() else {
+        return Ok(());
+    };
+    let refuse = |why: &str| {
+        Err(TargetError::Io {
+            path: destination.display().to_string(),
+            message: format!("{why}; --force replaces only a bundle herd wrote, so choose another --output (or move it away yourself)"),
+        })
+    };
+    if !force {
+        return Err(TargetError::Exists {
+            path: destination.display().to_string(),
+        });
+    }
+    if meta.file_type().is_symlink() {
+        return refuse("is a symbolic link");
+    }
+    if !meta.is_dir() {
+        return refuse("is not a folder (a file or a device)");
+    }
+    if let (Ok(dest), Ok(src)) = (destination.canonicalize(), source.canonicalize()) {
+        if src.starts_with(&dest) {
+            return refuse(&format!(
+                "holds the model folder {} being compiled",
+                source.display()
+            ));
+        }
+    }
+    let manifest = destination.join(MANIFEST_FILE);
+    let is_bundle = std::fs::read_to_string(&manifest)
+        .ok()
+        .and_then(|text| serde_json::from_str::<Manifest>(&text).ok())
+        .is_some();
+    if !is_bundle {
+        return refuse("is not a herd bundle (no readable manifest.json)");
+    }
+    Ok(())
 }
 
 /// Removes staging folders of `name` left by compiles that were killed (their process no longer runs).
@@ -151,6 +224,7 @@ impl Drop for BundleWriter {
     fn drop(&mut self) {
         if !self.finished {
             let _ = fs::remove_dir_all(&self.staging);
+            unregister(&self.staging);
         }
     }
 }

@@ -1,0 +1,216 @@
+//! Hostile and careless inputs (issue 13): each ends in a clear error with nothing lost. Data loss and
+//! leaks first: `--force` replaces only a bundle herd wrote, files are never followed out of the model
+//! folder, and an interrupted compile leaves no staging folder behind.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{fails_with, fixture, ok};
+
+/// A copy of tiny-maverick (small, no vision) that a test may damage.
+fn model_copy(dir: &Path) -> PathBuf {
+    fixture_copy("tiny-maverick", dir)
+}
+
+/// A copy of fixture `name` in `dir/model`.
+fn fixture_copy(name: &str, dir: &Path) -> PathBuf {
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    model
+}
+
+fn compile_to(model: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "compile",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--max-context",
+        "32",
+    ];
+    args.extend_from_slice(extra);
+    common::herd(&args)
+}
+
+fn file_count(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn force_replaces_only_a_bundle_herd_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_copy(dir.path());
+    let files = file_count(&model);
+    let model_s = model.to_str().unwrap();
+
+    // The model folder itself, and the folder holding it.
+    fails_with(
+        &["compile", model_s, "-o", model_s, "--force"],
+        &["holds the model folder", "--force replaces only a bundle"],
+    );
+    let parent = dir.path().to_str().unwrap();
+    fails_with(
+        &["compile", model_s, "-o", parent, "--force"],
+        &["holds the model folder"],
+    );
+    assert_eq!(file_count(&model), files, "the checkpoint lost files");
+
+    // A regular file, a folder that is not a bundle, a symlink to a bundle.
+    let file = dir.path().join("notes.txt");
+    std::fs::write(&file, "mine").unwrap();
+    let out = compile_to(&model, &file, &["--force"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a folder"));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
+    let folder = dir.path().join("photos");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::write(folder.join("a.jpg"), "x").unwrap();
+    let out = compile_to(&model, &folder, &["--force"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a herd bundle"));
+    assert!(folder.join("a.jpg").is_file());
+    let bundle = dir.path().join("bundle");
+    assert!(compile_to(&model, &bundle, &[]).status.success());
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&bundle, &link).unwrap();
+    let out = compile_to(&model, &link, &["--force"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("symbolic link"));
+    // No hidden leftovers beside the refused destinations.
+    let hidden: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(hidden.is_empty(), "left behind: {hidden:?}");
+
+    // A device node is never touched (as root the old writer moved /dev/null aside).
+    let out = compile_to(&model, Path::new("/dev/null"), &["--force"]);
+    assert!(!out.status.success());
+    assert!(Path::new("/dev/null").exists());
+
+    // A real bundle is replaced.
+    assert!(compile_to(&model, &bundle, &["--force"]).status.success());
+}
+
+#[test]
+fn files_are_never_followed_out_of_the_model_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret.txt");
+    std::fs::write(&secret, "password").unwrap();
+    for name in [
+        "chat_template.jinja",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "generation_config.json",
+        "config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "model-00002-of-00005.safetensors",
+    ] {
+        let case = dir.path().join(name.replace('.', "_"));
+        let sharded = name.starts_with("model-") || name.ends_with("index.json");
+        let model = fixture_copy(
+            if sharded {
+                "tiny-scout"
+            } else {
+                "tiny-maverick"
+            },
+            &case,
+        );
+        let target = if name.starts_with("config") || name.starts_with("model") {
+            // Keep the model loadable through the link's target, which lies outside.
+            let outside = case.join(format!("outside-{name}"));
+            std::fs::rename(model.join(name), &outside).unwrap();
+            outside
+        } else {
+            secret.clone()
+        };
+        let _ = std::fs::remove_file(model.join(name));
+        std::os::unix::fs::symlink(&target, model.join(name)).unwrap();
+        let out = compile_to(&model, &case.join("bundle"), &["--text-only"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{name}: a link out of the folder was followed"
+        );
+        assert!(
+            stderr.contains(name) && stderr.contains("outside the model folder"),
+            "{name}: {stderr}"
+        );
+        assert!(!case.join("bundle").exists());
+    }
+    // A model folder that is itself a symlink is fine.
+    let model = model_copy(&dir.path().join("real"));
+    let link = dir.path().join("linked-model");
+    std::os::unix::fs::symlink(&model, &link).unwrap();
+    ok(&[
+        "compile",
+        link.to_str().unwrap(),
+        "-o",
+        dir.path().join("via-link").to_str().unwrap(),
+        "--max-context",
+        "32",
+    ]);
+}
+
+#[test]
+fn an_interrupted_compile_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("ckpt");
+    ok(&[
+        "synth",
+        "--preset",
+        "ci-small",
+        "-o",
+        model.to_str().unwrap(),
+    ]);
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let out = dir.path().join(format!("bundle-{signal}"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
+            .args([
+                "compile",
+                model.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+                "--dtype",
+                "f32",
+            ])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait for the staging folder, then interrupt the compile while it writes.
+        let staging = |d: &Path| {
+            std::fs::read_dir(d)
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .any(|e| e.file_name().to_string_lossy().contains(".herd-partial-"))
+        };
+        let start = std::time::Instant::now();
+        while !staging(dir.path()) && start.elapsed() < std::time::Duration::from_secs(60) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(staging(dir.path()), "the compile never started writing");
+        // SAFETY: sends a signal to the child process this test spawned.
+        unsafe {
+            libc::kill(child.id() as i32, signal);
+        }
+        let status = child.wait().unwrap();
+        assert!(!status.success());
+        assert_eq!(
+            status.code(),
+            Some(128 + signal),
+            "exit status after signal {signal}"
+        );
+        assert!(
+            !staging(dir.path()),
+            "signal {signal} left a staging folder"
+        );
+        assert!(!out.exists(), "signal {signal} left a half-written bundle");
+    }
+}
