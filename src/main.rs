@@ -44,6 +44,8 @@ enum Command {
     /// Plan a deployment from config.json or a bundle: weight, KV and activation bytes, GPUs needed,
     /// the longest context that fits, decode and prefill rooflines.
     Plan(commands::plan::PlanArgs),
+    /// Check every file of a bundle against its manifest (size and sha256); names each damaged file.
+    Verify(commands::verify::VerifyArgs),
     /// Build a tensorrt-target bundle's TensorRT engine on this machine's GPU (H100).
     BuildEngine(commands::build_engine::BuildEngineArgs),
 }
@@ -105,6 +107,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => commands::eval::run(&args),
         Command::Lint(args) => commands::lint::run(&args),
         Command::Plan(args) => commands::plan::run(&args),
+        Command::Verify(args) => commands::verify::run(&args),
         Command::BuildEngine(args) => commands::build_engine::run(&args),
     };
     match result {

@@ -214,3 +214,95 @@ fn an_interrupted_compile_leaves_nothing() {
         assert!(!out.exists(), "signal {signal} left a half-written bundle");
     }
 }
+
+/// Byte offset and row length (bytes) of the embedding table in a bundle's external data.
+fn embedding_region(bundle: &Path) -> (u64, u64) {
+    use onnx_protobuf::Message;
+    let model = onnx_protobuf::ModelProto::parse_from_bytes(
+        &std::fs::read(bundle.join("model.onnx")).unwrap(),
+    )
+    .unwrap();
+    let table = model
+        .graph
+        .initializer
+        .iter()
+        .find(|t| t.name.contains("embed_tokens"))
+        .expect("an embedding table");
+    let offset = table
+        .external_data
+        .iter()
+        .find(|e| e.key == "offset")
+        .map(|e| e.value.parse().unwrap())
+        .unwrap();
+    (offset, table.dims[1] as u64 * 4)
+}
+
+#[test]
+fn damaged_weights_are_named_and_never_give_silent_output() {
+    use std::io::{Seek, SeekFrom, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("ckpt");
+    ok(&[
+        "synth",
+        "--preset",
+        "ci-small",
+        "-o",
+        model.to_str().unwrap(),
+    ]);
+    let bundle = dir.path().join("bundle");
+    ok(&[
+        "compile",
+        model.to_str().unwrap(),
+        "-o",
+        bundle.to_str().unwrap(),
+        "--dtype",
+        "f32",
+        "--max-context",
+        "32",
+    ]);
+    let data = bundle.join("model.onnx.data");
+    assert!(
+        std::fs::metadata(&data).unwrap().len() > 64 << 20,
+        "the weights must be past the checksum-on-load limit"
+    );
+    let b = bundle.to_str().unwrap();
+    let verified = ok(&["verify", b]);
+    assert!(verified.contains("ok") && verified.contains("model.onnx.data"));
+
+    // Token 7's embedding row becomes NaN: a load (sizes only) accepts the bundle.
+    let (offset, row) = embedding_region(&bundle);
+    let mut file = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+    file.seek(SeekFrom::Start(offset + 7 * row)).unwrap();
+    file.write_all(&f32::NAN.to_le_bytes().repeat(4)).unwrap();
+    drop(file);
+
+    fails_with(
+        &["run", b, "--input-ids", "5,7,9", "--max-new-tokens", "2"],
+        &["NaN or infinite logits", "position 2", "herd verify"],
+    );
+    let out = common::herd(&["verify", b]);
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("DAMAGED") && stdout.contains("model.onnx.data: sha256 differs"),
+        "{stdout}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 of"));
+    let json: serde_json::Value = serde_json::from_str(&String::from_utf8_lossy(
+        &common::herd(&["verify", b, "--json"]).stdout,
+    ))
+    .unwrap();
+    assert_eq!(json["damaged"], 1);
+    fails_with(
+        &[
+            "run",
+            b,
+            "--verify",
+            "--input-ids",
+            "5",
+            "--max-new-tokens",
+            "1",
+        ],
+        &["model.onnx.data", "sha256 differs", "damaged"],
+    );
+}

@@ -35,6 +35,15 @@ struct HerdModel *herd_model_load(const char *path,
                                   char **error);
 
 /**
+ * Checks every file of the bundle at `path` (UTF-8) against its manifest: sizes and sha256, however
+ * large. Returns 0 when all match; otherwise -1 with `*error` naming every damaged file.
+ *
+ * # Safety
+ * `path` must be a NUL-terminated string; `error` NULL or a valid `char**`.
+ */
+int herd_bundle_verify(const char *path, char **error);
+
+/**
  * Frees a model from `herd_model_load` (NULL is ignored).
  *
  * # Safety

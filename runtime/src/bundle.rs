@@ -1,5 +1,6 @@
 //! Opening a bundle folder: the manifest, its format version, and the files it lists (sizes always,
-//! sha256 of the small ones on every load, of all of them in [`Bundle::verify_all`]).
+//! sha256 of the small ones on every load, of all of them in [`Bundle::verify`] / [`Bundle::verify_all`],
+//! which `herd verify`, `--verify` and `RuntimeOptions::verify` run).
 
 use std::fs;
 use std::io::Read;
@@ -9,6 +10,16 @@ use sha2::{Digest, Sha256};
 
 use crate::error::RuntimeError;
 use crate::manifest::{Manifest, CHECKSUM_ON_LOAD_LIMIT, FORMAT_VERSION, MANIFEST_FILE};
+
+/// One file of a bundle checked against its manifest entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileCheck {
+    pub path: String,
+    /// Size the manifest records.
+    pub bytes: u64,
+    /// What is wrong with the file, or None when size and sha256 match.
+    pub problem: Option<String>,
+}
 
 /// An opened, checked bundle.
 #[derive(Clone, Debug)]
@@ -51,7 +62,7 @@ impl Bundle {
             dir: dir.to_path_buf(),
             manifest,
         };
-        bundle.check_files(false)?;
+        bundle.check_files()?;
         // Every model file the runtime may load must be one of the checked files inside the bundle.
         let m = &bundle.manifest;
         let engine = m.tensorrt.as_ref().and_then(|t| t.engine.as_ref());
@@ -94,12 +105,94 @@ impl Bundle {
         Ok(bundle)
     }
 
-    /// Checks every file's checksum, however large.
+    /// Checks every file's checksum, however large; the error names every damaged file.
     pub fn verify_all(&self) -> Result<(), RuntimeError> {
-        self.check_files(true)
+        self.check_files()?;
+        let damaged: Vec<String> = self
+            .verify()
+            .into_iter()
+            .filter_map(|c| c.problem.map(|p| format!("{}: {p}", c.path)))
+            .collect();
+        if damaged.is_empty() {
+            return Ok(());
+        }
+        Err(RuntimeError::Tampered {
+            path: self.dir.display().to_string(),
+            message: format!(
+                "{} damaged file(s): {}; recompile or copy the bundle again",
+                damaged.len(),
+                damaged.join("; ")
+            ),
+        })
     }
 
-    fn check_files(&self, all: bool) -> Result<(), RuntimeError> {
+    /// The size and sha256 of every listed file against the manifest, files hashed in parallel and
+    /// each streamed (memory stays a few MiB per thread whatever the bundle's size).
+    pub fn verify(&self) -> Vec<FileCheck> {
+        let entries = &self.manifest.files;
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(entries.len().max(1));
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let mut checks: Vec<(usize, FileCheck)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut done = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(entry) = entries.get(i) else {
+                                break;
+                            };
+                            done.push((i, self.check_one(entry)));
+                        }
+                        done
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap_or_default())
+                .collect()
+        });
+        checks.sort_by_key(|(i, _)| *i);
+        checks.into_iter().map(|(_, c)| c).collect()
+    }
+
+    fn check_one(&self, entry: &crate::manifest::FileEntry) -> FileCheck {
+        let relative = Path::new(&entry.path);
+        let problem = if relative.is_absolute()
+            || relative
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            Some("not a plain name inside the bundle".to_string())
+        } else {
+            let path = self.dir.join(relative);
+            match fs::metadata(&path) {
+                Err(e) => Some(format!("unreadable ({e})")),
+                Ok(m) if !m.is_file() => Some("not a regular file".to_string()),
+                Ok(m) if m.len() != entry.bytes => Some(format!(
+                    "size {} bytes, manifest says {}",
+                    m.len(),
+                    entry.bytes
+                )),
+                Ok(_) => match sha256_file(&path) {
+                    Err(e) => Some(e.to_string()),
+                    Ok(d) if d != entry.sha256 => Some("sha256 differs from the manifest".into()),
+                    Ok(_) => None,
+                },
+            }
+        };
+        FileCheck {
+            path: entry.path.clone(),
+            bytes: entry.bytes,
+            problem,
+        }
+    }
+
+    /// Sizes of every listed file and checksums of the small ones (what every load checks).
+    fn check_files(&self) -> Result<(), RuntimeError> {
         for entry in &self.manifest.files {
             let relative = Path::new(&entry.path);
             if relative.is_absolute()
@@ -129,7 +222,7 @@ impl Bundle {
                     message: format!("size {size} bytes, manifest says {}", entry.bytes),
                 });
             }
-            if all || size <= CHECKSUM_ON_LOAD_LIMIT {
+            if size <= CHECKSUM_ON_LOAD_LIMIT {
                 let digest = sha256_file(&path)?;
                 if digest != entry.sha256 {
                     return Err(RuntimeError::Tampered {

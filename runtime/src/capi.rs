@@ -59,6 +59,23 @@ pub unsafe extern "C" fn herd_model_load(
     })
 }
 
+/// Checks every file of the bundle at `path` (UTF-8) against its manifest: sizes and sha256, however
+/// large. Returns 0 when all match; otherwise -1 with `*error` naming every damaged file.
+///
+/// # Safety
+/// `path` must be a NUL-terminated string; `error` NULL or a valid `char**`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn herd_bundle_verify(path: *const c_char, error: *mut *mut c_char) -> c_int {
+    guarded(error, -1, || {
+        // SAFETY: the caller guarantees a NUL-terminated string or NULL.
+        let path = unsafe { c_string(path, "herd_bundle_verify: path") }?;
+        crate::Bundle::open(Path::new(&path))
+            .and_then(|b| b.verify_all())
+            .map_err(|e| e.to_string())?;
+        Ok(0)
+    })
+}
+
 /// Frees a model from `herd_model_load` (NULL is ignored).
 ///
 /// # Safety

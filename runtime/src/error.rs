@@ -25,6 +25,8 @@ pub enum RuntimeError {
     Param(String),
     #[error("image {path}: {message}")]
     Image { path: String, message: String },
+    #[error("the model produced NaN or infinite logits for batch row {row} at position {position}: its weights may be damaged (`herd verify BUNDLE` checks them) or the computation overflowed its dtype")]
+    NonFiniteLogits { row: usize, position: usize },
     #[error("prompt is {len} tokens but the bundle accepts at most {max} positions (compile with a larger --max-context)")]
     TooLong { len: usize, max: usize },
 }

@@ -37,6 +37,8 @@ pub struct RuntimeOptions {
     pub provider: crate::providers::Provider,
     /// GPU index for CUDA and TensorRT.
     pub device: u32,
+    /// Check every file's sha256 before loading (a load checks only sizes and the small files' sums).
+    pub verify: bool,
 }
 
 /// Where the TensorRT EP keeps engine and timing caches for a bundle without a prebuilt engine.
@@ -135,6 +137,9 @@ impl Model {
     /// Opens and checks `dir`, then creates the ONNX Runtime session.
     pub fn load(dir: &Path, options: &RuntimeOptions) -> Result<Model, RuntimeError> {
         let bundle = Bundle::open(dir)?;
+        if options.verify {
+            bundle.verify_all()?;
+        }
         let env = crate::onnxruntime::environment(options.ort_library.as_deref())?;
         let mut builder = Session::builder(env)?
             .with_optimization_level(GraphOptimizationLevel::Level3)?
@@ -543,6 +548,15 @@ impl Model {
                 })
                 .collect()
         };
+        if let Some(bad) = last.iter().position(|v| !v.is_finite()) {
+            let rows_per_batch = if all_rows { n } else { 1 };
+            let row = bad / vocab / rows_per_batch;
+            let offset = if all_rows { bad / vocab % n } else { n - 1 };
+            return Err(RuntimeError::NonFiniteLogits {
+                row,
+                position: start + offset,
+            });
+        }
         inspect(&outputs)?;
         let mut next = Vec::new();
         for kv in &m.graph.kv {

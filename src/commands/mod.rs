@@ -11,3 +11,4 @@ pub mod plan;
 pub mod run;
 pub mod runtime_args;
 pub mod synth;
+pub mod verify;

@@ -39,6 +39,10 @@ pub struct RuntimeArgs {
     /// ONNX Runtime sessions for running graphs in parallel (weights shared; prepacked ones per session).
     #[arg(long, default_value_t = 1)]
     pub sessions: usize,
+    /// Check every bundle file's sha256 before loading (as `herd verify`; a load checks sizes and the
+    /// small files' checksums only).
+    #[arg(long)]
+    pub verify: bool,
 }
 
 impl RuntimeArgs {
@@ -61,6 +65,7 @@ impl RuntimeArgs {
             },
             device: self.device,
             sessions: self.sessions,
+            verify: self.verify,
         }
     }
 }

@@ -24,6 +24,17 @@ int main(int argc, char **argv) {
         return 64;
     }
     char *error = NULL;
+    if (herd_bundle_verify(argv[1], &error) != 0) {
+        fprintf(stderr, "verify failed: %s\n", error);
+        herd_string_free(error);
+        return 6;
+    }
+    if (herd_bundle_verify("/nonexistent/bundle", &error) != -1 || error == NULL) {
+        fprintf(stderr, "verifying a missing bundle must fail with a message\n");
+        return 7;
+    }
+    herd_string_free(error);
+    error = NULL;
     HerdModel *model = herd_model_load(argv[1], &error);
     if (model == NULL) {
         fprintf(stderr, "load failed: %s\n", error);
