@@ -322,7 +322,8 @@ pub fn compile(
             head_dim: config.head_dim,
             vocab_size: config.vocab_size,
             max_positions: options.max_context,
-            attention_chunk_size: config.attention_chunk_size,
+            // Unchunked models keep every position in every layer: a chunk as long as the context.
+            attention_chunk_size: config.attention_chunk_size.unwrap_or(options.max_context),
             nope_layers: config.nope_layers(),
             weight_bytes: model.data_bytes,
             active_weight_bytes_per_token: active_bytes,

@@ -225,7 +225,7 @@ fn part_of(name: &str) -> &'static str {
 pub fn kv_bytes(config: &Llama4Config, kv_bytes_per_value: u64, batch: u64, context: u64) -> u64 {
     let per_token_layer =
         2 * config.num_kv_heads as u64 * config.head_dim as u64 * kv_bytes_per_value;
-    let chunk = config.attention_chunk_size as u64;
+    let chunk = config.attention_chunk_size.map_or(u64::MAX, |c| c as u64);
     let tokens: u64 = config
         .uses_rope
         .iter()
@@ -409,7 +409,7 @@ fn active_params_per_token(c: &Llama4Config) -> f64 {
 /// layer (chunked layers at most a chunk); prefill attends on average half of it.
 fn attention_flops_per_token(c: &Llama4Config, context: u64, prefill: bool) -> f64 {
     let per_key = 4.0 * c.num_heads as f64 * c.head_dim as f64;
-    let chunk = c.attention_chunk_size as u64;
+    let chunk = c.attention_chunk_size.map_or(u64::MAX, |c| c as u64);
     let keys: f64 = c
         .uses_rope
         .iter()

@@ -306,3 +306,176 @@ fn damaged_weights_are_named_and_never_give_silent_output() {
         &["model.onnx.data", "sha256 differs", "damaged"],
     );
 }
+
+fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut value);
+    std::fs::write(path, serde_json::to_string_pretty(&value).unwrap()).unwrap();
+}
+
+#[test]
+fn out_of_range_configs_are_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &str, serde_json::Value, &str); 5] = [
+        (
+            "tiny-maverick",
+            "rms_norm_eps",
+            serde_json::json!(0.0),
+            "rms_norm_eps",
+        ),
+        (
+            "tiny-maverick",
+            "rms_norm_eps",
+            serde_json::json!(-1e-5),
+            "rms_norm_eps",
+        ),
+        (
+            "tiny-maverick",
+            "rope_theta",
+            serde_json::json!(1e-300),
+            "rope_theta",
+        ),
+        (
+            "tiny-maverick",
+            "rope_theta",
+            serde_json::json!(-10.0),
+            "rope_theta",
+        ),
+        (
+            "tiny-scout",
+            "vision_config.rope_theta",
+            serde_json::json!(-5.0),
+            "vision_config.rope_theta",
+        ),
+    ];
+    for (n, (name, key, value, named)) in cases.into_iter().enumerate() {
+        let model = fixture_copy(name, &dir.path().join(n.to_string()));
+        edit_json(&model.join("config.json"), |c| {
+            let (section, field) = match key.split_once('.') {
+                Some((s, f)) => (&mut c[s], f),
+                None if c.get("text_config").is_some() => (&mut c["text_config"], key),
+                None => (c, key),
+            };
+            if field == "rope_theta" {
+                if let Some(p) = section.get_mut("rope_parameters") {
+                    p["rope_theta"] = value.clone();
+                }
+            }
+            section[field] = value.clone();
+        });
+        fails_with(
+            &["inspect", model.to_str().unwrap()],
+            &[named, "config.json"],
+        );
+    }
+}
+
+fn compile_48(model: &Path, out: &Path) {
+    ok(&[
+        "compile",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--max-context",
+        "48",
+    ]);
+}
+
+#[test]
+fn a_null_chunk_size_means_no_chunking_as_in_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_copy(dir.path());
+    edit_json(&model.join("config.json"), |c| {
+        c["attention_chunk_size"] = serde_json::Value::Null
+    });
+    let summary = ok(&["inspect", model.to_str().unwrap()]);
+    assert!(summary.contains("chunk none"), "{summary}");
+    let ir = ok(&["inspect", model.to_str().unwrap(), "--ir"]);
+    assert!(!ir.contains("chunk"), "no layer attends in chunks:\n{ir}");
+    let bundle = dir.path().join("bundle");
+    ok(&[
+        "compile",
+        model.to_str().unwrap(),
+        "-o",
+        bundle.to_str().unwrap(),
+        "--max-context",
+        "48",
+    ]);
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bundle.join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["model"]["attention_chunk_size"], 48);
+    // No chunking is a chunk longer than the context: the same logits over 40 positions, which cross
+    // the fixture's own chunk of 8 five times (and differ from it).
+    let logits = |bundle: &Path| {
+        let npy = bundle.with_extension("npy");
+        let ids: Vec<String> = (1..=20).map(|i| i.to_string()).collect();
+        ok(&[
+            "run",
+            bundle.to_str().unwrap(),
+            "--input-ids",
+            &ids.join(","),
+            "--max-new-tokens",
+            "20",
+            "--ignore-eos",
+            "--dump-logits",
+            npy.to_str().unwrap(),
+        ]);
+        ndarray_npy::read_npy::<_, ndarray::Array2<f32>>(&npy).unwrap()
+    };
+    let unchunked = logits(&bundle);
+    let long = dir.path().join("long");
+    let long_model = fixture_copy("tiny-maverick", &long);
+    edit_json(&long_model.join("config.json"), |c| {
+        c["attention_chunk_size"] = serde_json::json!(4096)
+    });
+    let long_bundle = long.join("bundle");
+    compile_48(&long_model, &long_bundle);
+    assert_eq!(unchunked, logits(&long_bundle));
+    let chunked_bundle = dir.path().join("chunked");
+    compile_48(&fixture("tiny-maverick"), &chunked_bundle);
+    assert_ne!(unchunked, logits(&chunked_bundle));
+}
+
+#[test]
+fn tampered_model_facts_and_empty_graphs_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_copy(dir.path());
+    let bundle = dir.path().join("bundle");
+    assert!(compile_to(&model, &bundle, &[]).status.success());
+    let manifest = bundle.join("manifest.json");
+    let original = std::fs::read_to_string(&manifest).unwrap();
+    let b = bundle.to_str().unwrap();
+    for (edit, message) in [
+        (
+            ("attention_chunk_size", serde_json::json!(0)),
+            "attention_chunk_size is 0",
+        ),
+        (("vocab_size", serde_json::json!(0)), "vocab_size 0"),
+        (
+            ("num_layers", serde_json::json!(1_000_000_000u64)),
+            "num_layers",
+        ),
+        (("max_positions", serde_json::json!(0)), "max_positions 0"),
+    ] {
+        std::fs::write(&manifest, &original).unwrap();
+        edit_json(&manifest, |m| m["model"][edit.0] = edit.1.clone());
+        fails_with(&["run", b, "--input-ids", "1"], &[message, "damaged"]);
+    }
+    std::fs::write(&manifest, &original).unwrap();
+    edit_json(&manifest, |m| m["dtype"] = serde_json::json!("int3"));
+    fails_with(&["run", b, "--input-ids", "1"], &["dtype `int3`"]);
+    fails_with(&["eval", b, "--against", b], &["dtype `int3`"]);
+    std::fs::write(&manifest, &original).unwrap();
+
+    let empty = dir.path().join("empty.onnx");
+    std::fs::write(&empty, b"").unwrap();
+    let err = herd_targets::tensorrt::lint_file(&empty)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("not an ONNX model") && err.contains("no graph nodes"),
+        "{err}"
+    );
+}

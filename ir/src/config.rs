@@ -159,7 +159,9 @@ pub struct Llama4Config {
     pub num_experts: usize,
     pub top_k: usize,
     pub use_qk_norm: bool,
-    pub attention_chunk_size: usize,
+    /// Chunk of the RoPE layers' local attention; None (`null` in config.json, as Llama Guard 4 has it):
+    /// no chunking, the RoPE layers attend causally like the NoPE ones (as transformers reads it).
+    pub attention_chunk_size: Option<usize>,
     pub attn_temperature_tuning: bool,
     pub floor_scale: f64,
     pub attn_scale: f64,
@@ -312,11 +314,22 @@ struct RawTextConfig {
     num_local_experts: Option<usize>,
     num_experts_per_tok: Option<usize>,
     use_qk_norm: Option<bool>,
-    attention_chunk_size: Option<usize>,
+    /// Absent: None; `null`: Some(None).
+    #[serde(default, deserialize_with = "present")]
+    attention_chunk_size: Option<Option<usize>>,
     attn_temperature_tuning: Option<BoolOrInt>,
     floor_scale: Option<f64>,
     attn_scale: Option<f64>,
     tie_word_embeddings: Option<bool>,
+}
+
+/// Deserializes a field that may be `null`: absent stays None (via `default`), `null` is Some(None).
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Some(Option::deserialize(d)?))
 }
 
 #[derive(Deserialize)]
@@ -365,6 +378,15 @@ fn vision_config(
         image_start_id: top.boi_token_index.unwrap_or(200080),
         image_end_id: top.eoi_token_index.unwrap_or(200081),
     };
+    if !(c.rope_theta.is_finite() && c.rope_theta > 1.0) {
+        return Err(bad(
+            "rope_theta",
+            format!(
+                "is {}; it must be a finite number above 1 (Llama 4: 10000)",
+                c.rope_theta
+            ),
+        ));
+    }
     if c.pixel_shuffle_ratio != 0.5 {
         return Err(bad(
             "pixel_shuffle_ratio",
@@ -546,10 +568,18 @@ impl Resolver<'_> {
         };
 
         let rope = self.rope(raw.rope_theta, raw.rope_scaling, raw.rope_parameters)?;
-        let attention_chunk_size = self.required(
-            Some(raw.attention_chunk_size.unwrap_or(8192)),
-            "attention_chunk_size",
-        )?;
+        let attention_chunk_size = match raw.attention_chunk_size {
+            None => Some(8192),
+            Some(None) => None,
+            Some(Some(size)) => Some(self.required(Some(size), "attention_chunk_size")?),
+        };
+        let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-5);
+        if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0 && rms_norm_eps < 1.0) {
+            return Err(self.bad(
+                "rms_norm_eps",
+                format!("is {rms_norm_eps}; it must be a finite number in (0, 1) (Llama 4: 1e-5)"),
+            ));
+        }
         let attn_temperature_tuning = match raw.attn_temperature_tuning {
             None => true,
             Some(BoolOrInt::Bool(b)) => b,
@@ -569,7 +599,7 @@ impl Resolver<'_> {
             num_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-5),
+            rms_norm_eps,
             rope,
             uses_rope,
             moe_layers,
@@ -600,8 +630,11 @@ impl Resolver<'_> {
             .and_then(|s| s.rope_theta)
             .or(theta)
             .unwrap_or(500000.0);
-        if theta <= 0.0 {
-            return Err(self.bad("rope_theta", "must be positive"));
+        if !(theta.is_finite() && theta > 1.0) {
+            return Err(self.bad(
+                "rope_theta",
+                format!("is {theta}; it must be a finite number above 1 (Llama 4: 500000)"),
+            ));
         }
         let Some(spec) = spec else {
             return Ok(RopeConfig {
@@ -734,7 +767,7 @@ mod tests {
         assert!(c.use_qk_norm && c.attn_temperature_tuning);
         assert_eq!(
             (c.attention_chunk_size, c.floor_scale, c.attn_scale),
-            (8192, 8192.0, 0.1)
+            (Some(8192), 8192.0, 0.1)
         );
         assert_eq!(c.rope.scaling, RopeScaling::Default);
     }

@@ -490,9 +490,10 @@ fn build_graph(ckpt: &Checkpoint, image_features: bool) -> Result<Graph, ImportE
                 inv_freq: c.rope.inv_freq(d),
             }),
             qk_norm_eps: (rope && c.use_qk_norm).then_some(eps),
-            chunk: rope.then_some(ChunkAttrs {
-                size: c.attention_chunk_size,
-            }),
+            chunk: c
+                .attention_chunk_size
+                .filter(|_| rope)
+                .map(|size| ChunkAttrs { size }),
             temperature: (!rope && c.attn_temperature_tuning).then_some(TemperatureAttrs {
                 floor_scale: c.floor_scale as f32,
                 attn_scale: c.attn_scale as f32,

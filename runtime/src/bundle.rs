@@ -80,6 +80,12 @@ impl Bundle {
                 });
             }
         }
+        if let Some(problem) = model_section_problem(&bundle.manifest) {
+            return Err(RuntimeError::Tampered {
+                path: bundle.dir.join(MANIFEST_FILE).display().to_string(),
+                message: problem,
+            });
+        }
         if let Some(v) = &bundle.manifest.vision {
             // Preprocessing divides by and indexes with these: refuse values a compile never writes.
             let problem = if v.tile_size == 0 || v.tokens_per_tile == 0 {
@@ -239,6 +245,53 @@ impl Bundle {
     pub fn file(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
+}
+
+/// Why the manifest's model facts cannot come from a compile, if they cannot: the runtime divides by,
+/// indexes with and allocates from them.
+fn model_section_problem(m: &Manifest) -> Option<String> {
+    let info = &m.model;
+    /// Positions, layers, widths and vocabularies past these are no Llama 4 a compile writes.
+    const MAX_POSITIONS: usize = 1 << 26;
+    const MAX_LAYERS: usize = 1024;
+    const MAX_WIDTH: usize = 1 << 20;
+    if !["f32", "f16", "bf16"].contains(&m.dtype.as_str()) {
+        return Some(format!(
+            "dtype `{}` is not one herd compiles (f32, f16, bf16)",
+            m.dtype
+        ));
+    }
+    if info.vocab_size == 0 || info.vocab_size > MAX_WIDTH {
+        return Some(format!(
+            "vocab_size {} is outside 1..={MAX_WIDTH}",
+            info.vocab_size
+        ));
+    }
+    if info.max_positions == 0 || info.max_positions > MAX_POSITIONS {
+        return Some(format!(
+            "max_positions {} is outside 1..={MAX_POSITIONS}",
+            info.max_positions
+        ));
+    }
+    if info.attention_chunk_size == 0 {
+        return Some("attention_chunk_size is 0".into());
+    }
+    if info.num_layers == 0 || info.num_layers > MAX_LAYERS {
+        return Some(format!(
+            "num_layers {} is outside 1..={MAX_LAYERS}",
+            info.num_layers
+        ));
+    }
+    if [info.hidden_size, info.num_kv_heads, info.head_dim]
+        .iter()
+        .any(|&d| d == 0 || d > MAX_WIDTH)
+    {
+        return Some("hidden_size, num_kv_heads and head_dim must be positive".into());
+    }
+    if info.nope_layers.iter().any(|&l| l >= info.num_layers) {
+        return Some("nope_layers names a layer past num_layers".into());
+    }
+    None
 }
 
 fn sha256_file(path: &Path) -> Result<String, RuntimeError> {

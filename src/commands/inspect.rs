@@ -125,7 +125,8 @@ fn print_human(ckpt: &Checkpoint, s: &serde_json::Value) {
     println!(
         "  attention: NoPE layers {:?}, chunk {}, QK norm {}, temperature tuning {} (floor_scale {}, attn_scale {})",
         c.nope_layers(),
-        c.attention_chunk_size,
+        c.attention_chunk_size
+            .map_or("none".to_string(), |c| c.to_string()),
         c.use_qk_norm,
         c.attn_temperature_tuning,
         c.floor_scale,

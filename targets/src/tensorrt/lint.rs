@@ -75,10 +75,15 @@ pub struct LintReport {
 /// Lints a model file; with `cuda_ep` the MoE contrib nodes are the CUDA EP's (see [`partition`]).
 pub fn lint_file_with(path: &Path, cuda_ep: bool) -> Result<LintReport, TargetError> {
     let bytes = std::fs::read(path).map_err(|e| TargetError::io(path, e))?;
-    let model = ModelProto::parse_from_bytes(&bytes).map_err(|e| TargetError::Io {
+    let not_onnx = |why: String| TargetError::Io {
         path: path.display().to_string(),
-        message: format!("not an ONNX model: {e}"),
-    })?;
+        message: format!("not an ONNX model: {why}"),
+    };
+    let model = ModelProto::parse_from_bytes(&bytes).map_err(|e| not_onnx(e.to_string()))?;
+    // An empty file parses as an empty model; a model without graph nodes is nothing to lint.
+    if model.graph.as_ref().is_none_or(|g| g.node.is_empty()) {
+        return Err(not_onnx(format!("{} bytes, no graph nodes", bytes.len())));
+    }
     Ok(lint_with(&model, cuda_ep))
 }
 
