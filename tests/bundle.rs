@@ -246,7 +246,7 @@ fn bad_run_parameters_are_refused() {
     );
     fails_with(
         &["run", b, "--input-ids", "1", "--max-new-tokens", "65"],
-        &["at most 64 positions", "--max-context"],
+        &["accepts at most 64", "--max-context"],
     );
     fails_with(
         &["run", b, "--input-ids", "1", "--temperature", "0"],

@@ -479,3 +479,150 @@ fn tampered_model_facts_and_empty_graphs_are_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn generation_parameters_at_their_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle");
+    assert!(compile_to(&fixture("tiny-maverick"), &bundle, &[])
+        .status
+        .success());
+    let b = bundle.to_str().unwrap();
+    // A vanishing temperature is greedy, not NaN garbage.
+    let greedy = ok(&[
+        "run",
+        b,
+        "--input-ids",
+        "3,4,5",
+        "--max-new-tokens",
+        "6",
+        "--ignore-eos",
+    ]);
+    let cold = ok(&[
+        "run",
+        b,
+        "--input-ids",
+        "3,4,5",
+        "--max-new-tokens",
+        "6",
+        "--ignore-eos",
+        "--temperature",
+        "1e-40",
+        "--seed",
+        "3",
+    ]);
+    assert_eq!(greedy, cold);
+    // The budget is checked up front, without wrapping, naming both numbers.
+    fails_with(
+        &[
+            "run",
+            b,
+            "--input-ids",
+            "3,4,5",
+            "--max-new-tokens",
+            "18446744073709551615",
+        ],
+        &[
+            "the prompt is 3 tokens",
+            "max_new_tokens 18446744073709551615",
+            "at most 32",
+        ],
+    );
+    fails_with(
+        &[
+            "run",
+            b,
+            "--input-ids",
+            "1,2,3,4,5,6,7,8,9,10",
+            "--max-new-tokens",
+            "100",
+        ],
+        &[
+            "the prompt is 10 tokens",
+            "max_new_tokens 100",
+            "at most 32",
+        ],
+    );
+    fails_with(
+        &[
+            "run",
+            b,
+            "--prompt",
+            "hello",
+            "--stop",
+            "",
+            "--max-new-tokens",
+            "4",
+        ],
+        &["stop string is empty"],
+    );
+}
+
+#[test]
+fn images_that_are_not_images_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle");
+    ok(&[
+        "compile",
+        fixture("tiny-scout").to_str().unwrap(),
+        "-o",
+        bundle.to_str().unwrap(),
+    ]);
+    let b = bundle.to_str().unwrap();
+    fails_with(
+        &[
+            "run",
+            b,
+            "--prompt",
+            "Describe <|image|>",
+            "--max-new-tokens",
+            "2",
+        ],
+        &["1 <|image|> placeholder(s) but no image was given"],
+    );
+    // A JPEG cut short decodes to grey in most decoders: refused.
+    let jpeg = std::fs::read(common::image("photo.jpg")).unwrap();
+    let cut = dir.path().join("cut.jpg");
+    std::fs::write(&cut, &jpeg[..jpeg.len() * 2 / 3]).unwrap();
+    fails_with(
+        &[
+            "run",
+            b,
+            "--prompt",
+            "<|image|>",
+            "--image",
+            cut.to_str().unwrap(),
+            "--max-new-tokens",
+            "1",
+        ],
+        &["cut.jpg", "truncated", "end-of-image marker"],
+    );
+    ok(&[
+        "run",
+        b,
+        "--prompt",
+        "<|image|>",
+        "--image",
+        common::image("photo.jpg").to_str().unwrap(),
+        "--max-new-tokens",
+        "1",
+    ]);
+    // A FIFO would block a reader forever.
+    let fifo = dir.path().join("pipe.png");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: creates a FIFO at a path inside this test's temporary folder.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    fails_with(
+        &[
+            "run",
+            b,
+            "--prompt",
+            "<|image|>",
+            "--image",
+            fifo.to_str().unwrap(),
+            "--max-new-tokens",
+            "1",
+        ],
+        &["pipe.png", "not a regular file"],
+    );
+}

@@ -29,6 +29,12 @@ pub enum RuntimeError {
     NonFiniteLogits { row: usize, position: usize },
     #[error("prompt is {len} tokens but the bundle accepts at most {max} positions (compile with a larger --max-context)")]
     TooLong { len: usize, max: usize },
+    #[error("the prompt is {prompt} tokens and max_new_tokens {new} needs {prompt} + {new} - 1 positions, but the bundle accepts at most {max} (ask for fewer new tokens, or compile with a larger --max-context)")]
+    TooLongWithNew {
+        prompt: usize,
+        new: usize,
+        max: usize,
+    },
 }
 
 impl<T> From<ort::Error<T>> for RuntimeError {

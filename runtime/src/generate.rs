@@ -35,10 +35,21 @@ pub fn prepare_prompt(model: &Model, prompt: Prompt) -> Result<(Vec<i64>, Vec<f3
             RuntimeError::Param("the bundle has no tokenizer.json: pass token ids".into())
         })
     };
+    let without_images = |ids: Vec<i64>| -> Result<(Vec<i64>, Vec<f32>), RuntimeError> {
+        if let Some(info) = &model.bundle.manifest.vision {
+            let placeholders = ids.iter().filter(|&&t| t == info.tokens.image).count();
+            if placeholders > 0 {
+                return Err(RuntimeError::Param(format!(
+                    "the prompt has {placeholders} <|image|> placeholder(s) but no image was given (pass the images with it, e.g. --image)"
+                )));
+            }
+        }
+        Ok((ids, Vec::new()))
+    };
     Ok(match prompt {
-        Prompt::Ids(ids) => (ids, Vec::new()),
-        Prompt::Text(t) => (text()?.encode(&t)?, Vec::new()),
-        Prompt::Chat(messages) => (text()?.encode_chat(&messages, true)?, Vec::new()),
+        Prompt::Ids(ids) => without_images(ids)?,
+        Prompt::Text(t) => without_images(text()?.encode(&t)?)?,
+        Prompt::Chat(messages) => without_images(text()?.encode_chat(&messages, true)?)?,
         Prompt::WithImages { prompt, images } => {
             let m = &model.bundle.manifest;
             let info = m.vision.as_ref().ok_or_else(|| {
@@ -53,11 +64,13 @@ pub fn prepare_prompt(model: &Model, prompt: Prompt) -> Result<(Vec<i64>, Vec<f3
                     info.max_images
                 )));
             }
-            let (ids, _) = match *prompt {
+            let ids = match *prompt {
                 Prompt::WithImages { .. } => {
                     return Err(RuntimeError::Param("nested image prompts".into()))
                 }
-                inner => prepare_prompt(model, inner)?,
+                Prompt::Ids(ids) => ids,
+                Prompt::Text(t) => text()?.encode(&t)?,
+                Prompt::Chat(messages) => text()?.encode_chat(&messages, true)?,
             };
             let tiles = images
                 .iter()
@@ -120,9 +133,22 @@ impl<'m> TokenStream<'m> {
             return Err(RuntimeError::Param("the prompt has no tokens".into()));
         }
         let max = model.bundle.manifest.model.max_positions;
-        let needed = ids.len() + params.max_new_tokens.saturating_sub(1);
-        if needed > max {
-            return Err(RuntimeError::TooLong { len: needed, max });
+        // The last generated token is never fed back, so it needs no position.
+        let needed = ids
+            .len()
+            .checked_add(params.max_new_tokens.saturating_sub(1));
+        if needed.is_none_or(|n| n > max) {
+            return Err(RuntimeError::TooLongWithNew {
+                prompt: ids.len(),
+                new: params.max_new_tokens,
+                max,
+            });
+        }
+        if params.stop_strings.iter().any(String::is_empty) {
+            return Err(RuntimeError::Param(
+                "a stop string is empty (it would stop after the first token): give a non-empty text"
+                    .into(),
+            ));
         }
         if !params.stop_strings.is_empty() && model.text().is_none() {
             return Err(RuntimeError::Param(

@@ -114,17 +114,18 @@ impl Sampler {
                 };
             }
         }
-        let mut ranked: Vec<(usize, f32)> = scores
-            .iter()
-            .map(|&l| l / p.temperature)
-            .enumerate()
-            .collect();
+        let mut ranked: Vec<(usize, f32)> = scores.iter().copied().enumerate().collect();
         ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if p.top_k > 0 {
             ranked.truncate(p.top_k);
         }
+        // Scale the distance to the best score, never the score itself: a tiny temperature then
+        // tends to greedy instead of overflowing to inf - inf = NaN.
         let max = ranked.first().map_or(0.0, |r| r.1);
-        let mut probs: Vec<f32> = ranked.iter().map(|r| (r.1 - max).exp()).collect();
+        let mut probs: Vec<f32> = ranked
+            .iter()
+            .map(|r| ((r.1 - max) / p.temperature).exp())
+            .collect();
         let total: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|q| *q /= total);
         let mut kept = 0;

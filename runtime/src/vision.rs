@@ -13,8 +13,10 @@ use crate::manifest::VisionInfo;
 
 /// Largest accepted image side in pixels.
 pub const MAX_IMAGE_SIDE: u32 = 16384;
-/// Largest accepted image area in pixels (a 100-megapixel photo fits).
-pub const MAX_IMAGE_PIXELS: u64 = 1 << 27;
+/// Largest accepted image area in pixels (40 MP: an 8K frame is 33 MP).
+pub const MAX_IMAGE_PIXELS: u64 = 40 << 20;
+/// The largest image file herd reads (a 40-megapixel JPEG or PNG is well under it).
+pub const MAX_IMAGE_FILE_BYTES: u64 = 256 << 20;
 
 /// Where an image comes from.
 #[derive(Clone, Debug)]
@@ -47,7 +49,14 @@ pub struct ImageTiles {
     pub cols: usize,
 }
 
-/// Decodes a PNG or JPEG into RGB, refusing empty, zero-sized, oversized and corrupt images.
+/// Whether JPEG `data` ends with the end-of-image marker FF D9 (trailing zero padding allowed).
+fn ends_with_jpeg_eoi(data: &[u8]) -> bool {
+    let end = data.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    data[..end].ends_with(&[0xFF, 0xD9])
+}
+
+/// Decodes a PNG or JPEG into RGB, refusing non-files, empty, zero-sized, oversized, truncated and
+/// corrupt images; decoding allocates at most 8 bytes per pixel of [`MAX_IMAGE_PIXELS`].
 pub fn load_image(source: &ImageSource) -> Result<RgbImage, RuntimeError> {
     let label = source.label();
     let bad = |message: String| RuntimeError::Image {
@@ -56,12 +65,30 @@ pub fn load_image(source: &ImageSource) -> Result<RgbImage, RuntimeError> {
     };
     let data = match source {
         ImageSource::Path(p) => {
+            // A FIFO or device would block or never end: only regular files of a bounded size.
+            let meta =
+                std::fs::metadata(p).map_err(|e| bad(format!("cannot read the file: {e}")))?;
+            if !meta.is_file() {
+                return Err(bad("is not a regular file".into()));
+            }
+            if meta.len() > MAX_IMAGE_FILE_BYTES {
+                return Err(bad(format!(
+                    "the file is {} bytes; herd reads images of at most {MAX_IMAGE_FILE_BYTES} bytes",
+                    meta.len()
+                )));
+            }
             std::fs::read(p).map_err(|e| bad(format!("cannot read the file: {e}")))?
         }
         ImageSource::Bytes { data, .. } => data.clone(),
     };
     if data.is_empty() {
         return Err(bad("the file is empty".into()));
+    }
+    if data.len() as u64 > MAX_IMAGE_FILE_BYTES {
+        return Err(bad(format!(
+            "the image is {} bytes; herd reads images of at most {MAX_IMAGE_FILE_BYTES} bytes",
+            data.len()
+        )));
     }
     let reader = image::ImageReader::new(std::io::Cursor::new(&data))
         .with_guessed_format()
@@ -84,6 +111,13 @@ pub fn load_image(source: &ImageSource) -> Result<RgbImage, RuntimeError> {
         return Err(bad(format!(
             "the image is {w}x{h} pixels; herd accepts at most {MAX_IMAGE_SIDE} per side and {MAX_IMAGE_PIXELS} pixels: downscale it first"
         )));
+    }
+    if format == image::ImageFormat::Jpeg && !ends_with_jpeg_eoi(&data) {
+        // JPEG decoders fill a truncated scan with grey instead of failing.
+        return Err(bad(
+            "corrupt or truncated image: the JPEG data does not end with its end-of-image marker"
+                .into(),
+        ));
     }
     let mut reader = image::ImageReader::with_format(std::io::Cursor::new(&data), format);
     let mut limits = image::Limits::default();

@@ -20,6 +20,7 @@ fn header_is_current() {
         "CHECKSUM_ON_LOAD_LIMIT".into(),
         "MAX_IMAGE_SIDE".into(),
         "MAX_IMAGE_PIXELS".into(),
+        "MAX_IMAGE_FILE_BYTES".into(),
     ];
     let mut generated = Vec::new();
     cbindgen::Builder::new()
