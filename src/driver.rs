@@ -216,7 +216,13 @@ pub fn compile(
                     dump_error = Some(format!("{}: {e}", path.display()));
                 }
             }
-            None => print!("# IR after {pass}\n{text}"),
+            None => {
+                use std::io::Write as _;
+                let mut stdout = std::io::stdout().lock();
+                if let Err(e) = write!(stdout, "# IR after {pass}\n{text}") {
+                    dump_error = Some(format!("to standard output: {e}"));
+                }
+            }
         },
     )?;
     if let Some(e) = dump_error {

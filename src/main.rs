@@ -1,5 +1,30 @@
 //! The `herd` command line: compile Llama 4 checkpoints into deployable bundles and inspect them.
 
+/// `println!` that returns an error instead of panicking when standard output cannot be written
+/// (a full disk, `> /dev/full`); a closed pipe still ends the process quietly (SIGPIPE).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err(crate::stdout_error)?;
+    }};
+}
+
+/// `print!` with [`outln!`]'s error handling; flushes, since callers stream text.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout().lock();
+        write!(stdout, $($arg)*)
+            .and_then(|()| stdout.flush())
+            .map_err(crate::stdout_error)?;
+    }};
+}
+
+/// The error of a failed write to standard output.
+fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    anyhow::anyhow!("cannot write to standard output: {e}")
+}
+
 mod bench;
 mod commands;
 mod driver;

@@ -626,3 +626,53 @@ fn images_that_are_not_images_are_refused() {
         &["pipe.png", "not a regular file"],
     );
 }
+
+#[test]
+fn a_full_stdout_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle");
+    assert!(compile_to(&fixture("tiny-maverick"), &bundle, &[])
+        .status
+        .success());
+    let (b, m) = (
+        bundle.to_str().unwrap().to_string(),
+        fixture("tiny-maverick").display().to_string(),
+    );
+    let out2 = dir.path().join("bundle2").display().to_string();
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["run", &b, "--input-ids", "1,2", "--max-new-tokens", "2"],
+        vec![
+            "run",
+            &b,
+            "--input-ids",
+            "1,2",
+            "--max-new-tokens",
+            "2",
+            "--json",
+        ],
+        vec!["inspect", &m],
+        vec!["inspect", &m, "--json"],
+        vec!["inspect", &m, "--ir"],
+        vec!["compile", &m, "-o", &out2, "--json", "--max-context", "32"],
+        vec!["verify", &b],
+        vec!["plan", &m],
+    ];
+    for args in commands {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_herd"))
+            .args(&args)
+            .stdout(full)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded into /dev/full");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("cannot write to standard output"),
+            "{args:?}: {stderr}"
+        );
+    }
+}

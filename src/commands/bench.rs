@@ -41,10 +41,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         crate::bench::bundle(&args.path, &args.runtime.options(), args.decode_steps)?
     };
     if args.json {
-        println!("{report}");
+        outln!("{report}");
     } else {
         for (k, v) in report.as_object().into_iter().flatten() {
-            println!("{k:<32} {v}");
+            outln!("{k:<32} {v}");
         }
     }
     Ok(())

@@ -234,7 +234,7 @@ pub fn run(args: &CompileArgs) -> Result<()> {
             "bytes_written": report.bytes_written,
             "peak_rss_bytes": report.peak_rss_bytes,
         });
-        println!("{summary}");
+        outln!("{summary}");
         return Ok(());
     }
     eprintln!(
@@ -257,7 +257,7 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         for (layer, counts) in &report.node_counts {
             let label = layer.map_or("outside layers".to_string(), |l| format!("layer {l}"));
             let list: Vec<String> = counts.iter().map(|(op, n)| format!("{op}x{n}")).collect();
-            println!("{label}: {}", list.join(" "));
+            outln!("{label}: {}", list.join(" "));
         }
     }
     Ok(())

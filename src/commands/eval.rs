@@ -60,9 +60,9 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         crate::eval::store(&args.bundle, &accuracy)?;
     }
     if args.json {
-        println!("{}", serde_json::to_string(&accuracy)?);
+        outln!("{}", serde_json::to_string(&accuracy)?);
     } else {
-        println!(
+        outln!(
             "{} vs {}: {}",
             args.bundle.display(),
             args.against.display(),

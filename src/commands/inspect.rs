@@ -28,7 +28,7 @@ pub struct InspectArgs {
 pub fn run(args: &InspectArgs) -> Result<()> {
     if args.ir {
         let imported = import(&args.model)?;
-        print!("{}", herd_ir::print::print(&imported.graph));
+        out!("{}", herd_ir::print::print(&imported.graph));
         return Ok(());
     }
     // The full import also validates every tensor against the config, so inspect reports bad checkpoints.
@@ -36,7 +36,7 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     if imported.checkpoint.config.vision.is_some() {
         let vision = herd_ir::vision::build_vision_graph(&imported.checkpoint)?;
         if args.vision_ir {
-            print!("{}", herd_ir::print::print(&vision));
+            out!("{}", herd_ir::print::print(&vision));
             return Ok(());
         }
     } else if args.vision_ir {
@@ -47,9 +47,9 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     }
     let summary = summarize(&imported.checkpoint);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        outln!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        print_human(&imported.checkpoint, &summary);
+        print_human(&imported.checkpoint, &summary)?;
     }
     Ok(())
 }
@@ -106,14 +106,19 @@ fn summarize(ckpt: &Checkpoint) -> serde_json::Value {
     })
 }
 
-fn print_human(ckpt: &Checkpoint, s: &serde_json::Value) {
+fn print_human(ckpt: &Checkpoint, s: &serde_json::Value) -> Result<()> {
     let c = &ckpt.config;
-    println!("{} ({})", ckpt.dir.display(), c.architecture.hf_name());
-    println!(
+    outln!("{} ({})", ckpt.dir.display(), c.architecture.hf_name());
+    outln!(
         "  decoder: {} layers, hidden {}, {} heads / {} kv heads x {}, vocab {}",
-        c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size
+        c.num_layers,
+        c.hidden_size,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        c.vocab_size
     );
-    println!(
+    outln!(
         "  feed-forward: {} MoE layers {:?} ({} experts, top-{}, width {}); dense MLP width {}",
         c.moe_layers.len(),
         c.moe_layers,
@@ -122,7 +127,7 @@ fn print_human(ckpt: &Checkpoint, s: &serde_json::Value) {
         c.intermediate_size,
         c.intermediate_size_mlp
     );
-    println!(
+    outln!(
         "  attention: NoPE layers {:?}, chunk {}, QK norm {}, temperature tuning {} (floor_scale {}, attn_scale {})",
         c.nope_layers(),
         c.attention_chunk_size
@@ -132,17 +137,17 @@ fn print_human(ckpt: &Checkpoint, s: &serde_json::Value) {
         c.floor_scale,
         c.attn_scale
     );
-    println!("  rope: {}", s["rope"]);
-    println!(
+    outln!("  rope: {}", s["rope"]);
+    outln!(
         "  parameters: {} total ({} text, {} vision), {} active per token",
         human(s["total_params"].as_u64().unwrap_or(0)),
         human(s["text_params"].as_u64().unwrap_or(0)),
         human(s["vision_params"].as_u64().unwrap_or(0)),
         human(s["active_params"].as_u64().unwrap_or(0)),
     );
-    println!("  weights: {} shard(s)", s["shards"]);
+    outln!("  weights: {} shard(s)", s["shards"]);
     if let Some(v) = &c.vision {
-        println!(
+        outln!(
             "  vision: {} layers, hidden {}, {} heads; {}px tiles of {}px patches -> {} tokens per tile; patch token {}; {} tensors",
             v.num_layers,
             v.hidden_size,
@@ -154,6 +159,7 @@ fn print_human(ckpt: &Checkpoint, s: &serde_json::Value) {
             s["vision_tensors"]
         );
     }
+    Ok(())
 }
 
 fn human(n: u64) -> String {

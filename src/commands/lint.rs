@@ -29,7 +29,7 @@ pub struct LintArgs {
 pub fn run(args: &LintArgs) -> Result<()> {
     if args.rules {
         for (rule, what) in herd_targets::tensorrt::RULES {
-            println!("{rule:<24} {what}");
+            outln!("{rule:<24} {what}");
         }
         return Ok(());
     }
@@ -51,7 +51,7 @@ pub fn run(args: &LintArgs) -> Result<()> {
     }
     if cuda_ep {
         let p = &decoder.partition;
-        println!(
+        outln!(
             "partition of {}: {} TensorRT subgraph(s) of {} nodes, {} node(s) on the CUDA EP (com.microsoft.MoE/QMoE), {} tensor(s) crossing between them",
             files[0], p.tensorrt_subgraphs, p.tensorrt_nodes, p.cuda_nodes, p.boundary_tensors
         );
@@ -66,7 +66,7 @@ pub fn run(args: &LintArgs) -> Result<()> {
         } else {
             ""
         };
-        println!("{v}{note}");
+        outln!("{v}{note}");
     }
     if violations.is_empty() {
         eprintln!(

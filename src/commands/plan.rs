@@ -132,9 +132,9 @@ pub fn run(args: &PlanArgs) -> Result<()> {
     };
     let report = plan::plan(&config, weights, &input);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", render(&report));
+        out!("{}", render(&report));
     }
     Ok(())
 }

@@ -124,7 +124,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         let event = event?;
         first_token.get_or_insert_with(|| start.elapsed());
         if stream_text {
-            print!("{}", event.text);
+            out!("{}", event.text);
             std::io::stdout().flush().ok();
         }
         ids.push(event.id);
@@ -163,13 +163,13 @@ pub fn run(args: &RunArgs) -> Result<()> {
             "stop_reason": stop,
             "peak_rss_bytes": crate::driver::peak_rss_bytes(),
         });
-        println!("{summary}");
+        outln!("{summary}");
     } else {
         if stream_text {
-            println!();
+            outln!();
         } else {
             let list: Vec<String> = ids.iter().map(|t| t.to_string()).collect();
-            println!("{}", list.join(","));
+            outln!("{}", list.join(","));
         }
         eprintln!(
             "{} tokens, first after {:.1} ms, then {decode_tps:.1} tokens/s; stopped: {stop}",

@@ -33,15 +33,15 @@ pub fn run(args: &VerifyArgs) -> Result<()> {
                 })
             })
             .collect();
-        println!(
+        outln!(
             "{}",
             serde_json::json!({ "files": files, "damaged": damaged })
         );
     } else {
         for c in &checks {
             match &c.problem {
-                None => println!("ok       {:>14} B  {}", c.bytes, c.path),
-                Some(p) => println!("DAMAGED  {:>14} B  {}: {p}", c.bytes, c.path),
+                None => outln!("ok       {:>14} B  {}", c.bytes, c.path),
+                Some(p) => outln!("DAMAGED  {:>14} B  {}: {p}", c.bytes, c.path),
             }
         }
     }
