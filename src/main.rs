@@ -113,9 +113,31 @@ fn clean_up_on_interrupt() {
     });
 }
 
+/// Weights are memory-mapped: a file truncated while herd reads it raises SIGBUS at the next touch of
+/// a vanished page. Nothing can be recovered then, but the user gets a reason instead of a bus error.
+fn explain_bus_errors() {
+    extern "C" fn on_sigbus(_: libc::c_int) {
+        const MESSAGE: &[u8] = b"error: a memory-mapped weight file shrank while herd was reading it (truncated or rewritten in place); replace bundles and checkpoints by renaming new files into place, never by writing over them\n";
+        // SAFETY: write(2) and _exit(2) are async-signal-safe.
+        unsafe {
+            libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len());
+            libc::_exit(135);
+        }
+    }
+    #[cfg(unix)]
+    // SAFETY: installs a handler that only calls async-signal-safe functions, before other threads.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigbus as *const () as usize;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut());
+    }
+}
+
 fn main() -> ExitCode {
     exit_quietly_on_closed_pipe();
     keep_freed_blocks();
+    explain_bus_errors();
     clean_up_on_interrupt();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("HERD_LOG"))

@@ -18,6 +18,9 @@ pub struct Preprocessing {
     pub image_std: Vec<f32>,
 }
 
+/// Most tiles of one image's canvas herd compiles for (as `--max-tiles` allows).
+const MAX_TILES: usize = 64;
+
 /// Reads `preprocessor_config.json` from `model_dir` if there is one; `max_tiles` (from the command line)
 /// overrides its `max_patches`. Settings herd does not implement are refused, naming the key.
 pub fn preprocessing(
@@ -96,8 +99,11 @@ pub fn preprocessing(
         .and_then(|x| x.as_u64())
         .map(|x| x as usize);
     let max_tiles = max_tiles.or(from_file).unwrap_or(16);
-    if max_tiles == 0 {
-        return Err(bad("max_patches", "must be at least 1".into()));
+    if max_tiles == 0 || max_tiles > MAX_TILES {
+        return Err(bad(
+            "max_patches",
+            format!("is {max_tiles}; it must be in 1..={MAX_TILES} (Llama 4: 16)"),
+        ));
     }
     let rescale_factor = match config.get("rescale_factor") {
         None | Some(serde_json::Value::Null) => 1.0 / 255.0,

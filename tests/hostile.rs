@@ -676,3 +676,257 @@ fn a_full_stdout_is_an_error_not_a_panic() {
         );
     }
 }
+
+#[test]
+fn weights_truncated_under_a_running_model_are_explained() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle");
+    ok(&[
+        "compile",
+        fixture("tiny-maverick").to_str().unwrap(),
+        "-o",
+        bundle.to_str().unwrap(),
+        "--max-context",
+        "256",
+    ]);
+    let mut chat = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args(["chat", bundle.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The session maps the weights at load; wait for the first answer (the second "> " prompt).
+    let mut stdin = chat.stdin.take().unwrap();
+    writeln!(stdin, "hello").unwrap();
+    stdin.flush().unwrap();
+    let mut stdout = chat.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while seen.windows(2).filter(|w| w == b"> ").count() < 2 {
+        use std::io::Read;
+        if stdout.read(&mut byte).unwrap() == 0 {
+            panic!("chat ended early: {}", String::from_utf8_lossy(&seen));
+        }
+        seen.push(byte[0]);
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(bundle.join("model.onnx.data"))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    writeln!(stdin, "hello again").unwrap();
+    drop(stdin);
+    let out = chat.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("memory-mapped weight file shrank"),
+        "no explanation: {stderr}"
+    );
+}
+
+#[test]
+fn unbounded_sizes_are_bounded_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    // config.json: a layer count no Llama 4 has, and a file far larger than any config.
+    let model = fixture_copy("tiny-maverick", &dir.path().join("layers"));
+    edit_json(&model.join("config.json"), |c| {
+        c["num_hidden_layers"] = serde_json::json!(1_000_000_000u64)
+    });
+    fails_with(
+        &["inspect", model.to_str().unwrap()],
+        &["num_hidden_layers", "at most 1024"],
+    );
+    let model = fixture_copy("tiny-maverick", &dir.path().join("array"));
+    edit_json(&model.join("config.json"), |c| {
+        c["no_rope_layers"] = serde_json::json!(vec![1; 600_000])
+    });
+    fails_with(
+        &["inspect", model.to_str().unwrap()],
+        &["config.json", "herd reads at most"],
+    );
+    // preprocessor_config.json's canvas.
+    let model = fixture_copy("tiny-scout", &dir.path().join("patches"));
+    edit_json(&model.join("preprocessor_config.json"), |c| {
+        c["max_patches"] = serde_json::json!(100_000)
+    });
+    fails_with(
+        &[
+            "compile",
+            model.to_str().unwrap(),
+            "-o",
+            dir.path().join("never").to_str().unwrap(),
+        ],
+        &["max_patches", "1..=64"],
+    );
+    // A tampered manifest's vision sizes.
+    let bundle = dir.path().join("vision-bundle");
+    ok(&[
+        "compile",
+        fixture("tiny-scout").to_str().unwrap(),
+        "-o",
+        bundle.to_str().unwrap(),
+        "--max-context",
+        "64",
+    ]);
+    let manifest = bundle.join("manifest.json");
+    let original = std::fs::read_to_string(&manifest).unwrap();
+    for (key, value) in [
+        ("tile_size", 1_000_000u64),
+        ("tokens_per_tile", 1_000_000_000),
+        ("max_tiles", 1_000_000),
+    ] {
+        std::fs::write(&manifest, &original).unwrap();
+        edit_json(&manifest, |m| m["vision"][key] = serde_json::json!(value));
+        fails_with(
+            &["run", bundle.to_str().unwrap(), "--input-ids", "1"],
+            &["vision section"],
+        );
+    }
+    std::fs::write(&manifest, &original).unwrap();
+    // Synthetic checkpoints and runtime sessions.
+    fails_with(
+        &[
+            "synth",
+            "--preset",
+            "ci-small",
+            "--vocab",
+            "100000000000",
+            "-o",
+            dir.path().join("synth").to_str().unwrap(),
+        ],
+        &["--vocab 100000000000", "at most"],
+    );
+    fails_with(
+        &[
+            "run",
+            bundle.to_str().unwrap(),
+            "--input-ids",
+            "1",
+            "--sessions",
+            "100000",
+        ],
+        &["--sessions", "100000"],
+    );
+}
+
+#[test]
+fn templates_and_prompts_cannot_run_away() {
+    use herd_runtime::{GenerateParams, Message, Model, Prompt, RuntimeOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle");
+    assert!(compile_to(&fixture("tiny-maverick"), &bundle, &[])
+        .status
+        .success());
+    let model = Model::load(&bundle, &RuntimeOptions::default()).unwrap();
+    let params = GenerateParams {
+        max_new_tokens: 1,
+        ..Default::default()
+    };
+    // 40 MB of text is refused before tokenizing (the bundle holds 32 positions).
+    let huge = "word ".repeat(8 << 20);
+    let err = model
+        .stream(Prompt::Text(huge.clone()), &params, None)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("more than the 32 positions"), "{err}");
+    let chat = vec![Message {
+        role: "user".into(),
+        content: huge,
+    }];
+    let err = model
+        .stream(Prompt::Chat(chat), &params, None)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("bytes"), "{err}");
+
+    // Chat templates: an endless loop runs out of fuel, a flood of output is cut off.
+    for (template, expected) in [
+        (
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% for k in range(100000) %}{% endfor %}{% endfor %}{% endfor %}",
+            "fuel",
+        ),
+        (
+            "{% for i in range(100000) %}{% for j in range(100000) %}xxxxxxxx{% endfor %}{% endfor %}",
+            "passes",
+        ),
+    ] {
+        std::fs::write(bundle.join("chat_template.jinja"), template).unwrap();
+        edit_manifest_checksum(&bundle, "chat_template.jinja");
+        let model = Model::load(&bundle, &RuntimeOptions::default()).unwrap();
+        let msg = vec![Message {
+            role: "user".into(),
+            content: "hi".into(),
+        }];
+        let err = model
+            .stream(Prompt::Chat(msg), &params, None)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains(expected), "{template}: {err}");
+    }
+}
+
+/// Re-records one file's size and sha256 in a bundle's manifest (a deliberate edit, as a user would
+/// make with their own template).
+fn edit_manifest_checksum(bundle: &Path, name: &str) {
+    use sha2::Digest;
+    let bytes = std::fs::read(bundle.join(name)).unwrap();
+    let sha: String = sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    edit_json(&bundle.join("manifest.json"), |m| {
+        let files = m["files"].as_array_mut().unwrap();
+        match files.iter_mut().find(|f| f["path"] == name) {
+            Some(f) => {
+                f["bytes"] = serde_json::json!(bytes.len());
+                f["sha256"] = serde_json::json!(sha);
+            }
+            None => {
+                files.push(serde_json::json!({"path": name, "bytes": bytes.len(), "sha256": sha}))
+            }
+        }
+    });
+}
+
+#[test]
+fn chat_survives_lines_that_are_not_text() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle");
+    ok(&[
+        "compile",
+        fixture("tiny-maverick").to_str().unwrap(),
+        "-o",
+        bundle.to_str().unwrap(),
+        "--max-context",
+        "256",
+    ]);
+    let mut chat = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args(["chat", bundle.to_str().unwrap(), "--max-new-tokens", "2"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = chat.stdin.take().unwrap();
+    stdin.write_all(b"caf\xe9 latin-1\n").unwrap();
+    stdin.write_all(b"hello\n/exit\n").unwrap();
+    drop(stdin);
+    let out = chat.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("not UTF-8 text; the line was ignored"),
+        "{stderr}"
+    );
+    // The session went on: two prompts after the refused line (hello's answer, then /exit).
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.matches("> ").count() >= 3, "{stdout}");
+}

@@ -488,11 +488,11 @@ fn tampered_vision_manifests_are_refused() {
         (("\"tile_size\": 56", "\"tile_size\": 64"), "pixel_values"),
         (
             ("\"max_tiles\": 16", "\"max_tiles\": 0"),
-            "vision section: max_tiles and max_images must be positive",
+            "vision section: max_tiles and max_images must be in 1..=64",
         ),
         (
             ("\"tile_size\": 56", "\"tile_size\": 0"),
-            "vision section: tile_size and tokens_per_tile must be positive",
+            "vision section: tile_size must be in 1..=4096",
         ),
     ];
     for ((from, to), message) in cases {

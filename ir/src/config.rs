@@ -185,6 +185,17 @@ impl Llama4Config {
     /// Reads and resolves `config.json` at `path`.
     pub fn from_file(path: &Path) -> Result<Llama4Config, ConfigError> {
         let file = path.display().to_string();
+        if let Ok(meta) = std::fs::metadata(path) {
+            if meta.len() > MAX_CONFIG_BYTES {
+                return Err(ConfigError::Io {
+                    file,
+                    message: format!(
+                        "{} bytes; a config.json is a few KB (herd reads at most {MAX_CONFIG_BYTES})",
+                        meta.len()
+                    ),
+                });
+            }
+        }
         let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => ConfigError::Missing { file: file.clone() },
             _ => ConfigError::Io {
@@ -378,6 +389,35 @@ fn vision_config(
         image_start_id: top.boi_token_index.unwrap_or(200080),
         image_end_id: top.eoi_token_index.unwrap_or(200081),
     };
+    for (key, value, max) in [
+        ("hidden_size", c.hidden_size, limits::WIDTH),
+        ("num_hidden_layers", c.num_layers, limits::LAYERS),
+        ("num_attention_heads", c.num_heads, limits::HEADS),
+        ("intermediate_size", c.intermediate_size, limits::FFN_WIDTH),
+        ("image_size", c.image_size, limits::IMAGE_SIZE),
+        ("patch_size", c.patch_size, limits::IMAGE_SIZE),
+        (
+            "projector_input_dim",
+            c.projector_input_dim,
+            limits::FFN_WIDTH,
+        ),
+        (
+            "projector_output_dim",
+            c.projector_output_dim,
+            limits::FFN_WIDTH,
+        ),
+        ("vision_output_dim", c.vision_output_dim, limits::FFN_WIDTH),
+    ] {
+        if value == 0 || value > max {
+            return Err(bad(key, format!("is {value}; it must be in 1..={max}")));
+        }
+    }
+    if c.num_channels != 3 {
+        return Err(bad(
+            "num_channels",
+            format!("is {}; Llama 4 reads RGB images (3)", c.num_channels),
+        ));
+    }
     if !(c.rope_theta.is_finite() && c.rope_theta > 1.0) {
         return Err(bad(
             "rope_theta",
@@ -441,6 +481,22 @@ fn vision_config(
     Ok(c)
 }
 
+/// The largest config.json herd parses (published ones are under 10 KB).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Upper bounds of config values, far above every Llama 4 (Behemoth included): beyond them a value
+/// is a typo or an attack, and products of them would overflow or allocate without end.
+pub mod limits {
+    pub const VOCAB: usize = 1 << 22;
+    pub const WIDTH: usize = 1 << 16;
+    pub const FFN_WIDTH: usize = 1 << 18;
+    pub const LAYERS: usize = 1024;
+    pub const HEADS: usize = 1024;
+    pub const EXPERTS: usize = 4096;
+    pub const CHUNK: usize = 1 << 26;
+    pub const IMAGE_SIZE: usize = 4096;
+}
+
 struct Resolver<'a> {
     file: &'a str,
     key_prefix: &'a str,
@@ -458,6 +514,15 @@ impl Resolver<'_> {
         }
     }
 
+    /// [`Resolver::required`], and at most `max`.
+    fn bounded(&self, value: Option<usize>, key: &str, max: usize) -> Result<usize, ConfigError> {
+        let v = self.required(value, key)?;
+        if v > max {
+            return Err(self.bad(key, format!("is {v}; herd accepts at most {max}")));
+        }
+        Ok(v)
+    }
+
     fn bad(&self, key: &str, problem: impl Into<String>) -> ConfigError {
         ConfigError::BadValue {
             file: self.file.to_string(),
@@ -473,11 +538,20 @@ impl Resolver<'_> {
         vision: Option<VisionConfig>,
         tie_word_embeddings: bool,
     ) -> Result<Llama4Config, ConfigError> {
-        let vocab_size = self.required(raw.vocab_size, "vocab_size")?;
-        let hidden_size = self.required(raw.hidden_size, "hidden_size")?;
-        let num_layers = self.required(raw.num_hidden_layers, "num_hidden_layers")?;
-        let num_heads = self.required(raw.num_attention_heads, "num_attention_heads")?;
-        let num_kv_heads = self.required(raw.num_key_value_heads, "num_key_value_heads")?;
+        let vocab_size = self.bounded(raw.vocab_size, "vocab_size", limits::VOCAB)?;
+        let hidden_size = self.bounded(raw.hidden_size, "hidden_size", limits::WIDTH)?;
+        let num_layers =
+            self.bounded(raw.num_hidden_layers, "num_hidden_layers", limits::LAYERS)?;
+        let num_heads = self.bounded(
+            raw.num_attention_heads,
+            "num_attention_heads",
+            limits::HEADS,
+        )?;
+        let num_kv_heads = self.bounded(
+            raw.num_key_value_heads,
+            "num_key_value_heads",
+            limits::HEADS,
+        )?;
         if num_heads % num_kv_heads != 0 {
             return Err(self.bad(
                 "num_key_value_heads",
@@ -485,7 +559,7 @@ impl Resolver<'_> {
             ));
         }
         let head_dim = match raw.head_dim {
-            Some(d) => self.required(Some(d), "head_dim")?,
+            Some(d) => self.bounded(Some(d), "head_dim", limits::WIDTH)?,
             None if hidden_size % num_heads == 0 => hidden_size / num_heads,
             None => {
                 return Err(self.bad(
@@ -541,11 +615,21 @@ impl Resolver<'_> {
             }
         };
         let has_dense = moe_layers.len() < num_layers;
-        let intermediate_size = self.required(raw.intermediate_size, "intermediate_size")?;
+        let intermediate_size = self.bounded(
+            raw.intermediate_size,
+            "intermediate_size",
+            limits::FFN_WIDTH,
+        )?;
         let intermediate_size_mlp = if has_dense {
-            self.required(raw.intermediate_size_mlp, "intermediate_size_mlp")?
+            self.bounded(
+                raw.intermediate_size_mlp,
+                "intermediate_size_mlp",
+                limits::FFN_WIDTH,
+            )?
         } else {
-            raw.intermediate_size_mlp.unwrap_or(0)
+            raw.intermediate_size_mlp
+                .unwrap_or(0)
+                .min(limits::FFN_WIDTH)
         };
         let (num_experts, top_k) = if moe_layers.is_empty() {
             (
@@ -553,7 +637,7 @@ impl Resolver<'_> {
                 raw.num_experts_per_tok.unwrap_or(0),
             )
         } else {
-            let e = self.required(raw.num_local_experts, "num_local_experts")?;
+            let e = self.bounded(raw.num_local_experts, "num_local_experts", limits::EXPERTS)?;
             let k = self.required(
                 Some(raw.num_experts_per_tok.unwrap_or(1)),
                 "num_experts_per_tok",
@@ -571,7 +655,9 @@ impl Resolver<'_> {
         let attention_chunk_size = match raw.attention_chunk_size {
             None => Some(8192),
             Some(None) => None,
-            Some(Some(size)) => Some(self.required(Some(size), "attention_chunk_size")?),
+            Some(Some(size)) => {
+                Some(self.bounded(Some(size), "attention_chunk_size", limits::CHUNK)?)
+            }
         };
         let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-5);
         if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0 && rms_norm_eps < 1.0) {

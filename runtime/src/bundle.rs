@@ -88,10 +88,13 @@ impl Bundle {
         }
         if let Some(v) = &bundle.manifest.vision {
             // Preprocessing divides by and indexes with these: refuse values a compile never writes.
-            let problem = if v.tile_size == 0 || v.tokens_per_tile == 0 {
-                Some("tile_size and tokens_per_tile must be positive")
-            } else if v.max_tiles == 0 || v.max_images == 0 {
-                Some("max_tiles and max_images must be positive")
+            let problem = if v.tile_size == 0 || v.tile_size > 4096 {
+                Some("tile_size must be in 1..=4096")
+            } else if v.tokens_per_tile == 0 || v.tokens_per_tile > v.tile_size * v.tile_size {
+                Some("tokens_per_tile must be positive and at most one per pixel")
+            } else if v.max_tiles == 0 || v.max_tiles > 64 || v.max_images == 0 || v.max_images > 64
+            {
+                Some("max_tiles and max_images must be in 1..=64")
             } else if v.num_channels != 3 || v.image_mean.len() != 3 || v.image_std.len() != 3 {
                 Some("images have 3 channels, each with a mean and std")
             } else if v.image_std.iter().any(|s| *s == 0.0 || !s.is_finite())

@@ -46,10 +46,19 @@ pub fn prepare_prompt(model: &Model, prompt: Prompt) -> Result<(Vec<i64>, Vec<f3
         }
         Ok((ids, Vec::new()))
     };
+    let max = model.bundle.manifest.model.max_positions;
+    let encode = |t: &str| -> Result<Vec<i64>, RuntimeError> {
+        let codec = text()?;
+        codec.check_length(t, max)?;
+        codec.encode(t)
+    };
+    let encode_chat = |messages: &[crate::Message]| -> Result<Vec<i64>, RuntimeError> {
+        text()?.encode_chat_bounded(messages, true, max)
+    };
     Ok(match prompt {
         Prompt::Ids(ids) => without_images(ids)?,
-        Prompt::Text(t) => without_images(text()?.encode(&t)?)?,
-        Prompt::Chat(messages) => without_images(text()?.encode_chat(&messages, true)?)?,
+        Prompt::Text(t) => without_images(encode(&t)?)?,
+        Prompt::Chat(messages) => without_images(encode_chat(&messages)?)?,
         Prompt::WithImages { prompt, images } => {
             let m = &model.bundle.manifest;
             let info = m.vision.as_ref().ok_or_else(|| {
@@ -69,8 +78,8 @@ pub fn prepare_prompt(model: &Model, prompt: Prompt) -> Result<(Vec<i64>, Vec<f3
                     return Err(RuntimeError::Param("nested image prompts".into()))
                 }
                 Prompt::Ids(ids) => ids,
-                Prompt::Text(t) => text()?.encode(&t)?,
-                Prompt::Chat(messages) => text()?.encode_chat(&messages, true)?,
+                Prompt::Text(t) => encode(&t)?,
+                Prompt::Chat(messages) => encode_chat(&messages)?,
             };
             let tiles = images
                 .iter()

@@ -41,6 +41,9 @@ pub struct RuntimeOptions {
     pub verify: bool,
 }
 
+/// The most ONNX Runtime sessions one model runs (each has its own thread pools).
+pub const MAX_SESSIONS: usize = 64;
+
 /// Where the TensorRT EP keeps engine and timing caches for a bundle without a prebuilt engine.
 fn trt_cache_dir(bundle: &Bundle) -> std::path::PathBuf {
     let base = std::env::var_os("HERD_CACHE_DIR")
@@ -136,6 +139,12 @@ pub struct Model {
 impl Model {
     /// Opens and checks `dir`, then creates the ONNX Runtime session.
     pub fn load(dir: &Path, options: &RuntimeOptions) -> Result<Model, RuntimeError> {
+        if options.sessions > MAX_SESSIONS {
+            return Err(RuntimeError::Param(format!(
+                "sessions {} is more than {MAX_SESSIONS}: each holds its own ONNX Runtime threads",
+                options.sessions
+            )));
+        }
         let bundle = Bundle::open(dir)?;
         if options.verify {
             bundle.verify_all()?;

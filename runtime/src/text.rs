@@ -25,7 +25,13 @@ pub struct TextCodec {
     tokenizer: tokenizers::Tokenizer,
     template: String,
     bos_token: String,
+    /// Bytes of the longest token (at least 1): a text of n bytes has at least n / this many tokens.
+    max_token_bytes: usize,
 }
+
+/// Template instructions one rendering may run (a conversation takes thousands): an endless loop in a
+/// chat template ends with an error instead of hanging.
+const TEMPLATE_FUEL: u64 = 50_000_000;
 
 #[derive(Deserialize)]
 struct TokenizerConfig {
@@ -38,6 +44,26 @@ fn token_text(v: &serde_json::Value) -> Option<String> {
         serde_json::Value::String(s) => Some(s.clone()),
         serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
         _ => None,
+    }
+}
+
+/// An output sink that stops a rendering once it passes `max` bytes.
+struct CappedWriter {
+    bytes: Vec<u8>,
+    max: usize,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.bytes.extend_from_slice(buf);
+        if self.bytes.len() > self.max {
+            return Err(std::io::Error::other("rendered output too long"));
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -84,16 +110,38 @@ impl TextCodec {
         let bos_token = config
             .and_then(|c| c.bos_token.as_ref().and_then(token_text))
             .unwrap_or_else(|| "<|begin_of_text|>".to_string());
+        // Byte-level BPE spells every byte as one character; added tokens are plain text.
+        let max_token_bytes = tokenizer
+            .get_vocab(true)
+            .keys()
+            .map(|t| t.chars().count().max(t.len()))
+            .max()
+            .unwrap_or(1)
+            .max(1);
         Ok(TextCodec {
             tokenizer,
             template,
             bos_token,
+            max_token_bytes,
         })
     }
 
     /// Token ids of plain text, with the tokenizer's special tokens (BOS).
     pub fn encode(&self, text: &str) -> Result<Vec<i64>, RuntimeError> {
         self.encode_with(text, true)
+    }
+
+    /// Refuses `text` when it certainly holds more than `max_tokens` tokens (before tokenizing it,
+    /// which would allocate in proportion to its length).
+    pub fn check_length(&self, text: &str, max_tokens: usize) -> Result<(), RuntimeError> {
+        let least = text.len() / self.max_token_bytes;
+        if least > max_tokens {
+            return Err(RuntimeError::Param(format!(
+                "the text is {} bytes: at least {least} tokens, more than the {max_tokens} positions the bundle accepts",
+                text.len()
+            )));
+        }
+        Ok(())
     }
 
     fn encode_with(&self, text: &str, special: bool) -> Result<Vec<i64>, RuntimeError> {
@@ -110,13 +158,39 @@ impl TextCodec {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String, RuntimeError> {
+        self.render_capped(messages, add_generation_prompt, usize::MAX)
+    }
+
+    /// [`TextCodec::render`], failing once the output passes `max_bytes` or the template runs out of
+    /// fuel (an endless loop).
+    pub fn render_capped(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        max_bytes: usize,
+    ) -> Result<String, RuntimeError> {
         let mut env = minijinja::Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_template("chat", &self.template)
             .map_err(|e| RuntimeError::Param(format!("invalid chat template: {e}")))?;
         let ctx = minijinja::context! { messages => messages, add_generation_prompt => add_generation_prompt, bos_token => &self.bos_token };
+        let mut out = CappedWriter {
+            bytes: Vec::new(),
+            max: max_bytes,
+        };
         env.get_template("chat")
-            .and_then(|t| t.render(ctx))
-            .map_err(|e| RuntimeError::Param(format!("cannot render the chat template: {e}")))
+            .and_then(|t| t.render_captured_to(ctx, &mut out).map(|_| ()))
+            .map_err(|e| {
+                if out.bytes.len() > out.max {
+                    RuntimeError::Param(format!(
+                        "the rendered conversation passes {max_bytes} bytes, more than the bundle's positions can hold"
+                    ))
+                } else {
+                    RuntimeError::Param(format!("cannot render the chat template: {e}"))
+                }
+            })?;
+        String::from_utf8(out.bytes)
+            .map_err(|_| RuntimeError::Param("the chat template rendered invalid UTF-8".into()))
     }
 
     /// Token ids of a rendered conversation (BOS from the template only).
@@ -126,6 +200,21 @@ impl TextCodec {
         add_generation_prompt: bool,
     ) -> Result<Vec<i64>, RuntimeError> {
         self.encode_with(&self.render(messages, add_generation_prompt)?, false)
+    }
+
+    /// [`TextCodec::encode_chat`] refusing conversations longer than `max_tokens` before tokenizing.
+    pub fn encode_chat_bounded(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        max_tokens: usize,
+    ) -> Result<Vec<i64>, RuntimeError> {
+        let max_bytes = max_tokens
+            .saturating_add(1)
+            .saturating_mul(self.max_token_bytes);
+        let text = self.render_capped(messages, add_generation_prompt, max_bytes)?;
+        self.check_length(&text, max_tokens)?;
+        self.encode_with(&text, false)
     }
 
     /// Text of token ids; special tokens are left out when `skip_special`.

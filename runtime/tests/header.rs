@@ -21,6 +21,7 @@ fn header_is_current() {
         "MAX_IMAGE_SIDE".into(),
         "MAX_IMAGE_PIXELS".into(),
         "MAX_IMAGE_FILE_BYTES".into(),
+        "MAX_SESSIONS".into(),
     ];
     let mut generated = Vec::new();
     cbindgen::Builder::new()

@@ -12,6 +12,52 @@ use herd_runtime::{Message, Model, Prompt};
 
 use super::run::SamplingArgs;
 
+/// The longest chat line herd reads (longer ones are skipped whole, not buffered).
+const MAX_LINE_BYTES: u64 = 64 << 20;
+
+/// One line of standard input.
+enum Line {
+    Text(String),
+    /// A line that is not text herd takes (not UTF-8, or too long): the session goes on.
+    Refused(String),
+    End,
+}
+
+/// Reads one line, at most [`MAX_LINE_BYTES`] of it into memory.
+fn read_line<R: std::io::BufRead>(input: &mut R) -> Result<Line> {
+    let mut bytes = Vec::new();
+    let n = std::io::Read::take(&mut *input, MAX_LINE_BYTES + 1).read_until(b'\n', &mut bytes)?;
+    if n == 0 {
+        return Ok(Line::End);
+    }
+    if bytes.len() as u64 > MAX_LINE_BYTES && bytes.last() != Some(&b'\n') {
+        // Skip the rest of the line without keeping it.
+        loop {
+            let buf = input.fill_buf()?;
+            if buf.is_empty() {
+                break;
+            }
+            match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    input.consume(i + 1);
+                    break;
+                }
+                None => {
+                    let len = buf.len();
+                    input.consume(len);
+                }
+            }
+        }
+        return Ok(Line::Refused(format!(
+            "the line is longer than {MAX_LINE_BYTES} bytes"
+        )));
+    }
+    Ok(match String::from_utf8(bytes) {
+        Ok(text) => Line::Text(text),
+        Err(_) => Line::Refused("the line is not UTF-8 text".into()),
+    })
+}
+
 /// Arguments of `herd chat`.
 #[derive(Args)]
 pub struct ChatArgs {
@@ -53,10 +99,14 @@ pub fn run(args: &ChatArgs) -> Result<()> {
     loop {
         write!(out, "> ")?;
         out.flush()?;
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
-            break;
-        }
+        let line = match read_line(&mut stdin.lock())? {
+            Line::End => break,
+            Line::Text(line) => line,
+            Line::Refused(why) => {
+                eprintln!("error: {why}; the line was ignored");
+                continue;
+            }
+        };
         let line = line.trim();
         match line {
             "" => continue,

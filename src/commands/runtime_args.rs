@@ -37,8 +37,8 @@ pub struct RuntimeArgs {
     #[arg(long)]
     pub no_prepack: bool,
     /// ONNX Runtime sessions for running graphs in parallel (weights shared; prepacked ones per session).
-    #[arg(long, default_value_t = 1)]
-    pub sessions: usize,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub sessions: u16,
     /// Check every bundle file's sha256 before loading (as `herd verify`; a load checks sizes and the
     /// small files' checksums only).
     #[arg(long)]
@@ -64,7 +64,7 @@ impl RuntimeArgs {
                 EpArg::Tensorrt => Provider::TensorRt,
             },
             device: self.device,
-            sessions: self.sessions,
+            sessions: self.sessions.into(),
             verify: self.verify,
         }
     }

@@ -52,6 +52,18 @@ pub fn run(args: &SynthArgs) -> Result<()> {
     if spec.layers == 0 || spec.experts == 0 || spec.intermediate == 0 || spec.vocab == 0 {
         anyhow::bail!("--layers, --experts, --intermediate and --vocab must be positive");
     }
+    use herd_ir::config::limits;
+    for (flag, value, max) in [
+        ("--layers", spec.layers, limits::LAYERS),
+        ("--experts", spec.experts, limits::EXPERTS),
+        ("--intermediate", spec.intermediate, limits::FFN_WIDTH),
+        ("--vocab", spec.vocab, limits::VOCAB),
+    ] {
+        anyhow::ensure!(
+            value <= max,
+            "{flag} {value}: herd compiles at most {max} (config.json limits)"
+        );
+    }
     let bar = ProgressBar::new(0);
     bar.set_style(ProgressStyle::with_template("writing shards [{bar:30}] {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec})").expect("valid template"));
     let start = std::time::Instant::now();
