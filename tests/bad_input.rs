@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use common::fixture;
+use common::{edit_json, fixture, raw_safetensors};
 use safetensors::SafeTensors;
 
 /// Runs `herd inspect DIR` and returns stderr, asserting the failure contract.
@@ -42,21 +42,6 @@ fn copy_fixture(name: &str) -> tempfile::TempDir {
         fs::copy(entry.path(), tmp.path().join(entry.file_name())).expect("copy");
     }
     tmp
-}
-
-fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let mut value: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap();
-    edit(&mut value);
-    fs::write(path, serde_json::to_string_pretty(&value).unwrap()).unwrap();
-}
-
-/// A safetensors file with a hand-written header, for the cases a writer would refuse to produce.
-fn raw_safetensors(path: &Path, header: &str, data_len: usize) {
-    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(header.as_bytes());
-    bytes.extend(std::iter::repeat_n(0u8, data_len));
-    fs::write(path, bytes).unwrap();
 }
 
 /// tiny-maverick (one `model.safetensors`) with its weights replaced by a hand-written file.

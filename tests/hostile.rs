@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{fails_with, fixture, ok};
+use common::{edit_json, fails_with, fixture, ok, raw_safetensors};
 
 /// A copy of tiny-maverick (small, no vision) that a test may damage.
 fn model_copy(dir: &Path) -> PathBuf {
@@ -305,13 +305,6 @@ fn damaged_weights_are_named_and_never_give_silent_output() {
         ],
         &["model.onnx.data", "sha256 differs", "damaged"],
     );
-}
-
-fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let mut value: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    edit(&mut value);
-    std::fs::write(path, serde_json::to_string_pretty(&value).unwrap()).unwrap();
 }
 
 #[test]
@@ -929,4 +922,57 @@ fn chat_survives_lines_that_are_not_text() {
     // The session went on: two prompts after the refused line (hello's answer, then /exit).
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.matches("> ").count() >= 3, "{stdout}");
+}
+
+#[test]
+fn errors_name_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    // A JSON type error names its key, nested ones with their path.
+    let model = fixture_copy("tiny-maverick", &dir.path().join("types"));
+    edit_json(&model.join("config.json"), |c| {
+        c["rope_parameters"]["rope_type"] = serde_json::json!(5)
+    });
+    fails_with(
+        &["inspect", model.to_str().unwrap()],
+        &["key `rope_parameters.rope_type`", "expected a string"],
+    );
+    // A shard that is a folder.
+    let model = fixture_copy("tiny-maverick", &dir.path().join("folder"));
+    std::fs::remove_file(model.join("model.safetensors")).unwrap();
+    std::fs::create_dir(model.join("model.safetensors")).unwrap();
+    fails_with(
+        &["inspect", model.to_str().unwrap()],
+        &["model.safetensors", "is not a regular file"],
+    );
+    // A tensor listed twice is named as such, not as an overlap.
+    let model = fixture_copy("tiny-maverick", &dir.path().join("dup"));
+    raw_safetensors(
+        &model.join("model.safetensors"),
+        r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#,
+        16,
+    );
+    fails_with(
+        &["inspect", model.to_str().unwrap()],
+        &["tensor `w` is listed twice"],
+    );
+    // A manifest that disagrees with its graph is refused at load, not mid-run by ONNX Runtime.
+    let bundle = dir.path().join("bundle");
+    assert!(compile_to(&fixture("tiny-maverick"), &bundle, &[])
+        .status
+        .success());
+    edit_json(&bundle.join("manifest.json"), |m| {
+        m["model"]["num_kv_heads"] = serde_json::json!(3)
+    });
+    fails_with(
+        &["run", bundle.to_str().unwrap(), "--input-ids", "1"],
+        &["past_key.0", "manifest says 3 kv heads"],
+    );
+    // A manifest value of the wrong type names its key.
+    edit_json(&bundle.join("manifest.json"), |m| {
+        m["model"]["num_kv_heads"] = serde_json::json!("one")
+    });
+    fails_with(
+        &["run", bundle.to_str().unwrap(), "--input-ids", "1"],
+        &["key `model.num_kv_heads`"],
+    );
 }

@@ -266,10 +266,11 @@ fn parse<T: for<'de> Deserialize<'de>>(
     file: &str,
     prefix: &str,
 ) -> Result<T, ConfigError> {
-    T::deserialize(value).map_err(|e| ConfigError::BadValue {
+    // The error names the key (`text_config.rope_parameters.rope_type`), not just the value.
+    serde_path_to_error::deserialize(value).map_err(|e| ConfigError::BadValue {
         file: file.to_string(),
-        key: format!("{prefix}<object>"),
-        problem: e.to_string(),
+        key: format!("{prefix}{}", e.path()),
+        problem: e.inner().to_string(),
     })
 }
 
@@ -975,6 +976,6 @@ mod tests {
         assert!(wrong_type
             .unwrap_err()
             .to_string()
-            .starts_with("cfg.json: key `<object>`: invalid type"));
+            .starts_with("cfg.json: key `use_qk_norm`: invalid type"));
     }
 }

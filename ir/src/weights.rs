@@ -391,9 +391,13 @@ fn describe_header_error(file: &str, buffer: &[u8], err: SafeTensorError) -> Wei
         | SafeTensorError::InvalidHeaderStart
         | SafeTensorError::InvalidHeaderDeserialization(_)
         | SafeTensorError::JsonError(_) => format!("header is not valid safetensors JSON ({err})"),
-        SafeTensorError::InvalidOffset(name) => {
-            format!("tensor `{name}` has data offsets that overlap another tensor or leave a gap")
-        }
+        SafeTensorError::InvalidOffset(name) => match duplicate_key(buffer) {
+            // A repeated name hides one entry, which then looks like an overlap or a gap.
+            Some(dup) => format!("tensor `{dup}` is listed twice in the header"),
+            None => format!(
+                "tensor `{name}` has data offsets that overlap another tensor or leave a gap"
+            ),
+        },
         SafeTensorError::TensorInvalidInfo | SafeTensorError::MisalignedSlice | SafeTensorError::ValidationOverflow => {
             match find_size_mismatch(buffer) {
                 Some(detail) => detail,
@@ -410,6 +414,34 @@ fn describe_header_error(file: &str, buffer: &[u8], err: SafeTensorError) -> Wei
         file: file.to_string(),
         problem,
     }
+}
+
+/// The first key the header's JSON object repeats, if any (serde maps keep only the last).
+fn duplicate_key(buffer: &[u8]) -> Option<String> {
+    struct Keys;
+    impl<'de> serde::de::Visitor<'de> for Keys {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                if !seen.insert(key.clone()) {
+                    return Ok(Some(key));
+                }
+            }
+            Ok(None)
+        }
+    }
+    let len = u64::from_le_bytes(buffer.get(..8)?.try_into().ok()?) as usize;
+    let header = buffer.get(8..8usize.checked_add(len)?)?;
+    let mut de = serde_json::Deserializer::from_slice(header);
+    serde::Deserializer::deserialize_map(&mut de, Keys).ok()?
 }
 
 #[derive(serde::Deserialize)]

@@ -54,9 +54,9 @@ impl Bundle {
             });
         }
         let manifest: Manifest =
-            serde_json::from_value(probe).map_err(|e| RuntimeError::BadManifest {
+            serde_path_to_error::deserialize(&probe).map_err(|e| RuntimeError::BadManifest {
                 path: shown.clone(),
-                message: e.to_string(),
+                message: format!("key `{}`: {}", e.path(), e.inner()),
             })?;
         let bundle = Bundle {
             dir: dir.to_path_buf(),

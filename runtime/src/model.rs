@@ -41,6 +41,45 @@ pub struct RuntimeOptions {
     pub verify: bool,
 }
 
+/// Refuses a manifest whose facts disagree with the graph it names (the manifest is checksummed only
+/// as a small file, so a hand edit shows up here, not as a raw ONNX Runtime shape error mid-run): every
+/// KV input the manifest lists exists, with its fixed kv_heads and head_dim.
+fn check_graph_inputs(bundle: &Bundle, inputs: &[ort::value::Outlet]) -> Result<(), RuntimeError> {
+    let m = &bundle.manifest;
+    let tampered = |message: String| RuntimeError::Tampered {
+        path: bundle
+            .dir
+            .join(crate::manifest::MANIFEST_FILE)
+            .display()
+            .to_string(),
+        message,
+    };
+    let expected = [m.model.num_kv_heads as i64, m.model.head_dim as i64];
+    for name in m
+        .graph
+        .kv
+        .iter()
+        .flat_map(|kv| [&kv.past_key, &kv.past_value])
+    {
+        let input = inputs
+            .iter()
+            .find(|i| i.name() == name.as_str())
+            .ok_or_else(|| tampered(format!("the graph has no input `{name}`")))?;
+        if let ort::value::ValueType::Tensor { shape, .. } = input.dtype() {
+            let found = [shape.get(1).copied(), shape.get(3).copied()];
+            if shape.len() != 4 || found != expected.map(Some) {
+                return Err(tampered(format!(
+                    "input `{name}` has shape {:?}, but the manifest says {} kv heads of {}",
+                    &shape[..],
+                    m.model.num_kv_heads,
+                    m.model.head_dim
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The most ONNX Runtime sessions one model runs (each has its own thread pools).
 pub const MAX_SESSIONS: usize = 64;
 
@@ -206,6 +245,12 @@ impl Model {
                     .map_err(|e| RuntimeError::Ort(format!("{}: {e}", model_path.display())))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(first) = sessions.first() {
+            let session = first
+                .lock()
+                .map_err(|_| RuntimeError::Ort("session lock poisoned".into()))?;
+            check_graph_inputs(&bundle, session.inputs())?;
+        }
         let vision = match &bundle.manifest.vision {
             Some(v) => {
                 // Float weights, mapped once like a float decoder's unless prepacking is asked for.

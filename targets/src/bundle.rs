@@ -83,10 +83,24 @@ impl BundleWriter {
         &self.staging
     }
 
-    /// Copies `src` into the bundle as `name`.
+    /// Copies `src` into the bundle as `name`; an error names the side that failed (a full disk is
+    /// the bundle's, an unreadable file the source's).
     pub fn copy_in(&self, src: &Path, name: &str) -> Result<(), TargetError> {
+        use std::io::{Read, Write};
         let dst = self.staging.join(name);
-        fs::copy(src, &dst).map_err(|e| TargetError::io(src, e))?;
+        let mut input = fs::File::open(src).map_err(|e| TargetError::io(src, e))?;
+        let mut output = fs::File::create(&dst).map_err(|e| TargetError::io(&dst, e))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = input.read(&mut buf).map_err(|e| TargetError::io(src, e))?;
+            if n == 0 {
+                break;
+            }
+            output
+                .write_all(&buf[..n])
+                .map_err(|e| TargetError::io(&dst, e))?;
+        }
+        output.sync_all().map_err(|e| TargetError::io(&dst, e))?;
         Ok(())
     }
 

@@ -222,3 +222,20 @@ pub fn vision_goldens() -> (Vec<ImageGolden>, Golden) {
     };
     (images, prompt)
 }
+
+/// Rewrites the JSON file at `path` through `edit`.
+pub fn edit_json(path: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut value);
+    std::fs::write(path, serde_json::to_string_pretty(&value).unwrap()).unwrap();
+}
+
+/// A safetensors file with a hand-written header and `data_len` zero bytes of data, for the cases a
+/// writer would refuse to produce.
+pub fn raw_safetensors(path: &std::path::Path, header: &str, data_len: usize) {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend(std::iter::repeat_n(0u8, data_len));
+    std::fs::write(path, bytes).unwrap();
+}
