@@ -31,7 +31,7 @@ mod driver;
 mod eval;
 mod plan;
 mod synth;
-mod vision_manifest;
+use herd::vision_manifest;
 
 use std::process::ExitCode;
 

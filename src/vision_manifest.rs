@@ -30,13 +30,30 @@ pub fn preprocessing(
 ) -> Result<Preprocessing> {
     let found = herd_ir::model_file(model_dir, "preprocessor_config.json")?;
     let path = model_dir.join("preprocessor_config.json");
-    let config: serde_json::Value = if found.is_some() {
-        let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
-        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?
-    } else {
-        serde_json::json!({})
+    let text = match found {
+        Some(_) => {
+            Some(std::fs::read_to_string(&path).with_context(|| path.display().to_string())?)
+        }
+        None => None,
     };
-    let bad = |key: &str, problem: String| anyhow::anyhow!("{}: `{key}` {problem}", path.display());
+    preprocessing_from_json(text.as_deref(), &path.display().to_string(), v, max_tiles)
+}
+
+/// [`preprocessing`] of the text of a `preprocessor_config.json` (None: the file is absent), named
+/// `label` in errors.
+pub fn preprocessing_from_json(
+    text: Option<&str>,
+    label: &str,
+    v: &VisionConfig,
+    max_tiles: Option<usize>,
+) -> Result<Preprocessing> {
+    let config: serde_json::Value = match text {
+        Some(text) => {
+            serde_json::from_str(text).with_context(|| format!("{label}: invalid JSON"))?
+        }
+        None => serde_json::json!({}),
+    };
+    let bad = |key: &str, problem: String| anyhow::anyhow!("{label}: `{key}` {problem}");
     let channels = |key: &str| -> Result<Vec<f32>> {
         match config.get(key) {
             None | Some(serde_json::Value::Null) => Ok(vec![0.5; v.num_channels]),

@@ -211,3 +211,41 @@ fn tensorrt_target_bundles_lint_clean_and_match_transformers() {
     assert!(String::from_utf8_lossy(&out.stdout)
         .contains("[unsupported-op] node `layers.1.moe.experts`: com.microsoft.MoE"));
 }
+
+/// bf16 bundles (TensorRT target) take bf16 inputs and cache; on the CPU, which has no bf16 kernels,
+/// the runtime refuses them with the way out instead of feeding f32 tensors.
+#[test]
+fn bf16_bundles_take_bf16_and_are_refused_on_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = compile_with(
+        "tiny-maverick",
+        "grouped",
+        "bf16",
+        &["--target", "tensorrt-h100"],
+        dir.path(),
+    );
+    let onnx = <onnx_protobuf::ModelProto as onnx_protobuf::Message>::parse_from_bytes(
+        &std::fs::read(Path::new(&bundle).join("model.onnx")).unwrap(),
+    )
+    .unwrap();
+    let past = onnx
+        .graph
+        .input
+        .iter()
+        .find(|i| i.name == "past_key.0")
+        .expect("a cache input");
+    let Some(onnx_protobuf::type_proto::Value::TensorType(t)) = &past.type_.value else {
+        panic!("past_key.0 is a tensor");
+    };
+    assert_eq!(
+        t.elem_type,
+        onnx_protobuf::tensor_proto::DataType::BFLOAT16 as i32
+    );
+    common::fails_with(
+        &["run", &bundle, "--input-ids", "1,2"],
+        &[
+            "bf16 bundles run on the GPU providers",
+            "--dtype f16 or f32",
+        ],
+    );
+}

@@ -976,3 +976,61 @@ fn errors_name_what_is_wrong() {
         &["key `model.num_kv_heads`"],
     );
 }
+
+/// CRC-32 (IEEE) of a PNG chunk's type and data.
+fn png_crc(bytes: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                0xedb8_8320 ^ (crc >> 1)
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[test]
+fn an_image_declaring_a_huge_canvas_is_refused_before_decoding() {
+    let dir = tempfile::tempdir().unwrap();
+    // A tiny PNG whose header declares 16384 x 8192 RGBA16 (1 GiB to decode).
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        png.extend((data.len() as u32).to_be_bytes());
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        png.extend_from_slice(&body);
+        png.extend(png_crc(&body).to_be_bytes());
+    };
+    let mut ihdr = 16384u32.to_be_bytes().to_vec();
+    ihdr.extend(8192u32.to_be_bytes());
+    ihdr.extend([16, 6, 0, 0, 0]);
+    chunk(b"IHDR", &ihdr);
+    chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
+    chunk(b"IEND", &[]);
+    let path = dir.path().join("bomb.png");
+    std::fs::write(&path, &png).unwrap();
+    let bundle = dir.path().join("bundle");
+    ok(&[
+        "compile",
+        fixture("tiny-scout").to_str().unwrap(),
+        "-o",
+        bundle.to_str().unwrap(),
+    ]);
+    fails_with(
+        &[
+            "run",
+            bundle.to_str().unwrap(),
+            "--prompt",
+            "<|image|>",
+            "--image",
+            path.to_str().unwrap(),
+            "--max-new-tokens",
+            "1",
+        ],
+        &["bomb.png", "16384x8192", "downscale"],
+    );
+}

@@ -75,13 +75,9 @@ impl Checkpoint {
                 file: index_name.clone(),
                 problem: e.to_string(),
             })?;
-            let index: RawIndex =
-                serde_json::from_str(&text).map_err(|e| ImportError::BadIndex {
-                    file: index_name.clone(),
-                    problem: format!("invalid index JSON: {e}"),
-                })?;
+            let weight_map = parse_index(&index_name, &text)?;
             let mut opened: BTreeMap<String, ShardId> = BTreeMap::new();
-            for shard_name in index.weight_map.values() {
+            for shard_name in weight_map.values() {
                 if opened.contains_key(shard_name) {
                     continue;
                 }
@@ -93,7 +89,7 @@ impl Checkpoint {
                 let id = store.push(Shard::open(&path, &path.display().to_string())?);
                 opened.insert(shard_name.clone(), id);
             }
-            for (tensor, shard_name) in &index.weight_map {
+            for (tensor, shard_name) in &weight_map {
                 let id = opened[shard_name];
                 if store.shard(id).info(tensor).is_none() {
                     return Err(ImportError::NotInShard {
@@ -317,6 +313,31 @@ impl Checkpoint {
         });
         Ok((gate_up, down))
     }
+}
+
+/// The `weight_map` of a `model.safetensors.index.json` (named `file` in errors): tensor name ->
+/// shard file name, each a relative path without `..`.
+pub fn parse_index(file: &str, text: &str) -> Result<BTreeMap<String, String>, ImportError> {
+    let index: RawIndex = serde_json::from_str(text).map_err(|e| ImportError::BadIndex {
+        file: file.to_string(),
+        problem: format!("invalid index JSON: {e}"),
+    })?;
+    for shard in index.weight_map.values() {
+        let relative = Path::new(shard);
+        if relative.is_absolute()
+            || !relative
+                .components()
+                .all(|c| matches!(c, Component::Normal(_)))
+        {
+            return Err(ImportError::BadIndex {
+                file: file.to_string(),
+                problem: format!(
+                    "shard path `{shard}` must be a plain file name inside the checkpoint folder (absolute paths and `..` are refused)"
+                ),
+            });
+        }
+    }
+    Ok(index.weight_map)
 }
 
 /// `dir/name` when it exists: a regular file whose canonical path lies inside the canonical `dir` (the

@@ -20,7 +20,7 @@ pub mod weights;
 pub use config::Llama4Config;
 pub use error::{ConfigError, Diagnostic, EvalError, ImportError, VerifyError, WeightError};
 pub use graph::{Graph, Node, Value};
-pub use import::{import, import_with, model_file, Checkpoint, Imported};
+pub use import::{import, import_with, model_file, parse_index, Checkpoint, Imported};
 pub use ops::{Op, Phase};
 pub use types::{DType, Dim, DimBindings, Shape, SymDim, TensorType};
 pub use verify::verify;

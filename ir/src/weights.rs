@@ -303,13 +303,7 @@ impl Shard {
             file: name.to_string(),
             message: e.to_string(),
         })?;
-        let (header_len, metadata) =
-            SafeTensors::read_metadata(&mmap).map_err(|e| describe_header_error(name, &mmap, e))?;
-        let tensors = metadata
-            .tensors()
-            .into_iter()
-            .map(|(k, v)| (k, v.clone()))
-            .collect();
+        let (header_len, tensors) = parse_header(name, &mmap)?;
         Ok(Shard {
             name: name.to_string(),
             path: path.to_path_buf(),
@@ -373,6 +367,23 @@ pub fn dtype_from_safetensors(dtype: StDtype) -> Option<DType> {
         StDtype::BOOL => DType::Bool,
         _ => return None,
     })
+}
+
+/// Validates the safetensors file `bytes` (named `name` in errors): header length, JSON, offsets
+/// (contiguous, inside the file, not overlapping) and each tensor's byte count against its dtype and
+/// shape. Returns the header's length and its tensors.
+pub fn parse_header(
+    name: &str,
+    bytes: &[u8],
+) -> Result<(usize, HashMap<String, TensorInfo>), WeightError> {
+    let (header_len, metadata) =
+        SafeTensors::read_metadata(bytes).map_err(|e| describe_header_error(name, bytes, e))?;
+    let tensors = metadata
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.clone()))
+        .collect();
+    Ok((header_len, tensors))
 }
 
 /// Names the tensor a header error concerns: the safetensors crate reports some errors without it.

@@ -37,27 +37,7 @@ impl Bundle {
             path: shown.clone(),
             message: e.to_string(),
         })?;
-        let probe: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| RuntimeError::BadManifest {
-                path: shown.clone(),
-                message: e.to_string(),
-            })?;
-        let found = probe
-            .get("format_version")
-            .and_then(|v| v.as_u64())
-            .unwrap_or(0) as u32;
-        if found != FORMAT_VERSION {
-            return Err(RuntimeError::FormatVersion {
-                path: shown,
-                found,
-                supported: FORMAT_VERSION,
-            });
-        }
-        let manifest: Manifest =
-            serde_path_to_error::deserialize(&probe).map_err(|e| RuntimeError::BadManifest {
-                path: shown.clone(),
-                message: format!("key `{}`: {}", e.path(), e.inner()),
-            })?;
+        let manifest = parse_manifest(&shown, &text)?;
         let bundle = Bundle {
             dir: dir.to_path_buf(),
             manifest,
@@ -77,37 +57,6 @@ impl Bundle {
                     message: format!(
                         "model file `{model}` is not among the bundle's checked files"
                     ),
-                });
-            }
-        }
-        if let Some(problem) = model_section_problem(&bundle.manifest) {
-            return Err(RuntimeError::Tampered {
-                path: bundle.dir.join(MANIFEST_FILE).display().to_string(),
-                message: problem,
-            });
-        }
-        if let Some(v) = &bundle.manifest.vision {
-            // Preprocessing divides by and indexes with these: refuse values a compile never writes.
-            let problem = if v.tile_size == 0 || v.tile_size > 4096 {
-                Some("tile_size must be in 1..=4096")
-            } else if v.tokens_per_tile == 0 || v.tokens_per_tile > v.tile_size * v.tile_size {
-                Some("tokens_per_tile must be positive and at most one per pixel")
-            } else if v.max_tiles == 0 || v.max_tiles > 64 || v.max_images == 0 || v.max_images > 64
-            {
-                Some("max_tiles and max_images must be in 1..=64")
-            } else if v.num_channels != 3 || v.image_mean.len() != 3 || v.image_std.len() != 3 {
-                Some("images have 3 channels, each with a mean and std")
-            } else if v.image_std.iter().any(|s| *s == 0.0 || !s.is_finite())
-                || !(v.rescale_factor.is_finite() && v.rescale_factor > 0.0)
-            {
-                Some("image_std and rescale_factor must be finite and nonzero")
-            } else {
-                None
-            };
-            if let Some(problem) = problem {
-                return Err(RuntimeError::Tampered {
-                    path: bundle.dir.join(MANIFEST_FILE).display().to_string(),
-                    message: format!("vision section: {problem}"),
                 });
             }
         }
@@ -250,6 +199,64 @@ impl Bundle {
     }
 }
 
+/// Parses and checks the text of a `manifest.json` (named `label` in errors): its format version, its
+/// fields (a type error names the key) and the facts the runtime divides by, indexes with and
+/// allocates from. The files it lists are not looked at.
+pub fn parse_manifest(label: &str, text: &str) -> Result<Manifest, RuntimeError> {
+    let probe: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| RuntimeError::BadManifest {
+            path: label.to_string(),
+            message: e.to_string(),
+        })?;
+    let found = probe
+        .get("format_version")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+    if found != u64::from(FORMAT_VERSION) {
+        return Err(RuntimeError::FormatVersion {
+            path: label.to_string(),
+            found: u32::try_from(found).unwrap_or(u32::MAX),
+            supported: FORMAT_VERSION,
+        });
+    }
+    let manifest: Manifest =
+        serde_path_to_error::deserialize(&probe).map_err(|e| RuntimeError::BadManifest {
+            path: label.to_string(),
+            message: format!("key `{}`: {}", e.path(), e.inner()),
+        })?;
+    if let Some(problem) = model_section_problem(&manifest) {
+        return Err(RuntimeError::Tampered {
+            path: label.to_string(),
+            message: problem,
+        });
+    }
+    if let Some(v) = &manifest.vision {
+        // Preprocessing divides by and indexes with these: refuse values a compile never writes.
+        let problem = if v.tile_size == 0 || v.tile_size > 4096 {
+            Some("tile_size must be in 1..=4096")
+        } else if v.tokens_per_tile == 0 || v.tokens_per_tile > v.tile_size * v.tile_size {
+            Some("tokens_per_tile must be positive and at most one per pixel")
+        } else if v.max_tiles == 0 || v.max_tiles > 64 || v.max_images == 0 || v.max_images > 64 {
+            Some("max_tiles and max_images must be in 1..=64")
+        } else if v.num_channels != 3 || v.image_mean.len() != 3 || v.image_std.len() != 3 {
+            Some("images have 3 channels, each with a mean and std")
+        } else if v.image_std.iter().any(|s| *s == 0.0 || !s.is_finite())
+            || !(v.rescale_factor.is_finite() && v.rescale_factor > 0.0)
+        {
+            Some("image_std and rescale_factor must be finite and nonzero")
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(RuntimeError::Tampered {
+                path: label.to_string(),
+                message: format!("vision section: {problem}"),
+            });
+        }
+    }
+    Ok(manifest)
+}
+
 /// Why the manifest's model facts cannot come from a compile, if they cannot: the runtime divides by,
 /// indexes with and allocates from them.
 fn model_section_problem(m: &Manifest) -> Option<String> {
@@ -258,7 +265,7 @@ fn model_section_problem(m: &Manifest) -> Option<String> {
     const MAX_POSITIONS: usize = 1 << 26;
     const MAX_LAYERS: usize = 1024;
     const MAX_WIDTH: usize = 1 << 20;
-    if !["f32", "f16", "bf16"].contains(&m.dtype.as_str()) {
+    if m.element_type().is_none() {
         return Some(format!(
             "dtype `{}` is not one herd compiles (f32, f16, bf16)",
             m.dtype

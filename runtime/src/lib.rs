@@ -15,7 +15,7 @@ pub mod session;
 pub mod text;
 pub mod vision;
 
-pub use bundle::{Bundle, FileCheck};
+pub use bundle::{parse_manifest, Bundle, FileCheck};
 pub use error::RuntimeError;
 pub use generate::{prepare_prompt, Prompt, TokenEvent, TokenStream};
 pub use model::{GenerateParams, Generation, ImageRows, Model, RuntimeOptions, StopReason};

@@ -21,7 +21,8 @@ pub struct Manifest {
     pub herd_version: String,
     pub model: ModelInfo,
     pub graph: GraphIo,
-    /// Element type of activations, weights and the KV cache: "f32" or "f16". Logits are always f32.
+    /// Element type of activations, weights and the KV cache: "f32", "f16" or "bf16" (see
+    /// [`Manifest::element_type`]). Logits are always f32.
     pub dtype: String,
     /// How the MoE was lowered: "ort" or "cuda" (com.microsoft.MoE/QMoE), or "grouped" (standard ONNX).
     pub moe_lowering: String,
@@ -227,4 +228,34 @@ pub struct FileEntry {
     pub path: String,
     pub bytes: u64,
     pub sha256: String,
+}
+
+/// The element type of a bundle's activations, weights and KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ElementType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl ElementType {
+    /// Bytes of one value.
+    pub fn bytes(self) -> usize {
+        match self {
+            ElementType::F32 => 4,
+            ElementType::F16 | ElementType::Bf16 => 2,
+        }
+    }
+}
+
+impl Manifest {
+    /// The bundle's element type; None for a dtype herd does not write (refused when a bundle opens).
+    pub fn element_type(&self) -> Option<ElementType> {
+        match self.dtype.as_str() {
+            "f32" => Some(ElementType::F32),
+            "f16" => Some(ElementType::F16),
+            "bf16" => Some(ElementType::Bf16),
+            _ => None,
+        }
+    }
 }

@@ -14,6 +14,7 @@ use ort::value::{DynValue, Tensor};
 
 use crate::bundle::Bundle;
 use crate::error::RuntimeError;
+use crate::manifest::ElementType;
 use crate::sampling::Sampling;
 
 /// How a bundle is loaded.
@@ -185,6 +186,13 @@ impl Model {
             )));
         }
         let bundle = Bundle::open(dir)?;
+        if options.provider == crate::providers::Provider::Cpu
+            && element_type(&bundle.manifest) == ElementType::Bf16
+        {
+            return Err(RuntimeError::Param(
+                "bf16 bundles run on the GPU providers (--ep cuda or tensorrt): ONNX Runtime's CPU kernels have no bf16 MatMul or Attention; compile with --dtype f16 or f32 to run on the CPU".into(),
+            ));
+        }
         if options.verify {
             bundle.verify_all()?;
         }
@@ -335,14 +343,20 @@ impl Model {
                 .get(&info.image_features)
                 .ok_or_else(|| RuntimeError::Ort("no image_features output".into()))?;
             let expected = image.tiles * info.tokens_per_tile * m.model.hidden_size;
-            let rows: Vec<f32> = match m.dtype.as_str() {
-                "f16" => out
+            let rows: Vec<f32> = match element_type(m) {
+                ElementType::F16 => out
                     .try_extract_tensor::<half::f16>()?
                     .1
                     .iter()
                     .map(|v| v.to_f32())
                     .collect(),
-                _ => out.try_extract_tensor::<f32>()?.1.to_vec(),
+                ElementType::Bf16 => out
+                    .try_extract_tensor::<half::bf16>()?
+                    .1
+                    .iter()
+                    .map(|v| v.to_f32())
+                    .collect(),
+                ElementType::F32 => out.try_extract_tensor::<f32>()?.1.to_vec(),
             };
             if rows.len() != expected {
                 return Err(RuntimeError::Ort(format!(
@@ -362,10 +376,18 @@ impl Model {
         let mut out = Vec::new();
         for kv in &m.graph.kv {
             for name in [&kv.past_key, &kv.past_value] {
-                let value = match m.dtype.as_str() {
-                    "f16" => Tensor::<half::f16>::from_array((shape, Vec::<half::f16>::new()))?
-                        .into_dyn(),
-                    _ => Tensor::<f32>::from_array((shape, Vec::<f32>::new()))?.into_dyn(),
+                let value = match element_type(m) {
+                    ElementType::F16 => {
+                        Tensor::<half::f16>::from_array((shape, Vec::<half::f16>::new()))?
+                            .into_dyn()
+                    }
+                    ElementType::Bf16 => {
+                        Tensor::<half::bf16>::from_array((shape, Vec::<half::bf16>::new()))?
+                            .into_dyn()
+                    }
+                    ElementType::F32 => {
+                        Tensor::<f32>::from_array((shape, Vec::<f32>::new()))?.into_dyn()
+                    }
                 };
                 out.push((name.clone(), value));
             }
@@ -717,14 +739,19 @@ impl Model {
     }
 }
 
-/// A float graph input in the bundle's activation dtype (f16 bundles take f16, others f32).
+/// A float graph input in the bundle's activation dtype (f16 and bf16 bundles take their own type).
 fn float_input(
     dtype: &str,
     shape: Vec<usize>,
     values: &[f32],
 ) -> Result<SessionInputValue<'static>, RuntimeError> {
-    Ok(match dtype {
-        "f16" => Tensor::<half::f16>::from_array((
+    let element = match dtype {
+        "f16" => ElementType::F16,
+        "bf16" => ElementType::Bf16,
+        _ => ElementType::F32,
+    };
+    Ok(match element {
+        ElementType::F16 => Tensor::<half::f16>::from_array((
             shape,
             values
                 .iter()
@@ -733,8 +760,22 @@ fn float_input(
         ))?
         .into_dyn()
         .into(),
-        _ => Tensor::<f32>::from_array((shape, values.to_vec()))?
+        ElementType::Bf16 => Tensor::<half::bf16>::from_array((
+            shape,
+            values
+                .iter()
+                .map(|&v| half::bf16::from_f32(v))
+                .collect::<Vec<_>>(),
+        ))?
+        .into_dyn()
+        .into(),
+        ElementType::F32 => Tensor::<f32>::from_array((shape, values.to_vec()))?
             .into_dyn()
             .into(),
     })
+}
+
+/// The element type of an opened bundle (its dtype was checked when it opened).
+pub(crate) fn element_type(m: &crate::manifest::Manifest) -> ElementType {
+    m.element_type().unwrap_or(ElementType::F32)
 }

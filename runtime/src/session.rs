@@ -133,14 +133,14 @@ impl<'m> Session<'m> {
     fn bound(&self, cache: Cache) -> Result<Cache, RuntimeError> {
         let m = &self.model.bundle.manifest.model;
         let keep = self.position % m.attention_chunk_size.max(1);
-        let f16 = self.model.bundle.manifest.dtype == "f16";
+        let element = crate::model::element_type(&self.model.bundle.manifest);
         cache
             .into_iter()
             .map(|(name, value)| {
                 if is_full_layer(&name, &m.nope_layers) {
                     Ok((name, value))
                 } else {
-                    Ok((name, keep_last(value, keep, f16)?))
+                    Ok((name, keep_last(value, keep, element)?))
                 }
             })
             .collect()
@@ -149,7 +149,7 @@ impl<'m> Session<'m> {
     /// Bytes of the cache now.
     pub fn kv_bytes(&self) -> KvBytes {
         let m = &self.model.bundle.manifest;
-        let element = if m.dtype == "f16" { 2 } else { 4 };
+        let element = crate::model::element_type(m).bytes() as u64;
         let mut bytes = KvBytes {
             chunked: 0,
             full: 0,
@@ -195,7 +195,11 @@ fn elements(value: &DynValue) -> u64 {
 }
 
 /// The last `keep` positions (axis 2) of a [batch, heads, length, head_dim] cache tensor.
-fn keep_last(value: DynValue, keep: usize, f16: bool) -> Result<DynValue, RuntimeError> {
+fn keep_last(
+    value: DynValue,
+    keep: usize,
+    element: crate::manifest::ElementType,
+) -> Result<DynValue, RuntimeError> {
     fn cut<T: ort::value::PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static>(
         value: &DynValue,
         keep: usize,
@@ -210,10 +214,10 @@ fn keep_last(value: DynValue, keep: usize, f16: bool) -> Result<DynValue, Runtim
             .to_owned();
         Ok(Some(Tensor::from_array(kept)?.into_dyn()))
     }
-    let trimmed = if f16 {
-        cut::<half::f16>(&value, keep)?
-    } else {
-        cut::<f32>(&value, keep)?
+    let trimmed = match element {
+        crate::manifest::ElementType::F16 => cut::<half::f16>(&value, keep)?,
+        crate::manifest::ElementType::Bf16 => cut::<half::bf16>(&value, keep)?,
+        crate::manifest::ElementType::F32 => cut::<f32>(&value, keep)?,
     };
     Ok(trimmed.unwrap_or(value))
 }

@@ -77,11 +77,10 @@ impl TextCodec {
                 dir.display()
             )));
         }
-        let tokenizer =
-            tokenizers::Tokenizer::from_file(&path).map_err(|e| RuntimeError::BadManifest {
-                path: path.display().to_string(),
-                message: format!("invalid tokenizer: {e}"),
-            })?;
+        let bytes = std::fs::read(&path).map_err(|e| RuntimeError::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
         let config: Option<TokenizerConfig> =
             std::fs::read_to_string(dir.join("tokenizer_config.json"))
                 .ok()
@@ -110,6 +109,23 @@ impl TextCodec {
         let bos_token = config
             .and_then(|c| c.bos_token.as_ref().and_then(token_text))
             .unwrap_or_else(|| "<|begin_of_text|>".to_string());
+        Self::from_parts(&path.display().to_string(), &bytes, template, bos_token)
+    }
+
+    /// A codec from the bytes of a `tokenizer.json` (named `label` in errors), a chat template and
+    /// the BOS token's text.
+    pub fn from_parts(
+        label: &str,
+        tokenizer_json: &[u8],
+        template: String,
+        bos_token: String,
+    ) -> Result<TextCodec, RuntimeError> {
+        let tokenizer = tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(|e| {
+            RuntimeError::BadManifest {
+                path: label.to_string(),
+                message: format!("invalid tokenizer: {e}"),
+            }
+        })?;
         // Byte-level BPE spells every byte as one character; added tokens are plain text.
         let max_token_bytes = tokenizer
             .get_vocab(true)
@@ -129,6 +145,11 @@ impl TextCodec {
     /// Token ids of plain text, with the tokenizer's special tokens (BOS).
     pub fn encode(&self, text: &str) -> Result<Vec<i64>, RuntimeError> {
         self.encode_with(text, true)
+    }
+
+    /// The same codec with another chat template.
+    pub fn set_template(&mut self, template: String) {
+        self.template = template;
     }
 
     /// Refuses `text` when it certainly holds more than `max_tokens` tokens (before tokenizing it,
