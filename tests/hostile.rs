@@ -38,6 +38,33 @@ fn compile_to(model: &Path, out: &Path, extra: &[&str]) -> std::process::Output 
     common::herd(&args)
 }
 
+/// tiny-maverick compiled into `dir/bundle` for `max_context` positions.
+fn maverick_bundle(dir: &Path, max_context: usize) -> PathBuf {
+    let bundle = dir.join("bundle");
+    ok(&[
+        "compile",
+        fixture("tiny-maverick").to_str().unwrap(),
+        "-o",
+        bundle.to_str().unwrap(),
+        "--max-context",
+        &max_context.to_string(),
+    ]);
+    bundle
+}
+
+/// `herd chat BUNDLE extra..` with piped standard streams.
+fn spawn_chat(bundle: &Path, extra: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_herd"))
+        .arg("chat")
+        .arg(bundle)
+        .args(extra)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 fn file_count(dir: &Path) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
 }
@@ -162,14 +189,7 @@ fn files_are_never_followed_out_of_the_model_folder() {
 #[test]
 fn an_interrupted_compile_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("ckpt");
-    ok(&[
-        "synth",
-        "--preset",
-        "ci-small",
-        "-o",
-        model.to_str().unwrap(),
-    ]);
+    let model = common::synth(dir.path(), "ci-small", &[]);
     for signal in [libc::SIGINT, libc::SIGTERM] {
         let out = dir.path().join(format!("bundle-{signal}"));
         let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
@@ -241,14 +261,7 @@ fn embedding_region(bundle: &Path) -> (u64, u64) {
 fn damaged_weights_are_named_and_never_give_silent_output() {
     use std::io::{Seek, SeekFrom, Write};
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("ckpt");
-    ok(&[
-        "synth",
-        "--preset",
-        "ci-small",
-        "-o",
-        model.to_str().unwrap(),
-    ]);
+    let model = common::synth(dir.path(), "ci-small", &[]);
     let bundle = dir.path().join("bundle");
     ok(&[
         "compile",
@@ -476,10 +489,7 @@ fn tampered_model_facts_and_empty_graphs_are_refused() {
 #[test]
 fn generation_parameters_at_their_limits() {
     let dir = tempfile::tempdir().unwrap();
-    let bundle = dir.path().join("bundle");
-    assert!(compile_to(&fixture("tiny-maverick"), &bundle, &[])
-        .status
-        .success());
+    let bundle = maverick_bundle(dir.path(), 32);
     let b = bundle.to_str().unwrap();
     // A vanishing temperature is greedy, not NaN garbage.
     let greedy = ok(&[
@@ -623,10 +633,7 @@ fn images_that_are_not_images_are_refused() {
 #[test]
 fn a_full_stdout_is_an_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
-    let bundle = dir.path().join("bundle");
-    assert!(compile_to(&fixture("tiny-maverick"), &bundle, &[])
-        .status
-        .success());
+    let bundle = maverick_bundle(dir.path(), 32);
     let (b, m) = (
         bundle.to_str().unwrap().to_string(),
         fixture("tiny-maverick").display().to_string(),
@@ -674,22 +681,8 @@ fn a_full_stdout_is_an_error_not_a_panic() {
 fn weights_truncated_under_a_running_model_are_explained() {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
-    let bundle = dir.path().join("bundle");
-    ok(&[
-        "compile",
-        fixture("tiny-maverick").to_str().unwrap(),
-        "-o",
-        bundle.to_str().unwrap(),
-        "--max-context",
-        "256",
-    ]);
-    let mut chat = Command::new(env!("CARGO_BIN_EXE_herd"))
-        .args(["chat", bundle.to_str().unwrap()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let bundle = maverick_bundle(dir.path(), 256);
+    let mut chat = spawn_chat(&bundle, &[]);
     // The session maps the weights at load; wait for the first answer (the second "> " prompt).
     let mut stdin = chat.stdin.take().unwrap();
     writeln!(stdin, "hello").unwrap();
@@ -810,10 +803,7 @@ fn unbounded_sizes_are_bounded_before_allocating() {
 fn templates_and_prompts_cannot_run_away() {
     use herd_runtime::{GenerateParams, Message, Model, Prompt, RuntimeOptions};
     let dir = tempfile::tempdir().unwrap();
-    let bundle = dir.path().join("bundle");
-    assert!(compile_to(&fixture("tiny-maverick"), &bundle, &[])
-        .status
-        .success());
+    let bundle = maverick_bundle(dir.path(), 32);
     let model = Model::load(&bundle, &RuntimeOptions::default()).unwrap();
     let params = GenerateParams {
         max_new_tokens: 1,
@@ -892,22 +882,8 @@ fn edit_manifest_checksum(bundle: &Path, name: &str) {
 fn chat_survives_lines_that_are_not_text() {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
-    let bundle = dir.path().join("bundle");
-    ok(&[
-        "compile",
-        fixture("tiny-maverick").to_str().unwrap(),
-        "-o",
-        bundle.to_str().unwrap(),
-        "--max-context",
-        "256",
-    ]);
-    let mut chat = Command::new(env!("CARGO_BIN_EXE_herd"))
-        .args(["chat", bundle.to_str().unwrap(), "--max-new-tokens", "2"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let bundle = maverick_bundle(dir.path(), 256);
+    let mut chat = spawn_chat(&bundle, &["--max-new-tokens", "2"]);
     let mut stdin = chat.stdin.take().unwrap();
     stdin.write_all(b"caf\xe9 latin-1\n").unwrap();
     stdin.write_all(b"hello\n/exit\n").unwrap();
@@ -956,10 +932,7 @@ fn errors_name_what_is_wrong() {
         &["tensor `w` is listed twice"],
     );
     // A manifest that disagrees with its graph is refused at load, not mid-run by ONNX Runtime.
-    let bundle = dir.path().join("bundle");
-    assert!(compile_to(&fixture("tiny-maverick"), &bundle, &[])
-        .status
-        .success());
+    let bundle = maverick_bundle(dir.path(), 32);
     edit_json(&bundle.join("manifest.json"), |m| {
         m["model"]["num_kv_heads"] = serde_json::json!(3)
     });

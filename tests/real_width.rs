@@ -11,21 +11,12 @@ use common::ok;
 #[test]
 fn real_width_experts_run_a_long_prompt_in_bounded_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("ckpt");
-    let model = model.to_str().unwrap();
-    ok(&[
-        "synth",
-        "--preset",
+    let model = common::synth(
+        dir.path(),
         "ci-small",
-        "--layers",
-        "1",
-        "--experts",
-        "8",
-        "--intermediate",
-        "8192",
-        "-o",
-        model,
-    ]);
+        &["--layers", "1", "--experts", "8", "--intermediate", "8192"],
+    );
+    let model = model.to_str().unwrap();
     let ids: Vec<String> = (0..256).map(|i| (7 + 13 * i % 4000).to_string()).collect();
     let ids = ids.join(",");
     let mut reference: Option<ndarray::Array2<f32>> = None;

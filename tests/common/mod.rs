@@ -239,3 +239,12 @@ pub fn raw_safetensors(path: &std::path::Path, header: &str, data_len: usize) {
     bytes.extend(std::iter::repeat_n(0u8, data_len));
     std::fs::write(path, bytes).unwrap();
 }
+
+/// `herd synth --preset PRESET extra..` into `dir/ckpt`; returns the checkpoint folder.
+pub fn synth(dir: &std::path::Path, preset: &str, extra: &[&str]) -> PathBuf {
+    let model = dir.join("ckpt");
+    let mut args = vec!["synth", "--preset", preset, "-o", model.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    ok(&args);
+    model
+}
