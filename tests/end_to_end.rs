@@ -46,18 +46,10 @@ fn compile_with(name: &str, moe: &str, dtype: &str, extra: &[&str], dir: &Path) 
 }
 
 fn check_node_snapshot(name: &str, moe: &str, text: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/snapshots")
-        .join(format!("{name}.{moe}.onnx-nodes"));
-    if std::env::var_os("HERD_BLESS").is_some() {
-        std::fs::write(&path, text).unwrap();
-    }
-    let expected = std::fs::read_to_string(&path)
-        .unwrap_or_else(|_| panic!("{} missing: run with HERD_BLESS=1", path.display()));
-    assert!(
-        text == expected,
-        "{name} --moe {moe}: ONNX node list differs from {}:\n{text}",
-        path.display()
+    common::check_snapshot(
+        &format!("{name}.{moe}.onnx-nodes"),
+        text,
+        &format!("{name} --moe {moe}: the ONNX node list"),
     );
 }
 

@@ -102,19 +102,6 @@ fn ir_snapshots() {
         )]);
     for (name, flag, file) in graphs {
         let text = ok(&["inspect", fixture(name).to_str().unwrap(), flag]);
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/snapshots")
-            .join(file);
-        if std::env::var_os("HERD_BLESS").is_some() {
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(&path, &text).unwrap();
-        }
-        let expected = std::fs::read_to_string(&path)
-            .unwrap_or_else(|_| panic!("{} missing: run with HERD_BLESS=1", path.display()));
-        assert!(
-            text == expected,
-            "{name}: IR differs from {} (re-bless with HERD_BLESS=1 if intended)",
-            path.display()
-        );
+        common::check_snapshot(&file, &text, &format!("{name}: the IR"));
     }
 }

@@ -534,18 +534,10 @@ fn vision_onnx_node_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = compile(dir.path(), &[]);
     let text = vision_node_counts(&bundle.join("vision.onnx"));
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/snapshots/tiny-scout.vision.onnx-nodes");
-    if std::env::var_os("HERD_BLESS").is_some() {
-        std::fs::write(&path, &text).unwrap();
-    }
-    let expected = std::fs::read_to_string(&path)
-        .unwrap_or_else(|_| panic!("{} missing: run with HERD_BLESS=1", path.display()));
-    assert_eq!(
-        text,
-        expected,
-        "vision.onnx node list differs from {}",
-        path.display()
+    common::check_snapshot(
+        "tiny-scout.vision.onnx-nodes",
+        &text,
+        "the vision.onnx node list",
     );
 }
 

@@ -248,3 +248,31 @@ pub fn synth(dir: &std::path::Path, preset: &str, extra: &[&str]) -> PathBuf {
     ok(&args);
     model
 }
+
+/// Compares `text` with the committed snapshot `tests/snapshots/{file}`. With `HERD_BLESS=1` a
+/// snapshot that differs is rewritten and the test fails anyway (naming it), so a bless run can never
+/// pass unnoticed; rerun without it to check.
+pub fn check_snapshot(file: &str, text: &str, what: &str) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/snapshots")
+        .join(file);
+    let committed = std::fs::read_to_string(&path).ok();
+    if std::env::var_os("HERD_BLESS").is_some() {
+        if committed.as_deref() != Some(text) {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, text).unwrap();
+            panic!(
+                "blessed {}: {what} changed; review the diff and rerun without HERD_BLESS",
+                path.display()
+            );
+        }
+        return;
+    }
+    let expected =
+        committed.unwrap_or_else(|| panic!("{} missing: run with HERD_BLESS=1", path.display()));
+    assert!(
+        text == expected,
+        "{what} differs from {} (re-bless with HERD_BLESS=1 if intended):\n{text}",
+        path.display()
+    );
+}
