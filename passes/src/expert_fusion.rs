@@ -9,8 +9,9 @@
 //!   `fc1 = gate_up_proj`, `fc2 = down_proj`. The output is `shared(x) + sum_e Expert_e(sigmoid(l_e) x)`,
 //!   exactly [`Op::Moe`].
 //! - Each dense `Mlp` becomes `Linear(x, [gate; up])`, `SwiGlu`, `Linear(down)`.
-//! - `Linear` nodes that read the same input with plain checkpoint weights of one dtype (q/k/v) become
-//!   one `Linear` over the concatenated weight followed by a `Slice` per original output.
+//! - `Linear` nodes without a bias that read the same input with plain checkpoint weights of one dtype
+//!   (q/k/v) become one `Linear` over the concatenated weight followed by a `Slice` per original
+//!   output; projections with a bias stay as they are.
 //!
 //! Does not: quantize, change dtypes, or touch attention math. All weight changes are lazy transforms and
 //! concatenations of the checkpoint tensors, materialised only when a target streams them out.
@@ -153,6 +154,10 @@ fn fuse_sibling_linears(g: &mut Graph) -> Result<(), Diagnostic> {
             continue;
         }
         let inputs = g.inputs(node);
+        // A bias would be lost in the fused projection: only bias-free siblings are fused.
+        if inputs.len() != 2 {
+            continue;
+        }
         if let Some(ws) = weight_inputs(g, &inputs[1..]) {
             groups.entry(inputs[0]).or_default().push((
                 Value { node, slot: 0 },

@@ -328,3 +328,33 @@ fn quantize_equals_explicit_fake_quantization() {
         }
     }
 }
+
+/// Sibling projections with biases (the vision tower's q/k/v) are not fused: their biases survive
+/// expert_fusion and the features are unchanged.
+#[test]
+fn sibling_fusion_keeps_biases() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-scout");
+    let ckpt = herd_ir::Checkpoint::open(&dir).expect("open");
+    let reference = herd_ir::vision::build_vision_graph(&ckpt).expect("vision graph");
+    let side = ckpt.config.vision.as_ref().unwrap().image_size;
+    let pixels: Vec<f32> = (0..3 * side * side)
+        .map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0)
+        .collect();
+    let inputs = HashMap::from([(
+        herd_ir::vision::PIXEL_VALUES.to_string(),
+        Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[1, 3, side, side]), pixels).unwrap()),
+    )]);
+    let features = |g: &Graph| {
+        evaluate(g, &inputs).expect("evaluate")[herd_ir::vision::IMAGE_FEATURES]
+            .as_f32()
+            .unwrap()
+            .clone()
+    };
+    let mut fused = reference.clone();
+    herd_passes::expert_fusion::run(&mut fused, &options(ExpertLayout::Halves)).expect("pass");
+    assert_close(
+        &features(&fused),
+        &features(&reference),
+        "vision features after expert_fusion",
+    );
+}
