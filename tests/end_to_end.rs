@@ -11,8 +11,9 @@ use common::{fixture, goldens_file, herd, max_error, ok, FIXTURES, LOGIT_TOLERAN
 use ndarray::Array2;
 
 /// f16 keeps 11 significant bits (~5e-4 relative per rounding); through 4 layers the logits drift
-/// ~1e-3 of their scale. This bounds the f16 drift; f32 bundles are held to LOGIT_TOLERANCE.
-const F16_TOLERANCE: f32 = 5e-3;
+/// ~1e-3 of their scale (measured: 1.25e-3 on tiny-scout, 8.4e-4 on tiny-maverick). Greedy tokens
+/// can flip at near-ties in f16, so only the logits are held. f32 bundles: LOGIT_TOLERANCE.
+const F16_TOLERANCE: f32 = 2e-3;
 
 fn compile(name: &str, moe: &str, dtype: &str, dir: &Path) -> String {
     compile_with(name, moe, dtype, &[], dir)

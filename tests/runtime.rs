@@ -268,9 +268,12 @@ fn streaming_stops_at_strings_and_on_cancellation() {
         .unwrap();
     let cut: String = (&mut stream).map(|e| e.unwrap().text).collect();
     assert_eq!(stream.stop_reason(), Some(StopReason::StopString));
+    // The stream ends with the token that completes the stop string: the text up to and including
+    // its first occurrence, within one token's text.
+    let end = all.find(&needle).expect("the stop string occurs") + needle.len();
     assert!(
-        cut.contains(&needle) && cut.len() <= all.len(),
-        "{cut:?} / {all:?}"
+        all.starts_with(&cut) && cut.len() >= end && cut.len() < all.len(),
+        "{cut:?} is not the generation cut at its first {needle:?} ({all:?})"
     );
 
     // Cancellation from another holder of the flag ends the stream after the current token.
