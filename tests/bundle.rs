@@ -333,11 +333,20 @@ fn gpu_paths_fail_with_instructions_on_a_machine_without_a_gpu() {
         "64",
     ]);
     let b = bundle.to_str().unwrap();
-    // No nvidia-smi here (CI has none either): build-engine stops before anything else, naming what a GPU machine needs.
-    fails_with(
-        &["build-engine", b],
-        &["no NVIDIA GPU 0", "H100", "TensorRT 10", "ORT_DYLIB_PATH"],
-    );
+    // With no nvidia-smi on the PATH (whatever this host has), build-engine stops before anything
+    // else, naming what a GPU machine needs.
+    let empty = tmp.path().join("empty-path");
+    fs::create_dir_all(&empty).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args(["build-engine", b])
+        .env("PATH", &empty)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    for part in ["no NVIDIA GPU 0", "H100", "TensorRT 10", "ORT_DYLIB_PATH"] {
+        assert!(stderr.contains(part), "`{part}` missing: {stderr}");
+    }
     let manifest = std::fs::read_to_string(bundle.join("manifest.json")).unwrap();
     assert!(
         !manifest.contains("\"engine\""),
