@@ -797,6 +797,17 @@ fn unbounded_sizes_are_bounded_before_allocating() {
         ],
         &["--sessions", "100000"],
     );
+    fails_with(
+        &[
+            "compile",
+            fixture("tiny-maverick").to_str().unwrap(),
+            "-o",
+            dir.path().join("never2").to_str().unwrap(),
+            "--max-context",
+            "10000000",
+        ],
+        &["--max-context 10000000", "1 to 1048576"],
+    );
 }
 
 #[test]

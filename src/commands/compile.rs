@@ -99,7 +99,8 @@ pub struct CompileArgs {
     /// TensorRT target: do not fail on this lint rule (repeatable; `herd lint --rules` lists them).
     #[arg(long = "allow-lint", value_name = "RULE")]
     pub allow_lint: Vec<String>,
-    /// Longest context (prompt + generated tokens) the bundle accepts; sizes the rotary tables.
+    /// Longest context (prompt + generated tokens) the bundle accepts, at most 1,048,576; sizes the
+    /// rotary tables.
     #[arg(long, default_value_t = 8192)]
     pub max_context: usize,
     /// Quantize weights: int4[:BLOCK] or int8[:BLOCK] (symmetric, blocks of 32, 64 or 128 along K; default
@@ -152,8 +153,13 @@ pub struct CompileArgs {
 
 /// Runs the command.
 pub fn run(args: &CompileArgs) -> Result<()> {
-    if args.max_context == 0 {
-        anyhow::bail!("--max-context must be at least 1");
+    // The rotary tables hold max_context rows of head_dim/2 values each (2 x 256 MB at the limit).
+    const MAX_CONTEXT: usize = 1 << 20;
+    if args.max_context == 0 || args.max_context > MAX_CONTEXT {
+        anyhow::bail!(
+            "--max-context {}: use 1 to {MAX_CONTEXT} (the bundle's rotary tables grow with it)",
+            args.max_context
+        );
     }
     let tensorrt = args.target == TargetArg::TensorrtH100;
     let calibration_prompts = args
