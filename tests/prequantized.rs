@@ -1,6 +1,7 @@
 //! A pre-quantized FP8 checkpoint (the compressed-tensors layout of Llama-4-Maverick-FP8) compiles to a
 //! bundle that matches its transformers golden, and keeps the checkpoint's FP8 expert weights as they
-//! are: the bundle's float8 initializers hold exactly the checkpoint's float8 bytes.
+//! are: the bundle's float8 initializers hold exactly the checkpoint's float8 codes, each in the
+//! place its layout gives it (a permuted expert fails).
 
 mod common;
 
@@ -13,34 +14,89 @@ use onnx_protobuf::{Message, ModelProto};
 
 const FIXTURE: &str = "tiny-maverick-fp8";
 
-/// Sorted float8 bytes of every expert tensor of the checkpoint, per MoE layer.
-fn checkpoint_fp8_bytes() -> BTreeMap<usize, Vec<u8>> {
+/// The checkpoint's fp8 expert matrices: (layer, expert, "gate" | "up" | "down") -> [rows, cols] codes.
+type Experts = BTreeMap<(usize, usize, String), ndarray::Array2<u8>>;
+
+fn checkpoint_experts() -> Experts {
     let bytes = std::fs::read(fixture(FIXTURE).join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut out: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
+    let mut out = Experts::new();
     for (name, t) in st.tensors() {
-        if t.dtype() == safetensors::Dtype::F8_E4M3 {
-            let layer = name.split('.').nth(2).unwrap().parse().unwrap();
-            out.entry(layer).or_default().extend_from_slice(t.data());
+        if t.dtype() != safetensors::Dtype::F8_E4M3 {
+            continue;
         }
+        // model.layers.L.feed_forward.experts.E.{gate,up,down}_proj.weight
+        let parts: Vec<&str> = name.split('.').collect();
+        let (layer, expert) = (parts[2].parse().unwrap(), parts[5].parse().unwrap());
+        let which = parts[6].trim_end_matches("_proj").to_string();
+        let shape = (t.shape()[0], t.shape()[1]);
+        out.insert(
+            (layer, expert, which),
+            ndarray::Array2::from_shape_vec(shape, t.data().to_vec()).unwrap(),
+        );
     }
-    out.values_mut().for_each(|v| v.sort_unstable());
     out
 }
 
-/// Sorted bytes of the bundle's float8 initializers per layer, and the number of float initializers
-/// of expert weights (which must be none).
-fn bundle_fp8_bytes(bundle: &std::path::Path) -> (BTreeMap<usize, Vec<u8>>, usize) {
+/// The layers whose experts the checkpoint stores in fp8.
+fn fp8_layers(experts: &Experts) -> Vec<usize> {
+    let mut layers: Vec<usize> = experts.keys().map(|k| k.0).collect();
+    layers.dedup();
+    layers
+}
+
+/// What each fp8 initializer of a bundle must hold, in order, given the layout its name says:
+/// `fc1.q` / `fc2.q` (the stacked experts, interleaved gate/up rows: `--moe ort`) or
+/// `fc1.expertE.q` / `fc2.expertE.q` (one expert as a [K, N] MatMul operand: grouped, with gate
+/// and up columns in halves or, under `--moe cuda`, interleaved).
+fn expected_bytes(name: &str, experts: &Experts, interleaved: bool) -> Vec<u8> {
+    let layer: usize = name.split('.').nth(1).unwrap().parse().unwrap();
+    let get = |e: usize, which: &str| experts[&(layer, e, which.to_string())].clone();
+    let count = experts
+        .keys()
+        .filter(|k| k.0 == layer && k.2 == "down")
+        .count();
+    // gate/up of expert e as the rows of one [2I, H] matrix, interleaved or in halves.
+    let fc1_rows = |e: usize, interleaved: bool| {
+        let (gate, up) = (get(e, "gate"), get(e, "up"));
+        let i = gate.nrows();
+        let mut rows = ndarray::Array2::<u8>::zeros((2 * i, gate.ncols()));
+        for j in 0..i {
+            let (g, u) = if interleaved {
+                (2 * j, 2 * j + 1)
+            } else {
+                (j, i + j)
+            };
+            rows.row_mut(g).assign(&gate.row(j));
+            rows.row_mut(u).assign(&up.row(j));
+        }
+        rows
+    };
+    let flat = |a: ndarray::Array2<u8>| a.as_standard_layout().iter().copied().collect::<Vec<u8>>();
+    match name.split('.').skip(3).collect::<Vec<_>>().as_slice() {
+        ["fc1", "q"] => (0..count).flat_map(|e| flat(fc1_rows(e, true))).collect(),
+        ["fc2", "q"] => (0..count).flat_map(|e| flat(get(e, "down"))).collect(),
+        ["fc1", expert, "q"] => {
+            let e = expert.trim_start_matches("expert").parse().unwrap();
+            flat(fc1_rows(e, interleaved).reversed_axes())
+        }
+        ["fc2", expert, "q"] => {
+            let e = expert.trim_start_matches("expert").parse().unwrap();
+            flat(get(e, "down").reversed_axes())
+        }
+        other => panic!("unexpected fp8 initializer `{name}` ({other:?})"),
+    }
+}
+
+/// Checks every fp8 initializer of `bundle` against the checkpoint's codes in order, and that no
+/// expert weight was written in float. Returns the layers that hold fp8 experts.
+fn check_fp8_bytes(bundle: &std::path::Path, interleaved: bool, what: &str) -> Vec<usize> {
+    let experts = checkpoint_experts();
     let model =
         ModelProto::parse_from_bytes(&std::fs::read(bundle.join("model.onnx")).unwrap()).unwrap();
     let data = std::fs::read(bundle.join("model.onnx.data")).unwrap();
-    let mut out: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
-    let mut float_experts = 0;
+    let mut layers = Vec::new();
     for t in &model.graph.initializer {
-        let layer: Option<usize> = t
-            .name
-            .strip_prefix("layers.")
-            .and_then(|r| r.split('.').next()?.parse().ok());
         let is_expert = (t.name.contains(".moe.fc1") || t.name.contains(".moe.fc2"))
             && !t.name.ends_with(".scales");
         if t.data_type == DataType::FLOAT8E4M3FN as i32 {
@@ -52,23 +108,35 @@ fn bundle_fp8_bytes(bundle: &std::path::Path) -> (BTreeMap<usize, Vec<u8>>, usiz
                     .unwrap()
             };
             let (offset, length) = (field("offset"), field("length"));
-            out.entry(layer.expect("fp8 initializers belong to a layer"))
-                .or_default()
-                .extend_from_slice(&data[offset..offset + length]);
-        } else if is_expert && t.data_type == DataType::FLOAT as i32 {
-            float_experts += 1;
+            assert!(
+                data[offset..offset + length] == expected_bytes(&t.name, &experts, interleaved)[..],
+                "{what}: `{}` does not hold the checkpoint's fp8 codes in order",
+                t.name
+            );
+            layers.push(t.name.split('.').nth(1).unwrap().parse::<usize>().unwrap());
+        } else {
+            assert!(
+                !(is_expert && t.data_type == DataType::FLOAT as i32),
+                "{what}: expert weight `{}` was written in float",
+                t.name
+            );
         }
     }
-    out.values_mut().for_each(|v| v.sort_unstable());
-    (out, float_experts)
+    layers.sort_unstable();
+    layers.dedup();
+    assert_eq!(
+        layers,
+        fp8_layers(&experts),
+        "{what}: fp8 experts of every MoE layer"
+    );
+    layers
 }
 
 #[test]
 fn prequantized_fp8_matches_golden_and_keeps_its_bytes() {
     let dir = tempfile::tempdir().unwrap();
-    let expected = checkpoint_fp8_bytes();
     assert_eq!(
-        expected.keys().copied().collect::<Vec<_>>(),
+        fp8_layers(&checkpoint_experts()),
         vec![1, 3],
         "fixture: routed experts of layers 1 and 3 are fp8"
     );
@@ -98,16 +166,8 @@ fn prequantized_fp8_matches_golden_and_keeps_its_bytes() {
         if target == "tensorrt-h100" {
             ok(&["lint", bundle.to_str().unwrap(), "--target", "tensorrt"]);
         }
+        check_fp8_bytes(&bundle, moe == "cuda", &format!("{target}/{moe}"));
         let moe = format!("{target}/{moe}");
-        let (found, float_experts) = bundle_fp8_bytes(&bundle);
-        assert_eq!(
-            float_experts, 0,
-            "--moe {moe}: expert weights were written in float"
-        );
-        assert!(
-            found == expected,
-            "--moe {moe}: the bundle's fp8 bytes differ from the checkpoint's"
-        );
 
         for (n, golden) in goldens(FIXTURE) {
             let ids: Vec<String> = golden.input_ids.iter().map(|t| t.to_string()).collect();
@@ -157,11 +217,7 @@ fn quantizing_a_prequantized_checkpoint_keeps_its_fp8_experts() {
         "--max-context",
         "64",
     ]);
-    let (found, _) = bundle_fp8_bytes(&bundle);
-    assert!(
-        found == checkpoint_fp8_bytes(),
-        "--quant int8 requantized the checkpoint's fp8 experts"
-    );
+    check_fp8_bytes(&bundle, true, "--quant int8");
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(bundle.join("manifest.json")).unwrap())
             .unwrap();
