@@ -231,22 +231,27 @@ pub fn kv_bytes(config: &Llama4Config, kv_bytes_per_value: u64, batch: u64, cont
         .iter()
         .map(|&rope| if rope { context.min(chunk) } else { context })
         .sum();
-    batch * tokens * per_token_layer
+    // Saturating: extreme --batch/--context give "does not fit", never an overflow.
+    batch.saturating_mul(tokens).saturating_mul(per_token_layer)
 }
 
 /// Activations of the largest call (`batch` x `max_seq` new tokens at `context`): f32 logits, a few
 /// hidden-state copies, the bool attention mask, one layer's attention scores as if materialised (an
 /// upper bound: fused attention keeps them on chip) and the feed-forward intermediates.
 pub fn activation_peak_bytes(config: &Llama4Config, input: &PlanInput, context: u64) -> u64 {
-    let tokens = input.batch * input.max_seq;
+    let tokens = input.batch.saturating_mul(input.max_seq);
     let b = input.dtype.bits() as u64 / 8;
     let width = config.intermediate_size.max(config.intermediate_size_mlp) as u64;
-    let logits = tokens * config.vocab_size as u64 * 4;
-    let hidden = 4 * tokens * config.hidden_size as u64 * b;
-    let mask = tokens * context;
-    let scores = tokens * config.num_heads as u64 * context * b;
-    let ffn = 2 * tokens * 2 * width * b;
-    logits + hidden + mask + scores + ffn
+    let product = |factors: &[u64]| factors.iter().fold(1u64, |p, &f| p.saturating_mul(f));
+    [
+        product(&[tokens, config.vocab_size as u64, 4]),
+        product(&[4, tokens, config.hidden_size as u64, b]),
+        product(&[tokens, context]),
+        product(&[tokens, config.num_heads as u64, context, b]),
+        product(&[4, tokens, width, b]),
+    ]
+    .iter()
+    .fold(0u64, |sum, &part| sum.saturating_add(part))
 }
 
 /// The whole plan.
@@ -299,14 +304,14 @@ pub fn plan(config: &Llama4Config, weights: WeightParts, input: &PlanInput) -> P
     let weight_bytes: u64 = weights.values().sum();
     let kv = kv_bytes(config, input.kv_bytes_per_value, input.batch, input.context);
     let act = activation_peak_bytes(config, input, input.context);
-    let total = weight_bytes + kv + act;
+    let total = weight_bytes.saturating_add(kv).saturating_add(act);
     let usable = (input.gpu.memory_bytes as f64 * USABLE_FRACTION) as u64;
     let gpus_needed = total.div_ceil(usable);
-    let capacity = usable * input.gpus;
+    let capacity = usable.saturating_mul(input.gpus);
     let fits_at = |c: u64| {
         weight_bytes
-            + kv_bytes(config, input.kv_bytes_per_value, input.batch, c)
-            + activation_peak_bytes(config, input, c)
+            .saturating_add(kv_bytes(config, input.kv_bytes_per_value, input.batch, c))
+            .saturating_add(activation_peak_bytes(config, input, c))
             <= capacity
     };
     let max_context = if !fits_at(1) {

@@ -162,4 +162,15 @@ fn plan_refuses_bad_arguments() {
     common::fails_with(&["plan", &scout, "--context", "0"], &["--context 0"]);
     common::fails_with(&["plan", &scout, "--quant", "int3"], &["--quant", "int3"]);
     common::fails_with(&["plan", "/nonexistent"], &["config.json"]);
+    // The largest arguments accepted do not overflow: they do not fit.
+    let huge = plan(&[
+        &scout,
+        "--batch",
+        "4096",
+        "--max-seq",
+        "10485760",
+        "--context",
+        "10485760",
+    ]);
+    assert_eq!(huge["fits"], false);
 }

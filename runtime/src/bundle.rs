@@ -114,7 +114,17 @@ impl Bundle {
                 .collect()
         });
         checks.sort_by_key(|(i, _)| *i);
-        checks.into_iter().map(|(_, c)| c).collect()
+        // A file no worker reported on (a worker that panicked) is not passed as good.
+        (0..entries.len())
+            .map(|i| match checks.binary_search_by_key(&i, |(j, _)| *j) {
+                Ok(at) => checks[at].1.clone(),
+                Err(_) => FileCheck {
+                    path: entries[i].path.clone(),
+                    bytes: entries[i].bytes,
+                    problem: Some("was not checked (herd bug: a hashing thread failed)".into()),
+                },
+            })
+            .collect()
     }
 
     fn check_one(&self, entry: &crate::manifest::FileEntry) -> FileCheck {

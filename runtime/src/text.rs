@@ -126,11 +126,12 @@ impl TextCodec {
                 message: format!("invalid tokenizer: {e}"),
             }
         })?;
-        // Byte-level BPE spells every byte as one character; added tokens are plain text.
+        // A token's UTF-8 spelling is at least as long as the bytes it stands for (byte-level BPE
+        // spells each byte as one character of one or two bytes), so no prompt that fits is refused.
         let max_token_bytes = tokenizer
             .get_vocab(true)
             .keys()
-            .map(|t| t.chars().count().max(t.len()))
+            .map(|t| t.len())
             .max()
             .unwrap_or(1)
             .max(1);
