@@ -400,11 +400,11 @@ fn tensorrt_stage(
             blocking.join("\n  ")
         );
     }
-    let kv: Vec<String> = model
+    let kv: Vec<(String, Option<usize>)> = model
         .io
         .kv
         .iter()
-        .flat_map(|k| [k.past_key.clone(), k.past_value.clone()])
+        .flat_map(|k| [(k.past_key.clone(), k.ring), (k.past_value.clone(), k.ring)])
         .collect();
     let mut p = herd_targets::tensorrt::profiles(
         &kv,

@@ -1,6 +1,6 @@
-//! The runtime library through its Rust API: long generation across many chunk boundaries with the
-//! chunked layers' caches bounded (kv_bytes() against the formula at every length), the maximum context,
-//! and many threads generating from one shared Model.
+//! The runtime library through its Rust API: long generation across many chunk boundaries (48 and 300
+//! tokens against transformers) with the preallocated cache bounded (kv_bytes() against the formula at
+//! every length), the maximum context, and many threads generating from one shared Model.
 
 mod common;
 
@@ -57,32 +57,54 @@ fn long_generation_across_chunks_matches_transformers_with_bounded_cache() {
         "logits differ by {err} (scale {scale})"
     );
 
-    // kv_bytes() at every length: 3 chunked layers keep position % 8 tokens, 1 NoPE layer keeps them all.
+    // kv_bytes(): preallocated once, the same at every length: 3 chunked layers hold a ring of one
+    // chunk (8 entries), the NoPE layer the whole context (128).
     let per_token_per_layer = 2 * 2 * 16 * 4; // k and v, 2 kv heads, head_dim 16, f32
     let mut session = model.session().unwrap();
+    let expected = (3 * per_token_per_layer * 8, per_token_per_layer * 128);
+    let kv = session.kv_bytes();
+    assert_eq!((kv.chunked, kv.full), expected);
     let mut ids = golden.input_ids.clone();
     ids.extend_from_slice(&golden.greedy_ids);
     session.feed(&ids[..12]).unwrap();
     for t in 12..ids.len() {
-        let p = session.position() as u64;
-        let kv = session.kv_bytes();
-        assert_eq!(
-            kv.chunked,
-            3 * per_token_per_layer * (p % 8),
-            "chunked layers at position {p}"
-        );
-        assert_eq!(
-            kv.full,
-            per_token_per_layer * p,
-            "NoPE layer at position {p}"
-        );
         session.feed(&ids[t..t + 1]).unwrap();
+        let kv = session.kv_bytes();
+        assert_eq!((kv.chunked, kv.full), expected, "at position {t}");
     }
-    let whole = 4 * per_token_per_layer * session.position() as u64;
-    eprintln!(
-        "at {} tokens the cache holds {} bytes; keeping every layer whole would take {whole}",
-        session.position(),
-        session.kv_bytes().total()
+}
+
+#[test]
+fn three_hundred_tokens_across_dozens_of_chunk_boundaries_match_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::load(
+        &compile("tiny-scout", dir.path(), 384),
+        &RuntimeOptions::default(),
+    )
+    .unwrap();
+    let (_, golden) = goldens_file("tiny-scout", "goldens-long300.safetensors")
+        .pop()
+        .unwrap();
+    assert_eq!((golden.input_ids.len(), golden.greedy_ids.len()), (41, 300));
+    let out = model.generate(&golden.input_ids, &greedy(300)).unwrap();
+    assert_eq!(
+        out.tokens, golden.greedy_ids,
+        "greedy tokens across 43 chunk boundaries (5 of them in the prefill)"
+    );
+    let logits = ndarray::Array2::from_shape_vec((300, 512), out.step_logits.concat()).unwrap();
+    let (err, scale) = max_error(&logits, &golden.step_logits);
+    eprintln!("300-token generation: max error {err:.3e} (scale {scale:.3})");
+    assert!(
+        err <= LOGIT_TOLERANCE * scale,
+        "logits differ by {err} (scale {scale})"
+    );
+    // The prompt's logits in one prefill that is cut at every chunk boundary.
+    let prompt = model.prompt_logits(&golden.input_ids).unwrap();
+    let prompt = ndarray::Array2::from_shape_vec((41, 512), prompt).unwrap();
+    let (err, scale) = max_error(&prompt, &golden.logits);
+    assert!(
+        err <= LOGIT_TOLERANCE * scale,
+        "prompt logits differ by {err} (scale {scale})"
     );
 }
 

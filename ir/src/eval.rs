@@ -140,6 +140,40 @@ pub fn evaluate(
             })
             .map_err(fail)?,
             Op::Concat { axis } => concat(args[0], args[1], *axis).map_err(fail)?,
+            Op::Rotary if args[1].shape().len() == 3 => {
+                let (cos, sin) = (float(args[1]), float(args[2]));
+                let x = float(args[0]);
+                let (b, s) = (x.shape()[0], x.shape()[2]);
+                let index = ArrayD::from_shape_fn(IxDyn(&[b, s]), |i| (i[0] * s + i[1]) as i64);
+                Tensor::F32(
+                    rotate_pairs(x, &index, |p, j| {
+                        let (bi, si) = (p as usize / s, p as usize % s);
+                        Ok((sin[[bi, si, j]], cos[[bi, si, j]]))
+                    })
+                    .map_err(fail)?,
+                )
+            }
+            Op::RotaryAngles(a) => {
+                let pos = int(args[0]);
+                let (b, s, n) = (pos.shape()[0], pos.shape()[1], a.inv_freq.len());
+                Tensor::F32(ArrayD::from_shape_fn(IxDyn(&[b, s, n]), |i| {
+                    let angle = pos[[i[0], i[1]]] as f32 * a.inv_freq[i[2]];
+                    if a.sin {
+                        angle.sin()
+                    } else {
+                        angle.cos()
+                    }
+                }))
+            }
+            Op::CacheWrite { ring } => Tensor::F32(
+                cache_write(float(args[0]), float(args[1]), int(args[2]), *ring).map_err(fail)?,
+            ),
+            Op::CacheView => {
+                let cache = float(args[0]);
+                let last = int(args[1]).iter().copied().max().unwrap_or(0);
+                let len = usize::try_from(last + 1).unwrap_or(0).min(cache.shape()[2]);
+                Tensor::F32(cache.slice_axis(Axis(2), (0..len).into()).to_owned())
+            }
             Op::Rotary => {
                 let x = float(args[0]);
                 let positions = match args.get(3) {
@@ -465,16 +499,42 @@ fn scale_by_temperature(
     q
 }
 
-/// bool [B, 1, S, past + S]; see [`Op::AttentionMask`].
-fn attention_mask(pos: &ArrayD<i64>, past: usize, chunk: Option<usize>) -> ArrayD<bool> {
+/// bool [B, 1, S, keys]; see [`Op::AttentionMask`].
+fn attention_mask(pos: &ArrayD<i64>, keys: usize, chunk: Option<usize>) -> ArrayD<bool> {
     let (b, s) = (pos.shape()[0], pos.shape()[1]);
-    let total = past + s;
-    ArrayD::from_shape_fn(IxDyn(&[b, 1, s, total]), |i| {
-        let (bi, qi, kj) = (i[0], i[2], i[3]);
+    ArrayD::from_shape_fn(IxDyn(&[b, 1, s, keys]), |i| {
+        let (bi, qi, kj) = (i[0], i[2], i[3] as i64);
         let pq = pos[[bi, qi]];
-        let pk = pos[[bi, 0]] - past as i64 + kj as i64;
-        pk <= pq && chunk.is_none_or(|c| pk.div_euclid(c as i64) == pq.div_euclid(c as i64))
+        kj <= chunk.map_or(pq, |c| pq.rem_euclid(c as i64))
     })
+}
+
+/// The cache with each row's update written at its first position; see [`Op::CacheWrite`].
+fn cache_write(
+    past: &ArrayD<f32>,
+    update: &ArrayD<f32>,
+    pos: &ArrayD<i64>,
+    ring: bool,
+) -> Result<ArrayD<f32>, String> {
+    let mut out = past.clone();
+    let (t, s) = (past.shape()[2], update.shape()[2]);
+    if t == 0 && s > 0 {
+        return Err("a cache of length 0".into());
+    }
+    for b in 0..past.shape()[0] {
+        let first = usize::try_from(pos[[b, 0]]).map_err(|_| "a negative position".to_string())?;
+        if !ring && first + s > t {
+            return Err(format!(
+                "row {b} writes {s} entries at {first} into a cache of {t}"
+            ));
+        }
+        for j in 0..s {
+            let at = if ring { (first + j) % t } else { first + j };
+            out.slice_mut(s![b, .., at, ..])
+                .assign(&update.slice(s![b, .., j, ..]));
+        }
+    }
+    Ok(out)
 }
 
 fn sdpa(

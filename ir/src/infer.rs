@@ -195,11 +195,27 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String>
                 .filter(|d| d % 2 == 0)
                 .ok_or("head_dim must be a fixed even size")?
                 / 2;
-            let [_, cos_half] = dims::<2>(inputs[1], "cos")?;
-            if cos_half != Dim::Fixed(half) || inputs[1].shape != inputs[2].shape {
+            if inputs[1].shape != inputs[2].shape {
                 return Err(format!(
-                    "cos/sin tables must be [positions, {half}], got {} and {}",
+                    "cos and sin must have one shape, got {} and {}",
                     inputs[1].shape, inputs[2].shape
+                ));
+            }
+            if inputs[1].shape.rank() == 3 {
+                // Per-token angles (Op::RotaryAngles).
+                if inputs[1].shape.0 != [b, s, Dim::Fixed(half)] || inputs.len() != 3 {
+                    return Err(format!(
+                        "per-token cos/sin must be [{b}, {s}, {half}] without position ids, got {}",
+                        inputs[1].shape
+                    ));
+                }
+                return Ok(vec![x.clone()]);
+            }
+            let [_, cos_half] = dims::<2>(inputs[1], "cos")?;
+            if cos_half != Dim::Fixed(half) {
+                return Err(format!(
+                    "cos/sin tables must be [positions, {half}], got {}",
+                    inputs[1].shape
                 ));
             }
             match inputs.get(3) {
@@ -226,11 +242,46 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String>
             let pos = inputs[0];
             let [b, s] = dims::<2>(pos, "position_ids")?;
             positions(pos, b, s)?;
-            let [_, _, past, _] = dims::<4>(inputs[1], "past_key")?;
+            let [kb, _, keys, _] = dims::<4>(inputs[1], "keys")?;
+            if kb != b {
+                return Err(format!("keys {} and positions {pos} disagree", inputs[1]));
+            }
             if chunk.is_some_and(|c| c.size == 0) {
                 return Err("chunk size must be positive".into());
             }
-            TensorType::new(DType::Bool, vec![b, Dim::Fixed(1), s, dim_sum(past, s)?])
+            TensorType::new(DType::Bool, vec![b, Dim::Fixed(1), s, keys])
+        }
+        Op::RotaryAngles(a) => {
+            let pos = inputs[0];
+            let [b, s] = dims::<2>(pos, "position_ids")?;
+            positions(pos, b, s)?;
+            if a.inv_freq.is_empty() {
+                return Err("no inverse frequencies".into());
+            }
+            TensorType::new(DType::F32, vec![b, s, Dim::Fixed(a.inv_freq.len())])
+        }
+        Op::CacheWrite { .. } => {
+            let (past, update) = (inputs[0], inputs[1]);
+            let [b, kv, _, d] = dims::<4>(past, "past")?;
+            let [ub, ukv, s, ud] = dims::<4>(update, "update")?;
+            float_tensor(past, "past")?;
+            if (ub, ukv, ud) != (b, kv, d) || update.dtype != past.dtype {
+                return Err(format!("update {update} does not fit cache {past}"));
+            }
+            positions(inputs[2], b, s)?;
+            past.clone()
+        }
+        Op::CacheView => {
+            let cache = inputs[0];
+            let [b, kv, _, d] = dims::<4>(cache, "cache")?;
+            let [pb, _] = dims::<2>(inputs[1], "position_ids")?;
+            if pb != b || inputs[1].dtype != DType::I64 {
+                return Err(format!(
+                    "position_ids {} do not match cache {cache}",
+                    inputs[1]
+                ));
+            }
+            TensorType::new(cache.dtype, vec![b, kv, Dim::Sym(SymDim::Keys), d])
         }
         Op::Sdpa { .. } => {
             let (q, k, v) = (inputs[0], inputs[1], inputs[2]);

@@ -57,6 +57,15 @@ pub struct RopeAttrs {
     pub inv_freq: Vec<f32>,
 }
 
+/// Which half of the rotary angle [`Op::RotaryAngles`] gives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RotaryAnglesAttrs {
+    /// One inverse frequency per rotated pair, llama3 scaling applied.
+    pub inv_freq: std::sync::Arc<Vec<f32>>,
+    /// `sin` of the angle when true, `cos` when false.
+    pub sin: bool,
+}
+
 /// Chunked-local masking: query at position p sees key k iff `k <= p` and `k / size == p / size`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ChunkAttrs {
@@ -189,16 +198,30 @@ pub enum Op {
     },
     /// a, b equal but on `axis` -> concatenation (sizes add; `past + seq` gives `total`).
     Concat { axis: usize },
-    /// x [B, heads, S, d], cos [P, d/2], sin [P, d/2], optional position_ids i64[B, S] -> x's type.
-    /// Interleaved (GPT-J) rotation of pairs (2j, 2j+1) by the angle whose cos/sin sit at row
-    /// position_ids[b, s]; without position_ids the tables have exactly S rows and token s uses row s.
+    /// x [B, heads, S, d], cos, sin, optional position_ids i64[B, S] -> x's type. Interleaved (GPT-J)
+    /// rotation of pairs (2j, 2j+1) by an angle given by its cos/sin: tables [P, d/2] read at row
+    /// position_ids[b, s] (with position_ids) or at row s (without, exactly S rows), or per-token values
+    /// [B, S, d/2] from [`Op::RotaryAngles`] (without position_ids).
     Rotary,
+    /// position_ids i64[B, S] -> f32 [B, S, d/2]: `cos` (or `sin`) of `position * inv_freq[j]`, the angle
+    /// computed in f32 as transformers does. Replaces tables of `max_context` rows.
+    RotaryAngles(RotaryAnglesAttrs),
+    /// past [B, kv, T, d], update [B, kv, S, d], position_ids i64[B, S] -> past's type: the cache with row
+    /// b's S entries written at indices `position_ids[b, 0] + s` (modulo T when `ring`; without `ring`
+    /// they must fit: `position_ids[b, 0] + S <= T`). A call's positions of one row are consecutive, so
+    /// `position_ids[b, 0]` is that row's cache length. ONNX `TensorScatter`; in place when present
+    /// aliases past.
+    CacheWrite { ring: bool },
+    /// cache [B, kv, T, d], position_ids i64[B, S] -> [B, kv, L, d] with `L = min(T, max(position_ids) +
+    /// 1)`: the leading entries a call can attend to (later ones hold no position of any row yet).
+    CacheView,
     /// q [B, heads, S, d], position_ids i64[B, S] -> q's type:
     /// `q * (1 + attn_scale * ln(1 + floor((p + 1) / floor_scale)))`.
     QueryTemperature(TemperatureAttrs),
-    /// position_ids i64[B, S], past_key [B, kv, P, d] -> bool[B, 1, S, P + S]. Key j sits at position
-    /// `position_ids[b, 0] - P + j` (the cache holds the P positions just before this call); query s sees
-    /// key j iff `pos_k <= pos_q` and, when chunked, both lie in the same chunk.
+    /// position_ids i64[B, S], keys [B, kv, L, d] (a [`Op::CacheView`]) -> bool[B, 1, S, L]. Full layers:
+    /// entry j holds position j and query p sees it iff `j <= p`. Chunked layers keep a ring of one chunk:
+    /// entry j holds the position of p's chunk congruent to j, and p sees it iff `j <= p mod size` (same
+    /// chunk, not later; entries past that hold the previous chunk).
     AttentionMask { chunk: Option<ChunkAttrs> },
     /// q [B, nh, S, d], k [B, nkv, T, d], v [B, nkv, T, d], optional mask bool[B, 1, S, T] ->
     /// [B, nh, S, d]: `softmax(q k^T * scale, masked) v`, query head h reading kv head `h / (nh / nkv)`.
@@ -241,6 +264,9 @@ impl Op {
             Op::Slice { .. } => "slice",
             Op::Concat { .. } => "concat",
             Op::Rotary => "rotary",
+            Op::RotaryAngles(_) => "rotary_angles",
+            Op::CacheWrite { .. } => "cache_write",
+            Op::CacheView => "cache_view",
             Op::QueryTemperature(_) => "query_temperature",
             Op::AttentionMask { .. } => "attention_mask",
             Op::Sdpa { .. } => "sdpa",
@@ -263,6 +289,9 @@ impl Op {
             Op::Linear => (2, 3),
             Op::LayerNorm(_) | Op::ScatterRows => (3, 3),
             Op::Sigmoid | Op::Silu | Op::Gelu | Op::Cast { .. } => (1, 1),
+            Op::RotaryAngles(_) => (1, 1),
+            Op::CacheWrite { .. } => (3, 3),
+            Op::CacheView => (2, 2),
             Op::Reshape { .. } | Op::Transpose { .. } | Op::Slice { .. } | Op::SwiGlu => (1, 1),
             Op::QuantizeActivation { .. } => (1, 1),
             Op::Concat { .. } | Op::QueryTemperature(_) | Op::AttentionMask { .. } => (2, 2),
@@ -284,6 +313,9 @@ impl Op {
             | Op::Slice { .. }
             | Op::Concat { .. }
             | Op::Rotary
+            | Op::RotaryAngles(_)
+            | Op::CacheWrite { .. }
+            | Op::CacheView
             | Op::QueryTemperature(_)
             | Op::AttentionMask { .. }
             | Op::Sdpa { .. }

@@ -100,6 +100,13 @@ fn op_text(graph: &Graph, op: &Op) -> String {
         Op::AttentionMask { chunk: Some(c) } => format!("attention_mask[chunked({})]", c.size),
         Op::AttentionMask { chunk: None } => "attention_mask[causal]".to_string(),
         Op::Sdpa { scale } => format!("sdpa[scale={scale}]"),
+        Op::RotaryAngles(a) => format!(
+            "rotary_angles[{} of {} frequencies]",
+            if a.sin { "sin" } else { "cos" },
+            a.inv_freq.len()
+        ),
+        Op::CacheWrite { ring: true } => "cache_write[ring]".to_string(),
+        Op::CacheWrite { ring: false } => "cache_write[linear]".to_string(),
         Op::QuantizeActivation { scale } => format!("quantize_activation[fp8 scale={scale:e}]"),
         Op::FusedMoe(m) => format!(
             "fused_moe[experts={} top_k={} intermediate={} layout={:?}]",
@@ -112,6 +119,7 @@ fn op_text(graph: &Graph, op: &Op) -> String {
         | Op::Sigmoid
         | Op::Silu
         | Op::Rotary
+        | Op::CacheView
         | Op::Gelu
         | Op::AppendToken
         | Op::ScatterRows

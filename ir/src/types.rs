@@ -78,6 +78,9 @@ pub enum SymDim {
     Total,
     /// Number of image feature rows (image tiles x tokens per tile).
     Features,
+    /// Cache entries one attention reads in this call ([`crate::Op::CacheView`]): at most its cache
+    /// length, and not the same size in chunked and full layers.
+    Keys,
 }
 
 impl SymDim {
@@ -89,6 +92,7 @@ impl SymDim {
             SymDim::Past => "past",
             SymDim::Total => "total",
             SymDim::Features => "features",
+            SymDim::Keys => "keys",
         }
     }
 }
@@ -201,6 +205,8 @@ impl DimBindings {
             Dim::Sym(SymDim::Past) => self.past,
             Dim::Sym(SymDim::Total) => self.past + self.seq,
             Dim::Sym(SymDim::Features) => self.features.unwrap_or(0),
+            // An upper bound: a view's own size comes from its positions.
+            Dim::Sym(SymDim::Keys) => self.past,
         }
     }
 

@@ -1,22 +1,28 @@
 //! `irope`: lowers every Llama 4 attention (iRoPE: interleaved RoPE and NoPE layers) to primitive ops
-//! with an explicit KV cache.
+//! with a fixed-size KV cache written in place.
 //!
-//! RoPE layers become: q/k/v projections -> [B, heads, S, d] -> interleaved `Rotary` with cos/sin tables
-//! computed here from the layer's (llama3-scaled) inverse frequencies for `max_positions` positions ->
-//! QK RMS norm without weight (when the layer has it) -> chunked-local mask. NoPE layers: no rotary, the
-//! query temperature from absolute positions, full causal mask. Both: keys/values are concatenated after
-//! `past_key.{i}` / `past_value.{i}` (new graph inputs [B, kv_heads, past, d]) and returned as
-//! `present_key.{i}` / `present_value.{i}` outputs; `Sdpa` reads kv head `h / (heads / kv_heads)` with
-//! scale `d^-0.5`; the result is projected by `o_proj`.
+//! RoPE layers become: q/k/v projections -> [B, heads, S, d] -> interleaved `Rotary` with per-token
+//! cos/sin computed in the graph from the positions (`RotaryAngles`: position x the layer's llama3-scaled
+//! inverse frequencies, no tables) -> QK RMS norm without weight (when the layer has it). NoPE layers: no
+//! rotary, the query temperature from absolute positions. Each layer's keys and values are written into
+//! its cache input `past_key.{i}` / `past_value.{i}` (`CacheWrite`, returned as `present_key.{i}` /
+//! `present_value.{i}`, which the runtime binds to the same buffer): full (NoPE) layers hold
+//! [B, kv_heads, past, d] with entry j = position j (`past` is the session's context, at most
+//! `max_positions`); chunked (RoPE) layers a ring of one chunk [B, kv_heads, min(chunk, max_positions), d]
+//! with entry j = the position of the current chunk congruent to j. Attention reads the leading entries
+//! any row of the call can see (`CacheView`), masked per row from its own positions: rows sit at their
+//! own positions, and a row's cache length is its first position. The runtime never lets one call of a
+//! row cross a chunk boundary (that would overwrite ring entries its own earlier queries still read).
+//! `Sdpa` reads kv head `h / (heads / kv_heads)` with scale `d^-0.5`; the result is projected by `o_proj`.
 //!
 //! Does not: fuse projections (expert_fusion does), touch feed-forward ops, or change dtypes.
 //! Before: Imported graph with `Attention` nodes. After: no `Attention` nodes; one KV input and output
-//! pair per layer, in layer order; masks and rotary tables are shared between layers that agree.
+//! pair per layer, in layer order; rotary angles and masks are shared between layers that agree.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use herd_ir::ops::{AttentionAttrs, ChunkAttrs, ConstantData, InputAttrs, RmsNormAttrs};
+use herd_ir::ops::{AttentionAttrs, ChunkAttrs, InputAttrs, RmsNormAttrs, RotaryAnglesAttrs};
 use herd_ir::{DType, Diagnostic, Dim, Graph, Op, SymDim, TensorType, Value};
 
 use crate::pipeline::{PassError, PassOptions};
@@ -51,9 +57,9 @@ pub fn run(graph: &mut Graph, options: &PassOptions) -> Result<(), PassError> {
 /// Nodes reused by every layer that needs the same thing.
 #[derive(Default)]
 struct Shared {
-    /// Rotary tables keyed by the bit patterns of the inverse frequencies.
-    tables: HashMap<Vec<u32>, (Value, Value)>,
-    /// Masks keyed by chunk size (None: causal), sized by the past of the first layer of that kind.
+    /// Per-token (cos, sin) keyed by the bit patterns of the inverse frequencies.
+    angles: HashMap<Vec<u32>, (Value, Value)>,
+    /// Masks keyed by chunk size (None: full causal), built on the view of the first layer of that kind.
     masks: HashMap<Option<usize>, Value>,
 }
 
@@ -100,26 +106,28 @@ fn lower(
 
     if let Some(rope) = &a.rope {
         let key: Vec<u32> = rope.inv_freq.iter().map(|f| f.to_bits()).collect();
-        let (cos, sin) = match shared.tables.get(&key) {
+        let (cos, sin) = match shared.angles.get(&key) {
             Some(t) => *t,
             None => {
-                let (cos, sin) = rotary_tables(&rope.inv_freq, options.max_positions);
-                let cos = g.add(
-                    format!("rope.cos.{}", shared.tables.len()),
-                    Op::Constant(cos),
-                    &[],
-                )?;
-                let sin = g.add(
-                    format!("rope.sin.{}", shared.tables.len()),
-                    Op::Constant(sin),
-                    &[],
-                )?;
-                shared.tables.insert(key, (cos, sin));
+                let inv_freq = Arc::new(rope.inv_freq.clone());
+                let index = shared.angles.len();
+                let mut half = |sin: bool| {
+                    g.add(
+                        format!("rope.{}.{index}", if sin { "sin" } else { "cos" }),
+                        Op::RotaryAngles(RotaryAnglesAttrs {
+                            inv_freq: inv_freq.clone(),
+                            sin,
+                        }),
+                        &[positions],
+                    )
+                };
+                let (cos, sin) = (half(false)?, half(true)?);
+                shared.angles.insert(key, (cos, sin));
                 (cos, sin)
             }
         };
-        q = g.add(n("q_rope"), Op::Rotary, &[q, cos, sin, positions])?;
-        k = g.add(n("k_rope"), Op::Rotary, &[k, cos, sin, positions])?;
+        q = g.add(n("q_rope"), Op::Rotary, &[q, cos, sin])?;
+        k = g.add(n("k_rope"), Op::Rotary, &[k, cos, sin])?;
     }
     if let Some(eps) = a.qk_norm_eps {
         q = g.add(n("q_norm"), Op::RmsNorm(RmsNormAttrs { eps }), &[q])?;
@@ -129,12 +137,13 @@ fn lower(
         q = g.add(n("q_temperature"), Op::QueryTemperature(t), &[q, positions])?;
     }
 
-    let cache = || {
-        TensorType::new(
-            dtype,
-            vec![b, Dim::Fixed(a.num_kv_heads), Dim::Sym(SymDim::Past), d],
-        )
+    let chunk = a.chunk.map(|c| c.size);
+    // A ring of one chunk (never longer than the context); full layers the session's context.
+    let length = match chunk {
+        Some(c) => Dim::Fixed(c.min(options.max_positions).max(1)),
+        None => Dim::Sym(SymDim::Past),
     };
+    let cache = || TensorType::new(dtype, vec![b, Dim::Fixed(a.num_kv_heads), length, d]);
     let past_k = g.add(
         format!("past_key.{i}"),
         Op::Input(InputAttrs {
@@ -151,12 +160,16 @@ fn lower(
         }),
         &[],
     )?;
-    let k_all = g.add(n("present_key"), Op::Concat { axis: 2 }, &[past_k, k])?;
-    let v_all = g.add(n("present_value"), Op::Concat { axis: 2 }, &[past_v, v])?;
+    let write = Op::CacheWrite {
+        ring: chunk.is_some(),
+    };
+    let k_all = g.add(n("present_key"), write.clone(), &[past_k, k, positions])?;
+    let v_all = g.add(n("present_value"), write, &[past_v, v, positions])?;
     g.set_output(format!("present_key.{i}"), k_all);
     g.set_output(format!("present_value.{i}"), v_all);
+    let k_seen = g.add(n("keys"), Op::CacheView, &[k_all, positions])?;
+    let v_seen = g.add(n("values"), Op::CacheView, &[v_all, positions])?;
 
-    let chunk = a.chunk.map(|c| c.size);
     let mask = match shared.masks.get(&chunk) {
         Some(m) => *m,
         None => {
@@ -166,7 +179,7 @@ fn lower(
                 Op::AttentionMask {
                     chunk: chunk.map(|size| ChunkAttrs { size }),
                 },
-                &[positions, past_k],
+                &[positions, k_seen],
             )?;
             shared.masks.insert(chunk, m);
             m
@@ -175,7 +188,7 @@ fn lower(
     let attn = g.add(
         n("sdpa"),
         Op::Sdpa { scale: a.scale },
-        &[q, k_all, v_all, mask],
+        &[q, k_seen, v_seen, mask],
     )?;
     let merged = g.add(
         n("merge_heads"),
@@ -192,28 +205,4 @@ fn lower(
         &[merged],
     )?;
     g.add(n("o_proj"), Op::Linear, &[flat, wo])
-}
-
-/// cos/sin tables [positions, d/2]: angle = position * inv_freq, both in f32 like transformers.
-pub fn rotary_tables(inv_freq: &[f32], positions: usize) -> (ConstantData, ConstantData) {
-    let mut cos = Vec::with_capacity(positions * inv_freq.len());
-    let mut sin = Vec::with_capacity(positions * inv_freq.len());
-    for p in 0..positions {
-        for &f in inv_freq {
-            let (s, c) = (p as f32 * f).sin_cos();
-            cos.push(c);
-            sin.push(s);
-        }
-    }
-    let shape = vec![positions, inv_freq.len()];
-    (
-        ConstantData {
-            shape: shape.clone(),
-            values: Arc::new(cos),
-        },
-        ConstantData {
-            shape,
-            values: Arc::new(sin),
-        },
-    )
 }

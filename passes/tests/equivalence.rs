@@ -41,17 +41,21 @@ fn random_ids(batch: usize, seq: usize, vocab: u64, seed: u64) -> Vec<i64> {
         .collect()
 }
 
+/// Positions of the full layers' caches in these tests.
+const CACHE_CONTEXT: usize = 64;
+
 fn kv_inputs(graph: &Graph) -> Vec<(String, Vec<usize>)> {
     graph
         .node_indices()
         .into_iter()
         .filter_map(|n| match &graph.node(n)?.op {
             Op::Input(a) if a.name.starts_with("past_") => {
+                // Full layers' caches hold the context; chunked layers' rings are fixed.
                 let dims =
                     a.ty.shape
                         .0
                         .iter()
-                        .map(|d| d.fixed().unwrap_or(0))
+                        .map(|d| d.fixed().unwrap_or(CACHE_CONTEXT))
                         .collect();
                 Some((a.name.clone(), dims))
             }
@@ -60,13 +64,61 @@ fn kv_inputs(graph: &Graph) -> Vec<(String, Vec<usize>)> {
         .collect()
 }
 
-/// Runs `graph` on ids [batch, seq] at positions `start..`, with the given past (empty when None).
+/// Runs `graph` on ids [batch, seq] at positions `start..`, with the given past (zeroed caches when
+/// None), in calls that stop at chunk boundaries as the runtime's do (a chunked layer's ring holds one
+/// chunk); the logits of all calls are concatenated.
 fn run(
     graph: &Graph,
     ids: &[i64],
     batch: usize,
     start: i64,
     past: Option<&HashMap<String, Tensor>>,
+) -> HashMap<String, Tensor> {
+    let seq = ids.len() / batch;
+    let kv = kv_inputs(graph);
+    // The shortest cache is a ring (or, without chunked layers, the whole context).
+    let ring = kv.iter().map(|(_, dims)| dims[2]).min();
+    let mut state: HashMap<String, Tensor> = match past {
+        Some(p) => p.clone(),
+        None => kv
+            .iter()
+            .map(|(name, dims)| {
+                let mut dims = dims.clone();
+                dims[0] = batch;
+                let zeros = Tensor::F32(ArrayD::zeros(IxDyn(&dims)));
+                (name.replace("past_", "present_"), zeros)
+            })
+            .collect(),
+    };
+    let mut pieces = Vec::new();
+    let mut done = 0;
+    while done < seq {
+        let at = start as usize + done;
+        let room = ring.map_or(seq, |r| r - at % r);
+        let n = (seq - done).min(room);
+        let piece: Vec<i64> = (0..batch)
+            .flat_map(|b| ids[b * seq + done..b * seq + done + n].to_vec())
+            .collect();
+        let out = run_call(graph, &piece, batch, at as i64, &state);
+        pieces.push(logits(&out));
+        state = out;
+        done += n;
+    }
+    let views: Vec<_> = pieces.iter().map(|p| p.view()).collect();
+    state.insert(
+        "logits".into(),
+        Tensor::F32(ndarray::concatenate(Axis(1), &views).unwrap()),
+    );
+    state
+}
+
+/// One call of `graph` with the caches of `state` (its `present_*` become the `past_*`).
+fn run_call(
+    graph: &Graph,
+    ids: &[i64],
+    batch: usize,
+    start: i64,
+    state: &HashMap<String, Tensor>,
 ) -> HashMap<String, Tensor> {
     let seq = ids.len() / batch;
     let positions: Vec<i64> = (0..batch).flat_map(|_| start..start + seq as i64).collect();
@@ -80,13 +132,11 @@ fn run(
             Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[batch, seq]), positions).unwrap()),
         ),
     ]);
-    for (name, mut dims) in kv_inputs(graph) {
-        dims[0] = batch;
-        let value = match past {
-            Some(p) => p[&name.replace("past_", "present_")].clone(),
-            None => Tensor::F32(ArrayD::zeros(IxDyn(&dims))),
-        };
-        inputs.insert(name, value);
+    for (name, _) in kv_inputs(graph) {
+        inputs.insert(
+            name.clone(),
+            state[&name.replace("past_", "present_")].clone(),
+        );
     }
     evaluate(graph, &inputs).expect("evaluate")
 }

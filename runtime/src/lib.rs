@@ -1,9 +1,12 @@
 //! herd-runtime: what services link to run the bundles herd compiles. It loads a bundle (checking its
 //! format and checksums), runs the decoder through ONNX Runtime (`ort`, library loaded at run time),
-//! owns the KV cache between steps, and samples tokens. It depends on no compiler crate.
+//! owns the KV cache (device buffers written in place), batches rows at their own positions, and samples tokens. It depends on no compiler crate.
 
+pub mod batch;
 pub mod bundle;
+pub mod cache;
 pub mod capi;
+pub mod decode;
 pub mod error;
 pub mod generate;
 pub mod manifest;
@@ -15,11 +18,13 @@ pub mod session;
 pub mod text;
 pub mod vision;
 
+pub use batch::{Batch, BatchEvent, SequenceId};
 pub use bundle::{parse_manifest, Bundle, FileCheck};
+pub use cache::{KvBytes, KvCache};
 pub use error::RuntimeError;
 pub use generate::{prepare_prompt, Prompt, TokenEvent, TokenStream};
 pub use model::{GenerateParams, Generation, ImageRows, Model, RuntimeOptions, StopReason};
 pub use providers::Provider;
 pub use sampling::{SampleParams, Sampling};
-pub use session::{KvBytes, Session};
+pub use session::Session;
 pub use text::{Message, TextCodec};

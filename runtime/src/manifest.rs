@@ -4,8 +4,9 @@
 use serde::{Deserialize, Serialize};
 
 /// The manifest format this runtime reads and the compiler writes. 2: decoders of multimodal bundles
-/// take image features (older runtimes would not feed them).
-pub const FORMAT_VERSION: u32 = 2;
+/// take image features (older runtimes would not feed them). 3: fixed-size KV caches written in place
+/// (`TensorScatter`), rows at their own positions, rotary angles computed in the graph.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// File name of the manifest inside a bundle.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -212,10 +213,14 @@ pub struct GraphIo {
     pub kv: Vec<KvNames>,
 }
 
-/// One layer's cache tensors, each [batch, kv_heads, length, head_dim].
+/// One layer's cache tensors, each [batch, kv_heads, length, head_dim]: the runtime allocates them once
+/// and binds `present_*` to the buffer of `past_*` (the graph writes the new entries in place).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KvNames {
     pub layer: usize,
+    /// Chunked (RoPE) layers: a ring of this many entries (one chunk, or the context if shorter).
+    /// None for full (NoPE) layers, whose length is the session's context.
+    pub ring: Option<usize>,
     pub past_key: String,
     pub past_value: String,
     pub present_key: String,

@@ -1,6 +1,6 @@
-//! A loaded bundle and generation: prefill the prompt, then decode token by token, feeding each step's
-//! `present_*` tensors back as the next step's `past_*` (the KV cache stays inside ONNX Runtime values,
-//! never copied through Rust).
+//! A loaded bundle and generation: prefill the prompt, then decode token by token. The KV cache lives in
+//! buffers allocated once per session on the sessions' device and written in place by the graph
+//! (`cache.rs`, `decode.rs`).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -9,10 +9,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ort::session::builder::GraphOptimizationLevel;
-use ort::session::{Session, SessionInputValue};
-use ort::value::{DynValue, Tensor};
+use ort::session::{Session, SessionInputValue, SessionOutputs};
+use ort::value::Tensor;
 
 use crate::bundle::Bundle;
+use crate::cache::KvCache;
+use crate::decode::RowInput;
 use crate::error::RuntimeError;
 use crate::manifest::ElementType;
 use crate::sampling::Sampling;
@@ -40,6 +42,9 @@ pub struct RuntimeOptions {
     pub device: u32,
     /// Check every file's sha256 before loading (a load checks only sizes and the small files' sums).
     pub verify: bool,
+    /// Positions each session's KV cache holds (allocated when the session starts); the bundle's
+    /// --max-context when None.
+    pub context: Option<usize>,
 }
 
 /// Refuses a manifest whose facts disagree with the graph it names (the manifest is checksummed only
@@ -147,16 +152,6 @@ pub struct Generation {
     pub stop: StopReason,
 }
 
-/// The KV cache between steps: each `past_*` input name with the value to feed it.
-pub(crate) type Cache = Vec<(String, DynValue)>;
-
-/// The token ids of one decoder call: `batch` rows of equal length at positions `start..`.
-struct Tokens<'a> {
-    ids: &'a [i64],
-    batch: usize,
-    start: usize,
-}
-
 /// Image feature rows for one decoder call and the flat token indices (`batch * seq`) they replace.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ImageRows {
@@ -174,6 +169,12 @@ pub struct Model {
     text: Option<crate::text::TextCodec>,
     /// The vision graph's session, for bundles that take images.
     vision: Option<Mutex<Session>>,
+    /// GPU index when the sessions run on CUDA or TensorRT (KV caches are allocated there).
+    device: Option<u32>,
+    /// Positions a new session's cache holds.
+    context: usize,
+    /// Bytes that crossed the session boundary (see [`Model::boundary_bytes`]).
+    pub(crate) boundary_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl Model {
@@ -301,12 +302,27 @@ impl Model {
         } else {
             None
         };
+        let max = bundle.manifest.model.max_positions;
+        let context = match options.context {
+            Some(c) if c == 0 || c > max => {
+                return Err(RuntimeError::Param(format!(
+                    "context {c} is outside 1..={max}, the bundle's --max-context"
+                )))
+            }
+            Some(c) => c,
+            None => max,
+        };
+        let device =
+            (options.provider != crate::providers::Provider::Cpu).then_some(options.device);
         Ok(Model {
             bundle,
             sessions,
             next: std::sync::atomic::AtomicUsize::new(0),
             text,
             vision,
+            device,
+            context,
+            boundary_bytes: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -370,71 +386,114 @@ impl Model {
         Ok(features)
     }
 
-    pub(crate) fn empty_cache(&self, batch: usize) -> Result<Cache, RuntimeError> {
-        let m = &self.bundle.manifest;
-        let shape = [batch, m.model.num_kv_heads, 0, m.model.head_dim];
-        let mut out = Vec::new();
-        for kv in &m.graph.kv {
-            for name in [&kv.past_key, &kv.past_value] {
-                let value = match element_type(m) {
-                    ElementType::F16 => {
-                        Tensor::<half::f16>::from_array((shape, Vec::<half::f16>::new()))?
-                            .into_dyn()
-                    }
-                    ElementType::Bf16 => {
-                        Tensor::<half::bf16>::from_array((shape, Vec::<half::bf16>::new()))?
-                            .into_dyn()
-                    }
-                    ElementType::F32 => {
-                        Tensor::<f32>::from_array((shape, Vec::<f32>::new()))?.into_dyn()
-                    }
-                };
-                out.push((name.clone(), value));
+    /// A free ONNX Runtime session if there is one, else the next in turn once it is free.
+    pub(crate) fn lock_session(&self) -> Result<std::sync::MutexGuard<'_, Session>, RuntimeError> {
+        match self.sessions.iter().find_map(|s| s.try_lock().ok()) {
+            Some(free) => Ok(free),
+            None => {
+                let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    % self.sessions.len();
+                self.sessions[turn]
+                    .lock()
+                    .map_err(|_| RuntimeError::Ort("session lock poisoned".into()))
             }
         }
-        Ok(out)
     }
 
-    /// Runs one step on `ids` at positions `start..`, consuming the cache and returning the new one with
-    /// the logits of the last position.
-    pub(crate) fn step(
-        &self,
-        ids: &[i64],
-        start: usize,
-        cache: Cache,
-        images: Option<&ImageRows>,
-    ) -> Result<(Vec<f32>, Cache), RuntimeError> {
-        let tokens = Tokens {
-            ids,
-            batch: 1,
-            start,
-        };
-        self.run_step_with(tokens, cache, false, images, &mut |_| Ok(()))
+    /// Positions a new session's cache holds: [`RuntimeOptions::context`], else the bundle's maximum.
+    pub fn context(&self) -> usize {
+        self.context
     }
 
-    /// Runs one step on `ids` ([batch, n] row-major) at positions `start..start + n` for every row,
-    /// consuming the cache; returns the logits of each row's last position ([batch, vocab]) and the new
-    /// cache.
-    fn step_batch(
+    /// A zeroed KV cache of `slots` rows of `context` positions on the sessions' device.
+    pub fn new_cache(&self, slots: usize, context: usize) -> Result<KvCache, RuntimeError> {
+        let session = self.lock_session()?;
+        match self.device {
+            Some(device) => {
+                let info = ort::memory::MemoryInfo::new(
+                    ort::memory::AllocationDevice::CUDA,
+                    device as i32,
+                    ort::memory::AllocatorType::Device,
+                    ort::memory::MemoryType::Default,
+                )?;
+                let allocator = ort::memory::Allocator::new(&session, info)?;
+                KvCache::allocate(&self.bundle.manifest, &allocator, slots, context)
+            }
+            None => KvCache::allocate(&self.bundle.manifest, session.allocator(), slots, context),
+        }
+    }
+
+    /// Bytes that crossed the session boundary so far (ids, positions, image rows, logits).
+    pub fn boundary_bytes(&self) -> u64 {
+        self.boundary_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Feeds `ids` (with image rows for their `<|patch|>` tokens) to slot 0 of `cache` from `start`, in
+    /// calls that stop at chunk boundaries and at `per_call` tokens; `each` sees every call's logits.
+    pub(crate) fn feed_pieces(
         &self,
-        ids: &[i64],
-        batch: usize,
+        cache: &mut KvCache,
         start: usize,
-        cache: Cache,
-    ) -> Result<(Vec<f32>, Cache), RuntimeError> {
-        self.run_step(ids, batch, start, cache, false)
+        ids: &[i64],
+        features: &[f32],
+        every_token: bool,
+        extra: &[String],
+        on_logits: &mut dyn FnMut(Vec<f32>),
+        inspect: &mut dyn FnMut(&SessionOutputs) -> Result<(), RuntimeError>,
+    ) -> Result<(), RuntimeError> {
+        let m = &self.bundle.manifest;
+        let h = m.model.hidden_size;
+        let patch = m.vision.as_ref().map(|v| v.tokens.patch);
+        let per_call = crate::session::max_tokens_per_call(m)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let (mut done, mut row) = (0, 0);
+        while done < ids.len() {
+            let n = (ids.len() - done)
+                .min(per_call)
+                .min(cache.room(start + done));
+            if n == 0 {
+                return Err(RuntimeError::TooLong {
+                    len: start + ids.len(),
+                    max: cache.context(),
+                });
+            }
+            let piece = &ids[done..done + n];
+            let patches = piece.iter().filter(|&&t| Some(t) == patch).count();
+            let rows = if features.is_empty() {
+                &[][..]
+            } else {
+                features.get(row * h..(row + patches) * h).ok_or_else(|| {
+                    RuntimeError::Param(format!(
+                        "{} image feature rows for more <|patch|> tokens",
+                        features.len() / h.max(1)
+                    ))
+                })?
+            };
+            let input = RowInput {
+                slot: 0,
+                start: start + done,
+                ids: piece,
+                features: rows,
+            };
+            let out = self.run_rows(cache, &[input], every_token, extra, inspect)?;
+            on_logits(out.rows.into_iter().next().unwrap_or_default());
+            row += if features.is_empty() { 0 } else { patches };
+            done += n;
+        }
+        if !features.is_empty() && row * h != features.len() {
+            return Err(RuntimeError::Param(format!(
+                "{} image feature rows for {row} <|patch|> tokens",
+                features.len() / h.max(1)
+            )));
+        }
+        Ok(())
     }
 
     /// Logits of every position of `ids` (one sequence from position 0, no cache kept): [n * vocab].
     pub fn prompt_logits(&self, ids: &[i64]) -> Result<Vec<f32>, RuntimeError> {
-        let max = self.bundle.manifest.model.max_positions;
-        if ids.len() > max {
-            return Err(RuntimeError::TooLong {
-                len: ids.len(),
-                max,
-            });
-        }
-        Ok(self.run_step(ids, 1, 0, self.empty_cache(1)?, true)?.0)
+        self.prompt_logits_with_images(ids, &[])
     }
 
     /// [`Model::prompt_logits`] of an image prompt: `features` ([`Model::encode_images`]) replace the
@@ -445,50 +504,28 @@ impl Model {
         features: &[f32],
     ) -> Result<Vec<f32>, RuntimeError> {
         let m = &self.bundle.manifest;
-        let info = m
-            .vision
-            .as_ref()
-            .ok_or_else(|| RuntimeError::Param("this bundle takes no images".into()))?;
+        if !features.is_empty() && m.vision.is_none() {
+            return Err(RuntimeError::Param("this bundle takes no images".into()));
+        }
         if ids.len() > m.model.max_positions {
             return Err(RuntimeError::TooLong {
                 len: ids.len(),
                 max: m.model.max_positions,
             });
         }
-        let rows = ImageRows {
-            positions: (0..ids.len() as i64)
-                .filter(|&i| ids[i as usize] == info.tokens.patch)
-                .collect(),
-            features: features.to_vec(),
-        };
-        let cache = self.empty_cache(1)?;
-        Ok(self
-            .run_step_with(
-                Tokens {
-                    ids,
-                    batch: 1,
-                    start: 0,
-                },
-                cache,
-                true,
-                Some(&rows),
-                &mut |_| Ok(()),
-            )?
-            .0)
-    }
-
-    /// One graph run; returns the logits of each row's last position, or of all positions when
-    /// `all_rows`, with the new cache.
-    fn run_step(
-        &self,
-        ids: &[i64],
-        batch: usize,
-        start: usize,
-        cache: Cache,
-        all_rows: bool,
-    ) -> Result<(Vec<f32>, Cache), RuntimeError> {
-        let tokens = Tokens { ids, batch, start };
-        self.run_step_with(tokens, cache, all_rows, None, &mut |_| Ok(()))
+        let mut cache = self.new_cache(1, ids.len().max(1))?;
+        let mut all = Vec::with_capacity(ids.len() * m.model.vocab_size);
+        self.feed_pieces(
+            &mut cache,
+            0,
+            ids,
+            features,
+            true,
+            &[],
+            &mut |l| all.extend(l),
+            &mut |_| Ok(()),
+        )?;
+        Ok(all)
     }
 
     /// Prefills `ids` and returns the largest magnitude of each named extra graph output (activation
@@ -498,155 +535,33 @@ impl Model {
         ids: &[i64],
         names: &[String],
     ) -> Result<HashMap<String, f32>, RuntimeError> {
-        let mut found = HashMap::new();
-        self.run_step_with(
-            Tokens {
-                ids,
-                batch: 1,
-                start: 0,
-            },
-            self.empty_cache(1)?,
+        let mut found: HashMap<String, f32> = HashMap::new();
+        let mut cache = self.new_cache(1, ids.len().max(1))?;
+        self.feed_pieces(
+            &mut cache,
+            0,
+            ids,
+            &[],
             false,
-            None,
+            names,
+            &mut |_| {},
             &mut |outputs| {
                 for name in names {
-                    let value = outputs
-                        .get(name)
-                        .ok_or_else(|| RuntimeError::Ort(format!("no {name} output")))?;
+                    let Some(value) = outputs.get(name) else {
+                        continue;
+                    };
                     let (_, data) = value.try_extract_tensor::<f32>()?;
-                    found.insert(name.clone(), data.iter().fold(0f32, |m, v| m.max(v.abs())));
+                    let max = data.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let entry = found.entry(name.clone()).or_default();
+                    *entry = entry.max(max);
                 }
                 Ok(())
             },
         )?;
+        if let Some(missing) = names.iter().find(|n| !found.contains_key(*n)) {
+            return Err(RuntimeError::Ort(format!("no {missing} output")));
+        }
         Ok(found)
-    }
-
-    /// [`Model::run_step`] that also shows the raw outputs to `inspect` before taking the cache.
-    fn run_step_with(
-        &self,
-        tokens: Tokens<'_>,
-        cache: Cache,
-        all_rows: bool,
-        images: Option<&ImageRows>,
-        inspect: &mut dyn FnMut(&ort::session::SessionOutputs) -> Result<(), RuntimeError>,
-    ) -> Result<(Vec<f32>, Cache), RuntimeError> {
-        let Tokens { ids, batch, start } = tokens;
-        let m = &self.bundle.manifest;
-        let n = ids.len() / batch.max(1);
-        let positions: Vec<i64> = (0..batch)
-            .flat_map(|_| start as i64..(start + n) as i64)
-            .collect();
-        let mut inputs: Vec<(Cow<str>, SessionInputValue)> = vec![
-            (
-                m.graph.input_ids.clone().into(),
-                Tensor::<i64>::from_array(([batch, n], ids.to_vec()))?
-                    .into_dyn()
-                    .into(),
-            ),
-            (
-                m.graph.position_ids.clone().into(),
-                Tensor::<i64>::from_array(([batch, n], positions))?
-                    .into_dyn()
-                    .into(),
-            ),
-        ];
-        for (name, value) in cache {
-            inputs.push((name.into(), value.into()));
-        }
-        if let Some(v) = &m.vision {
-            let empty = ImageRows::default();
-            let rows = images.unwrap_or(&empty);
-            let h = m.model.hidden_size;
-            let f = rows.positions.len();
-            if rows.features.len() != f * h {
-                return Err(RuntimeError::Param(format!(
-                    "{} image feature values for {f} positions of width {h}",
-                    rows.features.len()
-                )));
-            }
-            let features = float_input(&m.dtype, vec![f, h], &rows.features)?;
-            inputs.push((v.decoder_features.clone().into(), features));
-            inputs.push((
-                v.decoder_positions.clone().into(),
-                Tensor::<i64>::from_array(([f], rows.positions.clone()))?
-                    .into_dyn()
-                    .into(),
-            ));
-        } else if images.is_some_and(|r| !r.positions.is_empty()) {
-            return Err(RuntimeError::Param(
-                "this bundle takes no images (it was compiled without a vision encoder)".into(),
-            ));
-        }
-        // A free ONNX Runtime session if there is one, else wait for the next in turn.
-        let mut session = match self.sessions.iter().find_map(|s| s.try_lock().ok()) {
-            Some(free) => free,
-            None => {
-                let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                    % self.sessions.len();
-                self.sessions[turn]
-                    .lock()
-                    .map_err(|_| RuntimeError::Ort("session lock poisoned".into()))?
-            }
-        };
-        let mut outputs = session.run(inputs)?;
-        let logits = outputs
-            .get(&m.graph.logits)
-            .ok_or_else(|| RuntimeError::Ort("no logits output".into()))?
-            .try_extract_array::<f32>()?;
-        let vocab = m.model.vocab_size;
-        let all = logits
-            .as_slice()
-            .ok_or_else(|| RuntimeError::Ort("non-contiguous logits".into()))?;
-        if all.len() != batch * n * vocab {
-            // The manifest is not checksummed: a vocab_size that disagrees with the graph is a damaged bundle.
-            return Err(RuntimeError::Tampered {
-                path: self
-                    .bundle
-                    .dir
-                    .join(crate::manifest::MANIFEST_FILE)
-                    .display()
-                    .to_string(),
-                message: format!(
-                    "the graph returns {} logits per token, the manifest says vocab_size {vocab}",
-                    all.len() / (batch * n).max(1)
-                ),
-            });
-        }
-        let last: Vec<f32> = if all_rows {
-            all.to_vec()
-        } else {
-            (0..batch)
-                .flat_map(|b| {
-                    all[((b + 1) * n - 1) * vocab..(b + 1) * n * vocab]
-                        .iter()
-                        .copied()
-                })
-                .collect()
-        };
-        if let Some(bad) = last.iter().position(|v| !v.is_finite()) {
-            let rows_per_batch = if all_rows { n } else { 1 };
-            let row = bad / vocab / rows_per_batch;
-            let offset = if all_rows { bad / vocab % n } else { n - 1 };
-            return Err(RuntimeError::NonFiniteLogits {
-                row,
-                position: start + offset,
-            });
-        }
-        inspect(&outputs)?;
-        let mut next = Vec::new();
-        for kv in &m.graph.kv {
-            for (past, present) in [
-                (&kv.past_key, &kv.present_key),
-                (&kv.past_value, &kv.present_value),
-            ] {
-                let value = outputs
-                    .remove(present)
-                    .ok_or_else(|| RuntimeError::Ort(format!("no {present} output")))?;
-                next.push((past.clone(), value));
-            }
-        }
-        Ok((last, next))
     }
 
     /// Generates up to `params.max_new_tokens` tokens after `prompt` (token ids); see [`Model::stream`].
@@ -722,25 +637,75 @@ impl Model {
             });
         }
         let vocab = m.model.vocab_size as i64;
-        let ids: Vec<i64> = (0..batch * prompt_len)
+        let ids: Vec<i64> = (0..prompt_len)
             .map(|i| (i as i64 * 7919 + 13) % vocab)
             .collect();
+        let mut cache = self.new_cache(batch, prompt_len + steps)?;
+        let per_call = crate::session::max_tokens_per_call(m)
+            .unwrap_or(usize::MAX)
+            .max(1);
         let start = Instant::now();
-        let (_, mut cache) = self.step_batch(&ids, batch, 0, self.empty_cache(batch)?)?;
+        let mut done = 0;
+        while done < prompt_len {
+            let n = (prompt_len - done).min(per_call).min(cache.room(done));
+            let rows: Vec<RowInput> = (0..batch)
+                .map(|slot| RowInput {
+                    slot,
+                    start: done,
+                    ids: &ids[done..done + n],
+                    features: &[],
+                })
+                .collect();
+            self.run_rows(&mut cache, &rows, false, &[], &mut |_| Ok(()))?;
+            done += n;
+        }
         let prefill = start.elapsed();
+        let decode = self.time_decode(&mut cache, batch, prompt_len, steps)?;
+        Ok((prefill, decode))
+    }
+
+    /// Times `steps` decode steps of `batch` rows after `context` positions whose entries are left
+    /// as allocated (a step's work does not depend on the cached values): decode cost at a context
+    /// without its prefill.
+    pub fn time_decode_at(
+        &self,
+        batch: usize,
+        context: usize,
+        steps: usize,
+    ) -> Result<Duration, RuntimeError> {
+        let mut cache = self.new_cache(batch.max(1), context + steps)?;
+        self.time_decode(&mut cache, batch, context, steps)
+    }
+
+    fn time_decode(
+        &self,
+        cache: &mut KvCache,
+        batch: usize,
+        from: usize,
+        steps: usize,
+    ) -> Result<Duration, RuntimeError> {
+        let vocab = self.bundle.manifest.model.vocab_size as i64;
         let start = Instant::now();
         for s in 0..steps {
             let next: Vec<i64> = (0..batch)
                 .map(|b| (b as i64 * 31 + s as i64) % vocab)
                 .collect();
-            cache = self.step_batch(&next, batch, prompt_len + s, cache)?.1;
+            let rows: Vec<RowInput> = (0..batch)
+                .map(|slot| RowInput {
+                    slot,
+                    start: from + s,
+                    ids: &next[slot..slot + 1],
+                    features: &[],
+                })
+                .collect();
+            self.run_rows(cache, &rows, false, &[], &mut |_| Ok(()))?;
         }
-        Ok((prefill, start.elapsed()))
+        Ok(start.elapsed())
     }
 }
 
 /// A float graph input in the bundle's activation dtype (f16 and bf16 bundles take their own type).
-fn float_input(
+pub(crate) fn float_input(
     dtype: &str,
     shape: Vec<usize>,
     values: &[f32],

@@ -43,6 +43,10 @@ pub struct RuntimeArgs {
     /// small files' checksums only).
     #[arg(long)]
     pub verify: bool,
+    /// Positions each conversation's KV cache holds, allocated when it starts on the device (default:
+    /// the bundle's --max-context; the full-attention layers' cache grows with it).
+    #[arg(long, value_name = "POSITIONS")]
+    pub kv_context: Option<usize>,
 }
 
 impl RuntimeArgs {
@@ -66,6 +70,7 @@ impl RuntimeArgs {
             device: self.device,
             sessions: self.sessions.into(),
             verify: self.verify,
+            context: self.kv_context,
         }
     }
 }

@@ -140,7 +140,7 @@ pub(super) struct Emitter<'a> {
     model_names: ModelNames,
     /// ONNX tensor name of each IR value already emitted.
     names: HashMap<Value, String>,
-    used: HashSet<String>,
+    pub(super) used: HashSet<String>,
     /// Initializer names of weights and constants, keyed by node and whether stored transposed.
     weights: HashMap<(NodeIndex, bool), String>,
     /// Inline int64 constants by content.
@@ -581,7 +581,14 @@ impl Emitter<'_> {
                     .iter()
                     .map(|v| self.input(*v, false))
                     .collect::<Result<_, _>>()?;
-                if args.len() == 3 {
+                let per_token = graph
+                    .value_type(inputs[1])
+                    .filter(|ty| ty.shape.rank() == 3)
+                    .and_then(|ty| ty.shape.last().and_then(|d| d.fixed()));
+                if let Some(half) = per_token {
+                    args = self.per_token_rotary_tables(&args[1], &args[2], half)?;
+                    args.insert(0, self.input(inputs[0], false)?);
+                } else if args.len() == 3 {
                     // Positions 0..S for every batch row (S is fixed: the tables have S rows).
                     let s = graph
                         .value_type(inputs[0])
@@ -596,11 +603,12 @@ impl Emitter<'_> {
                         })?;
                     args.push(self.implicit_positions(name, &args[0].clone(), s));
                 }
+                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
                 self.push(
                     name,
                     "RotaryEmbedding",
                     "",
-                    &[&args[0], &args[1], &args[2], &args[3]],
+                    &refs,
                     vec![("interleaved", Attr::Int(1))],
                 )
             }
@@ -671,6 +679,18 @@ impl Emitter<'_> {
             Op::AttentionMask { chunk } => {
                 self.attention_mask(name, inputs[0], inputs[1], chunk.map(|c| c.size))?
             }
+            Op::RotaryAngles(a) => self.rotary_angles(name, inputs[0], a)?,
+            Op::CacheWrite { ring } => {
+                // Written straight into the graph output (no Identity), so that a present bound to
+                // its past's buffer makes the update in place.
+                let output = graph
+                    .outputs()
+                    .iter()
+                    .find(|(_, v)| v.node == index)
+                    .map(|(n, _)| n.clone());
+                self.cache_write(name, [inputs[0], inputs[1], inputs[2]], *ring, output)?
+            }
+            Op::CacheView => self.cache_view(name, inputs[0], inputs[1])?,
             Op::Sdpa { scale } => {
                 let args: Vec<String> = inputs
                     .iter()
@@ -806,117 +826,6 @@ impl Emitter<'_> {
         self.push(name, "Mul", "", &[&silu, &up], vec![])
     }
 
-    /// bool [B, 1, S, P + S]: key j at position `position_ids[b, 0] - P + j`.
-    fn attention_mask(
-        &mut self,
-        name: &str,
-        positions: Value,
-        past: Value,
-        chunk: Option<usize>,
-    ) -> Result<String, TargetError> {
-        let pos = self.input(positions, false)?;
-        let past = self.input(past, false)?;
-        let p = self.push(
-            &format!("{name}.past_len"),
-            "Shape",
-            "",
-            &[&past],
-            vec![("start", Attr::Int(2)), ("end", Attr::Int(3))],
-        );
-        let s = self.push(
-            &format!("{name}.seq_len"),
-            "Shape",
-            "",
-            &[&pos],
-            vec![("start", Attr::Int(1)), ("end", Attr::Int(2))],
-        );
-        let total = self.push(&format!("{name}.total_len"), "Add", "", &[&p, &s], vec![]);
-        let axis0 = self.int_const(&[0]);
-        let total_scalar = self.push(
-            &format!("{name}.total_scalar"),
-            "Squeeze",
-            "",
-            &[&total, &axis0],
-            vec![],
-        );
-        let (zero, one) = (self.scalar_int(0), self.scalar_int(1));
-        let range = self.push(
-            &format!("{name}.key_index"),
-            "Range",
-            "",
-            &[&zero, &total_scalar, &one],
-            vec![],
-        );
-        let (start, end, axis1) = (
-            self.int_const(&[0]),
-            self.int_const(&[1]),
-            self.int_const(&[1]),
-        );
-        let first = self.push(
-            &format!("{name}.first_position"),
-            "Slice",
-            "",
-            &[&pos, &start, &end, &axis1],
-            vec![],
-        );
-        let base = self.push(
-            &format!("{name}.cache_start"),
-            "Sub",
-            "",
-            &[&first, &p],
-            vec![],
-        );
-        let keys = self.push(
-            &format!("{name}.key_positions"),
-            "Add",
-            "",
-            &[&base, &range],
-            vec![],
-        );
-        let axis2 = self.int_const(&[2]);
-        let q = self.push(
-            &format!("{name}.q_bs1"),
-            "Unsqueeze",
-            "",
-            &[&pos, &axis2],
-            vec![],
-        );
-        let k = self.push(
-            &format!("{name}.k_b1t"),
-            "Unsqueeze",
-            "",
-            &[&keys, &axis1],
-            vec![],
-        );
-        let mut mask = self.push(
-            &format!("{name}.causal"),
-            "LessOrEqual",
-            "",
-            &[&k, &q],
-            vec![],
-        );
-        if let Some(size) = chunk {
-            let c = self.scalar_int(size as i64);
-            let qc = self.push(&format!("{name}.q_chunk"), "Div", "", &[&q, &c], vec![]);
-            let kc = self.push(&format!("{name}.k_chunk"), "Div", "", &[&k, &c], vec![]);
-            let same = self.push(
-                &format!("{name}.same_chunk"),
-                "Equal",
-                "",
-                &[&kc, &qc],
-                vec![],
-            );
-            mask = self.push(
-                &format!("{name}.chunked"),
-                "And",
-                "",
-                &[&mask, &same],
-                vec![],
-            );
-        }
-        Ok(self.push(name, "Unsqueeze", "", &[&mask, &axis1], vec![]))
-    }
-
     fn emit_outputs(&mut self) -> Result<Vec<ValueInfoProto>, TargetError> {
         let t = self.options.dtype;
         let mut infos = Vec::new();
@@ -927,6 +836,11 @@ impl Emitter<'_> {
                 .cloned()
                 .ok_or_else(|| TargetError::Bug(format!("output `{out_name}` has no type")))?;
             let src = self.input(value, false)?;
+            if src == out_name {
+                // The producer wrote the output itself (a cache update).
+                infos.push(value_info(&out_name, t, &ty.shape.0));
+                continue;
+            }
             let is_logits = out_name == "logits";
             let (op_type, attrs, dtype) = if is_logits && t != DType::F32 {
                 (
@@ -986,8 +900,15 @@ impl Emitter<'_> {
                 .strip_prefix("past_key.")
                 .and_then(|l| l.parse().ok())
             {
+                let ring = self.graph.node_indices().into_iter().find_map(|n| {
+                    match &self.graph.node(n)?.op {
+                        Op::Input(a) if a.name == info.name => a.ty.shape.0.get(2)?.fixed(),
+                        _ => None,
+                    }
+                });
                 kv.push(KvNames {
                     layer,
+                    ring,
                     past_key: format!("past_key.{layer}"),
                     past_value: format!("past_value.{layer}"),
                     present_key: format!("present_key.{layer}"),
@@ -1033,7 +954,7 @@ impl Emitter<'_> {
                 input_ids: "input_ids".into(),
                 position_ids: "position_ids".into(),
                 logits: "logits".into(),
-                kv_layout: "batch,kv_heads,seq,head_dim".into(),
+                kv_layout: "slots,kv_heads,length,head_dim".into(),
                 kv,
             },
             node_counts,

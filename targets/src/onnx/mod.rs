@@ -1,9 +1,10 @@
-//! The ONNX target: lowers a Lowered-phase graph to an ONNX model (opset 23, IR version 11) whose weights
+//! The ONNX target: lowers a Lowered-phase graph to an ONNX model (opset 24, IR version 12) whose weights
 //! stream, one tensor at a time, into an external data file.
 //!
 //! Standard ops carry the decoder: `Gather`, `RMSNormalization`, `MatMul` (weights stored transposed
-//! as [K, N]), `RotaryEmbedding` (interleaved=1, int64 position ids), `Attention` (4D, explicit bool
-//! mask, is_causal=0, the KV cache concatenated outside the op). The routed experts of each MoE have
+//! as [K, N]), `RotaryEmbedding` (interleaved=1, per-token cos/sin computed from the positions), `Attention` (4D,
+//! explicit bool mask, is_causal=0), the KV cache fixed-size buffers written in place by `TensorScatter`
+//! outside the op (module `attention`). The routed experts of each MoE have
 //! three lowerings ([`MoeLowering`], module `moe`):
 //!
 //! - `ort`: `com.microsoft.MoE` / `QMoE` for ONNX Runtime's CPU kernels (fp8 experts dequantized whole).
@@ -14,6 +15,7 @@
 //! Quantized weights (see `herd_ir::quant`) become `DequantizeLinear` (block scales along K, axis 0 of
 //! the [K, N] weight) feeding `MatMul`, which ONNX Runtime fuses into `MatMulNBits`.
 
+mod attention;
 mod emit;
 mod external;
 mod moe;
@@ -26,9 +28,9 @@ use herd_ir::ops::ExpertLayout;
 use herd_ir::DType;
 
 /// ONNX opset of the default domain.
-pub const OPSET: i64 = 23;
+pub const OPSET: i64 = 24;
 /// Model IR version matching [`OPSET`] (ONNX Runtime 1.31 accepts up to 13).
-pub const IR_VERSION: i64 = 11;
+pub const IR_VERSION: i64 = 12;
 
 /// How fused MoE ops are lowered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -153,23 +153,23 @@ fn violations(model: &ModelProto, cuda_ep: bool) -> Vec<Violation> {
             }
         }
     }
-    // Int64 constants, and shape-only ops (the vision graph's expanded 0..S positions) keep the type.
+    // Int64 constants, `Shape`, and ops that keep their first input's type (the vision graph's
+    // expanded 0..S positions, the decoder's per-token row index from a Range) give int64 values.
     for t in &graph.initializer {
         if t.data_type == DataType::INT64 as i32 {
             int64_values.insert(t.name.as_str());
         }
     }
     for node in &graph.node {
-        let shape_only = matches!(
+        let keeps_type = matches!(
             node.op_type.as_str(),
-            "Expand" | "Reshape" | "Unsqueeze" | "Identity"
+            "Expand" | "Reshape" | "Unsqueeze" | "Squeeze" | "Identity" | "Range" | "Mul"
         );
-        if shape_only
-            && node
-                .input
-                .first()
-                .is_some_and(|i| int64_values.contains(i.as_str()))
-        {
+        let int64_first = node
+            .input
+            .first()
+            .is_some_and(|i| int64_values.contains(i.as_str()));
+        if node.op_type == "Shape" || (keeps_type && int64_first) {
             int64_values.extend(node.output.iter().map(String::as_str));
         }
     }

@@ -19,33 +19,33 @@ pub struct Profiles {
     pub max: String,
 }
 
-/// Profiles for a decoder with `kv` cache inputs of [batch, kv_heads, past, head_dim]: batch 1..=max_batch,
-/// new tokens 1..=max_seq, past 0..max_context - 1; opt is decode (one token) at full batch with half the
-/// context in the cache.
+/// Profiles for a decoder whose `kv` cache inputs are fixed buffers [slots, kv_heads, length, head_dim]
+/// (each name with its ring length for chunked layers, None for full layers): slots 1..=max_batch, new
+/// tokens 1..=max_seq, full layers' length 1..=max_context (a session allocates its context), rings
+/// their own length; opt is decode (one token) at full batch with the whole context allocated.
 pub fn profiles(
-    kv_inputs: &[String],
+    kv: &[(String, Option<usize>)],
     kv_heads: usize,
     head_dim: usize,
     max_batch: usize,
     max_seq: usize,
     max_context: usize,
 ) -> Profiles {
-    let shape = |batch: usize, seq: usize, past: usize| {
+    let shape = |batch: usize, seq: usize, context: usize| {
         let mut parts = vec![
             format!("input_ids:{batch}x{seq}"),
             format!("position_ids:{batch}x{seq}"),
         ];
-        parts.extend(
-            kv_inputs
-                .iter()
-                .map(|name| format!("{name}:{batch}x{kv_heads}x{past}x{head_dim}")),
-        );
+        parts.extend(kv.iter().map(|(name, ring)| {
+            let length = ring.unwrap_or(context);
+            format!("{name}:{batch}x{kv_heads}x{length}x{head_dim}")
+        }));
         parts.join(",")
     };
     Profiles {
-        min: shape(1, 1, 0),
-        opt: shape(max_batch, 1, max_context / 2),
-        max: shape(max_batch, max_seq, max_context.saturating_sub(1)),
+        min: shape(1, 1, 1),
+        opt: shape(max_batch, 1, max_context),
+        max: shape(max_batch, max_seq, max_context),
     }
 }
 
@@ -55,19 +55,22 @@ mod tests {
 
     #[test]
     fn profile_strings() {
-        let kv = vec!["past_key.0".to_string(), "past_value.0".to_string()];
-        let p = profiles(&kv, 8, 128, 4, 512, 8192);
+        let kv = vec![
+            ("past_key.0".to_string(), Some(8192)),
+            ("past_key.3".to_string(), None),
+        ];
+        let p = profiles(&kv, 8, 128, 4, 512, 16384);
         assert_eq!(
             p.min,
-            "input_ids:1x1,position_ids:1x1,past_key.0:1x8x0x128,past_value.0:1x8x0x128"
+            "input_ids:1x1,position_ids:1x1,past_key.0:1x8x8192x128,past_key.3:1x8x1x128"
         );
         assert_eq!(
             p.opt,
-            "input_ids:4x1,position_ids:4x1,past_key.0:4x8x4096x128,past_value.0:4x8x4096x128"
+            "input_ids:4x1,position_ids:4x1,past_key.0:4x8x8192x128,past_key.3:4x8x16384x128"
         );
         assert_eq!(
             p.max,
-            "input_ids:4x512,position_ids:4x512,past_key.0:4x8x8191x128,past_value.0:4x8x8191x128"
+            "input_ids:4x512,position_ids:4x512,past_key.0:4x8x8192x128,past_key.3:4x8x16384x128"
         );
     }
 }
