@@ -42,7 +42,12 @@ fn best_of(
 }
 
 /// Benchmarks a bundle.
-pub fn bundle(path: &Path, options: &RuntimeOptions, decode_steps: usize) -> Result<Value> {
+pub fn bundle(
+    path: &Path,
+    options: &RuntimeOptions,
+    decode_steps: usize,
+    contexts: &[usize],
+) -> Result<Value> {
     let rss_before = crate::driver::current_rss_bytes();
     let start = Instant::now();
     let model = Model::load(path, options)?;
@@ -68,6 +73,35 @@ pub fn bundle(path: &Path, options: &RuntimeOptions, decode_steps: usize) -> Res
             batch.to_string(),
             json!((batch * decode_steps) as f64 / d.as_secs_f64()),
         );
+    }
+    // Decode after `c` cached positions (entries as allocated: a step's work does not depend on
+    // them), median of 3, with the bytes that crossed the session boundary per step.
+    let mut at_context = serde_json::Map::new();
+    let mut moved = serde_json::Map::new();
+    for &c in contexts {
+        if c + decode_steps > max {
+            anyhow::bail!(
+                "--contexts {c} + --decode-steps {decode_steps} is more than the bundle's {max} positions"
+            );
+        }
+        let (mut speed, mut bytes) = (serde_json::Map::new(), serde_json::Map::new());
+        for batch in [1usize, 8] {
+            let mut runs = Vec::new();
+            for _ in 0..3 {
+                let before = model.boundary_bytes();
+                let d = model.time_decode_at(batch, c, decode_steps)?;
+                let crossed = model.boundary_bytes() - before;
+                runs.push((batch * decode_steps) as f64 / d.as_secs_f64());
+                bytes.insert(
+                    batch.to_string(),
+                    json!(crossed / decode_steps.max(1) as u64),
+                );
+            }
+            runs.sort_by(f64::total_cmp);
+            speed.insert(batch.to_string(), json!(runs[1]));
+        }
+        at_context.insert(c.to_string(), Value::Object(speed));
+        moved.insert(c.to_string(), Value::Object(bytes));
     }
     let vision = match &m.vision {
         Some(info) => Some(vision_bench(&model, info)?),
@@ -97,6 +131,8 @@ pub fn bundle(path: &Path, options: &RuntimeOptions, decode_steps: usize) -> Res
         "time_to_first_token_ms": ttft,
         "ttft_prompt_tokens": prompt,
         "decode_tokens_per_s": decode,
+        "decode_tokens_per_s_at_context": at_context,
+        "kv_bytes_moved_per_step": moved,
         "decode_steps": decode_steps,
         "peak_rss_bytes": peak_rss,
         "prepack": options.prepack_for(&model.bundle),

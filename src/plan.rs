@@ -4,7 +4,8 @@
 //!
 //! Weight bytes follow what `herd compile` writes: quantized matrices (attention, experts, shared
 //! expert, dense MLP) as codes plus one scale per block (int4/int8) or per output channel (fp8) in the
-//! compute dtype; router, norms, embeddings, lm_head and rotary tables in the compute dtype; the experts
+//! compute dtype; router, norms, embeddings and lm_head in the compute dtype (rotary angles are computed
+//! in the graph: only the inverse frequencies are stored); the experts
 //! of a compressed-tensors fp8 checkpoint as fp8 with f32 channel scales. A bundle's figures are read
 //! from its initializers instead (a test holds the two equal).
 
@@ -112,8 +113,7 @@ pub fn prequantized_fp8_experts(config_json: &serde_json::Value) -> bool {
         == Some("compressed-tensors")
 }
 
-/// Weight bytes by part of `config` compiled with `input`'s dtype and scheme and `max_context`
-/// positions of rotary tables.
+/// Weight bytes by part of `config` compiled with `input`'s dtype and scheme.
 pub fn config_weights(config: &Llama4Config, input: &PlanInput, prequant_fp8: bool) -> WeightParts {
     let (h, v) = (config.hidden_size as u64, config.vocab_size as u64);
     let (nh, nkv, d) = (
@@ -151,10 +151,8 @@ pub fn config_weights(config: &Llama4Config, input: &PlanInput, prequant_fp8: bo
     *parts.get_mut("embeddings").unwrap() += float(v * h);
     *parts.get_mut("lm_head").unwrap() += float(v * h);
     *parts.get_mut("norms_and_tables").unwrap() += float(h);
-    if config.uses_rope.iter().any(|&r| r) {
-        // One cos and one sin table of [max_context, d/2], shared by the RoPE layers.
-        *parts.get_mut("norms_and_tables").unwrap() += 2 * float(input.context * d / 2);
-    }
+    // No rotary tables: the angles are computed from the positions in the graph, whose inverse
+    // frequencies (a few hundred bytes) sit inline in the model file like the other small constants.
     if let Some(vision) = &config.vision {
         *parts.get_mut("vision").unwrap() += float(vision_values(vision, h));
     }
@@ -336,7 +334,7 @@ pub fn plan(config: &Llama4Config, weights: WeightParts, input: &PlanInput) -> P
     let distinct = e * (1.0 - (1.0 - 1.0 / e).powf(input.batch as f64));
     let experts = weights["experts"] as f64;
     let embed_row = weights["embeddings"] as f64 / config.vocab_size.max(1) as f64;
-    // Norm weights are a few KB; rotary tables are read one row per token; the vision tower runs only
+    // Norm weights and inverse frequencies are a few KB; the vision tower runs only
     // for images: none counts.
     let dense_bytes = weight_bytes as f64
         - experts

@@ -22,8 +22,8 @@ fn greedy(n: usize) -> GenerateParams {
 
 fn bundle(dir: &std::path::Path, extra: &[&str]) -> std::path::PathBuf {
     let out = dir.join("bundle");
-    let mut args = vec![
-        "compile",
+    let mut args: Vec<String> = vec![
+        "compile".into(),
         fixture("tiny-scout").to_str().unwrap().to_string(),
         "-o".into(),
         out.to_str().unwrap().to_string(),

@@ -84,7 +84,8 @@ impl KvCache {
             full: 0,
         };
         for kv in &m.graph.kv {
-            let length = kv.ring.map_or(context, |r| r.min(context).max(1));
+            // A ring's length is fixed in the graph; a full layer's is the context.
+            let length = kv.ring.unwrap_or(context).max(1);
             let shape = [slots, heads, length, dim];
             let elements = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64));
             let Some(elements) = elements.filter(|&n| n <= MAX_BUFFER_ELEMENTS) else {

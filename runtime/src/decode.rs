@@ -91,7 +91,8 @@ impl Model {
                 let at: Vec<usize> = (0..row.ids.len())
                     .filter(|&s| row.ids[s] == v.tokens.patch)
                     .collect();
-                if !row.features.is_empty() || !at.is_empty() {
+                // Without feature rows a `<|patch|>` id is an ordinary token (its embedding).
+                if !row.features.is_empty() {
                     if at.len() * h != row.features.len() {
                         return Err(RuntimeError::Param(format!(
                             "{} image feature rows for {} <|patch|> tokens",

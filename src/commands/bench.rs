@@ -26,6 +26,10 @@ pub struct BenchArgs {
     /// Decode steps timed per batch size.
     #[arg(long, default_value_t = 32)]
     pub decode_steps: usize,
+    /// Contexts at which decode is also timed (batch 1 and 8, median of 3), with the bytes that cross
+    /// the session boundary per step (`kv_bytes_moved_per_step`), e.g. `--contexts 64,4096`.
+    #[arg(long, value_delimiter = ',')]
+    pub contexts: Vec<usize>,
     /// Print one JSON object with stable keys instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -38,7 +42,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let report = if args.compile {
         compile_bench(args)?
     } else {
-        crate::bench::bundle(&args.path, &args.runtime.options(), args.decode_steps)?
+        crate::bench::bundle(
+            &args.path,
+            &args.runtime.options(),
+            args.decode_steps,
+            &args.contexts,
+        )?
     };
     if args.json {
         outln!("{report}");
