@@ -43,7 +43,72 @@ fn compile_with(name: &str, moe: &str, dtype: &str, extra: &[&str], dir: &Path) 
     if dtype == "f32" && extra.is_empty() {
         check_node_snapshot(name, moe, &out);
     }
+    check_cache_in_place(&bundle);
     bundle.to_str().unwrap().to_string()
+}
+
+/// Every cache input is read by exactly one node, a `TensorScatter` that writes the matching cache
+/// output itself (no Concat, no copy after it): bound to one buffer, the update is in place. Chunked
+/// layers' caches are rings of one chunk (8), full layers' the session's context.
+fn check_cache_in_place(bundle: &Path) {
+    use onnx_protobuf::type_proto::Value as Type;
+    let onnx = <onnx_protobuf::ModelProto as onnx_protobuf::Message>::parse_from_bytes(
+        &std::fs::read(bundle.join("model.onnx")).unwrap(),
+    )
+    .unwrap();
+    let graph = &onnx.graph;
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bundle.join("manifest.json")).unwrap())
+            .unwrap();
+    let nope: Vec<u64> = manifest["model"]["nope_layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_u64().unwrap())
+        .collect();
+    let mut caches = 0;
+    for input in graph.input.iter().filter(|i| i.name.starts_with("past_")) {
+        caches += 1;
+        let readers: Vec<_> = graph
+            .node
+            .iter()
+            .filter(|n| n.input.contains(&input.name))
+            .collect();
+        let present = input.name.replace("past_", "present_");
+        assert_eq!(
+            readers.len(),
+            1,
+            "{}: read by {} nodes",
+            input.name,
+            readers.len()
+        );
+        assert_eq!(readers[0].op_type, "TensorScatter", "{}", input.name);
+        assert_eq!(readers[0].output, [present.clone()], "{}", input.name);
+        assert!(graph.output.iter().any(|o| o.name == present));
+        let Some(Type::TensorType(t)) = &input.type_.value else {
+            panic!("{} is a tensor", input.name);
+        };
+        let length = &t.shape.dim[2];
+        let layer: u64 = input.name.rsplit('.').next().unwrap().parse().unwrap();
+        if nope.contains(&layer) {
+            assert!(
+                !length.has_dim_value(),
+                "{}: the context is the session's",
+                input.name
+            );
+        } else {
+            assert_eq!(length.dim_value(), 8, "{}: a ring of one chunk", input.name);
+        }
+    }
+    assert_eq!(caches, 8, "two caches per layer");
+    assert!(
+        !graph.node.iter().any(|n| n.op_type == "Concat"
+            && n.input
+                .iter()
+                .chain(&n.output)
+                .any(|t| t.contains("past_") || t.contains("present_"))),
+        "no Concat touches the cache"
+    );
 }
 
 fn check_node_snapshot(name: &str, moe: &str, text: &str) {

@@ -804,9 +804,9 @@ fn unbounded_sizes_are_bounded_before_allocating() {
             "-o",
             dir.path().join("never2").to_str().unwrap(),
             "--max-context",
-            "10000000",
+            "100000000",
         ],
-        &["--max-context 10000000", "1 to 1048576"],
+        &["--max-context 100000000", "1 to 16777216"],
     );
 }
 

@@ -13,6 +13,7 @@ use ndarray::{Array2, ArrayD, Axis, IxDyn};
 fn logits(graph: &Graph, ids: &[i64]) -> Array2<f32> {
     let n = ids.len();
     let inputs = HashMap::from([
+        common::every_logit_row(1, n),
         (
             "input_ids".to_string(),
             Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[1, n]), ids.to_vec()).unwrap()),
@@ -189,6 +190,8 @@ fn lowered_logits(graph: &Graph, ids: &[i64]) -> Array2<f32> {
     while done < n {
         let len = (n - done).min(ring.map_or(n, |r| r - done % r));
         let mut inputs = caches.clone();
+        let (name, index) = common::every_logit_row(1, len);
+        inputs.insert(name, index);
         inputs.insert(
             "input_ids".to_string(),
             Tensor::I64(

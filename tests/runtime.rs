@@ -74,6 +74,47 @@ fn long_generation_across_chunks_matches_transformers_with_bounded_cache() {
     }
 }
 
+/// The graph writes each call's keys and values into the session's own buffers (nothing copies them
+/// back): entry j of a full layer holds position j, a ring entry is overwritten by the next chunk.
+#[test]
+fn the_cache_is_written_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::load(
+        &compile("tiny-scout", dir.path(), 32),
+        &RuntimeOptions::default(),
+    )
+    .unwrap();
+    let nope = model.bundle.manifest.model.nope_layers[0];
+    let ring = (0..4).find(|l| *l != nope).unwrap();
+    let mut session = model.session().unwrap();
+    let zero = vec![0f32; 2 * 16];
+    let entry = |s: &herd_runtime::Session, layer: usize, i: usize| {
+        s.cache().entry(layer, false, 0, i).unwrap()
+    };
+    assert_eq!(entry(&session, ring, 0), zero, "allocated zeroed");
+    session.feed(&[5, 6, 7]).unwrap();
+    for i in 0..3 {
+        assert_ne!(entry(&session, ring, i), zero, "ring entry {i} written");
+        assert_ne!(entry(&session, nope, i), zero, "full entry {i} written");
+    }
+    assert_eq!(entry(&session, ring, 3), zero, "ring entry 3 not yet");
+    assert_eq!(entry(&session, nope, 3), zero, "full entry 3 not yet");
+    let (ring0, full0) = (entry(&session, ring, 0), entry(&session, nope, 0));
+    // Positions 3..9: position 8 starts the next chunk and takes ring entry 0.
+    session.feed(&[8, 9, 10, 11, 12, 13]).unwrap();
+    assert_eq!(
+        entry(&session, nope, 0),
+        full0,
+        "a full layer keeps position 0"
+    );
+    assert_ne!(
+        entry(&session, ring, 0),
+        ring0,
+        "the ring's entry 0 now holds position 8"
+    );
+    assert_ne!(entry(&session, nope, 8), zero);
+}
+
 #[test]
 fn three_hundred_tokens_across_dozens_of_chunk_boundaries_match_transformers() {
     let dir = tempfile::tempdir().unwrap();

@@ -62,6 +62,7 @@ fn reference_logits(graph: &herd_ir::Graph, ids: &[i64]) -> Array2<f32> {
     let (features, positions) = features_and_positions(ids);
     let n = ids.len();
     let inputs = HashMap::from([
+        common::every_logit_row(1, n),
         (
             "input_ids".to_string(),
             Tensor::I64(ndarray::ArrayD::from_shape_vec(vec![1, n], ids.to_vec()).unwrap()),

@@ -103,6 +103,7 @@ pub fn evaluate(
             )),
             Op::Gelu => Tensor::F32(float(args[0]).mapv(gelu)),
             Op::AppendToken => Tensor::F32(append_token(float(args[0]), float(args[1]))),
+            Op::PickRows => Tensor::F32(pick_rows(float(args[0]), int(args[1])).map_err(fail)?),
             Op::ScatterRows => Tensor::F32(
                 scatter_rows(float(args[0]), int(args[1]), float(args[2])).map_err(fail)?,
             ),
@@ -282,6 +283,7 @@ fn bind_inputs(graph: &Graph, inputs: &HashMap<String, Tensor>) -> Result<DimBin
         seq: get(SymDim::Seq),
         past: get(SymDim::Past),
         features: bound.get(&SymDim::Features).copied(),
+        picked: get(SymDim::Picked),
     };
     if bound
         .get(&SymDim::Total)
@@ -437,6 +439,26 @@ fn scatter_rows(
             .filter(|&p| p < n)
             .ok_or_else(|| format!("position {p} is outside the {n} tokens"))?;
         flat[p * h..(p + 1) * h].copy_from_slice(&src[f * h..(f + 1) * h]);
+    }
+    Ok(out)
+}
+
+/// Rows `index[b, r]` of each x[b] ([B, S, H] -> [B, R, H]); see [`Op::PickRows`].
+fn pick_rows(x: &ArrayD<f32>, index: &ArrayD<i64>) -> Result<ArrayD<f32>, String> {
+    let (b, s, h) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+    let r = index.shape()[1];
+    let mut out = ArrayD::<f32>::zeros(IxDyn(&[b, r, h]));
+    for bi in 0..b {
+        for ri in 0..r {
+            let t = usize::try_from(index[[bi, ri]])
+                .ok()
+                .filter(|&t| t < s)
+                .ok_or_else(|| {
+                    format!("row index {} is outside the {s} tokens", index[[bi, ri]])
+                })?;
+            out.slice_mut(s![bi, ri, ..])
+                .assign(&x.slice(s![bi, t, ..]));
+        }
     }
     Ok(out)
 }

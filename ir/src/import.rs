@@ -404,6 +404,8 @@ pub fn import(dir: &Path) -> Result<Imported, ImportError> {
 
 /// Name of the decoder input holding image features, [features, hidden] (see [`import_with`]).
 pub const IMAGE_FEATURES_INPUT: &str = "image_features";
+/// Decoder input i64 [batch, picked]: the tokens of each row whose logits the call returns.
+pub const LOGITS_INDEX_INPUT: &str = "logits_index";
 /// Name of the decoder input holding where the image features go, i64 [features].
 pub const IMAGE_POSITIONS_INPUT: &str = "image_positions";
 
@@ -589,6 +591,19 @@ fn build_graph(ckpt: &Checkpoint, image_features: bool) -> Result<Graph, ImportE
         };
         x = b.add(format!("layers.{i}.ffn_residual"), Op::Add, &[resid, ff])?;
     }
+    // Only the rows whose logits are wanted reach the final norm and lm_head.
+    let index = b.add(
+        LOGITS_INDEX_INPUT,
+        Op::Input(InputAttrs {
+            name: LOGITS_INDEX_INPUT.into(),
+            ty: TensorType::new(
+                DType::I64,
+                vec![Dim::Sym(SymDim::Batch), Dim::Sym(SymDim::Picked)],
+            ),
+        }),
+        &[],
+    )?;
+    let x = b.add("pick_logit_rows", Op::PickRows, &[x, index])?;
     let w_norm = b.weight(&format!("{p}model.norm.weight"), &[h], "final norm")?;
     let normed = b.add(
         "final_norm",

@@ -251,6 +251,15 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String>
             }
             TensorType::new(DType::Bool, vec![b, Dim::Fixed(1), s, keys])
         }
+        Op::PickRows => {
+            let x = inputs[0];
+            let [b, _, h] = dims::<3>(x, "x")?;
+            let [ib, r] = dims::<2>(inputs[1], "index")?;
+            if ib != b || inputs[1].dtype != DType::I64 {
+                return Err(format!("index {} does not match rows {x}", inputs[1]));
+            }
+            TensorType::new(x.dtype, vec![b, r, h])
+        }
         Op::RotaryAngles(a) => {
             let pos = inputs[0];
             let [b, s] = dims::<2>(pos, "position_ids")?;

@@ -171,6 +171,9 @@ pub enum Op {
     /// x [B, T, H], token [H] -> [B, T + 1, H]: the same token appended after every row's last position
     /// (the vision tower's class embedding).
     AppendToken,
+    /// x [B, S, H], index i64[B, R] -> [B, R, H] of x's type: row b's tokens `index[b, r]` (the positions
+    /// of a call whose logits are wanted: each row's last token in decode, all in prompt scoring).
+    PickRows,
     /// x [B, S, H], positions i64[F], rows [F, H] -> x's type: x with row `positions[f]` of its flattened
     /// [B * S, H] view replaced by `rows[f]` (image features placed at their `<|patch|>` tokens).
     ScatterRows,
@@ -253,6 +256,7 @@ impl Op {
             Op::Gelu => "gelu",
             Op::AppendToken => "append_token",
             Op::ScatterRows => "scatter_rows",
+            Op::PickRows => "pick_rows",
             Op::Add => "add",
             Op::Mul => "mul",
             Op::Sigmoid => "sigmoid",
@@ -285,7 +289,7 @@ impl Op {
             Op::Mlp => (4, 4),
             Op::Moe(_) => (7, 7),
             Op::RmsNorm(_) => (1, 2),
-            Op::Add | Op::Mul | Op::AppendToken => (2, 2),
+            Op::Add | Op::Mul | Op::AppendToken | Op::PickRows => (2, 2),
             Op::Linear => (2, 3),
             Op::LayerNorm(_) | Op::ScatterRows => (3, 3),
             Op::Sigmoid | Op::Silu | Op::Gelu | Op::Cast { .. } => (1, 1),
@@ -327,6 +331,7 @@ impl Op {
             | Op::Gelu
             | Op::AppendToken
             | Op::ScatterRows
+            | Op::PickRows
             | Op::Add
             | Op::Mul
             | Op::Sigmoid

@@ -123,6 +123,7 @@ fn op_text(graph: &Graph, op: &Op) -> String {
         | Op::Gelu
         | Op::AppendToken
         | Op::ScatterRows
+        | Op::PickRows
         | Op::SwiGlu => op.name().to_string(),
     }
 }

@@ -78,6 +78,8 @@ pub enum SymDim {
     Total,
     /// Number of image feature rows (image tiles x tokens per tile).
     Features,
+    /// Tokens per row whose logits a call returns ([`crate::Op::PickRows`]).
+    Picked,
     /// Cache entries one attention reads in this call ([`crate::Op::CacheView`]): at most its cache
     /// length, and not the same size in chunked and full layers.
     Keys,
@@ -93,6 +95,7 @@ impl SymDim {
             SymDim::Total => "total",
             SymDim::Features => "features",
             SymDim::Keys => "keys",
+            SymDim::Picked => "picked",
         }
     }
 }
@@ -193,6 +196,8 @@ pub struct DimBindings {
     pub past: usize,
     /// Image feature rows; `None` when no input binds them (a graph that produces them infers the size).
     pub features: Option<usize>,
+    /// Tokens per row whose logits are returned.
+    pub picked: usize,
 }
 
 impl DimBindings {
@@ -207,6 +212,7 @@ impl DimBindings {
             Dim::Sym(SymDim::Features) => self.features.unwrap_or(0),
             // An upper bound: a view's own size comes from its positions.
             Dim::Sym(SymDim::Keys) => self.past,
+            Dim::Sym(SymDim::Picked) => self.picked,
         }
     }
 

@@ -122,7 +122,12 @@ fn run_call(
 ) -> HashMap<String, Tensor> {
     let seq = ids.len() / batch;
     let positions: Vec<i64> = (0..batch).flat_map(|_| start..start + seq as i64).collect();
+    let index: Vec<i64> = (0..batch).flat_map(|_| 0..seq as i64).collect();
     let mut inputs = HashMap::from([
+        (
+            herd_ir::import::LOGITS_INDEX_INPUT.to_string(),
+            Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[batch, seq]), index).unwrap()),
+        ),
         (
             "input_ids".to_string(),
             Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[batch, seq]), ids.to_vec()).unwrap()),

@@ -135,6 +135,36 @@ impl KvCache {
         self.bytes
     }
 
+    /// Entry `index` of slot `slot` of layer `layer`'s keys (or values), [kv_heads * head_dim] as f32,
+    /// for inspection: f32 buffers in host memory only.
+    pub fn entry(
+        &self,
+        layer: usize,
+        values: bool,
+        slot: usize,
+        index: usize,
+    ) -> Result<Vec<f32>, RuntimeError> {
+        let l = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| RuntimeError::Param(format!("no cache layer {layer}")))?;
+        let tensor = if values { &l.value } else { &l.key };
+        let (shape, data) = tensor.try_extract_tensor::<f32>()?;
+        let (heads, length, dim) = (shape[1] as usize, shape[2] as usize, shape[3] as usize);
+        if slot >= self.slots || index >= length {
+            return Err(RuntimeError::Param(format!(
+                "entry {index} of slot {slot} is outside [{}, {length}]",
+                self.slots
+            )));
+        }
+        Ok((0..heads)
+            .flat_map(|h| {
+                let at = ((slot * heads + h) * length + index) * dim;
+                data[at..at + dim].to_vec()
+            })
+            .collect())
+    }
+
     /// Most tokens a row at `position` may take in one call: up to the end of its chunk (the ring's
     /// length) and of the context.
     pub fn room(&self, position: usize) -> usize {

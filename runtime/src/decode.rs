@@ -109,14 +109,24 @@ impl Model {
                 ));
             }
         }
-        let mut crossed = 16 * (slots * width) as u64;
+        // The tokens whose logits come back: every token of each row, or only its last.
+        let picked = if every_token { width } else { 1 };
+        let index: Vec<i64> = (0..slots)
+            .flat_map(|slot| {
+                let last = row_of_slot[slot].map_or(0, |i| rows[i].ids.len() - 1);
+                (0..picked).map(move |r| if every_token { r } else { last } as i64)
+            })
+            .collect();
+        let mut crossed = (16 * slots * width + 8 * slots * picked) as u64;
         let ids = Tensor::<i64>::from_array(([slots, width], ids))?;
         let positions = Tensor::<i64>::from_array(([slots, width], positions))?;
+        let index = Tensor::<i64>::from_array(([slots, picked], index))?;
 
         let mut session = self.lock_session()?;
         let mut binding = session.create_binding()?;
         binding.bind_input(&m.graph.input_ids, &ids)?;
         binding.bind_input(&m.graph.position_ids, &positions)?;
+        binding.bind_input(&m.graph.logits_index, &index)?;
         let image_inputs = match &m.vision {
             Some(v) => {
                 let f = image_positions.len();
@@ -154,7 +164,7 @@ impl Model {
             .try_extract_tensor::<f32>()?
             .1;
         crossed += (logits.len() * 4) as u64;
-        if logits.len() != slots * width * vocab {
+        if logits.len() != slots * picked * vocab {
             // The manifest is not checksummed: a vocab_size that disagrees with the graph is a damaged bundle.
             return Err(RuntimeError::Tampered {
                 path: self
@@ -165,15 +175,19 @@ impl Model {
                     .to_string(),
                 message: format!(
                     "the graph returns {} logits per token, the manifest says vocab_size {vocab}",
-                    logits.len() / (slots * width).max(1)
+                    logits.len() / (slots * picked).max(1)
                 ),
             });
         }
         let mut out = Vec::with_capacity(rows.len());
         for (i, row) in rows.iter().enumerate() {
-            let base = row.slot * width;
-            let first = if every_token { 0 } else { row.ids.len() - 1 };
-            let values = &logits[(base + first) * vocab..(base + row.ids.len()) * vocab];
+            let base = row.slot * picked;
+            let (first, count) = if every_token {
+                (0, row.ids.len())
+            } else {
+                (row.ids.len() - 1, 1)
+            };
+            let values = &logits[base * vocab..(base + count) * vocab];
             if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
                 return Err(RuntimeError::NonFiniteLogits {
                     row: i,

@@ -204,9 +204,12 @@ pub struct GraphIo {
     pub model_file: String,
     /// i64 [batch, seq].
     pub input_ids: String,
-    /// i64 [batch, seq]: absolute positions.
+    /// i64 [slots, seq]: each row's own absolute positions, consecutive within the row; the first is
+    /// the row's cache length (where its new keys and values are written).
     pub position_ids: String,
-    /// f32 [batch, seq, vocab].
+    /// i64 [slots, picked]: the tokens of each row (indices into its `seq`) whose logits are returned.
+    pub logits_index: String,
+    /// f32 [slots, picked, vocab].
     pub logits: String,
     /// Layout of every KV tensor.
     pub kv_layout: String,

@@ -81,6 +81,24 @@ fn check_graph_inputs(bundle: &Bundle, inputs: &[ort::value::Outlet]) -> Result<
                     m.model.head_dim
                 )));
             }
+            // A ring's length is fixed in the graph; a full layer's is the session's (-1).
+            let ring = m
+                .graph
+                .kv
+                .iter()
+                .find(|kv| &kv.past_key == name || &kv.past_value == name);
+            let length = ring.and_then(|kv| kv.ring).map_or(-1, |r| r as i64);
+            if shape[2] != length {
+                return Err(tampered(format!(
+                    "input `{name}` holds {} entries, but the manifest says {}",
+                    shape[2],
+                    if length < 0 {
+                        "the context".to_string()
+                    } else {
+                        length.to_string()
+                    }
+                )));
+            }
         }
     }
     Ok(())

@@ -80,6 +80,11 @@ impl<'m> Session<'m> {
         Ok(last)
     }
 
+    /// The session's cache buffers.
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
     /// Bytes of the session's preallocated cache.
     pub fn kv_bytes(&self) -> KvBytes {
         self.cache.bytes()

@@ -153,11 +153,13 @@ pub struct CompileArgs {
 
 /// Runs the command.
 pub fn run(args: &CompileArgs) -> Result<()> {
-    // The rotary tables hold max_context rows of head_dim/2 values each (2 x 256 MB at the limit).
-    const MAX_CONTEXT: usize = 1 << 20;
+    // Nothing in the bundle grows with the context (rotary angles are computed from the positions);
+    // the graph counts positions in f32 (rotary angles, NoPE temperature, as transformers does),
+    // exact up to 2^24, above Scout's 10M.
+    const MAX_CONTEXT: usize = 1 << 24;
     if args.max_context == 0 || args.max_context > MAX_CONTEXT {
         anyhow::bail!(
-            "--max-context {}: use 1 to {MAX_CONTEXT} (the bundle's rotary tables grow with it)",
+            "--max-context {}: use 1 to {MAX_CONTEXT} (positions are counted exactly in f32 up to 2^24)",
             args.max_context
         );
     }

@@ -276,3 +276,13 @@ pub fn check_snapshot(file: &str, text: &str, what: &str) {
         path.display()
     );
 }
+
+/// The evaluator's `logits_index` input asking for the logits of all `n` tokens of each of `batch` rows.
+#[allow(dead_code)]
+pub fn every_logit_row(batch: usize, n: usize) -> (String, herd_ir::eval::Tensor) {
+    let index: Vec<i64> = (0..batch).flat_map(|_| 0..n as i64).collect();
+    (
+        herd_ir::import::LOGITS_INDEX_INPUT.to_string(),
+        herd_ir::eval::Tensor::I64(ndarray::ArrayD::from_shape_vec(vec![batch, n], index).unwrap()),
+    )
+}

@@ -502,6 +502,25 @@ impl Emitter<'_> {
                 let shape = self.push(&format!("{name}.shape"), "Shape", "", &[&x], vec![]);
                 self.push(name, "Reshape", "", &[&scattered, &shape], vec![])
             }
+            Op::PickRows => {
+                let x = self.input(inputs[0], false)?;
+                let index = self.input(inputs[1], false)?;
+                let axis = self.int_const(&[-1]);
+                let index = self.push(
+                    &format!("{name}.index"),
+                    "Unsqueeze",
+                    "",
+                    &[&index, &axis],
+                    vec![],
+                );
+                self.push(
+                    name,
+                    "GatherND",
+                    "",
+                    &[&x, &index],
+                    vec![("batch_dims", Attr::Int(1))],
+                )
+            }
             Op::Add | Op::Mul | Op::Sigmoid => {
                 let op_type = match node.op {
                     Op::Add => "Add",
@@ -954,6 +973,7 @@ impl Emitter<'_> {
                 input_ids: "input_ids".into(),
                 position_ids: "position_ids".into(),
                 logits: "logits".into(),
+                logits_index: herd_ir::import::LOGITS_INDEX_INPUT.into(),
                 kv_layout: "slots,kv_heads,length,head_dim".into(),
                 kv,
             },

@@ -35,6 +35,8 @@ pub fn profiles(
         let mut parts = vec![
             format!("input_ids:{batch}x{seq}"),
             format!("position_ids:{batch}x{seq}"),
+            // Logits of every token at most (prompt scoring), of one per row in decode.
+            format!("logits_index:{batch}x{seq}"),
         ];
         parts.extend(kv.iter().map(|(name, ring)| {
             let length = ring.unwrap_or(context);
@@ -62,15 +64,15 @@ mod tests {
         let p = profiles(&kv, 8, 128, 4, 512, 16384);
         assert_eq!(
             p.min,
-            "input_ids:1x1,position_ids:1x1,past_key.0:1x8x8192x128,past_key.3:1x8x1x128"
+            "input_ids:1x1,position_ids:1x1,logits_index:1x1,past_key.0:1x8x8192x128,past_key.3:1x8x1x128"
         );
         assert_eq!(
             p.opt,
-            "input_ids:4x1,position_ids:4x1,past_key.0:4x8x8192x128,past_key.3:4x8x16384x128"
+            "input_ids:4x1,position_ids:4x1,logits_index:4x1,past_key.0:4x8x8192x128,past_key.3:4x8x16384x128"
         );
         assert_eq!(
             p.max,
-            "input_ids:4x512,position_ids:4x512,past_key.0:4x8x8192x128,past_key.3:4x8x16384x128"
+            "input_ids:4x512,position_ids:4x512,logits_index:4x512,past_key.0:4x8x8192x128,past_key.3:4x8x16384x128"
         );
     }
 }
