@@ -24,6 +24,18 @@ pub struct RowInput<'a> {
     pub features: &'a [f32],
 }
 
+/// One sequence fed from `start` in as many calls as it takes ([`Model::feed_pieces`]).
+pub(crate) struct Feed<'a> {
+    pub start: usize,
+    pub ids: &'a [i64],
+    /// Image feature rows for the `<|patch|>` tokens of `ids`, in order (empty without images).
+    pub features: &'a [f32],
+    /// The logits of every token instead of each call's last.
+    pub every_token: bool,
+    /// Graph outputs to show the caller (calibration).
+    pub extra: &'a [String],
+}
+
 /// What one call returns for each of its rows.
 pub(crate) struct CallLogits {
     /// Per row in the order given: the logits of its last token, or of all its tokens when asked.

@@ -14,7 +14,7 @@ use ort::value::Tensor;
 
 use crate::bundle::Bundle;
 use crate::cache::KvCache;
-use crate::decode::RowInput;
+use crate::decode::{Feed, RowInput};
 use crate::error::RuntimeError;
 use crate::manifest::ElementType;
 use crate::sampling::Sampling;
@@ -447,19 +447,22 @@ impl Model {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Feeds `ids` (with image rows for their `<|patch|>` tokens) to slot 0 of `cache` from `start`, in
-    /// calls that stop at chunk boundaries and at `per_call` tokens; `each` sees every call's logits.
+    /// Feeds one sequence to slot 0 of `cache` in calls that stop at chunk boundaries and at the
+    /// bundle's tokens per call; `on_logits` gets every call's logits, `inspect` its outputs.
     pub(crate) fn feed_pieces(
         &self,
         cache: &mut KvCache,
-        start: usize,
-        ids: &[i64],
-        features: &[f32],
-        every_token: bool,
-        extra: &[String],
+        feed: Feed<'_>,
         on_logits: &mut dyn FnMut(Vec<f32>),
         inspect: &mut dyn FnMut(&SessionOutputs) -> Result<(), RuntimeError>,
     ) -> Result<(), RuntimeError> {
+        let Feed {
+            start,
+            ids,
+            features,
+            every_token,
+            extra,
+        } = feed;
         let m = &self.bundle.manifest;
         let h = m.model.hidden_size;
         let patch = m.vision.as_ref().map(|v| v.tokens.patch);
@@ -533,16 +536,14 @@ impl Model {
         }
         let mut cache = self.new_cache(1, ids.len().max(1))?;
         let mut all = Vec::with_capacity(ids.len() * m.model.vocab_size);
-        self.feed_pieces(
-            &mut cache,
-            0,
+        let feed = Feed {
+            start: 0,
             ids,
             features,
-            true,
-            &[],
-            &mut |l| all.extend(l),
-            &mut |_| Ok(()),
-        )?;
+            every_token: true,
+            extra: &[],
+        };
+        self.feed_pieces(&mut cache, feed, &mut |l| all.extend(l), &mut |_| Ok(()))?;
         Ok(all)
     }
 
@@ -555,27 +556,25 @@ impl Model {
     ) -> Result<HashMap<String, f32>, RuntimeError> {
         let mut found: HashMap<String, f32> = HashMap::new();
         let mut cache = self.new_cache(1, ids.len().max(1))?;
-        self.feed_pieces(
-            &mut cache,
-            0,
+        let feed = Feed {
+            start: 0,
             ids,
-            &[],
-            false,
-            names,
-            &mut |_| {},
-            &mut |outputs| {
-                for name in names {
-                    let Some(value) = outputs.get(name) else {
-                        continue;
-                    };
-                    let (_, data) = value.try_extract_tensor::<f32>()?;
-                    let max = data.iter().fold(0f32, |m, v| m.max(v.abs()));
-                    let entry = found.entry(name.clone()).or_default();
-                    *entry = entry.max(max);
-                }
-                Ok(())
-            },
-        )?;
+            features: &[],
+            every_token: false,
+            extra: names,
+        };
+        self.feed_pieces(&mut cache, feed, &mut |_| {}, &mut |outputs| {
+            for name in names {
+                let Some(value) = outputs.get(name) else {
+                    continue;
+                };
+                let (_, data) = value.try_extract_tensor::<f32>()?;
+                let max = data.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let entry = found.entry(name.clone()).or_default();
+                *entry = entry.max(max);
+            }
+            Ok(())
+        })?;
         if let Some(missing) = names.iter().find(|n| !found.contains_key(*n)) {
             return Err(RuntimeError::Ort(format!("no {missing} output")));
         }

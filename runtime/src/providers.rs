@@ -397,11 +397,11 @@ mod option_tests {
         assert_eq!(get("device_id"), Some("1"));
         assert_eq!(
             get("trt_profile_min_shapes"),
-            Some("input_ids:1x1,position_ids:1x1,past_key.0:1x1x0x16,past_value.0:1x1x0x16")
+            Some("input_ids:1x1,position_ids:1x1,logits_index:1x1,past_key.0:1x1x8x16,past_value.0:1x1x8x16")
         );
         assert_eq!(
             get("trt_profile_max_shapes"),
-            Some("input_ids:2x64,position_ids:2x64,past_key.0:2x1x127x16,past_value.0:2x1x127x16")
+            Some("input_ids:2x64,position_ids:2x64,logits_index:2x64,past_key.0:2x1x8x16,past_value.0:2x1x8x16")
         );
         assert_eq!(
             get("trt_fp16_enable"),

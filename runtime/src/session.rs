@@ -66,16 +66,15 @@ impl<'m> Session<'m> {
             ));
         }
         let mut last = Vec::new();
-        self.model.feed_pieces(
-            &mut self.cache,
-            self.position,
+        let feed = crate::decode::Feed {
+            start: self.position,
             ids,
             features,
-            false,
-            &[],
-            &mut |l| last = l,
-            &mut |_| Ok(()),
-        )?;
+            every_token: false,
+            extra: &[],
+        };
+        self.model
+            .feed_pieces(&mut self.cache, feed, &mut |l| last = l, &mut |_| Ok(()))?;
         self.position = end;
         Ok(last)
     }
