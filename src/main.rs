@@ -30,6 +30,7 @@ mod commands;
 mod driver;
 mod eval;
 mod plan;
+mod serve;
 mod synth;
 use herd::vision_manifest;
 
@@ -73,6 +74,8 @@ enum Command {
     Verify(commands::verify::VerifyArgs),
     /// Build a tensorrt-target bundle's TensorRT engine on this machine's GPU (H100).
     BuildEngine(commands::build_engine::BuildEngineArgs),
+    /// Serve a bundle over OpenAI's HTTP API (completions, chat, streaming) with continuous batching.
+    Serve(serve::ServeArgs),
 }
 
 /// Streaming allocates and frees blocks of tens of MiB continuously. By default glibc maps each one
@@ -138,12 +141,15 @@ fn main() -> ExitCode {
     exit_quietly_on_closed_pipe();
     keep_freed_blocks();
     explain_bus_errors();
-    clean_up_on_interrupt();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("HERD_LOG"))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // The server drains on SIGTERM/SIGINT itself; everything else removes unfinished bundles and exits.
+    if !matches!(cli.command, Command::Serve(_)) {
+        clean_up_on_interrupt();
+    }
     let result = match cli.command {
         Command::Inspect(args) => commands::inspect::run(&args),
         Command::Compile(args) => commands::compile::run(&args),
@@ -156,6 +162,7 @@ fn main() -> ExitCode {
         Command::Plan(args) => commands::plan::run(&args),
         Command::Verify(args) => commands::verify::run(&args),
         Command::BuildEngine(args) => commands::build_engine::run(&args),
+        Command::Serve(args) => serve::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -83,7 +83,12 @@ fn check_cache_in_place(bundle: &Path) {
             readers.len()
         );
         assert_eq!(readers[0].op_type, "TensorScatter", "{}", input.name);
-        assert_eq!(readers[0].output, std::slice::from_ref(&present), "{}", input.name);
+        assert_eq!(
+            readers[0].output,
+            std::slice::from_ref(&present),
+            "{}",
+            input.name
+        );
         assert!(graph.output.iter().any(|o| o.name == present));
         let Some(Type::TensorType(t)) = &input.type_.value else {
             panic!("{} is a tensor", input.name);

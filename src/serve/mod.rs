@@ -1,0 +1,131 @@
+//! `herd serve BUNDLE`: an OpenAI-compatible HTTP server on the runtime's continuous-batching scheduler
+//! (one engine thread runs the batch; requests join it between steps). Loopback by default; SIGTERM or
+//! SIGINT stops accepting connections and drains the requests in flight.
+
+mod engine;
+mod metrics;
+mod openai;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use clap::Args;
+use herd_runtime::Model;
+
+/// Arguments of `herd serve`.
+#[derive(Args)]
+pub struct ServeArgs {
+    /// The bundle to serve (it needs its tokenizer.json).
+    pub bundle: PathBuf,
+    /// Address to listen on (loopback by default: put a proxy in front to expose it).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: std::net::IpAddr,
+    /// Port to listen on (0 picks a free one; the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1/* (or set HERD_API_KEY).
+    #[arg(long, env = "HERD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Sequences decoded together (KV cache slots, allocated at startup).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub max_batch: u16,
+    /// Requests waiting for a slot before new ones get 429.
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
+    /// Largest request body in bytes (413 above; images arrive base64 in the body).
+    #[arg(long, default_value_t = 16 << 20)]
+    pub max_body: usize,
+    /// The model id clients send (default: the bundle folder's name).
+    #[arg(long)]
+    pub model_name: Option<String>,
+    #[command(flatten)]
+    pub runtime: crate::commands::runtime_args::RuntimeArgs,
+}
+
+/// Runs the server until SIGTERM or SIGINT, then drains.
+pub fn run(args: &ServeArgs) -> Result<()> {
+    let model = Model::load(&args.bundle, &args.runtime.options())
+        .with_context(|| format!("loading {}", args.bundle.display()))?;
+    if model.text().is_none() {
+        anyhow::bail!(
+            "{}: herd serve needs the bundle's tokenizer.json (compile from a checkpoint that has one)",
+            args.bundle.display()
+        );
+    }
+    let name = args.model_name.clone().unwrap_or_else(|| {
+        args.bundle
+            .file_name()
+            .map_or("herd".into(), |n| n.to_string_lossy().into_owned())
+    });
+    let model = Arc::new(model);
+    let metrics = Arc::new(metrics::Metrics::default());
+    let engine = engine::Engine::start(
+        model.clone(),
+        args.max_batch.into(),
+        args.max_queue,
+        metrics.clone(),
+    )?;
+    let app = Arc::new(openai::App {
+        model,
+        engine,
+        metrics,
+        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        name,
+    });
+    let v1 = Router::new()
+        .route("/v1/models", get(openai::models))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/chat/completions", post(openai::chat))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            openai::authorize,
+        ));
+    let router = Router::new()
+        .merge(v1)
+        .route("/health", get(openai::health))
+        .route("/metrics", get(openai::metrics))
+        .layer(DefaultBodyLimit::max(args.max_body))
+        .layer(axum::middleware::from_fn_with_state(
+            args.max_body,
+            openai::limit_body,
+        ))
+        .with_state(app.clone());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let address = SocketAddr::new(args.host, args.port);
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("listening on {address}"))?;
+        let local = listener.local_addr()?;
+        outln!("herd serve: {} on http://{local}/v1", app.name);
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown())
+            .await
+            .context("serving")?;
+        eprintln!("herd serve: drained, exiting");
+        Ok(())
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    eprintln!("herd serve: stopping: no new connections, draining requests in flight");
+}
