@@ -30,6 +30,19 @@ pub struct BenchArgs {
     /// the session boundary per step (`kv_bytes_moved_per_step`), e.g. `--contexts 64,4096`.
     #[arg(long, value_delimiter = ',')]
     pub contexts: Vec<usize>,
+    /// Benchmark serving instead: the same greedy requests through `herd serve`'s HTTP API on
+    /// 127.0.0.1, one by one and --concurrency at a time (requests/s, tokens/s, p50/p99 latency).
+    #[arg(long, conflicts_with = "compile")]
+    pub serve: bool,
+    /// With --serve: requests sent.
+    #[arg(long, default_value_t = 64)]
+    pub requests: usize,
+    /// With --serve: requests in flight at once (and batch slots).
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// With --serve: tokens generated per request.
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: usize,
     /// Print one JSON object with stable keys instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -41,6 +54,13 @@ pub struct BenchArgs {
 pub fn run(args: &BenchArgs) -> Result<()> {
     let report = if args.compile {
         compile_bench(args)?
+    } else if args.serve {
+        let shape = crate::serve::load::LoadShape {
+            requests: args.requests,
+            concurrency: args.concurrency,
+            max_tokens: args.max_tokens,
+        };
+        crate::serve::load::run(&args.path, &args.runtime.options(), &shape)?
     } else {
         crate::bench::bundle(
             &args.path,

@@ -3,6 +3,7 @@
 //! SIGINT stops accepting connections and drains the requests in flight.
 
 mod engine;
+pub mod load;
 mod metrics;
 mod openai;
 
@@ -47,35 +48,36 @@ pub struct ServeArgs {
     pub runtime: crate::commands::runtime_args::RuntimeArgs,
 }
 
-/// Runs the server until SIGTERM or SIGINT, then drains.
-pub fn run(args: &ServeArgs) -> Result<()> {
-    let model = Model::load(&args.bundle, &args.runtime.options())
-        .with_context(|| format!("loading {}", args.bundle.display()))?;
+/// What a server needs besides its listener.
+pub struct ServerConfig {
+    pub max_batch: usize,
+    pub max_queue: usize,
+    pub max_body: usize,
+    pub api_key: Option<String>,
+    pub name: String,
+}
+
+/// The router over `model`, with its engine thread started.
+pub fn router(model: Arc<Model>, config: &ServerConfig) -> Result<(Router, Arc<openai::App>)> {
     if model.text().is_none() {
         anyhow::bail!(
             "{}: herd serve needs the bundle's tokenizer.json (compile from a checkpoint that has one)",
-            args.bundle.display()
+            model.bundle.dir.display()
         );
     }
-    let name = args.model_name.clone().unwrap_or_else(|| {
-        args.bundle
-            .file_name()
-            .map_or("herd".into(), |n| n.to_string_lossy().into_owned())
-    });
-    let model = Arc::new(model);
     let metrics = Arc::new(metrics::Metrics::default());
     let engine = engine::Engine::start(
         model.clone(),
-        args.max_batch.into(),
-        args.max_queue,
+        config.max_batch,
+        config.max_queue,
         metrics.clone(),
     )?;
     let app = Arc::new(openai::App {
         model,
         engine,
         metrics,
-        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
-        name,
+        api_key: config.api_key.clone().filter(|k| !k.is_empty()),
+        name: config.name.clone(),
     });
     let v1 = Router::new()
         .route("/v1/models", get(openai::models))
@@ -89,12 +91,31 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         .merge(v1)
         .route("/health", get(openai::health))
         .route("/metrics", get(openai::metrics))
-        .layer(DefaultBodyLimit::max(args.max_body))
+        .layer(DefaultBodyLimit::max(config.max_body))
         .layer(axum::middleware::from_fn_with_state(
-            args.max_body,
+            config.max_body,
             openai::limit_body,
         ))
         .with_state(app.clone());
+    Ok((router, app))
+}
+
+/// Runs the server until SIGTERM or SIGINT, then drains.
+pub fn run(args: &ServeArgs) -> Result<()> {
+    let model = Model::load(&args.bundle, &args.runtime.options())
+        .with_context(|| format!("loading {}", args.bundle.display()))?;
+    let config = ServerConfig {
+        max_batch: args.max_batch.into(),
+        max_queue: args.max_queue,
+        max_body: args.max_body,
+        api_key: args.api_key.clone(),
+        name: args.model_name.clone().unwrap_or_else(|| {
+            args.bundle
+                .file_name()
+                .map_or("herd".into(), |n| n.to_string_lossy().into_owned())
+        }),
+    };
+    let (router, app) = router(Arc::new(model), &config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
