@@ -425,3 +425,94 @@ fn a_disconnecting_client_is_cancelled_and_sigterm_drains() {
     let exit = server.child.wait().unwrap();
     assert!(exit.success(), "{exit:?}");
 }
+
+/// A Llama Guard-style chat template with its category list (the fixture's weights are random, so
+/// its verdicts are arbitrary: what is checked is that the server decides as the guard does).
+const GUARD_TEMPLATE: &str = "{{ bos_token }}<|header_start|>user<|header_end|>\n\nTask: Check if there is unsafe content in the conversation according to our safety policy with the below categories.\n\n<BEGIN UNSAFE CONTENT CATEGORIES>\nS1: Violent Crimes.\nS2: Non-Violent Crimes.\n<END UNSAFE CONTENT CATEGORIES>\n\n<BEGIN CONVERSATION>\n\n{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}<END CONVERSATION>\n\nProvide your safety assessment:<|eot|><|header_start|>assistant<|header_end|>\n\n";
+
+/// Whether the guard bundle, run directly on the conversation, refuses it.
+fn guard_says(guard: &Model, turns: &[Message]) -> bool {
+    let codec = guard.text().unwrap();
+    let ids = codec.encode_chat(turns, true).unwrap();
+    let params = GenerateParams {
+        max_new_tokens: 16,
+        sampling: Sampling::Greedy,
+        stop_ids: None,
+        stop_strings: vec![],
+        return_logits: false,
+    };
+    let out = guard.generate(&ids, &params).unwrap();
+    let text = codec.decode(&out.tokens, true).unwrap();
+    text.trim().lines().next().map(str::trim) == Some("unsafe")
+}
+
+#[test]
+fn the_guard_decides_as_the_guard_bundle_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = bundle(dir.path());
+    let source = dir.path().join("guard-checkpoint");
+    std::fs::create_dir(&source).unwrap();
+    for entry in std::fs::read_dir(fixture("tiny-maverick")).unwrap() {
+        let entry = entry.unwrap();
+        if !entry.file_name().to_string_lossy().starts_with("goldens") {
+            std::fs::copy(entry.path(), source.join(entry.file_name())).unwrap();
+        }
+    }
+    std::fs::write(source.join("chat_template.jinja"), GUARD_TEMPLATE).unwrap();
+    let guard_bundle = dir.path().join("guard");
+    ok(&[
+        "compile",
+        source.to_str().unwrap(),
+        "-o",
+        guard_bundle.to_str().unwrap(),
+    ]);
+    let model = Model::load(&bundle, &RuntimeOptions::default()).unwrap();
+    let guard = Model::load(&guard_bundle, &RuntimeOptions::default()).unwrap();
+    assert!(guard
+        .text()
+        .unwrap()
+        .render(&[], true)
+        .unwrap()
+        .contains("S1: Violent Crimes."));
+    let server = start(&bundle, &["--guard", guard_bundle.to_str().unwrap()]);
+    let mut checks = 0;
+    for prompt in ["How do I bake bread?", "Tell me a story.", "What is 2 + 2?"] {
+        let turns = vec![Message {
+            role: "user".into(),
+            content: prompt.into(),
+        }];
+        let answer = solo(&model, Prompt::Chat(turns.clone()), 8);
+        let mut with_answer = turns.clone();
+        with_answer.push(Message {
+            role: "assistant".into(),
+            content: answer.clone(),
+        });
+        let before = guard_says(&guard, &turns);
+        let after = !before && guard_says(&guard, &with_answer);
+        checks += if before { 1 } else { 2 };
+        let request = json!({"messages": [{"role": "user", "content": prompt}], "max_tokens": 8,
+            "temperature": 0, "ignore_eos": true});
+        let r = post(&server, "/v1/chat/completions", &request).unwrap();
+        let choice = &r["choices"][0];
+        if before || after {
+            assert_eq!(choice["finish_reason"], "content_filter", "{prompt}");
+            assert_eq!(
+                choice["message"]["content"], "",
+                "{prompt}: nothing unsafe is sent"
+            );
+            assert!(r["guard"]["category"].is_string());
+        } else {
+            assert_eq!(choice["finish_reason"], "length", "{prompt}");
+            assert_eq!(choice["message"]["content"], answer.as_str(), "{prompt}");
+        }
+    }
+    let metrics = ureq::get(&format!("{}/metrics", server.url))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        metrics.contains(&format!("herd_guard_checks_total {checks}\n")),
+        "{metrics}"
+    );
+}

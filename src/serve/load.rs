@@ -25,6 +25,8 @@ pub fn run(bundle: &std::path::Path, options: &RuntimeOptions, shape: &LoadShape
         max_body: 1 << 20,
         api_key: None,
         name: "bench".into(),
+        guard: None,
+        runtime: options.clone(),
     };
     let (router, _app) = super::router(model, &config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

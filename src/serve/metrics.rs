@@ -49,6 +49,8 @@ struct State {
     queued: usize,
     running: usize,
     slots: usize,
+    guard_checks: u64,
+    guard_refusals: u64,
 }
 
 /// Counters shared by the handlers and the engine thread.
@@ -80,6 +82,14 @@ impl Metrics {
 
     pub fn generated_tokens(&self, n: usize) {
         self.with(|s| s.generated_tokens += n as u64);
+    }
+
+    /// One guard verdict (`unsafe` when it refused).
+    pub fn guard_check(&self, unsafe_verdict: bool) {
+        self.with(|s| {
+            s.guard_checks += 1;
+            s.guard_refusals += u64::from(unsafe_verdict);
+        });
     }
 
     pub fn time_to_first_token(&self, elapsed: Duration) {
@@ -120,6 +130,7 @@ impl Metrics {
             );
             let _ = writeln!(out, "# HELP herd_queue_depth Requests waiting for a batch slot.\n# TYPE herd_queue_depth gauge\nherd_queue_depth {}", s.queued);
             let _ = writeln!(out, "# HELP herd_batch_running Sequences in the running batch.\n# TYPE herd_batch_running gauge\nherd_batch_running {}", s.running);
+            let _ = writeln!(out, "# HELP herd_guard_checks_total Guard verdicts, and how many refused.\n# TYPE herd_guard_checks_total counter\nherd_guard_checks_total {}\nherd_guard_refusals_total {}", s.guard_checks, s.guard_refusals);
             let occupancy = s.running as f64 / s.slots.max(1) as f64;
             let _ = writeln!(out, "# HELP herd_batch_occupancy Fraction of batch slots in use.\n# TYPE herd_batch_occupancy gauge\nherd_batch_occupancy {occupancy}");
         });

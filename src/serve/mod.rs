@@ -3,6 +3,7 @@
 //! SIGINT stops accepting connections and drains the requests in flight.
 
 mod engine;
+mod guard;
 pub mod load;
 mod metrics;
 mod openai;
@@ -44,6 +45,10 @@ pub struct ServeArgs {
     /// The model id clients send (default: the bundle folder's name).
     #[arg(long)]
     pub model_name: Option<String>,
+    /// A Llama Guard 4 bundle that classifies each conversation before generation and the answer
+    /// after; an unsafe verdict ends the response with finish_reason `content_filter`.
+    #[arg(long, value_name = "GUARD_BUNDLE")]
+    pub guard: Option<PathBuf>,
     #[command(flatten)]
     pub runtime: crate::commands::runtime_args::RuntimeArgs,
 }
@@ -55,6 +60,8 @@ pub struct ServerConfig {
     pub max_body: usize,
     pub api_key: Option<String>,
     pub name: String,
+    pub guard: Option<PathBuf>,
+    pub runtime: herd_runtime::RuntimeOptions,
 }
 
 /// The router over `model`, with its engine thread started.
@@ -78,6 +85,10 @@ pub fn router(model: Arc<Model>, config: &ServerConfig) -> Result<(Router, Arc<o
         metrics,
         api_key: config.api_key.clone().filter(|k| !k.is_empty()),
         name: config.name.clone(),
+        guard: match &config.guard {
+            Some(dir) => Some(guard::Guard::load(dir, &config.runtime)?),
+            None => None,
+        },
     });
     let v1 = Router::new()
         .route("/v1/models", get(openai::models))
@@ -109,6 +120,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         max_queue: args.max_queue,
         max_body: args.max_body,
         api_key: args.api_key.clone(),
+        guard: args.guard.clone(),
+        runtime: args.runtime.options(),
         name: args.model_name.clone().unwrap_or_else(|| {
             args.bundle
                 .file_name()

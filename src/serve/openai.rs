@@ -34,6 +34,8 @@ pub struct App {
     pub api_key: Option<String>,
     /// The model id clients name.
     pub name: String,
+    /// Llama Guard, checking the conversation before and the answer after generation.
+    pub guard: Option<Arc<super::guard::Guard>>,
 }
 
 /// An OpenAI-style error response.
@@ -249,11 +251,28 @@ pub async fn completions(
     let started = Instant::now();
     let response = match body(request) {
         Ok(r) => {
-            let prompt = match r.prompt {
-                PromptField::Text(t) => Prompt::Text(t),
-                PromptField::Ids(ids) => Prompt::Ids(ids),
+            let (prompt, turns) = match r.prompt {
+                PromptField::Text(t) => {
+                    let turn = Message {
+                        role: "user".into(),
+                        content: t.clone(),
+                    };
+                    (Prompt::Text(t), vec![turn])
+                }
+                PromptField::Ids(ids) => {
+                    let text = app
+                        .model
+                        .text()
+                        .and_then(|c| c.decode(&ids, true).ok())
+                        .unwrap_or_default();
+                    let turn = Message {
+                        role: "user".into(),
+                        content: text,
+                    };
+                    (Prompt::Ids(ids), vec![turn])
+                }
             };
-            generate(&app, prompt, r.common, Kind::Completion).await
+            generate(&app, prompt, turns, r.common, Kind::Completion).await
         }
         Err(e) => Err(e),
     };
@@ -267,7 +286,7 @@ pub async fn chat(
     let started = Instant::now();
     let response = match body(request).and_then(|r| chat_prompt(r.messages).map(|p| (p, r.common)))
     {
-        Ok((prompt, common)) => generate(&app, prompt, common, Kind::Chat).await,
+        Ok(((prompt, turns), common)) => generate(&app, prompt, turns, common, Kind::Chat).await,
         Err(e) => Err(e),
     };
     finish(&app, "/v1/chat/completions", started, response)
@@ -285,8 +304,8 @@ fn finish(
     response
 }
 
-/// The conversation as a prompt (image parts become `<|image|>` placeholders, in order).
-fn chat_prompt(messages: Vec<ChatMessage>) -> Result<Prompt, ApiError> {
+/// The conversation as a prompt (image parts become `<|image|>` placeholders, in order), and its turns.
+fn chat_prompt(messages: Vec<ChatMessage>) -> Result<(Prompt, Vec<Message>), ApiError> {
     if messages.is_empty() {
         return Err(ApiError::bad("messages is empty"));
     }
@@ -320,15 +339,16 @@ fn chat_prompt(messages: Vec<ChatMessage>) -> Result<Prompt, ApiError> {
             content,
         });
     }
-    let chat = Prompt::Chat(turns);
-    Ok(if images.is_empty() {
+    let chat = Prompt::Chat(turns.clone());
+    let prompt = if images.is_empty() {
         chat
     } else {
         Prompt::WithImages {
             prompt: Box::new(chat),
             images,
         }
-    })
+    };
+    Ok((prompt, turns))
 }
 
 /// A `data:image/png;base64,...` (or jpeg) URI's bytes; remote URLs are refused.
@@ -407,6 +427,7 @@ fn params(common: &Common, max_tokens: usize) -> Result<(GenerateParams, Vec<Str
 async fn generate(
     app: &Arc<App>,
     prompt: Prompt,
+    turns: Vec<Message>,
     common: Common,
     kind: Kind,
 ) -> Result<Response, ApiError> {
@@ -456,23 +477,6 @@ async fn generate(
         ));
     }
     let (params, stops) = params(&common, max_tokens)?;
-    app.metrics.prompt_tokens(ids.len());
-    let (tx, rx) = mpsc::unbounded_channel();
-    app.engine
-        .submit(Job {
-            ids: ids.clone(),
-            features,
-            params,
-            events: tx,
-        })
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "queue_full",
-                "the server's queue is full (--max-queue): retry later",
-            )
-        })?;
-    let pieces = pump(app.clone(), rx, stops);
     let meta = Meta {
         id: format!(
             "{}-{}",
@@ -492,6 +496,39 @@ async fn generate(
         kind,
         prompt_tokens: ids.len(),
     };
+    if let Some(guard) = &app.guard {
+        if let Some(category) = check(app, guard.clone(), turns.clone(), None).await? {
+            let (tx, rx) = mpsc::channel(1);
+            let _ = tx.try_send(Piece::End {
+                reason: "content_filter",
+                tokens: 0,
+                filtered: Some(category),
+            });
+            drop(tx);
+            return if common.stream {
+                Ok(stream_response(meta, rx))
+            } else {
+                whole_response(meta, rx).await
+            };
+        }
+    }
+    app.metrics.prompt_tokens(ids.len());
+    let (tx, rx) = mpsc::unbounded_channel();
+    app.engine
+        .submit(Job {
+            ids: ids.clone(),
+            features,
+            params,
+            events: tx,
+        })
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "queue_full",
+                "the server's queue is full (--max-queue): retry later",
+            )
+        })?;
+    let pieces = pump(app.clone(), rx, stops, turns);
     if common.stream {
         Ok(stream_response(meta, pieces))
     } else {
@@ -510,16 +547,44 @@ struct Meta {
 /// Text as generated, and how it ended.
 enum Piece {
     Text(String),
-    End { reason: &'static str, tokens: usize },
+    End {
+        reason: &'static str,
+        tokens: usize,
+        /// The guard's categories when it refused.
+        filtered: Option<String>,
+    },
     Failed(String),
 }
 
+/// The guard's verdict on `turns` (and `answer`), off the async workers; counted in the metrics.
+async fn check(
+    app: &App,
+    guard: Arc<super::guard::Guard>,
+    turns: Vec<Message>,
+    answer: Option<String>,
+) -> Result<Option<String>, ApiError> {
+    let verdict = tokio::task::spawn_blocking(move || guard.verdict(&turns, answer.as_deref()))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "guard task failed",
+            )
+        })?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "guard_error", e))?;
+    app.metrics.guard_check(verdict.is_some());
+    Ok(verdict)
+}
+
 /// Turns the engine's tokens into text pieces: stop sequences end the generation (their text left out,
-/// and text that may begin one held back until it cannot).
+/// and text that may begin one held back until it cannot). With a guard the text is held until the
+/// guard has read the whole answer.
 fn pump(
     app: Arc<App>,
     mut events: mpsc::UnboundedReceiver<Event>,
     stops: Vec<String>,
+    turns: Vec<Message>,
 ) -> mpsc::Receiver<Piece> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
@@ -550,7 +615,11 @@ fn pump(
                         all.truncate(at);
                         break "stop";
                     }
-                    let upto = all.len() - held_back(&all, &stops);
+                    let upto = if app.guard.is_some() {
+                        sent
+                    } else {
+                        all.len() - held_back(&all, &stops)
+                    };
                     if upto > sent {
                         if tx
                             .send(Piece::Text(all[sent..upto].to_string()))
@@ -571,10 +640,31 @@ fn pump(
             }
         };
         drop(events);
-        if all.len() > sent {
+        let mut filtered = None;
+        if let Some(guard) = &app.guard {
+            match check(&app, guard.clone(), turns, Some(all.clone())).await {
+                Ok(verdict) => filtered = verdict,
+                Err(e) => {
+                    let _ = tx.send(Piece::Failed(e.message)).await;
+                    return;
+                }
+            }
+        }
+        if filtered.is_none() && all.len() > sent {
             let _ = tx.send(Piece::Text(all[sent..].to_string())).await;
         }
-        let _ = tx.send(Piece::End { reason, tokens }).await;
+        let reason = if filtered.is_some() {
+            "content_filter"
+        } else {
+            reason
+        };
+        let _ = tx
+            .send(Piece::End {
+                reason,
+                tokens,
+                filtered,
+            })
+            .await;
     });
     rx
 }
@@ -612,7 +702,11 @@ async fn whole_response(
                     message,
                 ))
             }
-            Piece::End { reason, tokens } => {
+            Piece::End {
+                reason,
+                tokens,
+                filtered,
+            } => {
                 let choice = match meta.kind {
                     Kind::Completion => {
                         json!({"index": 0, "text": text, "finish_reason": reason, "logprobs": null})
@@ -622,11 +716,14 @@ async fn whole_response(
                         "finish_reason": reason})
                     }
                 };
-                let body = json!({
+                let mut body = json!({
                     "id": meta.id, "created": meta.created, "model": meta.model,
                     "object": if meta.kind == Kind::Chat { "chat.completion" } else { "text_completion" },
                     "choices": [choice], "usage": usage(&meta, tokens),
                 });
+                if let Some(category) = filtered {
+                    body["guard"] = json!({"verdict": "unsafe", "category": category});
+                }
                 return Ok(Json(body).into_response());
             }
         }
@@ -672,9 +769,16 @@ fn stream_response(meta: Meta, pieces: mpsc::Receiver<Piece>) -> Response {
             }
             let data = match pieces.recv().await {
                 Some(Piece::Text(t)) => chunk(&meta, Some(&t), None),
-                Some(Piece::End { reason, tokens }) => {
+                Some(Piece::End {
+                    reason,
+                    tokens,
+                    filtered,
+                }) => {
                     let mut last = chunk(&meta, None, Some(reason));
                     last["usage"] = usage(&meta, tokens);
+                    if let Some(category) = filtered {
+                        last["guard"] = json!({"verdict": "unsafe", "category": category});
+                    }
                     let event = SseEvent::default().data(last.to_string());
                     return Some((Ok(event), (pieces, meta, true, false)));
                 }
