@@ -516,3 +516,122 @@ fn the_guard_decides_as_the_guard_bundle_does() {
         "{metrics}"
     );
 }
+
+/// A guard prompt without the common letter pairs of the fixture tokenizer's merges, so that the
+/// token the guard writes first is rarely one the prompt uses.
+const TERSE_GUARD_TEMPLATE: &str = "{{ bos_token }}<|header_start|>user<|header_end|>\n\nTask: check.\n\n<BEGIN UNSAFE CONTENT CATEGORIES>\nS1: Violent Crimes.\n<END UNSAFE CONTENT CATEGORIES>\n\n{% for m in messages %}{{ m['content'] }}\n\n{% endfor %}<|eot|><|header_start|>assistant<|header_end|>\n\n";
+
+/// A guard whose verdict is `unsafe`: the fixture guard's tokenizer is rewritten so that the first
+/// token it writes for some prompt spells `unsafe` and a line break; the server must then refuse that
+/// prompt with `content_filter` and send no text.
+#[test]
+fn an_unsafe_verdict_ends_the_response_with_content_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = bundle(dir.path());
+    let checkpoint = |name: &str, template: &str, tokenizer: Option<&Value>| {
+        let source = dir.path().join(name);
+        std::fs::create_dir(&source).unwrap();
+        for entry in std::fs::read_dir(fixture("tiny-maverick")).unwrap() {
+            let entry = entry.unwrap();
+            if !entry.file_name().to_string_lossy().starts_with("goldens") {
+                std::fs::copy(entry.path(), source.join(entry.file_name())).unwrap();
+            }
+        }
+        std::fs::write(source.join("chat_template.jinja"), template).unwrap();
+        if let Some(t) = tokenizer {
+            std::fs::write(source.join("tokenizer.json"), t.to_string()).unwrap();
+        }
+        let out = dir.path().join(format!("{name}-bundle"));
+        ok(&[
+            "compile",
+            source.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        out
+    };
+    let original = checkpoint("guard-a", TERSE_GUARD_TEMPLATE, None);
+    let guard = Model::load(&original, &RuntimeOptions::default()).unwrap();
+    let codec = guard.text().unwrap();
+    let tokenizer: Value =
+        serde_json::from_str(&std::fs::read_to_string(original.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let one = GenerateParams {
+        max_new_tokens: 1,
+        sampling: Sampling::Greedy,
+        stop_ids: Some(vec![]),
+        stop_strings: vec![],
+        return_logits: false,
+    };
+    // A prompt whose first verdict token the prompt itself does not use: a plain added token
+    // (`<|reserved_N|>`) or a merged one; respelling it then changes none of the prompt's tokens.
+    let added = tokenizer["added_tokens"].as_array().unwrap().clone();
+    let vocab = tokenizer["model"]["vocab"].as_object().unwrap().clone();
+    let found = (0..40).find_map(|i| {
+        let prompt = format!("Question {i}: what now?");
+        let turns = vec![Message {
+            role: "user".into(),
+            content: prompt.clone(),
+        }];
+        let ids = codec.encode_chat(&turns, true).unwrap();
+        let first = guard.generate(&ids, &one).unwrap().tokens[0];
+        if ids.contains(&first) {
+            return None;
+        }
+        let reserved = added.iter().position(|t| {
+            t["id"].as_i64() == Some(first)
+                && t["special"] == false
+                && t["content"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with("<|reserved_"))
+        });
+        let merged = vocab
+            .iter()
+            .find(|(_, id)| id.as_i64() == Some(first) && first >= 256)
+            .map(|(text, _)| text.clone());
+        (reserved.is_some() || merged.is_some()).then_some((prompt, turns, reserved, merged))
+    });
+    let Some((prompt, turns, reserved, merged)) = found else {
+        panic!("no prompt starts the fixture guard's verdict with a token it can respell");
+    };
+    let mut patched = tokenizer.clone();
+    if let Some(index) = reserved {
+        patched["added_tokens"][index]["content"] = json!("unsafe\n");
+    } else if let Some(spelled) = merged {
+        let model = patched["model"].as_object_mut().unwrap();
+        let vocab = model["vocab"].as_object_mut().unwrap();
+        let id = vocab.remove(&spelled).unwrap();
+        vocab.insert("unsafe\u{10a}".into(), id); // byte-level spelling of "unsafe\n"
+        let merges: Vec<Value> = model["merges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| {
+                let (a, b) = (m[0].as_str().unwrap(), m[1].as_str().unwrap());
+                a != spelled && b != spelled && format!("{a}{b}") != spelled
+            })
+            .cloned()
+            .collect();
+        model["merges"] = Value::Array(merges);
+    }
+    let unsafe_guard = checkpoint("guard-b", TERSE_GUARD_TEMPLATE, Some(&patched));
+    let direct = Model::load(&unsafe_guard, &RuntimeOptions::default()).unwrap();
+    assert!(
+        guard_says(&direct, &turns),
+        "the patched guard refuses {prompt:?}"
+    );
+
+    let server = start(&bundle, &["--guard", unsafe_guard.to_str().unwrap()]);
+    let request = json!({"messages": [{"role": "user", "content": prompt}], "max_tokens": 8,
+        "temperature": 0});
+    let r = post(&server, "/v1/chat/completions", &request).unwrap();
+    assert_eq!(r["choices"][0]["finish_reason"], "content_filter");
+    assert_eq!(r["choices"][0]["message"]["content"], "");
+    assert_eq!(r["usage"]["completion_tokens"], 0);
+    assert!(r["guard"]["category"].is_string(), "{r}");
+    let (text, reason, done) = stream(&server, "/v1/chat/completions", &request);
+    assert_eq!(
+        (text.as_str(), reason.as_str(), done),
+        ("", "content_filter", true)
+    );
+}
