@@ -98,7 +98,7 @@ fn raw_status(server: &Server, length: usize) -> String {
     let mut socket = std::net::TcpStream::connect(address).unwrap();
     write!(
         socket,
-        "POST /v1/completions HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{"
+        "POST /v1/completions HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n{{"
     )
     .unwrap();
     let mut head = [0u8; 64];
@@ -285,6 +285,8 @@ fn hostile_clients_get_their_status_and_the_server_keeps_serving() {
             "1",
             "--max-body",
             "65536",
+            "--body-timeout",
+            "0.5",
         ],
     );
     let good = completion("Hello", 4).to_string();
@@ -301,8 +303,10 @@ fn hostile_clients_get_their_status_and_the_server_keeps_serving() {
         status(&server, "/v1/completions", Some(KEY), "{\"prompt\": 5}"),
         400
     );
-    // A body over --max-body is refused from its Content-Length, before it is sent.
+    // A body over --max-body is refused from its Content-Length, before it is sent; one that never
+    // arrives gets 408 after --body-timeout.
     assert!(raw_status(&server, 100_000).starts_with("HTTP/1.1 413"));
+    assert!(raw_status(&server, 1_000).starts_with("HTTP/1.1 408"));
     let mut other = completion("Hello", 4);
     other["model"] = json!("gpt-4");
     assert_eq!(post(&server, "/v1/completions", &other).unwrap_err().0, 404);

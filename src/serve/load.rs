@@ -23,6 +23,7 @@ pub fn run(bundle: &std::path::Path, options: &RuntimeOptions, shape: &LoadShape
         max_batch: shape.concurrency.max(1),
         max_queue: shape.requests,
         max_body: 1 << 20,
+        body_timeout: Duration::from_secs(30),
         api_key: None,
         name: "bench".into(),
         guard: None,

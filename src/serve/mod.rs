@@ -42,6 +42,9 @@ pub struct ServeArgs {
     /// Largest request body in bytes (413 above; images arrive base64 in the body).
     #[arg(long, default_value_t = 16 << 20)]
     pub max_body: usize,
+    /// Seconds a client has to send its whole request body (408 after).
+    #[arg(long, default_value_t = 30.0)]
+    pub body_timeout: f64,
     /// The model id clients send (default: the bundle folder's name).
     #[arg(long)]
     pub model_name: Option<String>,
@@ -58,6 +61,7 @@ pub struct ServerConfig {
     pub max_batch: usize,
     pub max_queue: usize,
     pub max_body: usize,
+    pub body_timeout: std::time::Duration,
     pub api_key: Option<String>,
     pub name: String,
     pub guard: Option<PathBuf>,
@@ -104,7 +108,10 @@ pub fn router(model: Arc<Model>, config: &ServerConfig) -> Result<(Router, Arc<o
         .route("/metrics", get(openai::metrics))
         .layer(DefaultBodyLimit::max(config.max_body))
         .layer(axum::middleware::from_fn_with_state(
-            config.max_body,
+            openai::BodyLimits {
+                max: config.max_body,
+                timeout: config.body_timeout,
+            },
             openai::limit_body,
         ))
         .with_state(app.clone());
@@ -119,6 +126,10 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         max_batch: args.max_batch.into(),
         max_queue: args.max_queue,
         max_body: args.max_body,
+        body_timeout: std::time::Duration::try_from_secs_f64(args.body_timeout)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .context("--body-timeout must be a positive number of seconds")?,
         api_key: args.api_key.clone(),
         guard: args.guard.clone(),
         runtime: args.runtime.options(),

@@ -103,22 +103,55 @@ fn body<T>(parsed: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     })
 }
 
-/// Refuses a body whose declared length is over `max` at once (413), without waiting for it.
-pub async fn limit_body(State(max): State<usize>, request: Request, next: Next) -> Response {
+/// How a request body is read: at most `max` bytes (a larger declared length is refused at once, 413),
+/// all of it within `timeout` (408), so a client cannot hold a request open by sending nothing.
+#[derive(Clone, Copy)]
+pub struct BodyLimits {
+    pub max: usize,
+    pub timeout: std::time::Duration,
+}
+
+/// Reads the body under [`BodyLimits`] before the handler sees it.
+pub async fn limit_body(
+    State(limits): State<BodyLimits>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let max = limits.max;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            format!("the request body is larger than the server's --max-body ({max} bytes)"),
+        )
+        .into_response()
+    };
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max as u64) {
-        return ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "request_too_large",
-            format!("the request body is larger than the server's --max-body ({max} bytes)"),
-        )
-        .into_response();
+        return too_large();
     }
-    next.run(request).await
+    let (parts, body) = request.into_parts();
+    let bytes = match tokio::time::timeout(limits.timeout, axum::body::to_bytes(body, max)).await {
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within {} s (--body-timeout)",
+                    limits.timeout.as_secs_f64()
+                ),
+            )
+            .into_response()
+        }
+        Ok(Err(_)) => return too_large(),
+        Ok(Ok(bytes)) => bytes,
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 /// Refuses `/v1/*` requests without the server's key (`Authorization: Bearer KEY`).
