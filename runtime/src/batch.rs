@@ -13,6 +13,10 @@ use crate::error::RuntimeError;
 use crate::model::{GenerateParams, Model, StopReason};
 use crate::sampling::Sampler;
 
+/// Most prompt tokens a row reads in a step that also decodes other rows (padding makes every row of a
+/// call as wide as its widest).
+const PREFILL_BESIDE_DECODE: usize = 4;
+
 /// Names a sequence of a [`Batch`].
 pub type SequenceId = u64;
 
@@ -212,11 +216,17 @@ impl<'m> Batch<'m> {
         if active.len() < self.rows.len() {
             width = width.min(idle_room);
         }
-        let mut longest = 1;
+        let (mut longest, mut decoding) = (1, false);
         for &slot in &active {
             let row = self.rows[slot].as_ref().expect("active");
             width = width.min(self.cache.room(row.position));
             longest = longest.max(wanted(row));
+            decoding |= row.next.is_some();
+        }
+        // Every slot computes `width` tokens: while rows decode, a prefill chunk costs each of them as
+        // much, so prompts then advance by at most `PREFILL_BESIDE_DECODE` tokens per step.
+        if decoding {
+            width = width.min(PREFILL_BESIDE_DECODE);
         }
         let width = width.min(longest).max(1);
         let h = self.model.bundle.manifest.model.hidden_size;

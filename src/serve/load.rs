@@ -1,6 +1,6 @@
-//! `herd bench BUNDLE --serve`: a bounded load run through a real server on 127.0.0.1, the same greedy
-//! requests once one by one and once `concurrency` at a time, with requests/s, tokens/s and latency
-//! percentiles of each.
+//! `herd bench BUNDLE --serve`: a bounded load run through real servers on 127.0.0.1, the same greedy
+//! requests once one by one (a one-slot server) and once `concurrency` at a time (a server of that many
+//! slots), with requests/s, tokens/s and latency percentiles of each.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,28 +19,37 @@ pub struct LoadShape {
 /// Runs the load and returns the report.
 pub fn run(bundle: &std::path::Path, options: &RuntimeOptions, shape: &LoadShape) -> Result<Value> {
     let model = Arc::new(Model::load(bundle, options)?);
-    let config = super::ServerConfig {
-        max_batch: shape.concurrency.max(1),
-        max_queue: shape.requests,
-        max_body: 1 << 20,
-        body_timeout: Duration::from_secs(30),
-        api_key: None,
-        name: "bench".into(),
-        guard: None,
-        runtime: options.clone(),
-    };
-    let (router, _app) = super::router(model, &config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let url = format!("http://{}/v1/completions", listener.local_addr()?);
-    runtime.spawn(async move { axum::serve(listener, router).await });
+    // One server per shape: one by one on a single slot (no idle rows), concurrent on `concurrency`.
+    let serve = |slots: usize| -> Result<String> {
+        let config = super::ServerConfig {
+            max_batch: slots,
+            max_queue: shape.requests,
+            max_body: 1 << 20,
+            body_timeout: Duration::from_secs(30),
+            api_key: None,
+            name: "bench".into(),
+            guard: None,
+            runtime: options.clone(),
+        };
+        let (router, _app) = super::router(model.clone(), &config)?;
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let url = format!("http://{}/v1/completions", listener.local_addr()?);
+        runtime.spawn(async move { axum::serve(listener, router).await });
+        Ok(url)
+    };
     let prompts: Vec<String> = (0..shape.requests)
         .map(|i| format!("Request {i}: tell me about the number {}", i * 7))
         .collect();
-    let one_by_one = timed(&url, &prompts, 1, shape.max_tokens)?;
-    let concurrent = timed(&url, &prompts, shape.concurrency, shape.max_tokens)?;
+    let one_by_one = timed(&serve(1)?, &prompts, 1, shape.max_tokens)?;
+    let concurrent = timed(
+        &serve(shape.concurrency.max(1))?,
+        &prompts,
+        shape.concurrency,
+        shape.max_tokens,
+    )?;
     let speedup = concurrent["tokens_per_s"].as_f64().unwrap_or(0.0)
         / one_by_one["tokens_per_s"].as_f64().unwrap_or(1.0).max(1e-9);
     Ok(json!({
