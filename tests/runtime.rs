@@ -175,6 +175,30 @@ fn longer_than_the_maximum_context_is_an_error() {
         .unwrap_err()
         .to_string()
         .contains("at most 16"));
+
+    // A runtime context shorter than the bundle's bounds sessions and is checked before generating.
+    let short = Model::load(
+        &dir.path().join("tiny-maverick"),
+        &RuntimeOptions {
+            context: Some(8),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(short.generate(&[1; 6], &greedy(3)).is_ok());
+    // Refused up front (not by a failed step midway).
+    let err = short.generate(&[1; 6], &greedy(4)).unwrap_err().to_string();
+    assert!(
+        err.contains("max_new_tokens 4") && err.contains("at most 8"),
+        "{err}"
+    );
+    let err = short
+        .session()
+        .unwrap()
+        .feed(&[5; 9])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("at most 8 positions"), "{err}");
 }
 
 #[test]

@@ -231,14 +231,17 @@ fn completions_and_chats_equal_the_runtime_and_concurrent_requests_are_exact() {
     // A stop sequence ends the text before it.
     let full = solo(&model, Prompt::Text("Once upon".into()), 16);
     let cut: String = full.chars().skip(3).take(2).collect();
-    if !cut.is_empty() {
-        let mut request = completion("Once upon", 16);
-        request["stop"] = json!(cut);
-        let stopped = post(&server, "/v1/completions", &request).unwrap();
-        let text = stopped["choices"][0]["text"].as_str().unwrap();
-        assert_eq!(text, &full[..full.find(&cut).unwrap()]);
-        assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
-    }
+    assert_eq!(
+        cut.chars().count(),
+        2,
+        "the fixture's text {full:?} is long enough"
+    );
+    let mut request = completion("Once upon", 16);
+    request["stop"] = json!(cut);
+    let stopped = post(&server, "/v1/completions", &request).unwrap();
+    let text = stopped["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(text, &full[..full.find(&cut).unwrap()]);
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
 
     // 16 concurrent requests through 4 slots: each gets its solo text.
     let prompts: Vec<String> = (0..16)
@@ -402,6 +405,22 @@ fn a_disconnecting_client_is_cancelled_and_sigterm_drains() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert!(cancelled, "the row kept running after its client left");
+    // Cancelled, not finished: far fewer than its 500 tokens were generated.
+    let generated: u64 = ureq::get(&format!("{}/metrics", server.url))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("herd_generated_tokens_total "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        generated < 500,
+        "{generated} tokens: the row ran to its end"
+    );
 
     // SIGTERM while a request runs: it completes, then the server exits 0.
     let url = server.url.clone();
@@ -413,12 +432,15 @@ fn a_disconnecting_client_is_cancelled_and_sigterm_drains() {
             .map(|r| r.into_json::<Value>().unwrap())
             .map_err(|e| e.to_string())
     });
+    let mut started = false;
     for _ in 0..500 {
         if running().as_deref() == Some("1") {
+            started = true;
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
+    assert!(started, "the request to drain never ran");
     // SAFETY: sends a signal to our own child process.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let answer = answer

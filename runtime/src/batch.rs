@@ -110,26 +110,8 @@ impl<'m> Batch<'m> {
         if ids.is_empty() {
             return Err(RuntimeError::Param("the prompt has no tokens".into()));
         }
-        if let Some(bad) = ids
-            .iter()
-            .find(|&&t| t < 0 || t as usize >= m.model.vocab_size)
-        {
-            return Err(RuntimeError::Param(format!(
-                "token id {bad} is outside the vocabulary 0..{}",
-                m.model.vocab_size
-            )));
-        }
-        let max = self.cache.context();
-        let needed = ids
-            .len()
-            .checked_add(params.max_new_tokens.saturating_sub(1));
-        if needed.is_none_or(|n| n > max) {
-            return Err(RuntimeError::TooLongWithNew {
-                prompt: ids.len(),
-                new: params.max_new_tokens,
-                max,
-            });
-        }
+        crate::decode::check_ids(m.model.vocab_size, &ids)?;
+        crate::decode::check_room(ids.len(), params.max_new_tokens, self.cache.context())?;
         if !features.is_empty() {
             let patch = m.vision.as_ref().map(|v| v.tokens.patch).ok_or_else(|| {
                 RuntimeError::Param(

@@ -90,7 +90,7 @@ impl KvCache {
             let elements = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64));
             let Some(elements) = elements.filter(|&n| n <= MAX_BUFFER_ELEMENTS) else {
                 return Err(RuntimeError::Param(format!(
-                    "layer {}'s KV buffer [{slots}, {heads}, {length}, {dim}] is too large: use fewer slots or a shorter --context",
+                    "layer {}'s KV buffer [{slots}, {heads}, {length}, {dim}] is too large: use fewer slots (--max-batch) or fewer positions (--kv-context)",
                     kv.layer
                 )));
             };

@@ -24,6 +24,30 @@ pub struct RowInput<'a> {
     pub features: &'a [f32],
 }
 
+/// Refuses token ids outside the vocabulary.
+pub(crate) fn check_ids(vocab: usize, ids: &[i64]) -> Result<(), RuntimeError> {
+    match ids.iter().find(|&&t| t < 0 || t as usize >= vocab) {
+        Some(bad) => Err(RuntimeError::Param(format!(
+            "token id {bad} is outside the vocabulary 0..{vocab}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Refuses a prompt of `prompt` tokens with `new` tokens to generate in a cache of `context`
+/// positions (the last generated token is never fed back, so it needs no position).
+pub(crate) fn check_room(prompt: usize, new: usize, context: usize) -> Result<(), RuntimeError> {
+    let needed = prompt.checked_add(new.saturating_sub(1));
+    if needed.is_none_or(|n| n > context) {
+        return Err(RuntimeError::TooLongWithNew {
+            prompt,
+            new,
+            max: context,
+        });
+    }
+    Ok(())
+}
+
 /// One sequence fed from `start` in as many calls as it takes ([`Model::feed_pieces`]).
 pub(crate) struct Feed<'a> {
     pub start: usize,
@@ -68,11 +92,7 @@ impl Model {
                     row.slot
                 )));
             }
-            if let Some(bad) = row.ids.iter().find(|&&t| t < 0 || t as usize >= vocab) {
-                return Err(RuntimeError::Param(format!(
-                    "token id {bad} is outside the vocabulary 0..{vocab}"
-                )));
-            }
+            check_ids(vocab, row.ids)?;
             row_of_slot[row.slot] = Some(i);
         }
         // Every slot writes `width` entries from its start: idle slots from 0.

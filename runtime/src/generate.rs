@@ -46,7 +46,7 @@ pub fn prepare_prompt(model: &Model, prompt: Prompt) -> Result<(Vec<i64>, Vec<f3
         }
         Ok((ids, Vec::new()))
     };
-    let max = model.bundle.manifest.model.max_positions;
+    let max = model.context();
     let encode = |t: &str| -> Result<Vec<i64>, RuntimeError> {
         let codec = text()?;
         codec.check_length(t, max)?;
@@ -94,10 +94,10 @@ pub fn prepare_prompt(model: &Model, prompt: Prompt) -> Result<(Vec<i64>, Vec<f3
                 .collect();
             let ids = crate::vision::expand_prompt(&ids, &layouts, info, m.bos_token_id)?;
             // Refuse an over-long prompt before spending the vision encoder on it.
-            if ids.len() > m.model.max_positions {
+            if ids.len() > max {
                 return Err(RuntimeError::TooLong {
                     len: ids.len(),
-                    max: m.model.max_positions,
+                    max,
                 });
             }
             (ids, model.encode_images(&tiles)?)
@@ -141,18 +141,8 @@ impl<'m> TokenStream<'m> {
         if ids.is_empty() {
             return Err(RuntimeError::Param("the prompt has no tokens".into()));
         }
-        let max = model.bundle.manifest.model.max_positions;
-        // The last generated token is never fed back, so it needs no position.
-        let needed = ids
-            .len()
-            .checked_add(params.max_new_tokens.saturating_sub(1));
-        if needed.is_none_or(|n| n > max) {
-            return Err(RuntimeError::TooLongWithNew {
-                prompt: ids.len(),
-                new: params.max_new_tokens,
-                max,
-            });
-        }
+        // The session's cache holds the model's context (--kv-context, else the bundle's maximum).
+        crate::decode::check_room(ids.len(), params.max_new_tokens, model.context())?;
         if params.stop_strings.iter().any(String::is_empty) {
             return Err(RuntimeError::Param(
                 "a stop string is empty (it would stop after the first token): give a non-empty text"

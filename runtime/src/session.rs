@@ -44,15 +44,7 @@ impl<'m> Session<'m> {
         if ids.is_empty() {
             return Err(RuntimeError::Param("no tokens to feed".into()));
         }
-        if let Some(bad) = ids
-            .iter()
-            .find(|&&t| t < 0 || t as usize >= m.model.vocab_size)
-        {
-            return Err(RuntimeError::Param(format!(
-                "token id {bad} is outside the vocabulary 0..{}",
-                m.model.vocab_size
-            )));
-        }
+        crate::decode::check_ids(m.model.vocab_size, ids)?;
         let end = self.position + ids.len();
         if end > self.cache.context() {
             return Err(RuntimeError::TooLong {
