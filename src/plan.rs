@@ -113,9 +113,14 @@ pub fn prequantized_fp8_experts(config_json: &serde_json::Value) -> bool {
         == Some("compressed-tensors")
 }
 
-/// Weight bytes by part of `config` compiled with `input`'s dtype and scheme.
-pub fn config_weights(config: &Llama4Config, input: &PlanInput, prequant_fp8: bool) -> WeightParts {
-    let (h, v) = (config.hidden_size as u64, config.vocab_size as u64);
+/// Weight bytes by part of decoder layer `layer` of `config` compiled with `input`'s dtype and scheme.
+fn layer_parts(
+    config: &Llama4Config,
+    input: &PlanInput,
+    prequant_fp8: bool,
+    layer: usize,
+) -> [(&'static str, u64); 5] {
+    let h = config.hidden_size as u64;
     let (nh, nkv, d) = (
         config.num_heads as u64,
         config.num_kv_heads as u64,
@@ -127,25 +132,37 @@ pub fn config_weights(config: &Llama4Config, input: &PlanInput, prequant_fp8: bo
         config.num_experts as u64,
     );
     let t = input.dtype;
-    let q = input.quant;
-    let m = |k: u64, n: u64| matrix_bytes(k, n, q, t, t);
+    let m = |k: u64, n: u64| matrix_bytes(k, n, input.quant, t, t);
+    let float = |n: u64| n * t.bits() as u64 / 8;
+    let (experts, shared, dense) = if config.is_moe_layer(layer) {
+        let expert = if prequant_fp8 {
+            matrix_bytes(h, 2 * i, Some(QuantScheme::Fp8), t, DType::F32)
+                + matrix_bytes(i, h, Some(QuantScheme::Fp8), t, DType::F32)
+        } else {
+            m(h, 2 * i) + m(i, h)
+        };
+        (e * expert, m(h, 2 * i) + m(i, h) + float(h * e), 0)
+    } else {
+        (0, 0, m(h, 2 * i_mlp) + m(i_mlp, h))
+    };
+    [
+        ("attention", m(h, (nh + 2 * nkv) * d) + m(nh * d, h)),
+        ("norms_and_tables", float(2 * h)),
+        ("experts", experts),
+        ("shared_expert_and_router", shared),
+        ("dense_mlp", dense),
+    ]
+}
+
+/// Weight bytes by part of `config` compiled with `input`'s dtype and scheme.
+pub fn config_weights(config: &Llama4Config, input: &PlanInput, prequant_fp8: bool) -> WeightParts {
+    let (h, v) = (config.hidden_size as u64, config.vocab_size as u64);
+    let t = input.dtype;
     let float = |n: u64| n * t.bits() as u64 / 8;
     let mut parts: WeightParts = PARTS.iter().map(|p| (*p, 0)).collect();
     for layer in 0..config.num_layers {
-        *parts.get_mut("attention").unwrap() += m(h, (nh + 2 * nkv) * d) + m(nh * d, h);
-        *parts.get_mut("norms_and_tables").unwrap() += float(2 * h);
-        if config.is_moe_layer(layer) {
-            let expert = if prequant_fp8 {
-                matrix_bytes(h, 2 * i, Some(QuantScheme::Fp8), t, DType::F32)
-                    + matrix_bytes(i, h, Some(QuantScheme::Fp8), t, DType::F32)
-            } else {
-                m(h, 2 * i) + m(i, h)
-            };
-            *parts.get_mut("experts").unwrap() += e * expert;
-            *parts.get_mut("shared_expert_and_router").unwrap() +=
-                m(h, 2 * i) + m(i, h) + float(h * e);
-        } else {
-            *parts.get_mut("dense_mlp").unwrap() += m(h, 2 * i_mlp) + m(i_mlp, h);
+        for (part, bytes) in layer_parts(config, input, prequant_fp8, layer) {
+            *parts.get_mut(part).unwrap() += bytes;
         }
     }
     *parts.get_mut("embeddings").unwrap() += float(v * h);
@@ -157,6 +174,32 @@ pub fn config_weights(config: &Llama4Config, input: &PlanInput, prequant_fp8: bo
         *parts.get_mut("vision").unwrap() += float(vision_values(vision, h));
     }
     parts
+}
+
+/// Weight bytes by pipeline stage place of `config` compiled with `input` (see [`LayerWeights`]).
+pub fn config_layer_weights(
+    config: &Llama4Config,
+    input: &PlanInput,
+    prequant_fp8: bool,
+) -> LayerWeights {
+    let (h, v) = (config.hidden_size as u64, config.vocab_size as u64);
+    let float = |n: u64| n * input.dtype.bits() as u64 / 8;
+    let vision = config
+        .vision
+        .as_ref()
+        .map_or(0, |vc| float(vision_values(vc, h)));
+    LayerWeights {
+        layers: (0..config.num_layers)
+            .map(|l| {
+                layer_parts(config, input, prequant_fp8, l)
+                    .iter()
+                    .map(|(_, b)| b)
+                    .sum()
+            })
+            .collect(),
+        first: float(v * h) + vision,
+        last: float(v * h) + float(h),
+    }
 }
 
 /// Values of the vision encoder, adapter and projector (kept in the compute dtype), for a text
@@ -181,22 +224,44 @@ fn vision_values(v: &herd_ir::config::VisionConfig, text_hidden: u64) -> u64 {
         + projector
 }
 
-/// Weight bytes by part of a compiled bundle, from its decoder's initializers (names say the part).
+/// Weight bytes by part of a compiled bundle, from its decoder's initializers (names say the part),
+/// and by pipeline stage place: per decoder layer, the first stage's (embeddings, vision), the last's.
 pub fn bundle_weights(
     bundle: &Path,
-    model_file: &str,
+    decoder_files: &[String],
     vision_file: Option<&str>,
-) -> Result<WeightParts> {
+    num_layers: usize,
+) -> Result<(WeightParts, LayerWeights)> {
     let mut parts: WeightParts = PARTS.iter().map(|p| (*p, 0)).collect();
-    for (name, length) in herd_targets::onnx::external_initializers(&bundle.join(model_file))? {
-        *parts.entry(part_of(&name)).or_default() += length;
+    let mut layers = LayerWeights {
+        layers: vec![0; num_layers],
+        first: 0,
+        last: 0,
+    };
+    for file in decoder_files {
+        for (name, length) in herd_targets::onnx::external_initializers(&bundle.join(file))? {
+            let part = part_of(&name);
+            *parts.entry(part).or_default() += length;
+            let layer = name
+                .split("layers.")
+                .nth(1)
+                .and_then(|r| r.split('.').next())
+                .and_then(|i| i.parse::<usize>().ok())
+                .filter(|&i| i < num_layers);
+            match (layer, part) {
+                (Some(i), _) => layers.layers[i] += length,
+                (None, "embeddings") => layers.first += length,
+                (None, _) => layers.last += length,
+            }
+        }
     }
     if let Some(file) = vision_file {
         for (_, length) in herd_targets::onnx::external_initializers(&bundle.join(file))? {
             *parts.entry("vision").or_default() += length;
+            layers.first += length;
         }
     }
-    Ok(parts)
+    Ok((parts, layers))
 }
 
 /// The part an initializer belongs to, by the names the emitter gives.
@@ -216,6 +281,106 @@ fn part_of(name: &str) -> &'static str {
     } else {
         "norms_and_tables"
     }
+}
+
+/// Weight bytes as a pipeline split places them: each decoder layer's, and what only the first stage
+/// (embeddings; the vision graph runs on the first device) and the last (final norm, lm_head) hold.
+#[derive(Clone, Debug)]
+pub struct LayerWeights {
+    pub layers: Vec<u64>,
+    pub first: u64,
+    pub last: u64,
+}
+
+/// KV bytes of each layer for `batch` sequences at `context` tokens.
+pub fn layer_kv_bytes(
+    config: &Llama4Config,
+    kv_bytes_per_value: u64,
+    batch: u64,
+    context: u64,
+) -> Vec<u64> {
+    let per_token_layer =
+        2 * config.num_kv_heads as u64 * config.head_dim as u64 * kv_bytes_per_value;
+    let chunk = config.attention_chunk_size.map_or(u64::MAX, |c| c as u64);
+    config
+        .uses_rope
+        .iter()
+        .map(|&rope| {
+            let tokens = if rope { context.min(chunk) } else { context };
+            batch.saturating_mul(tokens).saturating_mul(per_token_layer)
+        })
+        .collect()
+}
+
+/// One pipeline stage of a plan: its layers and what its device holds.
+#[derive(Clone, Debug, Serialize)]
+pub struct StagePlan {
+    pub first_layer: usize,
+    pub end_layer: usize,
+    pub weight_bytes: u64,
+    pub kv_bytes: u64,
+    /// The largest call's activations, counted on every stage (an upper bound: only the last holds
+    /// the logits).
+    pub activation_peak_bytes: u64,
+    pub total_bytes: u64,
+    pub fits: bool,
+}
+
+/// Splits the layers over `stages` devices, balancing weight + KV bytes (see
+/// [`herd_ir::split::balance`]), each stage also holding `activation` bytes of `usable`.
+pub fn split_stages(
+    weights: &LayerWeights,
+    kv: &[u64],
+    stages: usize,
+    activation: u64,
+    usable: u64,
+) -> Vec<StagePlan> {
+    let costs: Vec<u64> = weights
+        .layers
+        .iter()
+        .zip(kv)
+        .map(|(w, k)| w.saturating_add(*k))
+        .collect();
+    let ranges = herd_ir::split::balance(&costs, weights.first, weights.last, stages);
+    describe_stages(weights, kv, &ranges, activation, usable)
+}
+
+/// What each stage of `ranges` holds (see [`split_stages`]).
+pub fn describe_stages(
+    weights: &LayerWeights,
+    kv: &[u64],
+    ranges: &[std::ops::Range<usize>],
+    activation: u64,
+    usable: u64,
+) -> Vec<StagePlan> {
+    let last = ranges.len().saturating_sub(1);
+    ranges
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(k, r)| {
+            let mut weight_bytes: u64 = weights.layers[r.clone()].iter().sum();
+            if k == 0 {
+                weight_bytes += weights.first;
+            }
+            if k == last {
+                weight_bytes += weights.last;
+            }
+            let kv_bytes = kv[r.clone()].iter().fold(0u64, |s, &b| s.saturating_add(b));
+            let total_bytes = weight_bytes
+                .saturating_add(kv_bytes)
+                .saturating_add(activation);
+            StagePlan {
+                first_layer: r.start,
+                end_layer: r.end,
+                weight_bytes,
+                kv_bytes,
+                activation_peak_bytes: activation,
+                total_bytes,
+                fits: total_bytes <= usable,
+            }
+        })
+        .collect()
 }
 
 /// KV bytes of `batch` sequences at `context` tokens: NoPE layers keep the context, chunked RoPE
@@ -270,7 +435,10 @@ pub struct Plan {
     pub activation_peak_bytes: u64,
     pub total_bytes: u64,
     pub gpus_needed: u64,
+    /// Every stage fits its GPU.
     pub fits: bool,
+    /// The layers split over the GPUs as `herd compile --stages` splits them.
+    pub stages: Vec<StagePlan>,
     /// Longest context that fits on `gpus` GPUs at this batch (0: not even one token).
     pub max_context: u64,
     pub decode: Roofline,
@@ -297,21 +465,27 @@ pub struct Prefill {
     pub roofline_tokens_per_s: f64,
 }
 
-/// Plans `config` (weights by part given) for `input`.
-pub fn plan(config: &Llama4Config, weights: WeightParts, input: &PlanInput) -> Plan {
+/// Plans `config` (weights by part and by stage place given) for `input`: the layers split over
+/// `input.gpus` pipeline stages, each of which must fit its GPU.
+pub fn plan(
+    config: &Llama4Config,
+    weights: WeightParts,
+    layer_weights: &LayerWeights,
+    input: &PlanInput,
+) -> Plan {
     let weight_bytes: u64 = weights.values().sum();
     let kv = kv_bytes(config, input.kv_bytes_per_value, input.batch, input.context);
     let act = activation_peak_bytes(config, input, input.context);
     let total = weight_bytes.saturating_add(kv).saturating_add(act);
     let usable = (input.gpu.memory_bytes as f64 * USABLE_FRACTION) as u64;
     let gpus_needed = total.div_ceil(usable);
-    let capacity = usable.saturating_mul(input.gpus);
-    let fits_at = |c: u64| {
-        weight_bytes
-            .saturating_add(kv_bytes(config, input.kv_bytes_per_value, input.batch, c))
-            .saturating_add(activation_peak_bytes(config, input, c))
-            <= capacity
+    let stages_at = |c: u64| {
+        let kv = layer_kv_bytes(config, input.kv_bytes_per_value, input.batch, c);
+        let act = activation_peak_bytes(config, input, c);
+        split_stages(layer_weights, &kv, input.gpus as usize, act, usable)
     };
+    let stages = stages_at(input.context);
+    let fits_at = |c: u64| stages_at(c).iter().all(|s| s.fits);
     let max_context = if !fits_at(1) {
         0
     } else if fits_at(CONTEXT_LIMIT) {
@@ -376,7 +550,8 @@ pub fn plan(config: &Llama4Config, weights: WeightParts, input: &PlanInput) -> P
         activation_peak_bytes: act,
         total_bytes: total,
         gpus_needed,
-        fits: total <= capacity,
+        fits: stages.iter().all(|s| s.fits),
+        stages,
         max_context,
         decode,
         prefill: Prefill {

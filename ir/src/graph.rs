@@ -267,6 +267,31 @@ impl Graph {
         }
     }
 
+    /// Keeps the graph outputs whose name `keep` accepts.
+    pub fn retain_outputs(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.outputs.retain(|(name, _)| keep(name));
+    }
+
+    /// Removes graph inputs that no node reads.
+    pub fn remove_unused_inputs(&mut self) {
+        let unused: Vec<NodeIndex> = self
+            .graph
+            .node_indices()
+            .filter(|&n| {
+                matches!(self.graph[n].op, Op::Input(_))
+                    && self
+                        .graph
+                        .neighbors_directed(n, Direction::Outgoing)
+                        .next()
+                        .is_none()
+                    && !self.outputs.iter().any(|(_, v)| v.node == n)
+            })
+            .collect();
+        for n in unused {
+            self.graph.remove_node(n);
+        }
+    }
+
     /// Adds an edge without checks (tests of the verifier build broken graphs with it).
     pub fn add_raw_edge(&mut self, from: Value, to: NodeIndex, dst_slot: usize) {
         self.graph.add_edge(

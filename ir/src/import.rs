@@ -589,7 +589,7 @@ fn build_graph(ckpt: &Checkpoint, image_features: bool) -> Result<Graph, ImportE
             ];
             b.add(format!("layers.{i}.mlp"), Op::Mlp, &inputs)?
         };
-        x = b.add(format!("layers.{i}.ffn_residual"), Op::Add, &[resid, ff])?;
+        x = b.add(crate::split::residual_name(i), Op::Add, &[resid, ff])?;
     }
     // Only the rows whose logits are wanted reach the final norm and lm_head.
     let index = b.add(

@@ -11,6 +11,7 @@ pub mod layout;
 pub mod ops;
 pub mod print;
 pub mod quant;
+pub mod split;
 pub mod stream;
 pub mod types;
 pub mod verify;

@@ -54,10 +54,17 @@ struct Row {
     produced: usize,
 }
 
-/// Sequences sharing one model and one KV cache of `slots` rows.
+/// Tokens of each row of a step: (slot, ids, image rows).
+type StepPlan = Vec<(usize, Vec<i64>, std::ops::Range<usize>)>;
+
+/// Sequences sharing one model and a KV cache of `slots` rows, split into micro-batches of equal
+/// slots, each with its own cache: a step runs every micro-batch, through a staged model's stages as a
+/// pipeline (see [`Batch::with_micro_batches`]).
 pub struct Batch<'m> {
     model: &'m Model,
-    cache: KvCache,
+    /// One cache per micro-batch; slot s lives in cache s / group_slots at row s % group_slots.
+    caches: Vec<KvCache>,
+    group_slots: usize,
     rows: Vec<Option<Row>>,
     /// Sequences that ended without a step (max_new_tokens 0) or were cancelled, reported next step.
     finished: Vec<BatchEvent>,
@@ -68,12 +75,33 @@ pub struct Batch<'m> {
 impl<'m> Batch<'m> {
     /// A batch of `slots` rows, each holding up to the model's context.
     pub fn new(model: &'m Model, slots: usize) -> Result<Batch<'m>, RuntimeError> {
+        Batch::with_micro_batches(model, slots, 1)
+    }
+
+    /// A batch of `slots` rows in `micro_batches` groups of equal size. With pipeline stages, a step
+    /// keeps the groups in flight together: stage k runs group g while stage k - 1 runs group g + 1,
+    /// so N stages on N devices overlap (one group leaves every stage but one idle).
+    pub fn with_micro_batches(
+        model: &'m Model,
+        slots: usize,
+        micro_batches: usize,
+    ) -> Result<Batch<'m>, RuntimeError> {
+        if micro_batches == 0 || slots == 0 || slots % micro_batches != 0 || micro_batches > 64 {
+            return Err(RuntimeError::Param(format!(
+                "{slots} slots in {micro_batches} micro-batches: use 1 to 64 micro-batches that divide the slots"
+            )));
+        }
         let per_call = crate::session::max_tokens_per_call(&model.bundle.manifest)
             .unwrap_or(usize::MAX)
             .max(1);
+        let group_slots = slots / micro_batches;
+        let caches = (0..micro_batches)
+            .map(|_| model.new_cache(group_slots, model.context()))
+            .collect::<Result<_, _>>()?;
         Ok(Batch {
             model,
-            cache: model.new_cache(slots, model.context())?,
+            caches,
+            group_slots,
             rows: (0..slots).map(|_| None).collect(),
             finished: Vec::new(),
             next_id: 0,
@@ -91,9 +119,17 @@ impl<'m> Batch<'m> {
         self.finished.is_empty() && self.rows.iter().all(Option::is_none)
     }
 
-    /// The cache's preallocated bytes.
+    /// The caches' preallocated bytes.
     pub fn kv_bytes(&self) -> crate::cache::KvBytes {
-        self.cache.bytes()
+        let mut bytes = crate::cache::KvBytes {
+            chunked: 0,
+            full: 0,
+        };
+        for c in &self.caches {
+            bytes.chunked += c.bytes().chunked;
+            bytes.full += c.bytes().full;
+        }
+        bytes
     }
 
     /// Adds a sequence: prompt `ids` with image rows for its `<|patch|>` tokens (from
@@ -111,7 +147,7 @@ impl<'m> Batch<'m> {
             return Err(RuntimeError::Param("the prompt has no tokens".into()));
         }
         crate::decode::check_ids(m.model.vocab_size, &ids)?;
-        crate::decode::check_room(ids.len(), params.max_new_tokens, self.cache.context())?;
+        crate::decode::check_room(ids.len(), params.max_new_tokens, self.caches[0].context())?;
         if !features.is_empty() {
             let patch = m.vision.as_ref().map(|v| v.tokens.patch).ok_or_else(|| {
                 RuntimeError::Param(
@@ -178,16 +214,70 @@ impl<'m> Batch<'m> {
         true
     }
 
-    /// Runs one decoder call over every running sequence and returns what it produced (empty when
-    /// nothing runs).
+    /// Runs one decoder call per micro-batch over every running sequence and returns what it
+    /// produced (empty when nothing runs).
     pub fn step(&mut self) -> Result<Vec<BatchEvent>, RuntimeError> {
         let mut events = std::mem::take(&mut self.finished);
-        let idle_room = self.cache.room(0);
-        let active: Vec<usize> = (0..self.rows.len())
-            .filter(|&s| self.rows[s].is_some())
+        let plans: Vec<(usize, StepPlan)> = (0..self.caches.len())
+            .map(|g| (g, self.group_plan(g)))
+            .filter(|(_, plan)| !plan.is_empty())
             .collect();
-        if active.is_empty() {
+        if plans.is_empty() {
             return Ok(events);
+        }
+        let h = self.model.bundle.manifest.model.hidden_size;
+        let group_slots = self.group_slots;
+        let inputs: Vec<Vec<RowInput>> = plans
+            .iter()
+            .map(|(_, plan)| {
+                plan.iter()
+                    .map(|(slot, ids, rows)| {
+                        let row = self.rows[*slot].as_ref().expect("active");
+                        RowInput {
+                            slot: slot % group_slots,
+                            start: row.position,
+                            ids,
+                            features: &row.features[rows.start * h..rows.end * h],
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let outputs = if plans.len() > 1 && self.model.stages.len() > 1 {
+            let mut caches: Vec<Option<&mut KvCache>> = self.caches.iter_mut().map(Some).collect();
+            let groups = plans
+                .iter()
+                .zip(&inputs)
+                .map(|((g, _), rows)| (caches[*g].take().expect("one plan per group"), &rows[..]))
+                .collect();
+            self.model.run_groups(groups)?
+        } else {
+            let mut outputs = Vec::with_capacity(plans.len());
+            for ((g, _), rows) in plans.iter().zip(&inputs) {
+                outputs.push(self.model.run_rows(
+                    &mut self.caches[*g],
+                    rows,
+                    false,
+                    &[],
+                    &mut |_| Ok(()),
+                )?);
+            }
+            outputs
+        };
+        drop(inputs);
+        for ((_, plan), out) in plans.into_iter().zip(outputs) {
+            self.apply(plan, out.rows, &mut events);
+        }
+        Ok(events)
+    }
+
+    /// The tokens of group `g`'s running rows for the next call (empty when none runs).
+    fn group_plan(&self, g: usize) -> StepPlan {
+        let cache = &self.caches[g];
+        let slots = g * self.group_slots..(g + 1) * self.group_slots;
+        let active: Vec<usize> = slots.clone().filter(|&s| self.rows[s].is_some()).collect();
+        if active.is_empty() {
+            return Vec::new();
         }
         // Tokens each row wants: the rest of its prompt, or the token it sampled last.
         let wanted = |row: &Row| match row.next {
@@ -195,13 +285,13 @@ impl<'m> Batch<'m> {
             None => row.prompt.len() - row.fed,
         };
         let mut width = self.per_call;
-        if active.len() < self.rows.len() {
-            width = width.min(idle_room);
+        if active.len() < slots.len() {
+            width = width.min(cache.room(0));
         }
         let (mut longest, mut decoding) = (1, false);
         for &slot in &active {
             let row = self.rows[slot].as_ref().expect("active");
-            width = width.min(self.cache.room(row.position));
+            width = width.min(cache.room(row.position));
             longest = longest.max(wanted(row));
             decoding |= row.next.is_some();
         }
@@ -211,7 +301,6 @@ impl<'m> Batch<'m> {
             width = width.min(PREFILL_BESIDE_DECODE);
         }
         let width = width.min(longest).max(1);
-        let h = self.model.bundle.manifest.model.hidden_size;
         let patch = self
             .model
             .bundle
@@ -219,41 +308,31 @@ impl<'m> Batch<'m> {
             .vision
             .as_ref()
             .map(|v| v.tokens.patch);
-        // Each row's tokens (and image rows) for this call.
-        let mut plan: Vec<(usize, Vec<i64>, std::ops::Range<usize>)> = Vec::new();
-        for &slot in &active {
-            let row = self.rows[slot].as_ref().expect("active");
-            let (ids, rows) = match row.next {
-                Some(t) => (vec![t], 0..0),
-                None => {
-                    let n = (row.prompt.len() - row.fed).min(width);
-                    let ids = row.prompt[row.fed..row.fed + n].to_vec();
-                    let patches = if row.features.is_empty() {
-                        0
-                    } else {
-                        ids.iter().filter(|&&t| Some(t) == patch).count()
-                    };
-                    (ids, row.rows_fed..row.rows_fed + patches)
-                }
-            };
-            plan.push((slot, ids, rows));
-        }
-        let inputs: Vec<RowInput> = plan
-            .iter()
-            .map(|(slot, ids, rows)| {
-                let row = self.rows[*slot].as_ref().expect("active");
-                RowInput {
-                    slot: *slot,
-                    start: row.position,
-                    ids,
-                    features: &row.features[rows.start * h..rows.end * h],
-                }
+        active
+            .into_iter()
+            .map(|slot| {
+                let row = self.rows[slot].as_ref().expect("active");
+                let (ids, rows) = match row.next {
+                    Some(t) => (vec![t], 0..0),
+                    None => {
+                        let n = (row.prompt.len() - row.fed).min(width);
+                        let ids = row.prompt[row.fed..row.fed + n].to_vec();
+                        let patches = if row.features.is_empty() {
+                            0
+                        } else {
+                            ids.iter().filter(|&&t| Some(t) == patch).count()
+                        };
+                        (ids, row.rows_fed..row.rows_fed + patches)
+                    }
+                };
+                (slot, ids, rows)
             })
-            .collect();
-        let out = self
-            .model
-            .run_rows(&mut self.cache, &inputs, false, &[], &mut |_| Ok(()))?;
-        for ((slot, ids, rows), logits) in plan.into_iter().zip(out.rows) {
+            .collect()
+    }
+
+    /// Advances the rows of `plan` by a call's logits: samples, reports and ends sequences.
+    fn apply(&mut self, plan: StepPlan, logits: Vec<Vec<f32>>, events: &mut Vec<BatchEvent>) {
+        for ((slot, ids, rows), logits) in plan.into_iter().zip(logits) {
             let row = self.rows[slot].as_mut().expect("active");
             row.position += ids.len();
             if row.next.is_none() {
@@ -288,6 +367,5 @@ impl<'m> Batch<'m> {
                 self.rows[slot] = None;
             }
         }
-        Ok(events)
     }
 }

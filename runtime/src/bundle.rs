@@ -47,6 +47,7 @@ impl Bundle {
         let m = &bundle.manifest;
         let engine = m.tensorrt.as_ref().and_then(|t| t.engine.as_ref());
         let models = std::iter::once(m.graph.model_file.clone())
+            .chain(m.stages.iter().map(|s| s.model_file.clone()))
             .chain(m.vision.as_ref().map(|v| v.model_file.clone()))
             .chain(engine.map(|e| e.model_file.clone()))
             .chain(engine.and_then(|e| e.vision_model_file.clone()));
@@ -240,6 +241,21 @@ pub fn parse_manifest(label: &str, text: &str) -> Result<Manifest, RuntimeError>
             message: problem,
         });
     }
+    if manifest.stages.len() > 64 {
+        return Err(RuntimeError::Tampered {
+            path: label.to_string(),
+            message: format!(
+                "{} stages: a bundle holds at most 64",
+                manifest.stages.len()
+            ),
+        });
+    }
+    manifest
+        .check_stages()
+        .map_err(|message| RuntimeError::Tampered {
+            path: label.to_string(),
+            message,
+        })?;
     if let Some(v) = &manifest.vision {
         // Preprocessing divides by and indexes with these: refuse values a compile never writes.
         let problem = if v.tile_size == 0 || v.tile_size > 4096 {

@@ -12,7 +12,7 @@ use ort::memory::Allocator;
 use ort::value::{DynTensor, Tensor};
 
 use crate::error::RuntimeError;
-use crate::manifest::{ElementType, Manifest};
+use crate::manifest::{ElementType, KvNames, Manifest};
 
 /// Bytes held by a KV cache, by layer type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,6 +40,8 @@ pub(crate) struct LayerCache {
     pub(crate) value: DynTensor,
     /// Ring length of a chunked layer; None for a full layer.
     ring: Option<usize>,
+    /// The pipeline stage whose graph reads and writes the layer.
+    pub(crate) stage: usize,
 }
 
 /// Preallocated cache buffers for `slots` rows of up to `context` positions each.
@@ -61,6 +63,8 @@ impl KvCache {
     /// is still computed) for `slots` rows of `context` positions with `allocator` (the session's device).
     pub(crate) fn allocate(
         m: &Manifest,
+        kvs: &[KvNames],
+        stage: usize,
         allocator: &Allocator,
         slots: usize,
         context: usize,
@@ -78,12 +82,12 @@ impl KvCache {
         }
         let element = m.element_type().unwrap_or(ElementType::F32);
         let (heads, dim) = (m.model.num_kv_heads, m.model.head_dim);
-        let mut layers = Vec::with_capacity(m.graph.kv.len());
+        let mut layers = Vec::with_capacity(kvs.len());
         let mut bytes = KvBytes {
             chunked: 0,
             full: 0,
         };
-        for kv in &m.graph.kv {
+        for kv in kvs {
             // A ring's length is fixed in the graph; a full layer's is the context.
             let length = kv.ring.unwrap_or(context).max(1);
             let shape = [slots, heads, length, dim];
@@ -108,6 +112,7 @@ impl KvCache {
                 key: zeroed(allocator, element, shape)?,
                 value: zeroed(allocator, element, shape)?,
                 ring: kv.ring.map(|_| length),
+                stage,
             });
         }
         let ring = layers.iter().filter_map(|l| l.ring).min();
@@ -118,6 +123,17 @@ impl KvCache {
             ring,
             bytes,
         })
+    }
+
+    /// Adds the layers of another stage's cache of the same slots and context.
+    pub(crate) fn absorb(&mut self, other: KvCache) {
+        self.layers.extend(other.layers);
+        self.ring = match (self.ring, other.ring) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.bytes.chunked += other.bytes.chunked;
+        self.bytes.full += other.bytes.full;
     }
 
     /// Rows the cache holds.

@@ -19,6 +19,12 @@ pub enum RuntimeError {
     OrtMissing { tried: String },
     #[error("ONNX Runtime: {0}")]
     Ort(String),
+    #[error("pipeline stage {stage} (layers {layers}) failed: {message}")]
+    Stage {
+        stage: usize,
+        layers: String,
+        message: String,
+    },
     #[error("{0}")]
     Gpu(String),
     #[error("invalid parameter: {0}")]

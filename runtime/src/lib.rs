@@ -15,6 +15,7 @@ pub mod onnxruntime;
 pub mod providers;
 pub mod sampling;
 pub mod session;
+mod stage;
 pub mod text;
 pub mod vision;
 

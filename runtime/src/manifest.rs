@@ -5,8 +5,9 @@ use serde::{Deserialize, Serialize};
 
 /// The manifest format this runtime reads and the compiler writes. 2: decoders of multimodal bundles
 /// take image features (older runtimes would not feed them). 3: fixed-size KV caches written in place
-/// (`TensorScatter`), rows at their own positions, rotary angles computed in the graph.
-pub const FORMAT_VERSION: u32 = 3;
+/// (`TensorScatter`), rows at their own positions, rotary angles computed in the graph. 4: pipeline
+/// stages (a decoder split into graphs over layer ranges; older runtimes would run stage 0 alone).
+pub const FORMAT_VERSION: u32 = 4;
 
 /// File name of the manifest inside a bundle.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -44,6 +45,34 @@ pub struct Manifest {
     /// Present when the bundle takes images (the vision encoder was compiled).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vision: Option<VisionInfo>,
+    /// Pipeline stages (`herd compile --stages N`): the decoder as graphs over contiguous layer ranges,
+    /// run one after another (each on its own device). Empty: one graph, [`Manifest::graph`], whose
+    /// names (ids, positions, logits, every layer's KV) the stages share.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<StageIo>,
+}
+
+/// One pipeline stage: a graph running decoder layers `first_layer..end_layer`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StageIo {
+    /// The stage's model file, relative to the bundle.
+    pub model_file: String,
+    pub first_layer: usize,
+    /// One past the stage's last layer.
+    pub end_layer: usize,
+    /// Input of the residual stream from the previous stage, [slots, seq, hidden] in the bundle's
+    /// dtype; None for stage 0, which takes the token ids (and image features).
+    pub hidden_in: Option<String>,
+    /// Output of the residual stream to the next stage; None for the last, which returns the logits
+    /// (and takes `logits_index`).
+    pub hidden_out: Option<String>,
+    /// The caches of the stage's layers.
+    pub kv: Vec<KvNames>,
+    /// Bytes of the stage's weights.
+    pub weight_bytes: u64,
+    /// TensorRT optimisation profile of the stage (min, opt, max), TensorRT targets only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensorrt_profile: Option<[String; 3]>,
 }
 
 /// How to turn images into decoder inputs: the vision graph, its preprocessing and the image tokens.
@@ -257,6 +286,60 @@ impl ElementType {
 }
 
 impl Manifest {
+    /// The decoder's stages in order: [`Manifest::stages`], or the one graph as a single stage.
+    pub fn stage_list(&self) -> Vec<StageIo> {
+        if !self.stages.is_empty() {
+            return self.stages.clone();
+        }
+        vec![StageIo {
+            model_file: self.graph.model_file.clone(),
+            first_layer: 0,
+            end_layer: self.model.num_layers,
+            hidden_in: None,
+            hidden_out: None,
+            kv: self.graph.kv.clone(),
+            weight_bytes: self.model.weight_bytes,
+            tensorrt_profile: None,
+        }]
+    }
+
+    /// Refuses stages that do not run every layer once, in order, handing the residual stream on.
+    pub fn check_stages(&self) -> Result<(), String> {
+        let stages = self.stage_list();
+        let mut next = 0;
+        for (k, s) in stages.iter().enumerate() {
+            let last = k + 1 == stages.len();
+            if s.first_layer != next || s.end_layer <= s.first_layer {
+                return Err(format!(
+                    "stage {k} runs layers {}..{}, not from layer {next}",
+                    s.first_layer, s.end_layer
+                ));
+            }
+            if s.hidden_in.is_some() != (k > 0) || s.hidden_out.is_some() == last {
+                return Err(format!(
+                    "stage {k} must take the residual stream unless first and hand it on unless last"
+                ));
+            }
+            if let Some(kv) =
+                s.kv.iter()
+                    .find(|kv| !(s.first_layer..s.end_layer).contains(&kv.layer))
+            {
+                return Err(format!(
+                    "stage {k} lists the cache of layer {}, outside its layers",
+                    kv.layer
+                ));
+            }
+            next = s.end_layer;
+        }
+        if next != self.model.num_layers {
+            return Err(format!(
+                "the stages end at layer {next}, the model has {}",
+                self.model.num_layers
+            ));
+        }
+        Ok(())
+    }
+
     /// The bundle's element type; None for a dtype herd does not write (refused when a bundle opens).
     pub fn element_type(&self) -> Option<ElementType> {
         match self.dtype.as_str() {

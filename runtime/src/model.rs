@@ -26,6 +26,8 @@ pub struct RuntimeOptions {
     pub ort_library: Option<PathBuf>,
     /// Threads for one operator; ONNX Runtime's default when None.
     pub intra_threads: Option<usize>,
+    /// GPU of each pipeline stage (one per stage, or one for all); empty: `device` for all.
+    pub devices: Vec<u32>,
     /// Whether ONNX Runtime repacks MatMul weights at load. None (automatic): yes for int4 bundles, whose
     /// MatMulNBits/QMoE kernels need it (17x faster decode) and whose packed copy is small. No for int8
     /// bundles: ONNX Runtime's prepacked block-wise int8 QMoE quantizes activations to int8 (about 1e-2
@@ -45,63 +47,6 @@ pub struct RuntimeOptions {
     /// Positions each session's KV cache holds (allocated when the session starts); the bundle's
     /// --max-context when None.
     pub context: Option<usize>,
-}
-
-/// Refuses a manifest whose facts disagree with the graph it names (the manifest is checksummed only
-/// as a small file, so a hand edit shows up here, not as a raw ONNX Runtime shape error mid-run): every
-/// KV input the manifest lists exists, with its fixed kv_heads and head_dim.
-fn check_graph_inputs(bundle: &Bundle, inputs: &[ort::value::Outlet]) -> Result<(), RuntimeError> {
-    let m = &bundle.manifest;
-    let tampered = |message: String| RuntimeError::Tampered {
-        path: bundle
-            .dir
-            .join(crate::manifest::MANIFEST_FILE)
-            .display()
-            .to_string(),
-        message,
-    };
-    let expected = [m.model.num_kv_heads as i64, m.model.head_dim as i64];
-    for name in m
-        .graph
-        .kv
-        .iter()
-        .flat_map(|kv| [&kv.past_key, &kv.past_value])
-    {
-        let input = inputs
-            .iter()
-            .find(|i| i.name() == name.as_str())
-            .ok_or_else(|| tampered(format!("the graph has no input `{name}`")))?;
-        if let ort::value::ValueType::Tensor { shape, .. } = input.dtype() {
-            let found = [shape.get(1).copied(), shape.get(3).copied()];
-            if shape.len() != 4 || found != expected.map(Some) {
-                return Err(tampered(format!(
-                    "input `{name}` has shape {:?}, but the manifest says {} kv heads of {}",
-                    &shape[..],
-                    m.model.num_kv_heads,
-                    m.model.head_dim
-                )));
-            }
-            // A ring's length is fixed in the graph; a full layer's is the session's (-1).
-            let ring = m
-                .graph
-                .kv
-                .iter()
-                .find(|kv| &kv.past_key == name || &kv.past_value == name);
-            let length = ring.and_then(|kv| kv.ring).map_or(-1, |r| r as i64);
-            if shape[2] != length {
-                return Err(tampered(format!(
-                    "input `{name}` holds {} entries, but the manifest says {}",
-                    shape[2],
-                    if length < 0 {
-                        "the context".to_string()
-                    } else {
-                        length.to_string()
-                    }
-                )));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The most ONNX Runtime sessions one model runs (each has its own thread pools).
@@ -178,17 +123,15 @@ pub struct ImageRows {
     pub features: Vec<f32>,
 }
 
-/// A loaded bundle with its ONNX Runtime session.
+/// A loaded bundle with its ONNX Runtime sessions.
 pub struct Model {
     pub bundle: Bundle,
-    /// ONNX Runtime sessions over the same mapped weights; each graph run takes a free one.
-    sessions: Vec<Mutex<Session>>,
-    next: std::sync::atomic::AtomicUsize,
+    /// The decoder's pipeline stages in order (one for a bundle without stages), each with sessions
+    /// over the same mapped weights; each graph run takes a free one.
+    pub(crate) stages: Vec<crate::stage::Stage>,
     text: Option<crate::text::TextCodec>,
     /// The vision graph's session, for bundles that take images.
     vision: Option<Mutex<Session>>,
-    /// GPU index when the sessions run on CUDA or TensorRT (KV caches are allocated there).
-    device: Option<u32>,
     /// Positions a new session's cache holds.
     context: usize,
     /// Bytes that crossed the session boundary (see [`Model::boundary_bytes`]).
@@ -216,68 +159,8 @@ impl Model {
             bundle.verify_all()?;
         }
         let env = crate::onnxruntime::environment(options.ort_library.as_deref())?;
-        let mut builder = Session::builder(env)?
-            .with_optimization_level(GraphOptimizationLevel::Level3)?
-            // Keep fp32 activations if a quantized MatMulNBits is formed (its default quantizes them).
-            .with_config_entry("session.qdq_matmulnbits_accuracy_level", "0")?
-            .with_config_entry(
-                "session.disable_prepacking",
-                if options.prepack_for(&bundle) {
-                    "0"
-                } else {
-                    "1"
-                },
-            )?;
-        if bundle
-            .manifest
-            .quantization
-            .as_ref()
-            .is_some_and(|q| q.activations.is_some())
-        {
-            // ONNX Runtime would fold activation Q/DQ + weight DQ + MatMul into MatMulIntegerToFloat,
-            // which takes no fp8 inputs: keep the Q/DQ nodes as they are.
-            builder = builder.with_config_entry("session.disable_quant_qdq", "1")?;
-        }
-        if let Some(n) = options.intra_threads {
-            builder = builder.with_intra_threads(n)?;
-        }
-        let mut model_file = bundle.manifest.graph.model_file.clone();
-        if options.provider == crate::providers::Provider::TensorRt {
-            if let Some(engine) = bundle
-                .manifest
-                .tensorrt
-                .as_ref()
-                .and_then(|t| t.engine.as_ref())
-            {
-                let gpu = crate::providers::gpu_info(options.device)?;
-                crate::providers::check_engine(engine, &gpu, crate::providers::tensorrt_major())?;
-                model_file = engine.model_file.clone();
-            }
-        }
         let cache_dir = trt_cache_dir(&bundle);
-        builder = crate::providers::register(
-            builder,
-            options.provider,
-            &bundle.manifest,
-            crate::providers::GraphKind::Decoder,
-            options.device,
-            &cache_dir,
-        )?;
-        let model_path = bundle.file(&model_file);
-        let sessions = (0..options.sessions.max(1))
-            .map(|_| {
-                builder
-                    .commit_from_file(&model_path)
-                    .map(Mutex::new)
-                    .map_err(|e| RuntimeError::Ort(format!("{}: {e}", model_path.display())))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if let Some(first) = sessions.first() {
-            let session = first
-                .lock()
-                .map_err(|_| RuntimeError::Ort("session lock poisoned".into()))?;
-            check_graph_inputs(&bundle, session.inputs())?;
-        }
+        let stages = crate::stage::load_stages(&bundle, options, env, &cache_dir)?;
         let vision = match &bundle.manifest.vision {
             Some(v) => {
                 // Float weights, mapped once like a float decoder's unless prepacking is asked for.
@@ -293,12 +176,13 @@ impl Model {
                 }
                 // With TensorRT: the vision engine `herd build-engine` made, else one built from
                 // the vision profile on first use (cached in the bundle's trt_cache).
+                // The vision graph runs beside stage 0, on its device.
                 builder = crate::providers::register(
                     builder,
                     options.provider,
                     &bundle.manifest,
                     crate::providers::GraphKind::Vision,
-                    options.device,
+                    stages[0].device.unwrap_or(options.device),
                     &cache_dir,
                 )?;
                 let engine = bundle
@@ -330,15 +214,11 @@ impl Model {
             Some(c) => c,
             None => max,
         };
-        let device =
-            (options.provider != crate::providers::Provider::Cpu).then_some(options.device);
         Ok(Model {
             bundle,
-            sessions,
-            next: std::sync::atomic::AtomicUsize::new(0),
+            stages,
             text,
             vision,
-            device,
             context,
             boundary_bytes: std::sync::atomic::AtomicU64::new(0),
         })
@@ -404,41 +284,49 @@ impl Model {
         Ok(features)
     }
 
-    /// A free ONNX Runtime session if there is one, else the next in turn once it is free.
-    pub(crate) fn lock_session(&self) -> Result<std::sync::MutexGuard<'_, Session>, RuntimeError> {
-        match self.sessions.iter().find_map(|s| s.try_lock().ok()) {
-            Some(free) => Ok(free),
-            None => {
-                let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                    % self.sessions.len();
-                self.sessions[turn]
-                    .lock()
-                    .map_err(|_| RuntimeError::Ort("session lock poisoned".into()))
-            }
-        }
-    }
-
     /// Positions a new session's cache holds: [`RuntimeOptions::context`], else the bundle's maximum.
     pub fn context(&self) -> usize {
         self.context
     }
 
-    /// A zeroed KV cache of `slots` rows of `context` positions on the sessions' device.
+    /// A zeroed KV cache of `slots` rows of `context` positions, each stage's layers on its device.
     pub fn new_cache(&self, slots: usize, context: usize) -> Result<KvCache, RuntimeError> {
-        let session = self.lock_session()?;
-        match self.device {
-            Some(device) => {
-                let info = ort::memory::MemoryInfo::new(
-                    ort::memory::AllocationDevice::CUDA,
-                    device as i32,
-                    ort::memory::AllocatorType::Device,
-                    ort::memory::MemoryType::Default,
-                )?;
-                let allocator = ort::memory::Allocator::new(&session, info)?;
-                KvCache::allocate(&self.bundle.manifest, &allocator, slots, context)
+        let mut cache: Option<KvCache> = None;
+        for stage in &self.stages {
+            let session = stage.lock()?;
+            let part = match stage.device {
+                Some(device) => {
+                    let info = ort::memory::MemoryInfo::new(
+                        ort::memory::AllocationDevice::CUDA,
+                        device as i32,
+                        ort::memory::AllocatorType::Device,
+                        ort::memory::MemoryType::Default,
+                    )?;
+                    let allocator = ort::memory::Allocator::new(&session, info)?;
+                    KvCache::allocate(
+                        &self.bundle.manifest,
+                        &stage.io.kv,
+                        stage.index,
+                        &allocator,
+                        slots,
+                        context,
+                    )?
+                }
+                None => KvCache::allocate(
+                    &self.bundle.manifest,
+                    &stage.io.kv,
+                    stage.index,
+                    session.allocator(),
+                    slots,
+                    context,
+                )?,
+            };
+            match &mut cache {
+                Some(c) => c.absorb(part),
+                None => cache = Some(part),
             }
-            None => KvCache::allocate(&self.bundle.manifest, session.allocator(), slots, context),
         }
+        cache.ok_or_else(|| RuntimeError::Param("the bundle has no decoder stages".into()))
     }
 
     /// Bytes that crossed the session boundary so far (ids, positions, image rows, logits).

@@ -41,6 +41,8 @@ pub const VISION_ENGINE_MODEL_FILE: &str = "vision.trt.onnx";
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GraphKind {
     Decoder,
+    /// Pipeline stage k of a staged decoder.
+    Stage(usize),
     Vision,
 }
 
@@ -66,6 +68,13 @@ pub fn tensorrt_options(
             trt.profile_opt_shapes.clone(),
             trt.profile_max_shapes.clone(),
         ],
+        GraphKind::Stage(k) => manifest
+            .stages
+            .get(k)
+            .and_then(|s| s.tensorrt_profile.clone())
+            .ok_or_else(|| {
+                RuntimeError::Param(format!("the bundle has no TensorRT profile for stage {k}"))
+            })?,
         GraphKind::Vision => trt.vision_profile_shapes.clone().ok_or_else(|| {
             RuntimeError::Param("the bundle has no vision profile: it takes no images".into())
         })?,
@@ -248,6 +257,13 @@ pub fn build_engine(
             "{} was compiled for `{}`: compile it with `herd compile --target tensorrt-h100` first",
             dir.display(),
             bundle.manifest.target
+        )));
+    }
+    if !bundle.manifest.stages.is_empty() {
+        return Err(RuntimeError::Param(format!(
+            "{} holds {} pipeline stages: `herd build-engine` builds single-graph bundles; a staged bundle's engines are built by the TensorRT EP when each stage's session first loads (from the stage's profile) and kept in its engine cache",
+            dir.display(),
+            bundle.manifest.stages.len()
         )));
     }
     let gpu = gpu_info(device)?;

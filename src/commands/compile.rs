@@ -9,7 +9,7 @@ use herd_passes::pipeline::RunOptions;
 use herd_targets::onnx::MoeLowering;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::driver::{compile, CompileOptions, TensorRtOptions};
+use crate::driver::{compile, CompileOptions, StageSplit, TensorRtOptions};
 
 /// How the mixture-of-experts layers are lowered.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -99,8 +99,9 @@ pub struct CompileArgs {
     /// TensorRT target: do not fail on this lint rule (repeatable; `herd lint --rules` lists them).
     #[arg(long = "allow-lint", value_name = "RULE")]
     pub allow_lint: Vec<String>,
-    /// Longest context (prompt + generated tokens) the bundle accepts, at most 1,048,576; sizes the
-    /// rotary tables.
+    /// Longest context (prompt + generated tokens) the bundle accepts, at most 16,777,216 (2^24,
+    /// where positions stop being exact in f32). Nothing in the bundle grows with it; a server
+    /// allocates its KV cache for its own --kv-context up to this.
     #[arg(long, default_value_t = 8192)]
     pub max_context: usize,
     /// Quantize weights: int4[:BLOCK] or int8[:BLOCK] (symmetric, blocks of 32, 64 or 128 along K; default
@@ -125,6 +126,17 @@ pub struct CompileArgs {
     /// Most images in one prompt.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub max_images: u16,
+    /// Split the decoder into this many pipeline stages, one per GPU: contiguous layer ranges
+    /// balancing weight + KV bytes (at --max-context and --max-batch) per device, the split `herd plan
+    /// --gpus N` prints. Stage 0 also holds the embeddings (and the vision graph runs beside it), the
+    /// last the final norm and lm_head. Each stage is its own ONNX graph, weights file, KV caches and
+    /// TensorRT profile; `herd run --devices 0,1,...` puts them on GPUs.
+    #[arg(long, value_name = "N", conflicts_with = "stage_layers")]
+    pub stages: Option<usize>,
+    /// Pipeline stages by layer range instead of --stages: `0..20,20..48` (contiguous, in order,
+    /// covering every layer).
+    #[arg(long, value_name = "RANGES")]
+    pub stage_layers: Option<String>,
     /// Replace an existing bundle at --output (only a folder holding a herd manifest; never the model
     /// folder, a folder containing it, a file, a device or a symlink).
     #[arg(long)]
@@ -211,6 +223,15 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         dump_dir: args.dump_dir.clone(),
         calibration_prompts,
         expose_calibration: false,
+        stages: match (args.stages, &args.stage_layers) {
+            (_, Some(text)) => StageSplit::Layers(
+                herd_ir::split::parse_ranges(text)
+                    .map_err(|e| anyhow::anyhow!("--stage-layers {text}: {e}"))?,
+            ),
+            (Some(n), None) if n > 1 => StageSplit::Balanced(n),
+            (Some(0), None) => anyhow::bail!("--stages 0: use 1 or more"),
+            _ => StageSplit::One,
+        },
     };
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -241,6 +262,12 @@ pub fn run(args: &CompileArgs) -> Result<()> {
             "checkpoint_bytes": report.checkpoint_bytes,
             "bytes_written": report.bytes_written,
             "peak_rss_bytes": report.peak_rss_bytes,
+            "stages": report.pipeline.iter().map(|(plan, emitted)| serde_json::json!({
+                "first_layer": plan.first_layer,
+                "end_layer": plan.end_layer,
+                "weight_bytes": emitted,
+                "kv_bytes": plan.kv_bytes,
+            })).collect::<Vec<_>>(),
         });
         outln!("{summary}");
         return Ok(());
@@ -260,6 +287,22 @@ pub fn run(args: &CompileArgs) -> Result<()> {
             b as f64 / (1 << 20) as f64
         ),
         None => eprintln!("  peak memory (RSS)      unknown on this OS"),
+    }
+    if report.pipeline.len() > 1 {
+        let batch = options.tensorrt.as_ref().map_or(1, |t| t.max_batch);
+        eprintln!(
+            "  pipeline stages (KV at context {}, batch {batch}):",
+            options.max_context
+        );
+        for (k, (plan, emitted)) in report.pipeline.iter().enumerate() {
+            eprintln!(
+                "    stage {k}: layers {:>3}..{:<3} weights {:>10.3} GB  KV {:>10.3} GB",
+                plan.first_layer,
+                plan.end_layer,
+                *emitted as f64 / 1e9,
+                plan.kv_bytes as f64 / 1e9
+            );
+        }
     }
     if args.node_counts {
         for (layer, counts) in &report.node_counts {

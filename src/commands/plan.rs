@@ -28,7 +28,8 @@ pub struct PlanArgs {
     /// GPU model: h100-80gb (SXM), h100-pcie-80gb, h100-nvl-94gb, h200-141gb.
     #[arg(long, default_value = "h100-80gb")]
     pub gpu: String,
-    /// GPUs the stages may spread over (their memory adds up).
+    /// GPUs to split the layers over as pipeline stages (`herd compile --stages N` makes the same
+    /// split): each stage must fit its own GPU.
     #[arg(long, default_value_t = 1)]
     pub gpus: u64,
     /// Weight quantization, as `herd compile --quant` (int4[:B], int8[:B], fp8); a checkpoint only.
@@ -109,10 +110,12 @@ pub fn run(args: &PlanArgs) -> Result<()> {
             .map(|q| QuantScheme::parse(&q.scheme))
             .transpose()
             .map_err(|e| anyhow::anyhow!("the bundle's quantization scheme: {e}"))?;
+        let files: Vec<String> = m.stage_list().into_iter().map(|s| s.model_file).collect();
         let weights = plan::bundle_weights(
             &args.path,
-            &m.graph.model_file,
+            &files,
             m.vision.as_ref().map(|v| v.model_file.as_str()),
+            config.num_layers,
         )?;
         (config, weights, input(args, gpu, dtype, quant))
     } else {
@@ -127,10 +130,15 @@ pub fn run(args: &PlanArgs) -> Result<()> {
             .transpose()
             .map_err(|e| anyhow::anyhow!("--quant: {e}"))?;
         let input = input(args, gpu, args.dtype.dtype(), quant);
-        let weights = plan::config_weights(&config, &input, plan::prequantized_fp8_experts(&raw));
+        let prequant = plan::prequantized_fp8_experts(&raw);
+        let weights = (
+            plan::config_weights(&config, &input, prequant),
+            plan::config_layer_weights(&config, &input, prequant),
+        );
         (config, weights, input)
     };
-    let report = plan::plan(&config, weights, &input);
+    let (parts, layer_weights) = weights;
+    let report = plan::plan(&config, parts, &layer_weights, &input);
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -197,6 +205,23 @@ fn render(p: &plan::Plan) -> String {
     line("total", gb(p.total_bytes));
     line("gpus_needed", p.gpus_needed.to_string());
     line("fits", p.fits.to_string());
+    if p.stages.len() > 1 {
+        for (k, s) in p.stages.iter().enumerate() {
+            line(
+                &format!("  stage {k}"),
+                format!(
+                    "layers {}..{}: weights {} + KV {} + activations {} = {}{}",
+                    s.first_layer,
+                    s.end_layer,
+                    gb(s.weight_bytes),
+                    gb(s.kv_bytes),
+                    gb(s.activation_peak_bytes),
+                    gb(s.total_bytes),
+                    if s.fits { "" } else { "  DOES NOT FIT" }
+                ),
+            );
+        }
+    }
     line("max_context", p.max_context.to_string());
     line("decode.bytes_per_step", gb(p.decode.bytes_per_step));
     line(

@@ -24,8 +24,16 @@ pub struct RuntimeArgs {
     #[arg(long, value_enum, default_value = "cpu")]
     pub ep: EpArg,
     /// GPU index for --ep cuda/tensorrt.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, conflicts_with = "devices")]
     pub device: u32,
+    /// GPUs of a staged bundle's pipeline stages (`herd compile --stages N`), one per stage in order,
+    /// comma-separated: `--devices 0,1,2,3`. The vision graph runs on the first.
+    #[arg(long, value_delimiter = ',', value_name = "GPU,...")]
+    pub devices: Vec<u32>,
+    /// Threads per ONNX Runtime operator (default: ONNX Runtime's, one per core). Stages of a
+    /// staged bundle on the CPU run side by side: give each a share of the cores.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub intra_threads: Option<u16>,
     /// Path of libonnxruntime.so (default: ORT_DYLIB_PATH, then the project's .cache/onnxruntime).
     #[arg(long)]
     pub ort_library: Option<PathBuf>,
@@ -54,7 +62,7 @@ impl RuntimeArgs {
     pub fn options(&self) -> RuntimeOptions {
         RuntimeOptions {
             ort_library: self.ort_library.clone(),
-            intra_threads: None,
+            intra_threads: self.intra_threads.map(usize::from),
             prepack: if self.prepack {
                 Some(true)
             } else if self.no_prepack {
@@ -67,7 +75,8 @@ impl RuntimeArgs {
                 EpArg::Cuda => Provider::Cuda,
                 EpArg::Tensorrt => Provider::TensorRt,
             },
-            device: self.device,
+            device: self.devices.first().copied().unwrap_or(self.device),
+            devices: self.devices.clone(),
             sessions: self.sessions.into(),
             verify: self.verify,
             context: self.kv_context,

@@ -41,26 +41,37 @@ pub struct OnnxModel {
 pub(super) const STREAM_BLOCK_ELEMENTS: usize = 16 << 20;
 
 /// File and graph names of one emitted model.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ModelNames {
-    pub model_file: &'static str,
-    pub data_file: &'static str,
-    pub graph_name: &'static str,
+    pub model_file: String,
+    pub data_file: String,
+    pub graph_name: String,
 }
 
-/// The decoder: `model.onnx` + `model.onnx.data`.
-pub const DECODER: ModelNames = ModelNames {
-    model_file: "model.onnx",
-    data_file: "model.onnx.data",
-    graph_name: "herd_llama4_decoder",
-};
+impl ModelNames {
+    /// The decoder: `model.onnx` + `model.onnx.data`.
+    pub fn decoder() -> ModelNames {
+        ModelNames::named("model", "herd_llama4_decoder")
+    }
 
-/// The vision encoder and projector: `vision.onnx` + `vision.onnx.data`.
-pub const VISION: ModelNames = ModelNames {
-    model_file: "vision.onnx",
-    data_file: "vision.onnx.data",
-    graph_name: "herd_llama4_vision",
-};
+    /// The vision encoder and projector: `vision.onnx` + `vision.onnx.data`.
+    pub fn vision() -> ModelNames {
+        ModelNames::named("vision", "herd_llama4_vision")
+    }
+
+    /// Pipeline stage `k` of the decoder: `stage{k}.onnx` + `stage{k}.onnx.data`.
+    pub fn stage(k: usize) -> ModelNames {
+        ModelNames::named(&format!("stage{k}"), &format!("herd_llama4_stage{k}"))
+    }
+
+    fn named(stem: &str, graph_name: &str) -> ModelNames {
+        ModelNames {
+            model_file: format!("{stem}.onnx"),
+            data_file: format!("{stem}.onnx.data"),
+            graph_name: graph_name.into(),
+        }
+    }
+}
 
 /// Emits the decoder `graph` as `dir/model.onnx` + `dir/model.onnx.data`. `progress(done, total)` is
 /// called with weight bytes written so far.
@@ -70,7 +81,7 @@ pub fn emit(
     options: &OnnxOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<OnnxModel, TargetError> {
-    emit_as(graph, dir, DECODER, options, progress)
+    emit_as(graph, dir, ModelNames::decoder(), options, progress)
 }
 
 /// Emits `graph` under `names` in `dir`.
@@ -108,7 +119,7 @@ pub fn emit_as(
         nodes: Vec::new(),
         initializers: Vec::new(),
         inputs: Vec::new(),
-        data: ExternalData::create(dir, names.data_file)?,
+        data: ExternalData::create(dir, &names.data_file)?,
         model_names: names,
         names: HashMap::new(),
         used: HashSet::new(),
@@ -940,7 +951,7 @@ impl Emitter<'_> {
         let active_weight_bytes = active_bytes(self.graph, &self.weight_bytes);
 
         let mut graph = GraphProto::new();
-        graph.name = self.model_names.graph_name.into();
+        graph.name = self.model_names.graph_name.clone();
         graph.node = self.nodes;
         graph.initializer = self.initializers;
         graph.input = self.inputs;
@@ -959,17 +970,17 @@ impl Emitter<'_> {
             .write_to_bytes()
             .map_err(|e| TargetError::Bug(format!("serialising the ONNX model: {e}")))?;
         let names = self.model_names;
-        let path = dir.join(names.model_file);
+        let path = dir.join(&names.model_file);
         std::fs::write(&path, &bytes).map_err(|e| TargetError::io(&path, e))?;
         Ok(OnnxModel {
-            model_file: names.model_file.into(),
-            data_file: names.data_file.into(),
+            model_file: names.model_file.clone(),
+            data_file: names.data_file.clone(),
             model_bytes: bytes.len() as u64,
             model_sha256: crate::sha256_hex(&bytes),
             data_bytes,
             data_sha256,
             io: GraphIo {
-                model_file: names.model_file.into(),
+                model_file: names.model_file.clone(),
                 input_ids: "input_ids".into(),
                 position_ids: "position_ids".into(),
                 logits: "logits".into(),

@@ -22,7 +22,7 @@ mod moe;
 mod proto;
 mod quantized;
 
-pub use emit::{emit, emit_as, ModelNames, OnnxModel, DECODER, VISION};
+pub use emit::{emit, emit_as, ModelNames, OnnxModel};
 
 use herd_ir::ops::ExpertLayout;
 use herd_ir::DType;

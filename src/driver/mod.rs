@@ -6,11 +6,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use herd_ir::DType;
 use herd_passes::pipeline::{run_pipeline, PassOptions, RunOptions};
-use herd_runtime::manifest::{
-    CudaPartition, Manifest, ModelInfo, QuantizationInfo, TensorRtInfo, FORMAT_VERSION,
-};
+use herd_runtime::manifest::{Manifest, ModelInfo, QuantizationInfo, TensorRtInfo, FORMAT_VERSION};
 use herd_targets::bundle::BundleWriter;
 use herd_targets::onnx::{self, MoeLowering, OnnxOptions};
+
+mod decoder;
+mod tensorrt;
+
+pub use decoder::StageSplit;
 
 /// Files copied from the checkpoint into the bundle when present.
 const COPIED_FILES: [&str; 6] = [
@@ -49,6 +52,8 @@ pub struct CompileOptions {
     pub max_tiles: Option<usize>,
     /// Most images per prompt.
     pub max_images: usize,
+    /// Pipeline stages of the decoder.
+    pub stages: StageSplit,
 }
 
 impl CompileOptions {
@@ -71,6 +76,7 @@ impl CompileOptions {
             vision: true,
             max_tiles: None,
             max_images: 8,
+            stages: StageSplit::One,
         }
     }
 }
@@ -82,48 +88,6 @@ pub struct TensorRtOptions {
     pub max_seq: usize,
     /// Lint rules a violation of which does not fail the compile.
     pub allow_lint: Vec<String>,
-}
-
-/// Refuses options the TensorRT target cannot honour, before any work is done.
-fn check_tensorrt(options: &CompileOptions, trt: &TensorRtOptions) -> Result<()> {
-    if options.moe == MoeLowering::Ort {
-        anyhow::bail!(
-            "--target tensorrt-h100 takes --moe cuda (MoE nodes on the CUDA EP beside TensorRT) or --moe grouped (standard ops only); --moe ort is for ONNX Runtime's CPU kernels"
-        );
-    }
-    if let Some(q) = &options.quant {
-        use herd_ir::quant::QuantScheme;
-        match q.scheme {
-            QuantScheme::Int4 { block: 64 | 128 } => {}
-            QuantScheme::Int4 { block } => {
-                anyhow::bail!("--quant int4:{block}: TensorRT takes INT4 blocks of 64 or 128; use int4:64 or int4:128")
-            }
-            QuantScheme::Int8 { .. } => {
-                anyhow::bail!("--quant int8: TensorRT takes block quantization for INT4 weights only; use int4:64 or int4:128")
-            }
-            // fp8 projections get calibrated per-tensor activation Q/DQ (see `calibrate`).
-            QuantScheme::Fp8 => {}
-        }
-    }
-    for rule in &trt.allow_lint {
-        if !herd_targets::tensorrt::RULES.iter().any(|(r, _)| r == rule) {
-            let known: Vec<&str> = herd_targets::tensorrt::RULES
-                .iter()
-                .map(|(r, _)| *r)
-                .collect();
-            anyhow::bail!(
-                "--allow-lint {rule}: no such rule; rules are {}",
-                known.join(", ")
-            );
-        }
-    }
-    if trt.max_batch == 0 || trt.max_seq == 0 || trt.max_seq > options.max_context {
-        anyhow::bail!(
-            "--max-batch and --max-seq must be positive, and --max-seq at most --max-context ({})",
-            options.max_context
-        );
-    }
-    Ok(())
 }
 
 /// What a compile did.
@@ -138,6 +102,8 @@ pub struct CompileReport {
         std::collections::BTreeMap<Option<usize>, std::collections::BTreeMap<String, usize>>,
     /// Outputs exposed for calibration (calibration bundles only).
     pub calibration_outputs: Vec<String>,
+    /// Each pipeline stage as planned, with the weight bytes emitted for it (one entry unstaged).
+    pub pipeline: Vec<(crate::plan::StagePlan, u64)>,
 }
 
 /// Compiles a checkpoint into a bundle. `progress(stage, done, total)` reports weight streaming.
@@ -146,7 +112,7 @@ pub fn compile(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<CompileReport> {
     if let Some(trt) = &options.tensorrt {
-        check_tensorrt(options, trt)?;
+        tensorrt::check_tensorrt(options, trt)?;
     } else if options.dtype == DType::BF16 {
         anyhow::bail!("--dtype bf16 is for --target tensorrt-h100: ONNX Runtime's CPU kernels have no bf16 MatMul or Attention");
     }
@@ -161,13 +127,134 @@ pub fn compile(
     };
     let mut stages = Vec::new();
     let start = Instant::now();
+    let mut imported = import(options)?;
+    let pipeline = decoder::stage_plans(options, &imported.config)?;
+    stages.push(("import".to_string(), start.elapsed()));
+    run_passes(options, &mut imported.graph, &mut stages)?;
+    let mut calibration_outputs = Vec::new();
+    let activations = if options.expose_calibration {
+        calibration_outputs = herd_passes::calibrate::expose(&mut imported.graph);
+        None
+    } else if let Some((scales, prompts)) = &calibration {
+        let graph = &mut imported.graph;
+        let n = herd_passes::calibrate::quantize_activations(graph, scales)
+            .map_err(|d| anyhow::anyhow!("herd bug: {}: {}", d.name, d.message))?;
+        herd_ir::verify(graph, Some("calibrate")).map_err(|e| anyhow::anyhow!("herd bug: {e}"))?;
+        Some(format!(
+            "fp8 e4m3 per-tensor on the inputs of {n} projections, calibrated on {prompts} prompts; routed and shared experts weight-only fp8"
+        ))
+    } else {
+        None
+    };
+
+    let writer = BundleWriter::create(&options.output, options.force, &options.model)?;
+    let onnx_options = OnnxOptions {
+        dtype: options.dtype,
+        moe: options.moe,
+    };
+    let start = Instant::now();
+    let ranges: Vec<_> = pipeline
+        .iter()
+        .map(|s| s.first_layer..s.end_layer)
+        .collect();
+    let config = &imported.config;
+    let decoder = decoder::emit_decoder(
+        &imported.graph,
+        &ranges,
+        config.num_layers,
+        writer.dir(),
+        &onnx_options,
+        progress,
+    )?;
+    stages.push(("emit onnx".to_string(), start.elapsed()));
+    let vision_model = match &imported.vision_graph {
+        Some(g) => {
+            let start = Instant::now();
+            let names = onnx::ModelNames::vision();
+            let m = onnx::emit_as(g, writer.dir(), names, &onnx_options, progress)?;
+            stages.push(("emit vision onnx".to_string(), start.elapsed()));
+            Some(m)
+        }
+        None => None,
+    };
+
+    let (tensorrt, stage_profiles) = match &options.tensorrt {
+        Some(trt) => {
+            let start = Instant::now();
+            let (info, profiles) = tensorrt::tensorrt_stage(
+                options,
+                trt,
+                config,
+                writer.dir(),
+                &decoder,
+                vision_model.as_ref(),
+                imported.preprocessing.as_ref().map(|p| p.max_tiles),
+            )?;
+            stages.push(("tensorrt lint".to_string(), start.elapsed()));
+            (Some(info), Some(profiles))
+        }
+        None => (None, None),
+    };
+
+    let start = Instant::now();
+    for name in COPIED_FILES {
+        if let Some(src) = herd_ir::model_file(&options.model, name)? {
+            writer.copy_in(&src, name)?;
+        }
+    }
+    let mut emitted = decoder.files();
+    if let Some(v) = &vision_model {
+        emitted.push((v.data_file.clone(), v.data_bytes, v.data_sha256.clone()));
+        emitted.push((v.model_file.clone(), v.model_bytes, v.model_sha256.clone()));
+    }
+    let files = writer.file_entries(&emitted)?;
+    let written = Written {
+        decoder: &decoder,
+        vision_model: vision_model.as_ref(),
+        tensorrt,
+        stage_profiles,
+        activations,
+    };
+    let manifest = manifest(options, &imported, written, files)?;
+    let bundle = writer.finish(&manifest)?;
+    stages.push(("write bundle".to_string(), start.elapsed()));
+    let vision_bytes = vision_model
+        .as_ref()
+        .map_or(0, |v| v.data_bytes + v.model_bytes);
+    let pipeline = pipeline
+        .into_iter()
+        .zip(&decoder.stages)
+        .map(|(plan, (_, model))| (plan, model.data_bytes))
+        .collect();
+    Ok(CompileReport {
+        bundle,
+        stages,
+        bytes_written: decoder.data_bytes() + decoder.model_bytes() + vision_bytes,
+        checkpoint_bytes: imported.checkpoint_bytes,
+        peak_rss_bytes: peak_rss_bytes(),
+        node_counts: decoder.node_counts(),
+        calibration_outputs,
+        pipeline,
+    })
+}
+
+/// The checkpoint read into graphs, with what the manifest needs of it.
+struct ImportedModel {
+    graph: herd_ir::Graph,
+    vision_graph: Option<herd_ir::Graph>,
+    config: herd_ir::Llama4Config,
+    preprocessing: Option<crate::vision_manifest::Preprocessing>,
+    checkpoint_bytes: u64,
+}
+
+/// Imports the decoder (and the vision tower, unless left out).
+fn import(options: &CompileOptions) -> Result<ImportedModel> {
     let checkpoint_has_vision = herd_ir::Checkpoint::open(&options.model)?
         .config
         .vision
         .is_some();
     let with_vision = options.vision && checkpoint_has_vision && !options.expose_calibration;
     let imported = herd_ir::import_with(&options.model, with_vision)?;
-    let mut graph = imported.graph;
     let config = imported.checkpoint.config.clone();
     let preprocessing = match (&config.vision, with_vision) {
         (Some(v), true) => Some(crate::vision_manifest::preprocessing(
@@ -185,7 +272,6 @@ pub fn compile(
     } else {
         None
     };
-
     let checkpoint_bytes = imported
         .checkpoint
         .store
@@ -194,8 +280,21 @@ pub fn compile(
         .filter_map(|s| std::fs::metadata(&s.path).ok())
         .map(|m| m.len())
         .sum();
-    stages.push(("import".to_string(), start.elapsed()));
+    Ok(ImportedModel {
+        graph: imported.graph,
+        vision_graph,
+        config,
+        preprocessing,
+        checkpoint_bytes,
+    })
+}
 
+/// Runs the pass pipeline on `graph`, writing `--dump-ir-after` dumps and timing each pass.
+fn run_passes(
+    options: &CompileOptions,
+    graph: &mut herd_ir::Graph,
+    stages: &mut Vec<(String, Duration)>,
+) -> Result<()> {
     let pass_options = PassOptions {
         moe_layout: options.moe.layout(),
         max_positions: options.max_context,
@@ -206,7 +305,7 @@ pub fn compile(
     let dump_dir = options.dump_dir.clone();
     let mut dump_error = None;
     let report = run_pipeline(
-        &mut graph,
+        graph,
         &pass_options,
         &options.run,
         |pass, text| match &dump_dir {
@@ -231,81 +330,32 @@ pub fn compile(
     for (pass, elapsed) in report.timings {
         stages.push((format!("pass {pass}"), elapsed));
     }
-    let mut calibration_outputs = Vec::new();
-    let activations = if options.expose_calibration {
-        calibration_outputs = herd_passes::calibrate::expose(&mut graph);
-        None
-    } else if let Some((scales, prompts)) = &calibration {
-        let n = herd_passes::calibrate::quantize_activations(&mut graph, scales)
-            .map_err(|d| anyhow::anyhow!("herd bug: {}: {}", d.name, d.message))?;
-        herd_ir::verify(&graph, Some("calibrate")).map_err(|e| anyhow::anyhow!("herd bug: {e}"))?;
-        Some(format!(
-            "fp8 e4m3 per-tensor on the inputs of {n} projections, calibrated on {prompts} prompts; routed and shared experts weight-only fp8"
-        ))
-    } else {
-        None
-    };
+    Ok(())
+}
 
-    let start = Instant::now();
-    let writer = BundleWriter::create(&options.output, options.force, &options.model)?;
-    let onnx_options = OnnxOptions {
-        dtype: options.dtype,
-        moe: options.moe,
-    };
-    let model = onnx::emit(&graph, writer.dir(), &onnx_options, progress)?;
-    stages.push(("emit onnx".to_string(), start.elapsed()));
-    let vision_model = match &vision_graph {
-        Some(g) => {
-            let start = Instant::now();
-            let m = onnx::emit_as(g, writer.dir(), onnx::VISION, &onnx_options, progress)?;
-            stages.push(("emit vision onnx".to_string(), start.elapsed()));
-            Some(m)
-        }
-        None => None,
-    };
+/// What the emit stages wrote, for the manifest.
+struct Written<'a> {
+    decoder: &'a decoder::EmittedDecoder,
+    vision_model: Option<&'a onnx::OnnxModel>,
+    tensorrt: Option<TensorRtInfo>,
+    stage_profiles: Option<Vec<[String; 3]>>,
+    activations: Option<String>,
+}
 
-    let tensorrt = match &options.tensorrt {
-        Some(trt) => {
-            let start = Instant::now();
-            let info = tensorrt_stage(
-                options,
-                trt,
-                &config,
-                writer.dir(),
-                &model,
-                vision_model.as_ref(),
-                preprocessing.as_ref().map(|p| p.max_tiles),
-            )?;
-            stages.push(("tensorrt lint".to_string(), start.elapsed()));
-            Some(info)
-        }
-        None => None,
-    };
-
-    let start = Instant::now();
-    for name in COPIED_FILES {
-        if let Some(src) = herd_ir::model_file(&options.model, name)? {
-            writer.copy_in(&src, name)?;
-        }
-    }
-    let mut emitted = vec![
-        (
-            model.data_file.clone(),
-            model.data_bytes,
-            model.data_sha256.clone(),
-        ),
-        (
-            model.model_file.clone(),
-            model.model_bytes,
-            model.model_sha256.clone(),
-        ),
-    ];
-    if let Some(v) = &vision_model {
-        emitted.push((v.data_file.clone(), v.data_bytes, v.data_sha256.clone()));
-        emitted.push((v.model_file.clone(), v.model_bytes, v.model_sha256.clone()));
-    }
-    let files = writer.file_entries(&emitted)?;
-    let vision = match (&vision_model, &config.vision, &preprocessing) {
+/// The bundle's manifest.
+fn manifest(
+    options: &CompileOptions,
+    imported: &ImportedModel,
+    written: Written<'_>,
+    files: Vec<herd_runtime::manifest::FileEntry>,
+) -> Result<Manifest> {
+    let config = &imported.config;
+    let decoder = written.decoder;
+    let vision = match (
+        written.vision_model,
+        &config.vision,
+        &imported.preprocessing,
+    ) {
         (Some(m), Some(v), Some(pre)) => Some(crate::vision_manifest::vision_info(
             &options.model,
             &m.model_file,
@@ -316,8 +366,7 @@ pub fn compile(
         _ => None,
     };
     let (bos, stop_ids) = special_tokens(&options.model, config.vocab_size)?;
-    let active_bytes = model.active_weight_bytes;
-    let manifest = Manifest {
+    Ok(Manifest {
         format_version: FORMAT_VERSION,
         herd_version: env!("CARGO_PKG_VERSION").to_string(),
         model: ModelInfo {
@@ -331,138 +380,30 @@ pub fn compile(
             // Unchunked models keep every position in every layer: a chunk as long as the context.
             attention_chunk_size: config.attention_chunk_size.unwrap_or(options.max_context),
             nope_layers: config.nope_layers(),
-            weight_bytes: model.data_bytes,
-            active_weight_bytes_per_token: active_bytes,
-            config: serde_json::to_value(&config)?,
+            weight_bytes: decoder.data_bytes(),
+            active_weight_bytes_per_token: decoder.active_weight_bytes(),
+            config: serde_json::to_value(config)?,
         },
-        graph: model.io.clone(),
+        graph: decoder.io(),
         dtype: options.dtype.name().to_string(),
         moe_lowering: options.moe.name().to_string(),
         files,
         stop_token_ids: stop_ids,
         bos_token_id: bos,
-        target: if tensorrt.is_some() {
+        target: if written.tensorrt.is_some() {
             "tensorrt-h100".into()
         } else {
             "onnx".into()
         },
-        tensorrt,
+        stages: decoder.stage_ios(written.stage_profiles.as_deref()),
+        tensorrt: written.tensorrt,
         quantization: options.quant.as_ref().map(|q| QuantizationInfo {
             scheme: q.scheme.name(),
-            sqnr_db: model.sqnr_db.clone(),
-            activations,
+            sqnr_db: decoder.sqnr_db(),
+            activations: written.activations,
             accuracy: None,
         }),
         vision,
-    };
-    let bundle = writer.finish(&manifest)?;
-    stages.push(("write bundle".to_string(), start.elapsed()));
-    let vision_bytes = vision_model
-        .as_ref()
-        .map_or(0, |v| v.data_bytes + v.model_bytes);
-    Ok(CompileReport {
-        bundle,
-        stages,
-        bytes_written: model.data_bytes + model.model_bytes + vision_bytes,
-        checkpoint_bytes,
-        peak_rss_bytes: peak_rss_bytes(),
-        node_counts: model.node_counts,
-        calibration_outputs,
-    })
-}
-
-/// The TensorRT stage of a compile: lints the emitted graphs (the MoE nodes of `--moe cuda` left to the
-/// CUDA EP), and returns the manifest's TensorRT section: profiles, requirements, expected partition.
-fn tensorrt_stage(
-    options: &CompileOptions,
-    trt: &TensorRtOptions,
-    config: &herd_ir::config::Llama4Config,
-    dir: &Path,
-    model: &onnx::OnnxModel,
-    vision_model: Option<&onnx::OnnxModel>,
-    max_tiles: Option<usize>,
-) -> Result<TensorRtInfo> {
-    let cuda_ep = options.moe == MoeLowering::Cuda;
-    let decoder = herd_targets::tensorrt::lint_file_with(&dir.join(&model.model_file), cuda_ep)?;
-    let mut violations = decoder.violations;
-    if let Some(v) = vision_model {
-        violations.extend(herd_targets::tensorrt::lint_file(&dir.join(&v.model_file))?);
-    }
-    let blocking: Vec<String> = violations
-        .iter()
-        .filter(|v| !trt.allow_lint.iter().any(|r| r == v.rule))
-        .map(|v| v.to_string())
-        .collect();
-    if !blocking.is_empty() {
-        anyhow::bail!(
-            "the graph breaks {} TensorRT rule(s) (allow one with --allow-lint RULE):\n  {}",
-            blocking.len(),
-            blocking.join("\n  ")
-        );
-    }
-    let kv: Vec<(String, Option<usize>)> = model
-        .io
-        .kv
-        .iter()
-        .flat_map(|k| [(k.past_key.clone(), k.ring), (k.past_value.clone(), k.ring)])
-        .collect();
-    let mut p = herd_targets::tensorrt::profiles(
-        &kv,
-        config.num_kv_heads,
-        config.head_dim,
-        trt.max_batch,
-        trt.max_seq,
-        options.max_context,
-    );
-    let vision_profile_shapes = config
-        .vision
-        .as_ref()
-        .filter(|_| vision_model.is_some())
-        .map(|v| {
-            // Image feature rows arrive with prompt tokens: none in decode, up to a full call.
-            let h = config.hidden_size;
-            let rows = |n: usize| {
-                format!(
-                    ",{}:{n}x{h},{}:{n}",
-                    herd_ir::import::IMAGE_FEATURES_INPUT,
-                    herd_ir::import::IMAGE_POSITIONS_INPUT
-                )
-            };
-            p.min.push_str(&rows(0));
-            p.opt.push_str(&rows(0));
-            p.max.push_str(&rows(trt.max_batch * trt.max_seq));
-            let tiles = |n: usize| {
-                format!(
-                    "{}:{n}x{}x{t}x{t}",
-                    herd_ir::vision::PIXEL_VALUES,
-                    v.num_channels,
-                    t = v.image_size
-                )
-            };
-            let per_image = max_tiles.unwrap_or(16) + 1;
-            [
-                tiles(1),
-                tiles(per_image),
-                tiles(per_image * options.max_images),
-            ]
-        });
-    let part = decoder.partition;
-    Ok(TensorRtInfo {
-        profile_min_shapes: p.min,
-        profile_opt_shapes: p.opt,
-        profile_max_shapes: p.max,
-        min_tensorrt: "10.15".into(),
-        compute_capability: herd_targets::tensorrt::H100_COMPUTE_CAPABILITY.into(),
-        strongly_typed: options.quant.is_some(),
-        allowed_lint: trt.allow_lint.clone(),
-        vision_profile_shapes,
-        engine: None,
-        cuda_partition: cuda_ep.then_some(CudaPartition {
-            tensorrt_subgraphs: part.tensorrt_subgraphs,
-            tensorrt_nodes: part.tensorrt_nodes,
-            cuda_nodes: part.cuda_nodes,
-            boundary_tensors: part.boundary_tensors,
-        }),
     })
 }
 
