@@ -163,9 +163,23 @@ impl<'m> Batch<'m> {
                 )));
             }
         }
-        let slot = self.rows.iter().position(Option::is_none).ok_or_else(|| {
-            RuntimeError::Param(format!("all {} slots are taken", self.rows.len()))
-        })?;
+        // A free slot of the micro-batch running fewest rows, so the groups in flight stay even.
+        let busy = |g: usize| {
+            self.rows[g * self.group_slots..(g + 1) * self.group_slots]
+                .iter()
+                .filter(|r| r.is_some())
+                .count()
+        };
+        let group = (0..self.caches.len())
+            .filter(|&g| busy(g) < self.group_slots)
+            .min_by_key(|&g| busy(g));
+        let slot = group
+            .and_then(|g| {
+                (g * self.group_slots..(g + 1) * self.group_slots).find(|&s| self.rows[s].is_none())
+            })
+            .ok_or_else(|| {
+                RuntimeError::Param(format!("all {} slots are taken", self.rows.len()))
+            })?;
         let id = self.next_id;
         self.next_id += 1;
         if params.max_new_tokens == 0 {

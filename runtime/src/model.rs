@@ -284,6 +284,24 @@ impl Model {
         Ok(features)
     }
 
+    /// Pipeline stages of the decoder (1 for a bundle without stages).
+    pub fn stage_count(&self) -> usize {
+        self.stages.len()
+    }
+
+    /// Fault drill: from now on every run of stage `stage` fails, as when its device or session is
+    /// lost; calls then return an error naming the stage (they never wait on it). False when there is
+    /// no such stage.
+    pub fn take_stage_down(&self, stage: usize) -> bool {
+        match self.stages.get(stage) {
+            Some(s) => {
+                s.down.store(true, std::sync::atomic::Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Positions a new session's cache holds: [`RuntimeOptions::context`], else the bundle's maximum.
     pub fn context(&self) -> usize {
         self.context

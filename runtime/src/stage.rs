@@ -21,11 +21,18 @@ pub(crate) struct Stage {
     next: AtomicUsize,
     /// GPU index when the stage runs on CUDA or TensorRT (its KV caches are allocated there).
     pub(crate) device: Option<u32>,
+    /// Set by [`crate::Model::take_stage_down`]: every later run of the stage fails.
+    pub(crate) down: std::sync::atomic::AtomicBool,
 }
 
 impl Stage {
     /// A free session of the stage if there is one, else the next in turn once it is free.
     pub(crate) fn lock(&self) -> Result<MutexGuard<'_, Session>, RuntimeError> {
+        if self.down.load(Ordering::Relaxed) {
+            return Err(self.error(RuntimeError::Ort(
+                "its session was taken down (as when its device is lost)".into(),
+            )));
+        }
         match self.sessions.iter().find_map(|s| s.try_lock().ok()) {
             Some(free) => Ok(free),
             None => {
@@ -155,6 +162,7 @@ pub(crate) fn load_stages(
             sessions,
             next: AtomicUsize::new(0),
             device,
+            down: std::sync::atomic::AtomicBool::new(false),
         };
         {
             let session = stage.lock()?;
