@@ -41,13 +41,28 @@ fn best_of(
     Ok(best)
 }
 
+/// What decode a bundle benchmark times beside the default batches.
+#[derive(Clone, Debug, Default)]
+pub struct DecodeShape {
+    /// Decode steps timed per measurement.
+    pub steps: usize,
+    /// Contexts at which batch 1 and 8 are timed.
+    pub contexts: Vec<usize>,
+    /// Micro-batches in flight at which decode is timed.
+    pub micro_batches: Vec<usize>,
+    pub micro_batch_rows: usize,
+}
+
+/// Median of three runs of `f`.
+fn median3(mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
+    let mut runs = [f()?, f()?, f()?];
+    runs.sort_by(f64::total_cmp);
+    Ok(runs[1])
+}
+
 /// Benchmarks a bundle.
-pub fn bundle(
-    path: &Path,
-    options: &RuntimeOptions,
-    decode_steps: usize,
-    contexts: &[usize],
-) -> Result<Value> {
+pub fn bundle(path: &Path, options: &RuntimeOptions, shape: &DecodeShape) -> Result<Value> {
+    let (decode_steps, contexts) = (shape.steps, &shape.contexts);
     let rss_before = crate::driver::current_rss_bytes();
     let start = Instant::now();
     let model = Model::load(path, options)?;
@@ -103,6 +118,19 @@ pub fn bundle(
         at_context.insert(c.to_string(), Value::Object(speed));
         moved.insert(c.to_string(), Value::Object(bytes));
     }
+    // Micro-batches in flight after the TTFT prompt's positions.
+    let mut micro = serde_json::Map::new();
+    for &groups in &shape.micro_batches {
+        let rows = shape.micro_batch_rows;
+        if prompt + decode_steps > max || groups == 0 || groups > 64 || rows == 0 {
+            anyhow::bail!("--micro-batches {groups} x --micro-batch-rows {rows}: use 1 to 64 groups of at least one row, within the bundle's positions");
+        }
+        let speed = median3(|| {
+            let d = model.time_micro_batches(groups, rows, prompt, decode_steps)?;
+            Ok((groups * rows * decode_steps) as f64 / d.as_secs_f64())
+        })?;
+        micro.insert(groups.to_string(), json!(speed));
+    }
     let vision = match &m.vision {
         Some(info) => Some(vision_bench(&model, info)?),
         None => None,
@@ -132,6 +160,9 @@ pub fn bundle(
         "ttft_prompt_tokens": prompt,
         "decode_tokens_per_s": decode,
         "decode_tokens_per_s_at_context": at_context,
+        "stages": model.stage_count(),
+        "decode_tokens_per_s_micro_batches": micro,
+        "micro_batch_rows": shape.micro_batch_rows,
         "kv_bytes_moved_per_step": moved,
         "decode_steps": decode_steps,
         "peak_rss_bytes": peak_rss,

@@ -39,6 +39,18 @@ fn c_program_loads_a_bundle_and_generates() {
         "--max-context",
         "128",
     ]);
+    // The same model in two pipeline stages: the C API takes it unchanged.
+    let staged = dir.path().join("staged");
+    ok(&[
+        "compile",
+        fixture("tiny-scout").to_str().unwrap(),
+        "-o",
+        staged.to_str().unwrap(),
+        "--max-context",
+        "128",
+        "--stages",
+        "2",
+    ]);
     let exe = dir.path().join("generate");
     let compiled = Command::new("cc")
         .arg(root.join("tests/c/generate.c"))
@@ -55,23 +67,30 @@ fn c_program_loads_a_bundle_and_generates() {
         "cc failed:\n{}",
         String::from_utf8_lossy(&compiled.stderr)
     );
-    let run = Command::new(&exe)
-        .arg(&bundle)
-        .arg(common::image("small.png"))
-        .env("LD_LIBRARY_PATH", &target)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "exit {:?}\n{stdout}\n{}",
-        run.status.code(),
-        String::from_utf8_lossy(&run.stderr)
-    );
-    assert_eq!(
-        stdout.lines().filter(|l| l.starts_with("token ")).count(),
-        8,
-        "{stdout}"
-    );
-    assert!(stdout.ends_with("ok\n"), "{stdout}");
+    let outputs: Vec<String> = [&bundle, &staged]
+        .iter()
+        .map(|b| {
+            let run = Command::new(&exe)
+                .arg(b)
+                .arg(common::image("small.png"))
+                .env("LD_LIBRARY_PATH", &target)
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+            assert!(
+                run.status.success(),
+                "exit {:?}\n{stdout}\n{}",
+                run.status.code(),
+                String::from_utf8_lossy(&run.stderr)
+            );
+            assert_eq!(
+                stdout.lines().filter(|l| l.starts_with("token ")).count(),
+                8,
+                "{stdout}"
+            );
+            assert!(stdout.ends_with("ok\n"), "{stdout}");
+            stdout
+        })
+        .collect();
+    assert_eq!(outputs[0], outputs[1], "the staged bundle's tokens");
 }

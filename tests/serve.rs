@@ -276,6 +276,45 @@ fn completions_and_chats_equal_the_runtime_and_concurrent_requests_are_exact() {
 }
 
 #[test]
+fn a_staged_bundle_serves_concurrent_requests_in_micro_batches_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let single = bundle(dir.path());
+    let model = Model::load(&single, &RuntimeOptions::default()).unwrap();
+    let staged = dir.path().join("staged");
+    ok(&[
+        "compile",
+        fixture("tiny-scout").to_str().unwrap(),
+        "-o",
+        staged.to_str().unwrap(),
+        "--max-context",
+        "512",
+        "--stages",
+        "2",
+    ]);
+    // 4 slots in 2 micro-batches (one per stage, the default) through the two stages together.
+    let server = start(&staged, &["--max-batch", "4", "--model-name", "tiny-scout"]);
+    let prompts: Vec<String> = (0..8).map(|i| format!("Staged request {i} says")).collect();
+    let alone: Vec<String> = prompts
+        .iter()
+        .map(|p| solo(&model, Prompt::Text(p.clone()), 6))
+        .collect();
+    let answers: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let server = &server;
+                s.spawn(move || {
+                    let r = post(server, "/v1/completions", &completion(p, 6)).unwrap();
+                    r["choices"][0]["text"].as_str().unwrap().to_string()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(answers, alone);
+}
+
+#[test]
 fn hostile_clients_get_their_status_and_the_server_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = bundle(dir.path());

@@ -17,6 +17,7 @@ pub mod sampling;
 pub mod session;
 mod stage;
 pub mod text;
+mod timing;
 pub mod vision;
 
 pub use batch::{Batch, BatchEvent, SequenceId};

@@ -30,6 +30,14 @@ pub struct BenchArgs {
     /// the session boundary per step (`kv_bytes_moved_per_step`), e.g. `--contexts 64,4096`.
     #[arg(long, value_delimiter = ',')]
     pub contexts: Vec<usize>,
+    /// Micro-batches in flight at which decode is also timed (median of 3): for a staged bundle
+    /// (`herd compile --stages N`) the groups go through the stages together, each stage on its own
+    /// thread (and device), e.g. `--micro-batches 1,2,4`; a one-stage bundle runs them in turn.
+    #[arg(long, value_delimiter = ',')]
+    pub micro_batches: Vec<usize>,
+    /// With --micro-batches: rows per micro-batch.
+    #[arg(long, default_value_t = 1)]
+    pub micro_batch_rows: usize,
     /// Benchmark serving instead: the same greedy requests through `herd serve`'s HTTP API on
     /// 127.0.0.1, one by one and --concurrency at a time (requests/s, tokens/s, p50/p99 latency).
     #[arg(long, conflicts_with = "compile")]
@@ -62,12 +70,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         };
         crate::serve::load::run(&args.path, &args.runtime.options(), &shape)?
     } else {
-        crate::bench::bundle(
-            &args.path,
-            &args.runtime.options(),
-            args.decode_steps,
-            &args.contexts,
-        )?
+        let shape = crate::bench::DecodeShape {
+            steps: args.decode_steps,
+            contexts: args.contexts.clone(),
+            micro_batches: args.micro_batches.clone(),
+            micro_batch_rows: args.micro_batch_rows,
+        };
+        crate::bench::bundle(&args.path, &args.runtime.options(), &shape)?
     };
     if args.json {
         outln!("{report}");

@@ -41,10 +41,12 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the engine thread over `model` with `slots` rows; at most `max_queue` jobs wait for a slot.
+    /// Starts the engine thread over `model` with `slots` rows in `micro_batches` groups; at most
+    /// `max_queue` jobs wait for a slot.
     pub fn start(
         model: Arc<Model>,
         slots: usize,
+        micro_batches: usize,
         max_queue: usize,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Engine> {
@@ -56,7 +58,7 @@ impl Engine {
         std::thread::Builder::new()
             .name("herd-engine".into())
             .spawn(move || {
-                let batch = match Batch::new(&model, slots) {
+                let batch = match Batch::with_micro_batches(&model, slots, micro_batches) {
                     Ok(b) => {
                         let _ = ready_tx.send(Ok(()));
                         b

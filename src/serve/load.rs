@@ -25,6 +25,7 @@ pub fn run(bundle: &std::path::Path, options: &RuntimeOptions, shape: &LoadShape
     // One server per shape: one by one on a single slot (no idle rows), concurrent on `concurrency`.
     let serve = |slots: usize| -> Result<String> {
         let config = super::ServerConfig {
+            micro_batches: None,
             max_batch: slots,
             max_queue: shape.requests,
             max_body: 1 << 20,

@@ -36,6 +36,11 @@ pub struct ServeArgs {
     /// Sequences decoded together (KV cache slots, allocated at startup).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub max_batch: u16,
+    /// Micro-batches the slots are split into, run through a staged bundle's pipeline stages together
+    /// so the stages' devices overlap (default: as many as the bundle has stages when that divides
+    /// --max-batch, else 1).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub micro_batches: Option<u16>,
     /// Requests waiting for a slot before new ones get 429.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
@@ -59,6 +64,8 @@ pub struct ServeArgs {
 /// What a server needs besides its listener.
 pub struct ServerConfig {
     pub max_batch: usize,
+    /// Micro-batches of the slots (None: automatic, see [`ServeArgs::micro_batches`]).
+    pub micro_batches: Option<usize>,
     pub max_queue: usize,
     pub max_body: usize,
     pub body_timeout: std::time::Duration,
@@ -77,9 +84,18 @@ pub fn router(model: Arc<Model>, config: &ServerConfig) -> Result<(Router, Arc<o
         );
     }
     let metrics = Arc::new(metrics::Metrics::default());
+    let stages = model.stage_count();
+    let micro_batches = config
+        .micro_batches
+        .unwrap_or(if config.max_batch % stages == 0 {
+            stages
+        } else {
+            1
+        });
     let engine = engine::Engine::start(
         model.clone(),
         config.max_batch,
+        micro_batches,
         config.max_queue,
         metrics.clone(),
     )?;
@@ -124,6 +140,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         .with_context(|| format!("loading {}", args.bundle.display()))?;
     let config = ServerConfig {
         max_batch: args.max_batch.into(),
+        micro_batches: args.micro_batches.map(usize::from),
         max_queue: args.max_queue,
         max_body: args.max_body,
         body_timeout: std::time::Duration::try_from_secs_f64(args.body_timeout)
