@@ -78,6 +78,116 @@ fn published_configs_fit_as_their_architecture_says() {
     );
 }
 
+/// (first, end) layers of each stage of a plan.
+fn stage_ranges(plan: &serde_json::Value) -> Vec<(u64, u64)> {
+    plan["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["first_layer"].as_u64().unwrap(),
+                s["end_layer"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn gpus_split_the_layers_into_stages_that_each_fit() {
+    for (name, quant) in [("llama4-maverick", "int4:64"), ("llama4-maverick-fp8", "")] {
+        let mut args = vec![published(name), "--gpus".into(), "8".into()];
+        if !quant.is_empty() {
+            args.extend(["--quant".to_string(), quant.to_string()]);
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let p = plan(&refs);
+        let stages = p["stages"].as_array().unwrap();
+        assert_eq!(stages.len(), 8, "{name}");
+        // Contiguous, covering Maverick's 48 layers, every stage within one H100.
+        let ranges = stage_ranges(&p);
+        assert_eq!(ranges[0].0, 0);
+        assert_eq!(ranges[7].1, 48);
+        assert!(ranges.windows(2).all(|w| w[0].1 == w[1].0), "{ranges:?}");
+        assert!(stages.iter().all(|s| s["fits"] == true), "{name}: {p}");
+        let sum = |key: &str| stages.iter().map(|s| s[key].as_u64().unwrap()).sum::<u64>();
+        assert_eq!(sum("weight_bytes"), p["weight_bytes"].as_u64().unwrap());
+        assert_eq!(sum("kv_bytes"), p["kv_bytes"].as_u64().unwrap());
+        // Balanced: no stage holds much more than its share of weights + KV.
+        let share = (sum("weight_bytes") + sum("kv_bytes")) / 8;
+        let largest = stages
+            .iter()
+            .map(|s| s["weight_bytes"].as_u64().unwrap() + s["kv_bytes"].as_u64().unwrap())
+            .max()
+            .unwrap();
+        assert!(largest <= share + share / 4, "{name}: largest stage {largest}, share {share}");
+    }
+    // Maverick fp8 (~400 GB) does not fit 4 H100s, stage by stage.
+    let four = plan(&[&published("llama4-maverick-fp8"), "--gpus", "4"]);
+    assert_eq!(four["fits"], false);
+    assert!(four["stages"].as_array().unwrap().iter().any(|s| s["fits"] == false));
+    // Scout at 1M tokens: the 12 NoPE layers' KV (about 50 GB in f16) spreads over the stages.
+    let scout = plan(&[
+        &published("llama4-scout"),
+        "--quant",
+        "int4:64",
+        "--context",
+        "1048576",
+        "--gpus",
+        "4",
+    ]);
+    assert_eq!(scout["fits"], true, "{scout}");
+    let kv: Vec<u64> = scout["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["kv_bytes"].as_u64().unwrap())
+        .collect();
+    assert!(kv.iter().all(|&b| b > 0), "{kv:?}");
+}
+
+#[test]
+fn compile_stages_split_as_plan_gpus_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("staged");
+    for (fixture_name, n) in [("tiny-scout", "2"), ("tiny-maverick", "3")] {
+        ok(&[
+            "compile",
+            fixture(fixture_name).to_str().unwrap(),
+            "-o",
+            bundle.to_str().unwrap(),
+            "--dtype",
+            "f16",
+            "--max-context",
+            "4096",
+            "--stages",
+            n,
+            "--force",
+        ]);
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(bundle.join("manifest.json")).unwrap())
+                .unwrap();
+        let compiled: Vec<(u64, u64)> = manifest["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["first_layer"].as_u64().unwrap(),
+                    s["end_layer"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        let model = fixture(fixture_name).display().to_string();
+        let planned = plan(&[&model, "--dtype", "f16", "--context", "4096", "--gpus", n]);
+        assert_eq!(compiled, stage_ranges(&planned), "{fixture_name}");
+        // The staged bundle's own plan reads its stage files: the same split.
+        let from_bundle = plan(&[bundle.to_str().unwrap(), "--context", "4096", "--gpus", n]);
+        assert_eq!(stage_ranges(&from_bundle), stage_ranges(&planned));
+        assert_eq!(from_bundle["weight_bytes"], planned["weight_bytes"]);
+    }
+}
+
 #[test]
 fn bundle_figures_equal_the_config_figures() {
     let dir = tempfile::tempdir().unwrap();
@@ -124,6 +234,7 @@ fn bundle_figures_equal_the_config_figures() {
             "max_context",
             "decode",
             "prefill",
+            "stages",
         ] {
             assert_eq!(
                 from_bundle[key], from_config[key],
