@@ -120,12 +120,19 @@ fn gpus_split_the_layers_into_stages_that_each_fit() {
             .map(|s| s["weight_bytes"].as_u64().unwrap() + s["kv_bytes"].as_u64().unwrap())
             .max()
             .unwrap();
-        assert!(largest <= share + share / 4, "{name}: largest stage {largest}, share {share}");
+        assert!(
+            largest <= share + share / 4,
+            "{name}: largest stage {largest}, share {share}"
+        );
     }
     // Maverick fp8 (~400 GB) does not fit 4 H100s, stage by stage.
     let four = plan(&[&published("llama4-maverick-fp8"), "--gpus", "4"]);
     assert_eq!(four["fits"], false);
-    assert!(four["stages"].as_array().unwrap().iter().any(|s| s["fits"] == false));
+    assert!(four["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["fits"] == false));
     // Scout at 1M tokens: the 12 NoPE layers' KV (about 50 GB in f16) spreads over the stages.
     let scout = plan(&[
         &published("llama4-scout"),

@@ -28,6 +28,8 @@ pub struct RuntimeOptions {
     pub intra_threads: Option<usize>,
     /// GPU of each pipeline stage (one per stage, or one for all); empty: `device` for all.
     pub devices: Vec<u32>,
+    /// GPU of the vision graph; None: the first stage's.
+    pub vision_device: Option<u32>,
     /// Whether ONNX Runtime repacks MatMul weights at load. None (automatic): yes for int4 bundles, whose
     /// MatMulNBits/QMoE kernels need it (17x faster decode) and whose packed copy is small. No for int8
     /// bundles: ONNX Runtime's prepacked block-wise int8 QMoE quantizes activations to int8 (about 1e-2
@@ -176,13 +178,16 @@ impl Model {
                 }
                 // With TensorRT: the vision engine `herd build-engine` made, else one built from
                 // the vision profile on first use (cached in the bundle's trt_cache).
-                // The vision graph runs beside stage 0, on its device.
+                // The vision graph runs where it is asked to, else beside stage 0 on its device.
                 builder = crate::providers::register(
                     builder,
                     options.provider,
                     &bundle.manifest,
                     crate::providers::GraphKind::Vision,
-                    stages[0].device.unwrap_or(options.device),
+                    options
+                        .vision_device
+                        .or(stages[0].device)
+                        .unwrap_or(options.device),
                     &cache_dir,
                 )?;
                 let engine = bundle

@@ -442,6 +442,22 @@ mod option_tests {
             "trt_profile_max_shapes".to_string(),
             "pixel_values:136x3x336x336".to_string()
         )));
+        // A pipeline stage's session takes that stage's profile.
+        assert!(
+            tensorrt_options(&manifest, GraphKind::Stage(1), 0, Path::new("/c"))
+                .unwrap_err()
+                .to_string()
+                .contains("no TensorRT profile for stage 1")
+        );
+        let mut stage = manifest.stage_list().remove(0);
+        stage.tensorrt_profile = Some(["a:1".into(), "a:2".into(), "hidden_in:2x64x64".into()]);
+        manifest.stages = vec![stage.clone(), stage];
+        let staged = tensorrt_options(&manifest, GraphKind::Stage(1), 3, Path::new("/c")).unwrap();
+        assert!(staged.contains(&(
+            "trt_profile_max_shapes".to_string(),
+            "hidden_in:2x64x64".to_string()
+        )));
+        assert!(staged.contains(&("device_id".to_string(), "3".to_string())));
         manifest.tensorrt = None;
         assert!(
             tensorrt_options(&manifest, GraphKind::Decoder, 0, Path::new("/c"))

@@ -38,23 +38,32 @@ pub fn run(args: &LintArgs) -> Result<()> {
         .as_ref()
         .expect("clap requires BUNDLE without --rules");
     let manifest = herd_runtime::Bundle::open(bundle)?.manifest;
-    let mut files = vec![manifest.graph.model_file.clone()];
+    let decoders: Vec<String> = manifest
+        .stage_list()
+        .into_iter()
+        .map(|s| s.model_file)
+        .collect();
+    let mut files = decoders.clone();
     if let Some(v) = &manifest.vision {
         files.push(v.model_file.clone());
     }
-    // `--moe cuda` bundles leave their MoE nodes to the CUDA EP; the decoder's split is reported.
+    // `--moe cuda` bundles leave their MoE nodes to the CUDA EP; each decoder graph's split is reported.
     let cuda_ep = manifest.moe_lowering == herd_targets::onnx::MoeLowering::Cuda.name();
-    let decoder = herd_targets::tensorrt::lint_file_with(&bundle.join(&files[0]), cuda_ep)?;
-    let mut violations = decoder.violations;
-    for file in &files[1..] {
-        violations.extend(herd_targets::tensorrt::lint_file(&bundle.join(file))?);
-    }
-    if cuda_ep {
-        let p = &decoder.partition;
-        outln!(
-            "partition of {}: {} TensorRT subgraph(s) of {} nodes, {} node(s) on the CUDA EP (com.microsoft.MoE/QMoE), {} tensor(s) crossing between them",
-            files[0], p.tensorrt_subgraphs, p.tensorrt_nodes, p.cuda_nodes, p.boundary_tensors
-        );
+    let mut violations = Vec::new();
+    for file in &files {
+        if !decoders.contains(file) {
+            violations.extend(herd_targets::tensorrt::lint_file(&bundle.join(file))?);
+            continue;
+        }
+        let decoder = herd_targets::tensorrt::lint_file_with(&bundle.join(file), cuda_ep)?;
+        violations.extend(decoder.violations);
+        if cuda_ep {
+            let p = &decoder.partition;
+            outln!(
+                "partition of {file}: {} TensorRT subgraph(s) of {} nodes, {} node(s) on the CUDA EP (com.microsoft.MoE/QMoE), {} tensor(s) crossing between them",
+                p.tensorrt_subgraphs, p.tensorrt_nodes, p.cuda_nodes, p.boundary_tensors
+            );
+        }
     }
     let allowed = manifest
         .tensorrt

@@ -30,6 +30,9 @@ pub struct RuntimeArgs {
     /// comma-separated: `--devices 0,1,2,3`. The vision graph runs on the first.
     #[arg(long, value_delimiter = ',', value_name = "GPU,...")]
     pub devices: Vec<u32>,
+    /// GPU of the vision graph (default: the first stage's).
+    #[arg(long, value_name = "GPU")]
+    pub vision_device: Option<u32>,
     /// Threads per ONNX Runtime operator (default: ONNX Runtime's, one per core). Stages of a
     /// staged bundle on the CPU run side by side: give each a share of the cores.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
@@ -77,6 +80,7 @@ impl RuntimeArgs {
             },
             device: self.devices.first().copied().unwrap_or(self.device),
             devices: self.devices.clone(),
+            vision_device: self.vision_device,
             sessions: self.sessions.into(),
             verify: self.verify,
             context: self.kv_context,
