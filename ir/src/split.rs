@@ -311,7 +311,7 @@ mod tests {
         assert!(check_ranges(4, &[0..2, 2..4]).is_ok());
         assert!(check_ranges(4, &[0..2, 3..4]).is_err());
         assert!(check_ranges(4, &[0..2, 2..2, 2..4]).is_err());
-        assert!(check_ranges(4, &[0..3]).is_err());
+        assert!(check_ranges(4, std::slice::from_ref(&(0..3))).is_err());
         assert!(check_ranges(4, &[]).is_err());
         assert_eq!(parse_ranges("0..1, 1..4").unwrap(), vec![0..1, 1..4]);
         assert!(parse_ranges("0-1").is_err());
