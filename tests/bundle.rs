@@ -104,7 +104,10 @@ fn manifest_lists_every_file_with_checksums() {
     compile_maverick(&bundle);
     let manifest: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(bundle.join("manifest.json")).unwrap()).unwrap();
-    assert_eq!(manifest["format_version"], 3);
+    assert_eq!(
+        manifest["format_version"],
+        herd_runtime::manifest::FORMAT_VERSION
+    );
     assert_eq!(manifest["moe_lowering"], "ort");
     assert_eq!(manifest["graph"]["kv"].as_array().unwrap().len(), 4);
     let files: Vec<&str> = manifest["files"]
@@ -202,7 +205,13 @@ fn tampered_bundles_are_refused() {
     let original = fs::read_to_string(&manifest_path).unwrap();
     fs::write(
         &manifest_path,
-        original.replace("\"format_version\": 3", "\"format_version\": 99"),
+        original.replace(
+            &format!(
+                "\"format_version\": {}",
+                herd_runtime::manifest::FORMAT_VERSION
+            ),
+            "\"format_version\": 99",
+        ),
     )
     .unwrap();
     fails_with(
