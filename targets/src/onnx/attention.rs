@@ -1,8 +1,9 @@
-//! Attention's graph around the `Attention` op: per-token rotary angles, the in-place KV cache
-//! (`TensorScatter` into fixed buffers) and the masks read from each row's own positions.
+//! Attention's graph around the `Attention` op: per-token rotary angles and `RotaryEmbedding`, the
+//! NoPE query temperature, the in-place KV cache (`TensorScatter` into fixed buffers), the masks read
+//! from each row's own positions, and the `Attention` node itself.
 
-use herd_ir::graph::Value;
-use herd_ir::ops::RotaryAnglesAttrs;
+use herd_ir::graph::{Node, Value};
+use herd_ir::ops::{RotaryAnglesAttrs, TemperatureAttrs};
 use herd_ir::DType;
 
 use super::emit::Emitter;
@@ -275,5 +276,140 @@ impl Emitter<'_> {
         );
         let axis1 = self.int_const(&[1]);
         Ok(self.push(name, "Unsqueeze", "", &[&mask, &axis1], vec![]))
+    }
+
+    /// `RotaryEmbedding` (interleaved) from per-token tables, or tables with implicit positions.
+    pub(super) fn lower_rotary(
+        &mut self,
+        node: &Node,
+        inputs: &[Value],
+    ) -> Result<String, TargetError> {
+        let graph = self.graph;
+        let name = node.name.as_str();
+        let mut args: Vec<String> = inputs
+            .iter()
+            .map(|v| self.input(*v, false))
+            .collect::<Result<_, _>>()?;
+        let per_token = graph
+            .value_type(inputs[1])
+            .filter(|ty| ty.shape.rank() == 3)
+            .and_then(|ty| ty.shape.last().and_then(|d| d.fixed()));
+        if let Some(half) = per_token {
+            args = self.per_token_rotary_tables(&args[1], &args[2], half)?;
+            args.insert(0, self.input(inputs[0], false)?);
+        } else if args.len() == 3 {
+            // Positions 0..S for every batch row (S is fixed: the tables have S rows).
+            let s = graph
+                .value_type(inputs[0])
+                .and_then(|ty| ty.shape.0.get(2).copied())
+                .and_then(|d| d.fixed())
+                .ok_or_else(|| {
+                    self.unsupported(name, &node.op, "implicit positions need a fixed length")
+                })?;
+            args.push(self.implicit_positions(name, &args[0].clone(), s));
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        Ok(self.push(
+            name,
+            "RotaryEmbedding",
+            "",
+            &refs,
+            vec![("interleaved", Attr::Int(1))],
+        ))
+    }
+
+    /// NoPE layers' query scaling by position, computed in f32.
+    pub(super) fn lower_query_temperature(
+        &mut self,
+        node: &Node,
+        inputs: &[Value],
+        temp: &TemperatureAttrs,
+    ) -> Result<String, TargetError> {
+        let name = node.name.as_str();
+        let t = self.options.dtype;
+        let q = self.input(inputs[0], false)?;
+        let pos = self.input(inputs[1], false)?;
+        // Computed in f32 whatever the compute dtype: f16 cannot count positions past 2048.
+        let p = self.push(
+            &format!("{name}.positions"),
+            "Cast",
+            "",
+            &[&pos],
+            vec![("to", Attr::Int(onnx_dtype(DType::F32) as i64))],
+        );
+        let one = self.float_scalar(1.0, DType::F32);
+        let floor_scale = self.float_scalar(temp.floor_scale, DType::F32);
+        let attn_scale = self.float_scalar(temp.attn_scale, DType::F32);
+        let p1 = self.push(&format!("{name}.p_plus_1"), "Add", "", &[&p, &one], vec![]);
+        let div = self.push(
+            &format!("{name}.div"),
+            "Div",
+            "",
+            &[&p1, &floor_scale],
+            vec![],
+        );
+        let floor = self.push(&format!("{name}.floor"), "Floor", "", &[&div], vec![]);
+        let plus = self.push(
+            &format!("{name}.floor_plus_1"),
+            "Add",
+            "",
+            &[&floor, &one],
+            vec![],
+        );
+        let log = self.push(&format!("{name}.log1p"), "Log", "", &[&plus], vec![]);
+        let scaled = self.push(
+            &format!("{name}.scaled"),
+            "Mul",
+            "",
+            &[&log, &attn_scale],
+            vec![],
+        );
+        let mut factor = self.push(
+            &format!("{name}.factor"),
+            "Add",
+            "",
+            &[&scaled, &one],
+            vec![],
+        );
+        if t != DType::F32 {
+            factor = self.push(
+                &format!("{name}.factor_cast"),
+                "Cast",
+                "",
+                &[&factor],
+                vec![("to", Attr::Int(onnx_dtype(t) as i64))],
+            );
+        }
+        let axes = self.int_const(&[1, 3]);
+        let bcast = self.push(
+            &format!("{name}.factor_b1s1"),
+            "Unsqueeze",
+            "",
+            &[&factor, &axes],
+            vec![],
+        );
+        Ok(self.push(name, "Mul", "", &[&q, &bcast], vec![]))
+    }
+
+    /// `Attention` with the explicit mask.
+    pub(super) fn lower_sdpa(
+        &mut self,
+        node: &Node,
+        inputs: &[Value],
+        scale: f32,
+    ) -> Result<String, TargetError> {
+        let name = node.name.as_str();
+        let args: Vec<String> = inputs
+            .iter()
+            .map(|v| self.input(*v, false))
+            .collect::<Result<_, _>>()?;
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        Ok(self.push(
+            name,
+            "Attention",
+            "",
+            &refs,
+            vec![("scale", Attr::Float(scale)), ("is_causal", Attr::Int(0))],
+        ))
     }
 }

@@ -146,18 +146,18 @@ pub(super) struct Emitter<'a> {
     pub(super) options: &'a OnnxOptions,
     pub(super) nodes: Vec<NodeProto>,
     pub(super) initializers: Vec<TensorProto>,
-    inputs: Vec<ValueInfoProto>,
+    pub(super) inputs: Vec<ValueInfoProto>,
     pub(super) data: ExternalData,
     model_names: ModelNames,
     /// ONNX tensor name of each IR value already emitted.
-    names: HashMap<Value, String>,
+    pub(super) names: HashMap<Value, String>,
     pub(super) used: HashSet<String>,
     /// Initializer names of weights and constants, keyed by node and whether stored transposed.
     weights: HashMap<(NodeIndex, bool), String>,
     /// Inline int64 constants by content.
     ints: HashMap<Vec<i64>, String>,
     /// Implicit rotary positions (0..S for every batch row) already built, by S.
-    positions: HashMap<usize, String>,
+    pub(super) positions: HashMap<usize, String>,
     /// SQNR in dB of every quantized weight, by node name.
     pub(super) sqnr_db: BTreeMap<String, f64>,
     /// Signal and noise energy of expert weights written one expert at a time, by node name.
@@ -357,355 +357,28 @@ impl Emitter<'_> {
         let node = graph.node(index).expect("topo order lists existing nodes");
         let inputs = graph.inputs(index);
         let name = node.name.as_str();
-        let t = self.options.dtype;
         let out = match &node.op {
             Op::Weight(_) | Op::Constant(_) => return Ok(()),
-            Op::Input(a) => {
-                let dtype = if a.ty.dtype.is_float() { t } else { a.ty.dtype };
-                self.inputs.push(value_info(&a.name, dtype, &a.ty.shape.0));
-                self.used.insert(a.name.clone());
-                a.name.clone()
-            }
-            Op::Embedding { .. } => {
-                let table = self.input(inputs[1], false)?;
-                let ids = self.input(inputs[0], false)?;
-                self.push(
-                    name,
-                    "Gather",
-                    "",
-                    &[&table, &ids],
-                    vec![("axis", Attr::Int(0))],
-                )
-            }
-            Op::RmsNorm(a) => {
-                let x = self.input(inputs[0], false)?;
-                let scale = match inputs.get(1) {
-                    Some(w) => self.input(*w, false)?,
-                    None => {
-                        let d = graph
-                            .value_type(inputs[0])
-                            .and_then(|ty| ty.shape.last())
-                            .and_then(|d| d.fixed())
-                            .unwrap_or(1);
-                        let scale_name = format!("const.ones[{d}]");
-                        if self.used.insert(scale_name.clone()) {
-                            self.initializers.push(float_tensor(
-                                &scale_name,
-                                &[d as i64],
-                                &vec![1.0; d],
-                                t,
-                            ));
-                        }
-                        scale_name
-                    }
-                };
-                self.push(
-                    name,
-                    "RMSNormalization",
-                    "",
-                    &[&x, &scale],
-                    vec![
-                        ("axis", Attr::Int(-1)),
-                        ("epsilon", Attr::Float(a.eps)),
-                        ("stash_type", Attr::Int(1)),
-                    ],
-                )
-            }
-            Op::Linear => {
-                let x = self.input(inputs[0], false)?;
-                let w = self.input(inputs[1], true)?;
-                match inputs.get(2) {
-                    Some(bias) => {
-                        let bias = self.input(*bias, false)?;
-                        let y =
-                            self.push(&format!("{name}.matmul"), "MatMul", "", &[&x, &w], vec![]);
-                        self.push(name, "Add", "", &[&y, &bias], vec![])
-                    }
-                    None => self.push(name, "MatMul", "", &[&x, &w], vec![]),
-                }
-            }
-            Op::LayerNorm(a) => {
-                let x = self.input(inputs[0], false)?;
-                let w = self.input(inputs[1], false)?;
-                let b = self.input(inputs[2], false)?;
-                self.push(
-                    name,
-                    "LayerNormalization",
-                    "",
-                    &[&x, &w, &b],
-                    vec![
-                        ("axis", Attr::Int(-1)),
-                        ("epsilon", Attr::Float(a.eps)),
-                        ("stash_type", Attr::Int(1)),
-                    ],
-                )
-            }
-            Op::Gelu => {
-                // x * (1 + erf(x / sqrt 2)) / 2 in primitives: every parser takes Erf, and ONNX Runtime
-                // and TensorRT fuse the pattern into their GELU kernels.
-                let x = self.input(inputs[0], false)?;
-                let sqrt2 = self.float_scalar(std::f32::consts::SQRT_2, t);
-                let one = self.float_scalar(1.0, t);
-                let half = self.float_scalar(0.5, t);
-                let scaled = self.push(&format!("{name}.div"), "Div", "", &[&x, &sqrt2], vec![]);
-                let erf = self.push(&format!("{name}.erf"), "Erf", "", &[&scaled], vec![]);
-                let plus = self.push(&format!("{name}.add"), "Add", "", &[&erf, &one], vec![]);
-                let times = self.push(&format!("{name}.mul"), "Mul", "", &[&x, &plus], vec![]);
-                self.push(name, "Mul", "", &[&times, &half], vec![])
-            }
-            Op::AppendToken => {
-                let x = self.input(inputs[0], false)?;
-                let token = self.input(inputs[1], false)?;
-                let h = graph
-                    .value_type(inputs[1])
-                    .and_then(|ty| ty.shape.last())
-                    .and_then(|d| d.fixed())
-                    .ok_or_else(|| self.unsupported(name, &node.op, "token size must be fixed"))?;
-                let axes = self.int_const(&[0, 1]);
-                let token = self.push(
-                    &format!("{name}.token"),
-                    "Unsqueeze",
-                    "",
-                    &[&token, &axes],
-                    vec![],
-                );
-                let rows = self.expand_over_batch(&format!("{name}.rows"), &token, &x, &[1, h]);
-                self.push(
-                    name,
-                    "Concat",
-                    "",
-                    &[&x, &rows],
-                    vec![("axis", Attr::Int(1))],
-                )
-            }
-            Op::ScatterRows => {
-                let x = self.input(inputs[0], false)?;
-                let positions = self.input(inputs[1], false)?;
-                let rows = self.input(inputs[2], false)?;
-                let h = graph
-                    .value_type(inputs[0])
-                    .and_then(|ty| ty.shape.last())
-                    .and_then(|d| d.fixed())
-                    .ok_or_else(|| self.unsupported(name, &node.op, "hidden size must be fixed"))?;
-                let flat_shape = self.int_const(&[-1, h as i64]);
-                let flat = self.push(
-                    &format!("{name}.flat"),
-                    "Reshape",
-                    "",
-                    &[&x, &flat_shape],
-                    vec![],
-                );
-                let axes = self.int_const(&[1]);
-                let index = self.push(
-                    &format!("{name}.index"),
-                    "Unsqueeze",
-                    "",
-                    &[&positions, &axes],
-                    vec![],
-                );
-                let scattered = self.push(
-                    &format!("{name}.scatter"),
-                    "ScatterND",
-                    "",
-                    &[&flat, &index, &rows],
-                    vec![],
-                );
-                let shape = self.push(&format!("{name}.shape"), "Shape", "", &[&x], vec![]);
-                self.push(name, "Reshape", "", &[&scattered, &shape], vec![])
-            }
-            Op::PickRows => {
-                let x = self.input(inputs[0], false)?;
-                let index = self.input(inputs[1], false)?;
-                let axis = self.int_const(&[-1]);
-                let index = self.push(
-                    &format!("{name}.index"),
-                    "Unsqueeze",
-                    "",
-                    &[&index, &axis],
-                    vec![],
-                );
-                self.push(
-                    name,
-                    "GatherND",
-                    "",
-                    &[&x, &index],
-                    vec![("batch_dims", Attr::Int(1))],
-                )
-            }
-            Op::Add | Op::Mul | Op::Sigmoid => {
-                let op_type = match node.op {
-                    Op::Add => "Add",
-                    Op::Mul => "Mul",
-                    _ => "Sigmoid",
-                };
-                let args: Vec<String> = inputs
-                    .iter()
-                    .map(|v| self.input(*v, false))
-                    .collect::<Result<_, _>>()?;
-                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-                self.push(name, op_type, "", &refs, vec![])
-            }
-            Op::Silu => {
-                let x = self.input(inputs[0], false)?;
-                let s = self.push(&format!("{name}.sigmoid"), "Sigmoid", "", &[&x], vec![]);
-                self.push(name, "Mul", "", &[&x, &s], vec![])
-            }
-            Op::Cast { to } => {
-                let x = self.input(inputs[0], false)?;
-                let to = if to.is_float() { t } else { *to };
-                self.push(
-                    name,
-                    "Cast",
-                    "",
-                    &[&x],
-                    vec![("to", Attr::Int(onnx_dtype(to) as i64))],
-                )
-            }
-            Op::Reshape { shape } => {
-                let x = self.input(inputs[0], false)?;
-                let from = graph
-                    .value_type(inputs[0])
-                    .map(|ty| ty.shape.0.clone())
-                    .unwrap_or_default();
-                let spec = reshape_spec(&from, shape).ok_or_else(|| {
-                    self.unsupported(
-                        name,
-                        &node.op,
-                        "reshape needs at most one inferred dimension",
-                    )
-                })?;
-                let spec = self.int_const(&spec);
-                self.push(name, "Reshape", "", &[&x, &spec], vec![])
-            }
-            Op::Transpose { perm } => {
-                let x = self.input(inputs[0], false)?;
-                self.push(
-                    name,
-                    "Transpose",
-                    "",
-                    &[&x],
-                    vec![("perm", Attr::Ints(perm.iter().map(|&p| p as i64).collect()))],
-                )
-            }
+            Op::Input(a) => self.lower_input(a)?,
+            Op::Embedding { .. } => self.lower_embedding(node, &inputs)?,
+            Op::RmsNorm(a) => self.lower_rms_norm(node, &inputs, a)?,
+            Op::Linear => self.lower_linear(node, &inputs)?,
+            Op::LayerNorm(a) => self.lower_layer_norm(node, &inputs, a)?,
+            Op::Gelu => self.lower_gelu(node, &inputs)?,
+            Op::AppendToken => self.lower_append_token(node, &inputs)?,
+            Op::ScatterRows => self.lower_scatter_rows(node, &inputs)?,
+            Op::PickRows => self.lower_pick_rows(node, &inputs)?,
+            Op::Add | Op::Mul | Op::Sigmoid => self.lower_elementwise(node, &inputs)?,
+            Op::Silu => self.lower_silu(node, &inputs)?,
+            Op::Cast { to } => self.lower_cast(node, &inputs, *to)?,
+            Op::Reshape { shape } => self.lower_reshape(node, &inputs, shape)?,
+            Op::Transpose { perm } => self.lower_transpose(node, &inputs, perm)?,
             Op::Slice { axis, start, end } => {
-                let x = self.input(inputs[0], false)?;
-                let (s, e, a) = (
-                    self.int_const(&[*start as i64]),
-                    self.int_const(&[*end as i64]),
-                    self.int_const(&[*axis as i64]),
-                );
-                self.push(name, "Slice", "", &[&x, &s, &e, &a], vec![])
+                self.lower_slice(node, &inputs, *axis, *start, *end)?
             }
-            Op::Concat { axis } => {
-                let (a, b) = (self.input(inputs[0], false)?, self.input(inputs[1], false)?);
-                self.push(
-                    name,
-                    "Concat",
-                    "",
-                    &[&a, &b],
-                    vec![("axis", Attr::Int(*axis as i64))],
-                )
-            }
-            Op::Rotary => {
-                let mut args: Vec<String> = inputs
-                    .iter()
-                    .map(|v| self.input(*v, false))
-                    .collect::<Result<_, _>>()?;
-                let per_token = graph
-                    .value_type(inputs[1])
-                    .filter(|ty| ty.shape.rank() == 3)
-                    .and_then(|ty| ty.shape.last().and_then(|d| d.fixed()));
-                if let Some(half) = per_token {
-                    args = self.per_token_rotary_tables(&args[1], &args[2], half)?;
-                    args.insert(0, self.input(inputs[0], false)?);
-                } else if args.len() == 3 {
-                    // Positions 0..S for every batch row (S is fixed: the tables have S rows).
-                    let s = graph
-                        .value_type(inputs[0])
-                        .and_then(|ty| ty.shape.0.get(2).copied())
-                        .and_then(|d| d.fixed())
-                        .ok_or_else(|| {
-                            self.unsupported(
-                                name,
-                                &node.op,
-                                "implicit positions need a fixed length",
-                            )
-                        })?;
-                    args.push(self.implicit_positions(name, &args[0].clone(), s));
-                }
-                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-                self.push(
-                    name,
-                    "RotaryEmbedding",
-                    "",
-                    &refs,
-                    vec![("interleaved", Attr::Int(1))],
-                )
-            }
-            Op::QueryTemperature(temp) => {
-                let q = self.input(inputs[0], false)?;
-                let pos = self.input(inputs[1], false)?;
-                // Computed in f32 whatever the compute dtype: f16 cannot count positions past 2048.
-                let p = self.push(
-                    &format!("{name}.positions"),
-                    "Cast",
-                    "",
-                    &[&pos],
-                    vec![("to", Attr::Int(onnx_dtype(DType::F32) as i64))],
-                );
-                let one = self.float_scalar(1.0, DType::F32);
-                let floor_scale = self.float_scalar(temp.floor_scale, DType::F32);
-                let attn_scale = self.float_scalar(temp.attn_scale, DType::F32);
-                let p1 = self.push(&format!("{name}.p_plus_1"), "Add", "", &[&p, &one], vec![]);
-                let div = self.push(
-                    &format!("{name}.div"),
-                    "Div",
-                    "",
-                    &[&p1, &floor_scale],
-                    vec![],
-                );
-                let floor = self.push(&format!("{name}.floor"), "Floor", "", &[&div], vec![]);
-                let plus = self.push(
-                    &format!("{name}.floor_plus_1"),
-                    "Add",
-                    "",
-                    &[&floor, &one],
-                    vec![],
-                );
-                let log = self.push(&format!("{name}.log1p"), "Log", "", &[&plus], vec![]);
-                let scaled = self.push(
-                    &format!("{name}.scaled"),
-                    "Mul",
-                    "",
-                    &[&log, &attn_scale],
-                    vec![],
-                );
-                let mut factor = self.push(
-                    &format!("{name}.factor"),
-                    "Add",
-                    "",
-                    &[&scaled, &one],
-                    vec![],
-                );
-                if t != DType::F32 {
-                    factor = self.push(
-                        &format!("{name}.factor_cast"),
-                        "Cast",
-                        "",
-                        &[&factor],
-                        vec![("to", Attr::Int(onnx_dtype(t) as i64))],
-                    );
-                }
-                let axes = self.int_const(&[1, 3]);
-                let bcast = self.push(
-                    &format!("{name}.factor_b1s1"),
-                    "Unsqueeze",
-                    "",
-                    &[&factor, &axes],
-                    vec![],
-                );
-                self.push(name, "Mul", "", &[&q, &bcast], vec![])
-            }
+            Op::Concat { axis } => self.lower_concat(node, &inputs, *axis)?,
+            Op::Rotary => self.lower_rotary(node, &inputs)?,
+            Op::QueryTemperature(temp) => self.lower_query_temperature(node, &inputs, temp)?,
             Op::AttentionMask { chunk } => {
                 self.attention_mask(name, inputs[0], inputs[1], chunk.map(|c| c.size))?
             }
@@ -721,49 +394,11 @@ impl Emitter<'_> {
                 self.cache_write(name, [inputs[0], inputs[1], inputs[2]], *ring, output)?
             }
             Op::CacheView => self.cache_view(name, inputs[0], inputs[1])?,
-            Op::Sdpa { scale } => {
-                let args: Vec<String> = inputs
-                    .iter()
-                    .map(|v| self.input(*v, false))
-                    .collect::<Result<_, _>>()?;
-                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-                self.push(
-                    name,
-                    "Attention",
-                    "",
-                    &refs,
-                    vec![("scale", Attr::Float(*scale)), ("is_causal", Attr::Int(0))],
-                )
-            }
-            Op::SwiGlu => {
-                let x = self.input(inputs[0], false)?;
-                let n = graph
-                    .value_type(inputs[0])
-                    .and_then(|ty| ty.shape.last())
-                    .and_then(|d| d.fixed())
-                    .unwrap_or(0);
-                self.swiglu(name, &x, n)
-            }
+            Op::Sdpa { scale } => self.lower_sdpa(node, &inputs, *scale)?,
+            Op::SwiGlu => self.lower_swiglu(node, &inputs)?,
             Op::FusedMoe(m) => self.fused_moe(name, m, &inputs)?,
             Op::QuantizeActivation { scale } => {
-                // Per-tensor, symmetric: a scalar scale and an fp8 zero point of 0 (which sets the type).
-                let x = self.input(inputs[0], false)?;
-                let s = self.float_scalar(*scale, t);
-                let zp_name = "const.f8e4m3.zero".to_string();
-                if self.used.insert(zp_name.clone()) {
-                    let mut zp = float_tensor(&zp_name, &[], &[], DType::F32);
-                    zp.data_type = onnx_dtype(DType::F8E4M3) as i32;
-                    zp.raw_data = vec![0];
-                    self.initializers.push(zp);
-                }
-                let q = self.push(
-                    &format!("{name}.q"),
-                    "QuantizeLinear",
-                    "",
-                    &[&x, &s, &zp_name],
-                    vec![],
-                );
-                self.push(name, "DequantizeLinear", "", &[&q, &s, &zp_name], vec![])
+                self.lower_quantize_activation(node, &inputs, *scale)?
             }
             Op::Attention(_) | Op::Mlp | Op::Moe(_) => {
                 return Err(self.unsupported(
@@ -785,7 +420,7 @@ impl Emitter<'_> {
 
     /// i64 [B, S] positions 0..S, B taken from `x`'s first axis. Every rotary of a graph sees the same
     /// batch, so the first one's tensor serves the others.
-    fn implicit_positions(&mut self, name: &str, x: &str, s: usize) -> String {
+    pub(super) fn implicit_positions(&mut self, name: &str, x: &str, s: usize) -> String {
         if let Some(positions) = self.positions.get(&s) {
             return positions.clone();
         }
@@ -799,7 +434,13 @@ impl Emitter<'_> {
     }
 
     /// `src` [1, rest..] repeated along a new first axis as long as `x`'s first axis: [B, rest..].
-    fn expand_over_batch(&mut self, name: &str, src: &str, x: &str, rest: &[usize]) -> String {
+    pub(super) fn expand_over_batch(
+        &mut self,
+        name: &str,
+        src: &str,
+        x: &str,
+        rest: &[usize],
+    ) -> String {
         let batch = self.push(
             &format!("{name}.batch"),
             "Shape",
@@ -819,7 +460,7 @@ impl Emitter<'_> {
         self.push(name, "Expand", "", &[src, &shape], vec![])
     }
 
-    fn unsupported(&self, node: &str, op: &Op, message: &str) -> TargetError {
+    pub(super) fn unsupported(&self, node: &str, op: &Op, message: &str) -> TargetError {
         TargetError::Unsupported {
             target: "onnx",
             node: node.to_string(),
@@ -1037,7 +678,7 @@ fn opset(domain: &str, version: i64) -> OperatorSetIdProto {
 
 /// ONNX Reshape target: fixed sizes as themselves, a symbolic dim in the same place as in the input as
 /// 0 (copy), at most one other symbolic dim as -1 (infer).
-fn reshape_spec(from: &[Dim], to: &[Dim]) -> Option<Vec<i64>> {
+pub(super) fn reshape_spec(from: &[Dim], to: &[Dim]) -> Option<Vec<i64>> {
     let mut inferred = false;
     to.iter()
         .enumerate()

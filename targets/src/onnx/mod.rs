@@ -18,6 +18,7 @@
 mod attention;
 mod emit;
 mod external;
+mod lower;
 mod moe;
 mod proto;
 mod quantized;
