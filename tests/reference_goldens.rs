@@ -140,6 +140,7 @@ fn quantized_reference_matches_fake_quant_goldens() {
                 keep: vec![],
             };
             let options = PassOptions {
+                activations: Default::default(),
                 moe_layout: ExpertLayout::Interleaved,
                 max_positions: 64,
                 quant: Some(quant),

@@ -24,4 +24,4 @@ pub use graph::{Graph, Node, Value};
 pub use import::{import, import_with, model_file, parse_index, Checkpoint, Imported};
 pub use ops::{Op, Phase};
 pub use types::{DType, Dim, DimBindings, Shape, SymDim, TensorType};
-pub use verify::verify;
+pub use verify::{verified, verify, Verified};

@@ -10,6 +10,29 @@ use crate::graph::Graph;
 use crate::infer::infer;
 use crate::ops::Op;
 
+/// A graph the verifier accepted (only [`verified`] makes one): what a target's emitter takes, as a
+/// backend takes a validator's result, so nothing unverified is ever lowered.
+#[derive(Clone, Copy, Debug)]
+pub struct Verified<'g> {
+    graph: &'g Graph,
+}
+
+impl<'g> Verified<'g> {
+    /// The verified graph.
+    pub fn graph(&self) -> &'g Graph {
+        self.graph
+    }
+}
+
+/// Verifies `graph` (see [`verify`]) and returns the proof.
+pub fn verified<'g>(
+    graph: &'g Graph,
+    after_pass: Option<&str>,
+) -> Result<Verified<'g>, VerifyError> {
+    verify(graph, after_pass)?;
+    Ok(Verified { graph })
+}
+
 /// Checks `graph`; `after_pass` names the pass that produced it, for the report.
 pub fn verify(graph: &Graph, after_pass: Option<&str>) -> Result<(), VerifyError> {
     let mut found = Vec::new();

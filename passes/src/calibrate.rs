@@ -5,12 +5,70 @@
 //! calibration bundle reports those activations; `quantize_activations` then inserts
 //! `QuantizeActivation { scale: max|x| / 448 }` in front of each such projection.
 //!
+//! The `calibrate` pass does one or the other as [`Activations`] says (the driver measures the maxima
+//! with a calibration bundle between two compiles). Before: Quantized (fp8 weights). After: the same
+//! phase.
+//!
 //! Does not: quantize expert inputs (experts keep weight-only fp8), or touch other projections.
 
 use std::collections::HashMap;
 
 use herd_ir::quant::QuantScheme;
 use herd_ir::{Diagnostic, Graph, Op, Value};
+
+/// What the `calibrate` pass does.
+#[derive(Clone, Debug, Default)]
+pub enum Activations {
+    /// Nothing.
+    #[default]
+    Unchanged,
+    /// Expose the inputs of fp8 projections as outputs (a calibration bundle).
+    Expose,
+    /// Quantize those inputs with the measured maxima, keyed by output name.
+    Quantize(std::sync::Arc<HashMap<String, f32>>),
+}
+
+/// The `calibrate` pass.
+pub fn run(graph: &mut Graph, options: &crate::PassOptions) -> Result<(), crate::PassError> {
+    match &options.activations {
+        Activations::Unchanged => {}
+        Activations::Expose => {
+            expose(graph);
+        }
+        Activations::Quantize(max_abs) => {
+            quantize_activations(graph, max_abs).map_err(|diagnostic| crate::PassError::Build {
+                pass: "calibrate",
+                diagnostic,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Outputs a calibration bundle exposes (see [`expose`]).
+pub fn exposed(graph: &Graph) -> Vec<String> {
+    graph
+        .outputs()
+        .iter()
+        .map(|(name, _)| name)
+        .filter(|n| n.starts_with("calib."))
+        .cloned()
+        .collect()
+}
+
+/// Projections whose input [`quantize_activations`] quantized.
+pub fn quantized_inputs(graph: &Graph) -> usize {
+    graph
+        .node_indices()
+        .into_iter()
+        .filter(|&n| {
+            matches!(
+                graph.node(n).map(|x| &x.op),
+                Some(Op::QuantizeActivation { .. })
+            )
+        })
+        .count()
+}
 
 /// The largest magnitude e4m3 represents.
 pub const FP8_MAX: f32 = 448.0;

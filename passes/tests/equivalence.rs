@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use herd_ir::eval::{evaluate, Tensor};
 use herd_ir::ops::ExpertLayout;
+use herd_ir::quant::QuantScheme;
 use herd_ir::{Graph, Op};
 use herd_passes::pipeline::{run_pipeline, PassOptions, RunOptions, PIPELINE};
 use ndarray::{ArrayD, Axis, IxDyn};
@@ -22,6 +23,7 @@ fn import(name: &str) -> Graph {
 
 fn options(layout: ExpertLayout) -> PassOptions {
     PassOptions {
+        activations: Default::default(),
         moe_layout: layout,
         max_positions: 64,
         quant: None,
@@ -276,8 +278,68 @@ fn disabling_a_pass_is_reported_at_the_phase_change() {
     .unwrap_err();
     assert_eq!(
         err.to_string(),
-        "unknown pass `nope`; passes are: irope, expert_fusion, quantize"
+        "unknown pass `nope`; passes are: irope, expert_fusion, quantize, calibrate"
     );
+}
+
+#[test]
+fn each_pass_leaves_its_declared_phase() {
+    let run = RunOptions {
+        disabled: vec![],
+        dump_after: PIPELINE.iter().map(|p| p.name.to_string()).collect(),
+    };
+    for (quant, last) in [
+        (None, "lowered"),
+        (Some(QuantScheme::Int4 { block: 32 }), "quantized"),
+    ] {
+        let mut graph = import("tiny-maverick");
+        let options = PassOptions {
+            quant: quant.map(|scheme| herd_passes::quantize::QuantOptions {
+                scheme,
+                scale_dtype: herd_ir::DType::F32,
+                embeddings: false,
+                keep: vec![],
+            }),
+            ..options(ExpertLayout::Halves)
+        };
+        let mut phases = Vec::new();
+        run_pipeline(&mut graph, &options, &run, |pass, text| {
+            let phase = text
+                .lines()
+                .next()
+                .unwrap()
+                .trim_start_matches("graph phase=");
+            phases.push(format!("{pass}:{phase}"));
+        })
+        .unwrap();
+        // irope leaves Mlp/Moe for expert_fusion, which leaves nothing unlowered.
+        assert_eq!(
+            phases,
+            [
+                "irope:imported".to_string(),
+                "expert_fusion:lowered".into(),
+                format!("quantize:{last}"),
+                format!("calibrate:{last}"),
+            ]
+        );
+    }
+    // The Lowered check runs right after expert_fusion: an op it admits no longer can wait for the
+    // end. With irope skipped, the attention op is reported there, as the user's doing.
+    let mut graph = import("tiny-maverick");
+    let skip = RunOptions {
+        disabled: vec!["irope".into()],
+        dump_after: vec!["quantize".into()],
+    };
+    let mut dumped = false;
+    let err = run_pipeline(&mut graph, &options(ExpertLayout::Halves), &skip, |_, _| {
+        dumped = true
+    })
+    .unwrap_err();
+    assert!(
+        matches!(err, herd_passes::PassError::NotLowered(ref e) if e.after_pass.as_deref() == Some("expert_fusion")),
+        "{err}"
+    );
+    assert!(!dumped, "the pipeline stopped at expert_fusion");
 }
 
 #[test]

@@ -141,7 +141,8 @@ pub struct CompileArgs {
     /// folder, a folder containing it, a file, a device or a symlink).
     #[arg(long)]
     pub force: bool,
-    /// Print (or write to --dump-dir) the IR after this pass; repeatable. Passes: irope, expert_fusion.
+    /// Print (or write to --dump-dir) the IR after this pass; repeatable. Passes: irope, expert_fusion,
+    /// quantize, calibrate.
     #[arg(long = "dump-ir-after", value_name = "PASS")]
     pub dump_ir_after: Vec<String>,
     /// Folder for --dump-ir-after files (PASS.ir) instead of stdout.

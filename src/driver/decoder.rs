@@ -176,6 +176,11 @@ pub fn stage_plans(
     })
 }
 
+/// `graph`'s proof of verification (a failure is a herd bug: the passes verified it already).
+fn verified<'g>(graph: &'g Graph, after: &str) -> Result<herd_ir::Verified<'g>> {
+    herd_ir::verified(graph, Some(after)).map_err(|e| anyhow::anyhow!("herd bug: {e}"))
+}
+
 /// Emits `graph` (verified, lowered) as one decoder graph, or cut at `ranges` into one per stage.
 pub fn emit_decoder(
     graph: &Graph,
@@ -186,7 +191,7 @@ pub fn emit_decoder(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<EmittedDecoder> {
     if ranges.len() < 2 {
-        let model = onnx::emit(graph, dir, options, progress)?;
+        let model = onnx::emit(verified(graph, "the passes")?, dir, options, progress)?;
         return Ok(EmittedDecoder {
             stages: vec![(0..num_layers, model)],
         });
@@ -199,7 +204,8 @@ pub fn emit_decoder(
     for (k, range) in ranges.iter().enumerate() {
         // One stage graph at a time: each holds the nodes of its layers only.
         let stage = herd_ir::split::stage(graph, num_layers, range.clone()).map_err(bug)?;
-        let model = onnx::emit_as(&stage, dir, ModelNames::stage(k), options, progress)?;
+        let stage = verified(&stage, "split")?;
+        let model = onnx::emit_as(stage, dir, ModelNames::stage(k), options, progress)?;
         stages.push((range.clone(), model));
     }
     Ok(EmittedDecoder { stages })

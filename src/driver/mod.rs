@@ -130,22 +130,22 @@ pub fn compile(
     let mut imported = import(options)?;
     let pipeline = decoder::stage_plans(options, &imported.config)?;
     stages.push(("import".to_string(), start.elapsed()));
-    run_passes(options, &mut imported.graph, &mut stages)?;
-    let mut calibration_outputs = Vec::new();
-    let activations = if options.expose_calibration {
-        calibration_outputs = herd_passes::calibrate::expose(&mut imported.graph);
-        None
-    } else if let Some((scales, prompts)) = &calibration {
-        let graph = &mut imported.graph;
-        let n = herd_passes::calibrate::quantize_activations(graph, scales)
-            .map_err(|d| anyhow::anyhow!("herd bug: {}: {}", d.name, d.message))?;
-        herd_ir::verify(graph, Some("calibrate")).map_err(|e| anyhow::anyhow!("herd bug: {e}"))?;
-        Some(format!(
-            "fp8 e4m3 per-tensor on the inputs of {n} projections, calibrated on {prompts} prompts; routed and shared experts weight-only fp8"
-        ))
+    use herd_passes::calibrate::Activations;
+    let activation_pass = if options.expose_calibration {
+        Activations::Expose
+    } else if let Some((scales, _)) = &calibration {
+        Activations::Quantize(std::sync::Arc::new(scales.clone()))
     } else {
-        None
+        Activations::Unchanged
     };
+    run_passes(options, activation_pass, &mut imported.graph, &mut stages)?;
+    let calibration_outputs = herd_passes::calibrate::exposed(&imported.graph);
+    let activations = calibration.as_ref().map(|(_, prompts)| {
+        let n = herd_passes::calibrate::quantized_inputs(&imported.graph);
+        format!(
+            "fp8 e4m3 per-tensor on the inputs of {n} projections, calibrated on {prompts} prompts; routed and shared experts weight-only fp8"
+        )
+    });
 
     let writer = BundleWriter::create(&options.output, options.force, &options.model)?;
     let onnx_options = OnnxOptions {
@@ -171,6 +171,8 @@ pub fn compile(
         Some(g) => {
             let start = Instant::now();
             let names = onnx::ModelNames::vision();
+            let g = herd_ir::verified(g, Some("vision import"))
+                .map_err(|e| anyhow::anyhow!("herd bug: {e}"))?;
             let m = onnx::emit_as(g, writer.dir(), names, &onnx_options, progress)?;
             stages.push(("emit vision onnx".to_string(), start.elapsed()));
             Some(m)
@@ -289,9 +291,11 @@ fn import(options: &CompileOptions) -> Result<ImportedModel> {
     })
 }
 
-/// Runs the pass pipeline on `graph`, writing `--dump-ir-after` dumps and timing each pass.
+/// Runs the pass pipeline on `graph` (`activations` for its calibrate pass), writing
+/// `--dump-ir-after` dumps and timing each pass.
 fn run_passes(
     options: &CompileOptions,
+    activations: herd_passes::calibrate::Activations,
     graph: &mut herd_ir::Graph,
     stages: &mut Vec<(String, Duration)>,
 ) -> Result<()> {
@@ -301,6 +305,7 @@ fn run_passes(
         // fp8 experts stay fp8 on every target: per expert, a per-channel DequantizeLinear -> MatMul
         // (grouped, also under --moe cuda), weight-only (calibration covers the projections).
         quant: options.quant.clone(),
+        activations,
     };
     let dump_dir = options.dump_dir.clone();
     let mut dump_error = None;

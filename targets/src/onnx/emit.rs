@@ -7,7 +7,7 @@ use std::path::Path;
 use herd_ir::graph::{NodeIndex, Value};
 use herd_ir::ops::Op;
 use herd_ir::weights::{Transform, WeightRef};
-use herd_ir::{DType, Dim, Graph, Phase};
+use herd_ir::{DType, Dim, Graph, Phase, Verified};
 use herd_runtime::manifest::{GraphIo, KvNames};
 use onnx_protobuf::{
     GraphProto, Message, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, ValueInfoProto,
@@ -76,7 +76,7 @@ impl ModelNames {
 /// Emits the decoder `graph` as `dir/model.onnx` + `dir/model.onnx.data`. `progress(done, total)` is
 /// called with weight bytes written so far.
 pub fn emit(
-    graph: &Graph,
+    graph: Verified<'_>,
     dir: &Path,
     options: &OnnxOptions,
     progress: &mut dyn FnMut(u64, u64),
@@ -86,12 +86,13 @@ pub fn emit(
 
 /// Emits `graph` under `names` in `dir`.
 pub fn emit_as(
-    graph: &Graph,
+    graph: Verified<'_>,
     dir: &Path,
     names: ModelNames,
     options: &OnnxOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<OnnxModel, TargetError> {
+    let graph = graph.graph();
     if !matches!(graph.phase, Phase::Lowered | Phase::Quantized) {
         return Err(TargetError::Bug(
             "the ONNX target needs a Lowered graph".into(),
