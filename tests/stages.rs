@@ -255,6 +255,17 @@ fn stage_options_and_tampered_stages_are_refused() {
         &["cannot be used with"],
     );
     let bundle = compile("tiny-scout", &dir.path().join("staged"), &["--stages", "2"]);
+    fails_with(
+        &[
+            "run",
+            bundle.to_str().unwrap(),
+            "--input-ids",
+            "1,2",
+            "--devices",
+            "0,1",
+        ],
+        &["--devices names GPUs for --ep cuda or tensorrt"],
+    );
     let manifest = bundle.join("manifest.json");
     let original = std::fs::read_to_string(&manifest).unwrap();
     common::edit_json(&manifest, |m| {

@@ -64,6 +64,11 @@ fn stage_devices(
     stages: usize,
 ) -> Result<Vec<Option<u32>>, RuntimeError> {
     if options.provider == Provider::Cpu {
+        if !options.devices.is_empty() {
+            return Err(RuntimeError::Param(
+                "--devices names GPUs for --ep cuda or tensorrt; on the CPU every stage runs in this process".into(),
+            ));
+        }
         return Ok(vec![None; stages]);
     }
     match options.devices.len() {
