@@ -7,7 +7,7 @@ use std::path::Path;
 
 use onnx_protobuf::attribute_proto::AttributeType;
 use onnx_protobuf::tensor_proto::DataType;
-use onnx_protobuf::{Message, ModelProto, NodeProto, TensorProto};
+use onnx_protobuf::{GraphProto, Message, ModelProto, NodeProto, TensorProto};
 use protobuf::Enum;
 use serde::Deserialize;
 
@@ -103,20 +103,75 @@ pub fn lint_with(model: &ModelProto, cuda_ep: bool) -> LintReport {
     }
 }
 
-fn violations(model: &ModelProto, cuda_ep: bool) -> Vec<Violation> {
-    let table = support();
-    let mut out = Vec::new();
-    let mut report = |rule: &'static str, node: &str, message: String| {
-        out.push(Violation {
+/// Findings so far, and what the node rules read.
+struct Findings<'m> {
+    initializers: HashMap<&'m str, &'m TensorProto>,
+    /// Values known to be int64 (see [`int64_values`]).
+    int64_values: HashSet<&'m str>,
+    out: Vec<Violation>,
+}
+
+impl Findings<'_> {
+    fn report(&mut self, rule: &'static str, node: &str, message: String) {
+        self.out.push(Violation {
             rule,
             node: node.to_string(),
             message,
         })
-    };
+    }
+}
 
+fn violations(model: &ModelProto, cuda_ep: bool) -> Vec<Violation> {
+    let table = support();
+    let graph = model.graph.get_or_default();
+    let mut f = Findings {
+        initializers: graph
+            .initializer
+            .iter()
+            .map(|t| (t.name.as_str(), t))
+            .collect(),
+        int64_values: int64_values(graph),
+        out: Vec::new(),
+    };
+    opset_rule(model, &table, &mut f);
+    dtype_rule(graph, &table, &mut f);
+    for node in &graph.node {
+        let name = if node.name.is_empty() {
+            node.output.first().map_or("?", |s| s.as_str())
+        } else {
+            node.name.as_str()
+        };
+        if cuda_ep && is_cuda_ep_node(&node.domain, &node.op_type) {
+            continue;
+        }
+        if !support_rules(node, name, &table, &mut f) {
+            continue;
+        }
+        match node.op_type.as_str() {
+            "Attention" => attention_rule(node, name, &mut f),
+            "RotaryEmbedding" => rotary_rule(node, name, &mut f),
+            "TopK" => topk_rule(node, name, &mut f),
+            "ScatterND" => scatternd_rule(node, name, &mut f),
+            "QuantizeLinear" | "DequantizeLinear" => qdq_rules(node, name, &mut f),
+            _ => {}
+        }
+    }
+    f.out
+}
+
+/// Input `i` of `node`, when given.
+fn input(node: &NodeProto, i: usize) -> Option<&str> {
+    node.input
+        .get(i)
+        .map(String::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+/// `opset`: the default domain's opset is one the parser reads.
+fn opset_rule(model: &ModelProto, table: &Support, f: &mut Findings<'_>) {
     for o in &model.opset_import {
         if o.domain.is_empty() && (o.version < table.opsets.0 || o.version > table.opsets.1) {
-            report(
+            f.report(
                 "opset",
                 "<model>",
                 format!(
@@ -126,38 +181,47 @@ fn violations(model: &ModelProto, cuda_ep: bool) -> Vec<Violation> {
             );
         }
     }
-    let graph = model.graph.get_or_default();
-    let initializers: HashMap<&str, &TensorProto> = graph
-        .initializer
-        .iter()
-        .map(|t| (t.name.as_str(), t))
-        .collect();
+}
+
+/// `dtype`: every initializer and graph input has a dtype TensorRT takes.
+fn dtype_rule(graph: &GraphProto, table: &Support, f: &mut Findings<'_>) {
     let allowed: HashSet<&str> = table.dtypes.iter().map(String::as_str).collect();
     for t in &graph.initializer {
         let name = dtype_name(t.data_type);
         if !allowed.contains(name.as_str()) {
-            report("dtype", &t.name, format!("initializer of dtype {name}"));
+            f.report("dtype", &t.name, format!("initializer of dtype {name}"));
         }
     }
-    let mut int64_values: HashSet<&str> = HashSet::new();
     for input in &graph.input {
         if let Some(onnx_protobuf::type_proto::Value::TensorType(t)) =
             &input.type_.get_or_default().value
         {
             let name = dtype_name(t.elem_type);
             if !allowed.contains(name.as_str()) {
-                report("dtype", &input.name, format!("graph input of dtype {name}"));
-            }
-            if t.elem_type == DataType::INT64 as i32 {
-                int64_values.insert(input.name.as_str());
+                f.report("dtype", &input.name, format!("graph input of dtype {name}"));
             }
         }
     }
-    // Int64 constants, `Shape`, and ops that keep their first input's type (the vision graph's
-    // expanded 0..S positions, the decoder's per-token row index from a Range) give int64 values.
-    for t in &graph.initializer {
-        if t.data_type == DataType::INT64 as i32 {
-            int64_values.insert(t.name.as_str());
+}
+
+/// The values of `graph` known to be int64: int64 graph inputs and constants, `Shape`, and ops that
+/// keep their first input's type (the vision graph's expanded 0..S positions, the decoder's per-token
+/// row index from a Range).
+fn int64_values(graph: &GraphProto) -> HashSet<&str> {
+    let int64 = DataType::INT64 as i32;
+    let mut values: HashSet<&str> = graph
+        .initializer
+        .iter()
+        .filter(|t| t.data_type == int64)
+        .map(|t| t.name.as_str())
+        .collect();
+    for input in &graph.input {
+        if let Some(onnx_protobuf::type_proto::Value::TensorType(t)) =
+            &input.type_.get_or_default().value
+        {
+            if t.elem_type == int64 {
+                values.insert(input.name.as_str());
+            }
         }
     }
     for node in &graph.node {
@@ -168,166 +232,163 @@ fn violations(model: &ModelProto, cuda_ep: bool) -> Vec<Violation> {
         let int64_first = node
             .input
             .first()
-            .is_some_and(|i| int64_values.contains(i.as_str()));
+            .is_some_and(|i| values.contains(i.as_str()));
         if node.op_type == "Shape" || (keeps_type && int64_first) {
-            int64_values.extend(node.output.iter().map(String::as_str));
+            values.extend(node.output.iter().map(String::as_str));
         }
     }
+    values
+}
 
-    for node in &graph.node {
-        let name = if node.name.is_empty() {
-            node.output.first().map_or("?", |s| s.as_str())
+/// `unsupported-op` and `unknown-attribute`; false when the op is not in the table (nothing more to
+/// check).
+fn support_rules(node: &NodeProto, name: &str, table: &Support, f: &mut Findings<'_>) -> bool {
+    let Some(attrs) = table
+        .ops
+        .get(&node.op_type)
+        .filter(|_| node.domain.is_empty() || node.domain == "ai.onnx")
+    else {
+        let op = if node.domain.is_empty() {
+            node.op_type.clone()
         } else {
-            node.name.as_str()
+            format!("{}.{}", node.domain, node.op_type)
         };
-        if cuda_ep && is_cuda_ep_node(&node.domain, &node.op_type) {
-            continue;
-        }
-        let Some(attrs) = table
-            .ops
-            .get(&node.op_type)
-            .filter(|_| node.domain.is_empty() || node.domain == "ai.onnx")
-        else {
-            let op = if node.domain.is_empty() {
-                node.op_type.clone()
-            } else {
-                format!("{}.{}", node.domain, node.op_type)
-            };
-            report(
-                "unsupported-op",
+        f.report(
+            "unsupported-op",
+            name,
+            format!("{op} is not in TensorRT 10.15's ONNX parser"),
+        );
+        return false;
+    };
+    for a in &node.attribute {
+        if !attrs.contains(&a.name) {
+            f.report(
+                "unknown-attribute",
                 name,
-                format!("{op} is not in TensorRT 10.15's ONNX parser"),
+                format!("{} has no attribute `{}` in ONNX", node.op_type, a.name),
             );
-            continue;
-        };
-        for a in &node.attribute {
-            if !attrs.contains(&a.name) {
-                report(
-                    "unknown-attribute",
-                    name,
-                    format!("{} has no attribute `{}` in ONNX", node.op_type, a.name),
-                );
-            }
-        }
-        let input = |i: usize| {
-            node.input
-                .get(i)
-                .map(String::as_str)
-                .filter(|s| !s.is_empty())
-        };
-        match node.op_type.as_str() {
-            "Attention" => {
-                if input(4).is_some() || input(5).is_some() {
-                    report(
-                        "attention-4d",
-                        name,
-                        "past_key/past_value inputs (keep the KV cache outside Attention)".into(),
-                    );
-                }
-                if node.output.iter().skip(1).any(|o| !o.is_empty()) {
-                    report(
-                        "attention-4d",
-                        name,
-                        "present_key/present_value/qk outputs".into(),
-                    );
-                }
-                if attr_f(node, "softcap").is_some_and(|v| v != 0.0) {
-                    report("attention-4d", name, "softcap".into());
-                }
-                if attr_i(node, "q_num_heads").is_some() || attr_i(node, "kv_num_heads").is_some() {
-                    report(
-                        "attention-4d",
-                        name,
-                        "3D inputs (q_num_heads/kv_num_heads)".into(),
-                    );
-                }
-            }
-            "RotaryEmbedding" => match input(3) {
-                Some(pos) if int64_values.contains(pos) => {}
-                Some(pos) => report(
-                    "rotary-position-ids",
-                    name,
-                    format!("position ids `{pos}` are not int64 (a graph input or constant)"),
-                ),
-                None => report("rotary-position-ids", name, "no position ids".into()),
-            },
-            "TopK" => {
-                if attr_i(node, "sorted") == Some(0) {
-                    report("topk", name, "sorted=0".into());
-                }
-                match input(1)
-                    .and_then(|k| initializers.get(k))
-                    .and_then(|t| int64s(t).first().copied())
-                {
-                    Some(k) if k < 3840 => {}
-                    Some(k) => report("topk", name, format!("K = {k} is not below 3840")),
-                    None => report("topk", name, "K is not a constant".into()),
-                }
-            }
-            "ScatterND"
-                if node
-                    .attribute
-                    .iter()
-                    .any(|a| a.name == "reduction" && a.s != b"none") =>
-            {
-                report("scatternd-reduction", name, "reduction".into());
-            }
-            "QuantizeLinear" | "DequantizeLinear" => {
-                if let Some(zp) = input(2) {
-                    let zero = initializers.get(zp).is_some_and(|t| {
-                        t.raw_data.iter().all(|&b| b == 0) && t.int32_data.iter().all(|&v| v == 0)
-                    });
-                    if !zero {
-                        report("qdq-symmetric", name, format!("zero point `{zp}`"));
-                    }
-                }
-                let weight = input(0).and_then(|x| initializers.get(x));
-                let scale = input(1).and_then(|s| initializers.get(s));
-                let per_tensor = scale.is_some_and(|t| t.dims.iter().product::<i64>() == 1);
-                let is_activation = node.op_type == "QuantizeLinear" || weight.is_none();
-                if is_activation && !per_tensor {
-                    report(
-                        "activation-per-tensor",
-                        name,
-                        "activation scale is not a single value".into(),
-                    );
-                }
-                let blocked = attr_i(node, "block_size").is_some_and(|b| b > 0);
-                let int4 = weight.is_some_and(|w| w.data_type == DataType::INT4 as i32);
-                if int4 {
-                    match attr_i(node, "block_size") {
-                        Some(64 | 128) => {}
-                        Some(b) => report(
-                            "int4-block",
-                            name,
-                            format!("INT4 block size {b} (TensorRT takes 64 or 128)"),
-                        ),
-                        None => {
-                            report("int4-block", name, "INT4 without block quantization".into())
-                        }
-                    }
-                } else if node.op_type == "DequantizeLinear"
-                    && weight.is_none()
-                    && input(0).is_some()
-                    && blocked
-                {
-                    report(
-                        "int4-block",
-                        name,
-                        "blocked DequantizeLinear of an activation".into(),
-                    );
-                } else if blocked {
-                    report(
-                        "blocked-non-int4",
-                        name,
-                        "block quantization of a non-INT4 tensor".into(),
-                    );
-                }
-            }
-            _ => {}
         }
     }
-    out
+    true
+}
+
+/// `attention-4d`: 4D q/k/v and a mask only.
+fn attention_rule(node: &NodeProto, name: &str, f: &mut Findings<'_>) {
+    if input(node, 4).is_some() || input(node, 5).is_some() {
+        f.report(
+            "attention-4d",
+            name,
+            "past_key/past_value inputs (keep the KV cache outside Attention)".into(),
+        );
+    }
+    if node.output.iter().skip(1).any(|o| !o.is_empty()) {
+        f.report(
+            "attention-4d",
+            name,
+            "present_key/present_value/qk outputs".into(),
+        );
+    }
+    if attr_f(node, "softcap").is_some_and(|v| v != 0.0) {
+        f.report("attention-4d", name, "softcap".into());
+    }
+    if attr_i(node, "q_num_heads").is_some() || attr_i(node, "kv_num_heads").is_some() {
+        f.report(
+            "attention-4d",
+            name,
+            "3D inputs (q_num_heads/kv_num_heads)".into(),
+        );
+    }
+}
+
+/// `rotary-position-ids`: int64 position ids.
+fn rotary_rule(node: &NodeProto, name: &str, f: &mut Findings<'_>) {
+    match input(node, 3) {
+        Some(pos) if f.int64_values.contains(pos) => {}
+        Some(pos) => f.report(
+            "rotary-position-ids",
+            name,
+            format!("position ids `{pos}` are not int64 (a graph input or constant)"),
+        ),
+        None => f.report("rotary-position-ids", name, "no position ids".into()),
+    }
+}
+
+/// `topk`: sorted, with a constant K below 3840.
+fn topk_rule(node: &NodeProto, name: &str, f: &mut Findings<'_>) {
+    if attr_i(node, "sorted") == Some(0) {
+        f.report("topk", name, "sorted=0".into());
+    }
+    match input(node, 1)
+        .and_then(|k| f.initializers.get(k))
+        .and_then(|t| int64s(t).first().copied())
+    {
+        Some(k) if k < 3840 => {}
+        Some(k) => f.report("topk", name, format!("K = {k} is not below 3840")),
+        None => f.report("topk", name, "K is not a constant".into()),
+    }
+}
+
+/// `scatternd-reduction`: no reduction.
+fn scatternd_rule(node: &NodeProto, name: &str, f: &mut Findings<'_>) {
+    if node
+        .attribute
+        .iter()
+        .any(|a| a.name == "reduction" && a.s != b"none")
+    {
+        f.report("scatternd-reduction", name, "reduction".into());
+    }
+}
+
+/// `qdq-symmetric`, `activation-per-tensor`, `int4-block` and `blocked-non-int4`.
+fn qdq_rules(node: &NodeProto, name: &str, f: &mut Findings<'_>) {
+    if let Some(zp) = input(node, 2) {
+        let zero = f.initializers.get(zp).is_some_and(|t| {
+            t.raw_data.iter().all(|&b| b == 0) && t.int32_data.iter().all(|&v| v == 0)
+        });
+        if !zero {
+            f.report("qdq-symmetric", name, format!("zero point `{zp}`"));
+        }
+    }
+    let weight = input(node, 0).and_then(|x| f.initializers.get(x)).copied();
+    let scale = input(node, 1).and_then(|s| f.initializers.get(s));
+    let per_tensor = scale.is_some_and(|t| t.dims.iter().product::<i64>() == 1);
+    let is_activation = node.op_type == "QuantizeLinear" || weight.is_none();
+    if is_activation && !per_tensor {
+        f.report(
+            "activation-per-tensor",
+            name,
+            "activation scale is not a single value".into(),
+        );
+    }
+    let blocked = attr_i(node, "block_size").is_some_and(|b| b > 0);
+    let int4 = weight.is_some_and(|w| w.data_type == DataType::INT4 as i32);
+    if int4 {
+        match attr_i(node, "block_size") {
+            Some(64 | 128) => {}
+            Some(b) => f.report(
+                "int4-block",
+                name,
+                format!("INT4 block size {b} (TensorRT takes 64 or 128)"),
+            ),
+            None => f.report("int4-block", name, "INT4 without block quantization".into()),
+        }
+    } else if node.op_type == "DequantizeLinear"
+        && weight.is_none()
+        && input(node, 0).is_some()
+        && blocked
+    {
+        f.report(
+            "int4-block",
+            name,
+            "blocked DequantizeLinear of an activation".into(),
+        );
+    } else if blocked {
+        f.report(
+            "blocked-non-int4",
+            name,
+            "block quantization of a non-INT4 tensor".into(),
+        );
+    }
 }
 
 fn attr_i(node: &NodeProto, name: &str) -> Option<i64> {
