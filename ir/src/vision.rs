@@ -29,29 +29,60 @@ pub fn build_vision_graph(ckpt: &Checkpoint) -> Result<Graph, ImportError> {
         .vision
         .as_ref()
         .ok_or_else(|| ImportError::Unsupported("the checkpoint has no vision tower".into()))?;
-    let text_hidden = ckpt.config.hidden_size;
-    let (h, p, g, ch) = (c.hidden_size, c.patch_size, c.grid(), c.num_channels);
-    let (heads, hd) = (c.num_heads, c.hidden_size / c.num_heads);
-    let seq = g * g + 1;
-    let batch = Dim::Sym(SymDim::Batch);
-    let fixed = Dim::Fixed;
+    let (h, g) = (c.hidden_size, c.grid());
     let mut b = Builder {
         ckpt,
         graph: Graph::new(Phase::Lowered, ckpt.store.clone()),
         stage: "vision import",
     };
-
     let pixels = b.add(
         PIXEL_VALUES,
         Op::Input(InputAttrs {
             name: PIXEL_VALUES.into(),
             ty: TensorType::new(
                 DType::F32,
-                vec![batch, fixed(ch), fixed(c.image_size), fixed(c.image_size)],
+                vec![
+                    Dim::Sym(SymDim::Batch),
+                    Dim::Fixed(c.num_channels),
+                    Dim::Fixed(c.image_size),
+                    Dim::Fixed(c.image_size),
+                ],
             ),
         }),
         &[],
     )?;
+    let x = patch_embedding(&mut b, c, pixels)?;
+    let mut x = b.layer_norm("layernorm_pre", x, "vision_model.layernorm_pre", h)?;
+    let (cos, sin) = rotary_tables(c);
+    let cos = b.add("rope.cos", Op::Constant(cos), &[])?;
+    let sin = b.add("rope.sin", Op::Constant(sin), &[])?;
+    for i in 0..c.num_layers {
+        x = encoder_layer(&mut b, c, i, x, [cos, sin])?;
+    }
+    let x = b.layer_norm("layernorm_post", x, "vision_model.layernorm_post", h)?;
+    let x = b.add(
+        "drop_class_token",
+        Op::Slice {
+            axis: 1,
+            start: 0,
+            end: g * g,
+        },
+        &[x],
+    )?;
+
+    let x = pixel_shuffle(&mut b, c, x)?;
+    let x = projector(&mut b, c, ckpt.config.hidden_size, x)?;
+    b.graph.set_output(IMAGE_FEATURES, x);
+    verify(&b.graph, Some("vision import")).map_err(ImportError::Verify)?;
+    Ok(b.graph)
+}
+
+/// Pixels [tiles, C, S, S] -> patch embeddings with the class token and positions, [tiles, g*g+1, h].
+fn patch_embedding(b: &mut Builder, c: &VisionConfig, pixels: Value) -> Result<Value, ImportError> {
+    let (h, p, g, ch) = (c.hidden_size, c.patch_size, c.grid(), c.num_channels);
+    let seq = g * g + 1;
+    let batch = Dim::Sym(SymDim::Batch);
+    let fixed = Dim::Fixed;
     // nn.Unfold: patch (row, col) in row-major order, features channel-major (c, kh, kw).
     let x = b.reshape(
         "patches.split",
@@ -87,110 +118,115 @@ pub fn build_vision_graph(ckpt: &Checkpoint) -> Result<Graph, ImportError> {
     let pos = b.add("positions.cast", Op::Cast { to: DType::F32 }, &[pos])?;
     let pos = b.reshape("positions", pos, vec![fixed(1), fixed(seq), fixed(h)])?;
     let x = b.add("add_positions", Op::Add, &[x, pos])?;
-    let mut x = b.layer_norm("layernorm_pre", x, "vision_model.layernorm_pre", h)?;
+    Ok(x)
+}
 
-    let (cos, sin) = rotary_tables(c);
-    let cos = b.add("rope.cos", Op::Constant(cos), &[])?;
-    let sin = b.add("rope.sin", Op::Constant(sin), &[])?;
-    for i in 0..c.num_layers {
-        let l = format!("vision_model.model.layers.{i}.");
-        let n = format!("vision.layers.{i}.");
-        let normed = b.layer_norm(
-            &format!("{n}input_norm"),
-            x,
-            &format!("{l}input_layernorm"),
+/// Encoder layer `i`: pre-norm attention with 2D rotary `cos`/`sin` on q and k, then the GELU MLP.
+fn encoder_layer(
+    b: &mut Builder,
+    c: &VisionConfig,
+    i: usize,
+    x: Value,
+    [cos, sin]: [Value; 2],
+) -> Result<Value, ImportError> {
+    let (h, g) = (c.hidden_size, c.grid());
+    let (heads, hd) = (c.num_heads, c.hidden_size / c.num_heads);
+    let seq = g * g + 1;
+    let batch = Dim::Sym(SymDim::Batch);
+    let fixed = Dim::Fixed;
+    let l = format!("vision_model.model.layers.{i}.");
+    let n = format!("vision.layers.{i}.");
+    let normed = b.layer_norm(
+        &format!("{n}input_norm"),
+        x,
+        &format!("{l}input_layernorm"),
+        h,
+    )?;
+    let heads_of = |b: &mut Builder, proj: &str, rotate: bool| {
+        let y = b.linear(
+            &format!("{n}{proj}"),
+            normed,
+            &format!("{l}self_attn.{proj}"),
+            h,
             h,
         )?;
-        let heads_of = |b: &mut Builder, proj: &str, rotate: bool| {
-            let y = b.linear(
-                &format!("{n}{proj}"),
-                normed,
-                &format!("{l}self_attn.{proj}"),
-                h,
-                h,
-            )?;
-            let y = b.reshape(
-                &format!("{n}{proj}.heads"),
-                y,
-                vec![batch, fixed(seq), fixed(heads), fixed(hd)],
-            )?;
-            let y = b.add(
-                format!("{n}{proj}.transpose"),
-                Op::Transpose {
-                    perm: vec![0, 2, 1, 3],
-                },
-                &[y],
-            )?;
-            if rotate {
-                b.add(format!("{n}{proj}.rope"), Op::Rotary, &[y, cos, sin])
-            } else {
-                Ok(y)
-            }
-        };
-        let q = heads_of(&mut b, "q_proj", true)?;
-        let k = heads_of(&mut b, "k_proj", true)?;
-        let v = heads_of(&mut b, "v_proj", false)?;
-        let a = b.add(
-            format!("{n}sdpa"),
-            Op::Sdpa {
-                scale: (hd as f32).powf(-0.5),
-            },
-            &[q, k, v],
+        let y = b.reshape(
+            &format!("{n}{proj}.heads"),
+            y,
+            vec![batch, fixed(seq), fixed(heads), fixed(hd)],
         )?;
-        let a = b.add(
-            format!("{n}attn.transpose"),
+        let y = b.add(
+            format!("{n}{proj}.transpose"),
             Op::Transpose {
                 perm: vec![0, 2, 1, 3],
             },
-            &[a],
+            &[y],
         )?;
-        let a = b.reshape(
-            &format!("{n}attn.merge"),
-            a,
-            vec![batch, fixed(seq), fixed(h)],
-        )?;
-        let o = b.linear(
-            &format!("{n}o_proj"),
-            a,
-            &format!("{l}self_attn.o_proj"),
-            h,
-            h,
-        )?;
-        let x1 = b.add(format!("{n}attn_residual"), Op::Add, &[x, o])?;
-        let normed = b.layer_norm(
-            &format!("{n}post_norm"),
-            x1,
-            &format!("{l}post_attention_layernorm"),
-            h,
-        )?;
-        let f = b.linear(
-            &format!("{n}fc1"),
-            normed,
-            &format!("{l}mlp.fc1"),
-            c.intermediate_size,
-            h,
-        )?;
-        let f = b.add(format!("{n}gelu"), Op::Gelu, &[f])?;
-        let f = b.linear(
-            &format!("{n}fc2"),
-            f,
-            &format!("{l}mlp.fc2"),
-            h,
-            c.intermediate_size,
-        )?;
-        x = b.add(format!("{n}mlp_residual"), Op::Add, &[x1, f])?;
-    }
-    let x = b.layer_norm("layernorm_post", x, "vision_model.layernorm_post", h)?;
-    let x = b.add(
-        "drop_class_token",
-        Op::Slice {
-            axis: 1,
-            start: 0,
-            end: g * g,
+        if rotate {
+            b.add(format!("{n}{proj}.rope"), Op::Rotary, &[y, cos, sin])
+        } else {
+            Ok(y)
+        }
+    };
+    let q = heads_of(b, "q_proj", true)?;
+    let k = heads_of(b, "k_proj", true)?;
+    let v = heads_of(b, "v_proj", false)?;
+    let a = b.add(
+        format!("{n}sdpa"),
+        Op::Sdpa {
+            scale: (hd as f32).powf(-0.5),
         },
-        &[x],
+        &[q, k, v],
     )?;
+    let a = b.add(
+        format!("{n}attn.transpose"),
+        Op::Transpose {
+            perm: vec![0, 2, 1, 3],
+        },
+        &[a],
+    )?;
+    let a = b.reshape(
+        &format!("{n}attn.merge"),
+        a,
+        vec![batch, fixed(seq), fixed(h)],
+    )?;
+    let o = b.linear(
+        &format!("{n}o_proj"),
+        a,
+        &format!("{l}self_attn.o_proj"),
+        h,
+        h,
+    )?;
+    let x1 = b.add(format!("{n}attn_residual"), Op::Add, &[x, o])?;
+    let normed = b.layer_norm(
+        &format!("{n}post_norm"),
+        x1,
+        &format!("{l}post_attention_layernorm"),
+        h,
+    )?;
+    let f = b.linear(
+        &format!("{n}fc1"),
+        normed,
+        &format!("{l}mlp.fc1"),
+        c.intermediate_size,
+        h,
+    )?;
+    let f = b.add(format!("{n}gelu"), Op::Gelu, &[f])?;
+    let f = b.linear(
+        &format!("{n}fc2"),
+        f,
+        &format!("{l}mlp.fc2"),
+        h,
+        c.intermediate_size,
+    )?;
+    b.add(format!("{n}mlp_residual"), Op::Add, &[x1, f])
+}
 
+/// Pixel shuffle with ratio 0.5: [tiles, g*g, h] -> [tiles, g*g/4, 4h].
+fn pixel_shuffle(b: &mut Builder, c: &VisionConfig, x: Value) -> Result<Value, ImportError> {
+    let (h, g) = (c.hidden_size, c.grid());
+    let batch = Dim::Sym(SymDim::Batch);
+    let fixed = Dim::Fixed;
     // Pixel shuffle with ratio 0.5: out[h2 * g/2 + w2, dh*2C + dw*C + c] = in[(2 h2 + dh) * g + 2 w2 + dw, c].
     let half = g / 2;
     let x = b.reshape(
@@ -217,7 +253,17 @@ pub fn build_vision_graph(ckpt: &Checkpoint) -> Result<Graph, ImportError> {
         },
         &[x],
     )?;
-    let x = b.reshape("shuffle", x, vec![batch, fixed(half * half), fixed(4 * h)])?;
+    b.reshape("shuffle", x, vec![batch, fixed(half * half), fixed(4 * h)])
+}
+
+/// The vision adapter (two GELU layers) and the multi-modal projector into the text model's width,
+/// flattened to feature rows [tiles * g*g/4, text_hidden].
+fn projector(
+    b: &mut Builder,
+    c: &VisionConfig,
+    text_hidden: usize,
+    x: Value,
+) -> Result<Value, ImportError> {
     let a = "vision_model.vision_adapter.mlp.";
     let w1 = b.weight(
         &format!("{a}fc1.weight"),
@@ -239,14 +285,11 @@ pub fn build_vision_graph(ckpt: &Checkpoint) -> Result<Graph, ImportError> {
         "multi-modal projector",
     )?;
     let x = b.add("projector", Op::Linear, &[x, wp])?;
-    let x = b.reshape(
+    b.reshape(
         "flatten_tiles",
         x,
-        vec![Dim::Sym(SymDim::Features), fixed(text_hidden)],
-    )?;
-    b.graph.set_output(IMAGE_FEATURES, x);
-    verify(&b.graph, Some("vision import")).map_err(ImportError::Verify)?;
-    Ok(b.graph)
+        vec![Dim::Sym(SymDim::Features), Dim::Fixed(text_hidden)],
+    )
 }
 
 /// cos/sin [g*g + 1, head_dim / 2] of the 2D RoPE: pair j < head_dim/4 turns by `(col + 1) f_j`, the
