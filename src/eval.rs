@@ -2,6 +2,7 @@
 //! agreement over teacher-forced prompts (the fixture's golden prompts when the checkpoint has them, plus
 //! seeded random prompts).
 
+use herd_runtime::sampling::argmax;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -123,16 +124,6 @@ fn log_softmax(logits: &[f32]) -> Vec<f64> {
     let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
     let log_sum = sum.ln() + max;
     logits.iter().map(|&v| v as f64 - log_sum).collect()
-}
-
-fn argmax(logits: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best
 }
 
 /// Loads both bundles and compares them.

@@ -9,6 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{fails_with, fixture, ok};
+use herd_runtime::sampling::argmax;
 use herd_runtime::{Batch, BatchEvent, GenerateParams, Model, Prompt, RuntimeOptions, Sampling};
 
 fn compile(model: &str, out: &Path, extra: &[&str]) -> PathBuf {
@@ -78,16 +79,6 @@ fn outputs(model: &Model) -> Vec<(Vec<f32>, Vec<i64>)> {
             (logits, tokens)
         })
         .collect()
-}
-
-fn argmax(logits: &[f32]) -> i64 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as i64
 }
 
 #[test]
