@@ -27,7 +27,7 @@ pub struct RuntimeArgs {
     #[arg(long, default_value_t = 0, conflicts_with = "devices")]
     pub device: u32,
     /// GPUs of a staged bundle's pipeline stages (`herd compile --stages N`), one per stage in order,
-    /// comma-separated: `--devices 0,1,2,3`. The vision graph runs on the first.
+    /// comma-separated: `--devices 0,1,2,3`. The vision graph runs on the first (or --vision-device).
     #[arg(long, value_delimiter = ',', value_name = "GPU,...")]
     pub devices: Vec<u32>,
     /// GPU of the vision graph (default: the first stage's).
