@@ -434,6 +434,7 @@ pub struct Plan {
     pub kv_bytes_per_token: u64,
     pub activation_peak_bytes: u64,
     pub total_bytes: u64,
+    /// The fewest GPUs whose pipeline split fits (0: no split into whole layers does).
     pub gpus_needed: u64,
     /// Every stage fits its GPU.
     pub fits: bool,
@@ -478,12 +479,17 @@ pub fn plan(
     let act = activation_peak_bytes(config, input, input.context);
     let total = weight_bytes.saturating_add(kv).saturating_add(act);
     let usable = (input.gpu.memory_bytes as f64 * USABLE_FRACTION) as u64;
-    let gpus_needed = total.div_ceil(usable);
-    let stages_at = |c: u64| {
+    let split_at = |c: u64, gpus: usize| {
         let kv = layer_kv_bytes(config, input.kv_bytes_per_value, input.batch, c);
         let act = activation_peak_bytes(config, input, c);
-        split_stages(layer_weights, &kv, input.gpus as usize, act, usable)
+        split_stages(layer_weights, &kv, gpus, act, usable)
     };
+    let stages_at = |c: u64| split_at(c, input.gpus as usize);
+    // The fewest GPUs whose split into whole layers fits (0: none does, a layer alone is too large).
+    let layers = layer_weights.layers.len() as u64;
+    let gpus_needed = (total.div_ceil(usable).max(1)..=layers.max(1))
+        .find(|&n| split_at(input.context, n as usize).iter().all(|s| s.fits))
+        .unwrap_or(0);
     let stages = stages_at(input.context);
     let fits_at = |c: u64| stages_at(c).iter().all(|s| s.fits);
     let max_context = if !fits_at(1) {

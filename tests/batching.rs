@@ -7,18 +7,8 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{fixture, ok};
-use herd_runtime::{Batch, BatchEvent, GenerateParams, Model, Prompt, RuntimeOptions, Sampling};
-
-fn greedy(n: usize) -> GenerateParams {
-    GenerateParams {
-        max_new_tokens: n,
-        sampling: Sampling::Greedy,
-        stop_ids: Some(vec![]),
-        stop_strings: vec![],
-        return_logits: true,
-    }
-}
+use common::{fixture, greedy, ok};
+use herd_runtime::{Batch, BatchEvent, Model, Prompt, RuntimeOptions};
 
 fn bundle(dir: &std::path::Path, extra: &[&str]) -> std::path::PathBuf {
     let out = dir.join("bundle");

@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{fixture, goldens_file, max_error, ok, LOGIT_TOLERANCE};
+use common::{fixture, goldens_file, greedy, max_error, ok, LOGIT_TOLERANCE};
 use herd_runtime::{GenerateParams, Model, RuntimeOptions, SampleParams, Sampling};
 
 fn compile(name: &str, dir: &std::path::Path, max_context: usize) -> std::path::PathBuf {
@@ -20,16 +20,6 @@ fn compile(name: &str, dir: &std::path::Path, max_context: usize) -> std::path::
         &max_context.to_string(),
     ]);
     bundle
-}
-
-fn greedy(n: usize) -> GenerateParams {
-    GenerateParams {
-        max_new_tokens: n,
-        sampling: Sampling::Greedy,
-        stop_ids: Some(vec![]),
-        stop_strings: vec![],
-        return_logits: true,
-    }
 }
 
 #[test]

@@ -55,15 +55,17 @@ fn start(bundle: &std::path::Path, extra: &[&str]) -> Server {
 }
 
 fn bundle(dir: &std::path::Path) -> std::path::PathBuf {
-    let out = dir.join("tiny-scout");
-    ok(&[
-        "compile",
-        fixture("tiny-scout").to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--max-context",
-        "512",
-    ]);
+    bundle_named(dir, "tiny-scout", &[])
+}
+
+/// tiny-scout compiled into `dir/name` with `extra` compile arguments.
+fn bundle_named(dir: &std::path::Path, name: &str, extra: &[&str]) -> std::path::PathBuf {
+    let out = dir.join(name);
+    let (model, path) = (fixture("tiny-scout"), out.to_str().unwrap().to_string());
+    let mut args = vec!["compile", model.to_str().unwrap(), "-o", &path];
+    args.extend(["--max-context", "512"]);
+    args.extend_from_slice(extra);
+    ok(&args);
     out
 }
 
@@ -152,6 +154,22 @@ fn solo(model: &Model, prompt: Prompt, n: usize) -> String {
         .unwrap()
         .map(|e| e.unwrap().text)
         .collect()
+}
+
+/// The texts of `n`-token greedy completions of `prompts`, all sent at once.
+fn concurrent_completions(server: &Server, prompts: &[String], n: usize) -> Vec<String> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                s.spawn(move || {
+                    let r = post(server, "/v1/completions", &completion(p, n)).unwrap();
+                    r["choices"][0]["text"].as_str().unwrap().to_string()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
 }
 
 fn completion(prompt: &str, n: usize) -> Value {
@@ -251,19 +269,7 @@ fn completions_and_chats_equal_the_runtime_and_concurrent_requests_are_exact() {
         .iter()
         .map(|p| solo(&model, Prompt::Text(p.clone()), 7))
         .collect();
-    let answers: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = prompts
-            .iter()
-            .map(|p| {
-                let server = &server;
-                s.spawn(move || {
-                    let r = post(server, "/v1/completions", &completion(p, 7)).unwrap();
-                    r["choices"][0]["text"].as_str().unwrap().to_string()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let answers = concurrent_completions(&server, &prompts, 7);
     assert_eq!(answers, alone);
 
     let metrics = ureq::get(&format!("{}/metrics", server.url))
@@ -280,17 +286,7 @@ fn a_staged_bundle_serves_concurrent_requests_in_micro_batches_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let single = bundle(dir.path());
     let model = Model::load(&single, &RuntimeOptions::default()).unwrap();
-    let staged = dir.path().join("staged");
-    ok(&[
-        "compile",
-        fixture("tiny-scout").to_str().unwrap(),
-        "-o",
-        staged.to_str().unwrap(),
-        "--max-context",
-        "512",
-        "--stages",
-        "2",
-    ]);
+    let staged = bundle_named(dir.path(), "staged", &["--stages", "2"]);
     // 4 slots in 2 micro-batches (one per stage, the default) through the two stages together.
     let server = start(&staged, &["--max-batch", "4", "--model-name", "tiny-scout"]);
     let prompts: Vec<String> = (0..8).map(|i| format!("Staged request {i} says")).collect();
@@ -298,19 +294,7 @@ fn a_staged_bundle_serves_concurrent_requests_in_micro_batches_exactly() {
         .iter()
         .map(|p| solo(&model, Prompt::Text(p.clone()), 6))
         .collect();
-    let answers: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = prompts
-            .iter()
-            .map(|p| {
-                let server = &server;
-                s.spawn(move || {
-                    let r = post(server, "/v1/completions", &completion(p, 6)).unwrap();
-                    r["choices"][0]["text"].as_str().unwrap().to_string()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let answers = concurrent_completions(&server, &prompts, 6);
     assert_eq!(answers, alone);
 }
 

@@ -8,9 +8,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{fails_with, fixture, ok};
+use common::{fails_with, fixture, greedy, ok};
 use herd_runtime::sampling::argmax;
-use herd_runtime::{Batch, BatchEvent, GenerateParams, Model, Prompt, RuntimeOptions, Sampling};
+use herd_runtime::{Batch, BatchEvent, Model, Prompt, RuntimeOptions};
 
 fn compile(model: &str, out: &Path, extra: &[&str]) -> PathBuf {
     let mut args = vec![
@@ -39,16 +39,6 @@ fn relative_error(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
-}
-
-fn greedy(n: usize) -> GenerateParams {
-    GenerateParams {
-        max_new_tokens: n,
-        sampling: Sampling::Greedy,
-        stop_ids: Some(vec![]),
-        stop_strings: vec![],
-        return_logits: true,
-    }
 }
 
 /// Every token's logits of a text prompt and an image prompt, and 12 greedy tokens of each.

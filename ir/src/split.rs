@@ -172,6 +172,8 @@ fn rewire_masks(g: &mut Graph, range: &Range<usize>) {
 
 /// Per-layer costs balanced over `stages` contiguous ranges: the split whose costliest stage (its
 /// layers plus `first_extra` on stage 0 and `last_extra` on the last) costs least. Costs are bytes.
+/// The extras ride on the first and last layers, which makes this the plain linear partition problem:
+/// a binary search on the largest stage's cost with a greedy check, O(layers x 64).
 pub fn balance(
     layer_costs: &[u64],
     first_extra: u64,
@@ -179,54 +181,51 @@ pub fn balance(
     stages: usize,
 ) -> Vec<Range<usize>> {
     let n = layer_costs.len();
-    let stages = stages.clamp(1, n.max(1));
     if n == 0 {
         return std::iter::once(0..0).collect();
     }
-    let prefix: Vec<u64> = std::iter::once(0)
-        .chain(layer_costs.iter().scan(0u64, |s, &c| {
-            *s = s.saturating_add(c);
-            Some(*s)
-        }))
-        .collect();
-    let cost = |a: usize, b: usize, k: usize| {
-        let mut c = prefix[b] - prefix[a];
-        if k == 0 {
-            c = c.saturating_add(first_extra);
-        }
-        if k == stages - 1 {
-            c = c.saturating_add(last_extra);
-        }
-        c
-    };
-    // best[k][i]: least max cost of layers 0..i in stages 0..=k; from[k][i]: where stage k starts.
-    let mut best = vec![vec![u64::MAX; n + 1]; stages];
-    let mut from = vec![vec![0usize; n + 1]; stages];
-    for (i, b) in best[0].iter_mut().enumerate().skip(1) {
-        *b = cost(0, i, 0);
-    }
-    for k in 1..stages {
-        for i in (k + 1)..=n {
-            for j in k..i {
-                if best[k - 1][j] == u64::MAX {
-                    continue;
-                }
-                let c = best[k - 1][j].max(cost(j, i, k));
-                if c < best[k][i] {
-                    best[k][i] = c;
-                    from[k][i] = j;
-                }
+    let stages = stages.clamp(1, n);
+    let mut costs = layer_costs.to_vec();
+    costs[0] = costs[0].saturating_add(first_extra);
+    costs[n - 1] = costs[n - 1].saturating_add(last_extra);
+    // The fewest stages of at most `cap` each, greedily from the first layer.
+    let count = |cap: u64| {
+        let (mut parts, mut sum) = (1usize, 0u64);
+        for &c in &costs {
+            if sum.saturating_add(c) > cap {
+                parts += 1;
+                sum = 0;
             }
+            sum = sum.saturating_add(c);
+        }
+        parts
+    };
+    let (mut lo, mut hi) = (
+        costs.iter().copied().max().unwrap_or(0),
+        costs.iter().fold(0u64, |s, &c| s.saturating_add(c)),
+    );
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if count(mid) <= stages {
+            hi = mid;
+        } else {
+            lo = mid + 1;
         }
     }
+    // Exactly `stages` ranges under the cap: cut when the cap is reached, or when each later stage
+    // needs one of the layers left.
     let mut ranges = Vec::with_capacity(stages);
-    let mut end = n;
-    for k in (0..stages).rev() {
-        let start = if k == 0 { 0 } else { from[k][end] };
-        ranges.push(start..end);
-        end = start;
+    let (mut start, mut sum) = (0usize, 0u64);
+    for (i, &c) in costs.iter().enumerate() {
+        let to_open = stages - ranges.len() - 1;
+        if i > start && (sum.saturating_add(c) > lo || n - i <= to_open) {
+            ranges.push(start..i);
+            start = i;
+            sum = 0;
+        }
+        sum = sum.saturating_add(c);
     }
-    ranges.reverse();
+    ranges.push(start..n);
     ranges
 }
 

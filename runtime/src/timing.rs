@@ -53,7 +53,8 @@ impl Model {
             done += n;
         }
         let prefill = start.elapsed();
-        let decode = self.time_decode(&mut cache, batch, prompt_len, steps)?;
+        let decode =
+            self.time_decode(std::slice::from_mut(&mut cache), batch, prompt_len, steps)?;
         Ok((prefill, decode))
     }
 
@@ -66,24 +67,26 @@ impl Model {
         context: usize,
         steps: usize,
     ) -> Result<Duration, RuntimeError> {
-        let mut cache = self.new_cache(batch.max(1), context + steps)?;
-        self.time_decode(&mut cache, batch, context, steps)
+        let cache = self.new_cache(batch.max(1), context + steps)?;
+        self.time_decode(&mut [cache], batch, context, steps)
     }
 
+    /// Times `steps` decode steps of `rows` rows from position `from` in each of `caches` (one
+    /// micro-batch each): in flight together through a staged model's stages, else one after another.
     fn time_decode(
         &self,
-        cache: &mut KvCache,
-        batch: usize,
+        caches: &mut [KvCache],
+        rows: usize,
         from: usize,
         steps: usize,
     ) -> Result<Duration, RuntimeError> {
         let vocab = self.bundle.manifest.model.vocab_size as i64;
         let start = Instant::now();
         for s in 0..steps {
-            let next: Vec<i64> = (0..batch)
+            let next: Vec<i64> = (0..rows)
                 .map(|b| (b as i64 * 31 + s as i64) % vocab)
                 .collect();
-            let rows: Vec<RowInput> = (0..batch)
+            let inputs: Vec<RowInput> = (0..rows)
                 .map(|slot| RowInput {
                     slot,
                     start: from + s,
@@ -91,7 +94,13 @@ impl Model {
                     features: &[],
                 })
                 .collect();
-            self.run_rows(cache, &rows, false, &[], &mut |_| Ok(()))?;
+            if caches.len() > 1 && self.stages.len() > 1 {
+                self.run_groups(caches.iter_mut().map(|c| (c, &inputs[..])).collect())?;
+            } else {
+                for cache in caches.iter_mut() {
+                    self.run_rows(cache, &inputs, false, &[], &mut |_| Ok(()))?;
+                }
+            }
         }
         Ok(start.elapsed())
     }
@@ -114,28 +123,6 @@ impl Model {
         let mut caches = (0..groups)
             .map(|_| self.new_cache(rows, context + steps))
             .collect::<Result<Vec<_>, _>>()?;
-        let vocab = self.bundle.manifest.model.vocab_size as i64;
-        let start = Instant::now();
-        for s in 0..steps {
-            let next: Vec<i64> = (0..rows)
-                .map(|b| (b as i64 * 31 + s as i64) % vocab)
-                .collect();
-            let inputs: Vec<RowInput> = (0..rows)
-                .map(|slot| RowInput {
-                    slot,
-                    start: context + s,
-                    ids: &next[slot..slot + 1],
-                    features: &[],
-                })
-                .collect();
-            if groups > 1 && self.stages.len() > 1 {
-                self.run_groups(caches.iter_mut().map(|c| (c, &inputs[..])).collect())?;
-            } else {
-                for cache in &mut caches {
-                    self.run_rows(cache, &inputs, false, &[], &mut |_| Ok(()))?;
-                }
-            }
-        }
-        Ok(start.elapsed())
+        self.time_decode(&mut caches, rows, context, steps)
     }
 }

@@ -100,6 +100,12 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         let m = &bundle.manifest;
         let config: Llama4Config = serde_json::from_value(m.model.config.clone())
             .context("the bundle's manifest holds no readable model config")?;
+        anyhow::ensure!(
+            config.num_layers == m.model.num_layers && config.uses_rope.len() == config.num_layers,
+            "{}: the manifest's model config disagrees with its {} layers; recompile the bundle",
+            bundle_manifest.display(),
+            m.model.num_layers
+        );
         let dtype = [DType::F32, DType::F16, DType::BF16]
             .into_iter()
             .find(|d| d.name() == m.dtype)

@@ -142,11 +142,14 @@ pub fn stage_plans(
         context: options.max_context as u64,
         max_seq: options.tensorrt.as_ref().map_or(1, |t| t.max_seq) as u64,
     };
+    // The checked path inside the model folder (import already read and bounded this file).
+    let path = herd_ir::model_file(&options.model, "config.json")?
+        .with_context(|| format!("{}: no config.json", options.model.display()))?;
     let raw: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(options.model.join("config.json"))
-            .with_context(|| format!("{}: cannot read config.json", options.model.display()))?,
+        &std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?,
     )
-    .context("config.json: invalid JSON")?;
+    .with_context(|| format!("{}: invalid JSON", path.display()))?;
     let weights = plan::config_layer_weights(config, &input, plan::prequantized_fp8_experts(&raw));
     let kv = plan::layer_kv_bytes(config, input.kv_bytes_per_value, input.batch, input.context);
     let usable = (input.gpu.memory_bytes as f64 * plan::USABLE_FRACTION) as u64;

@@ -11,6 +11,17 @@ use safetensors::SafeTensors;
 /// The fixtures the goldens were generated for.
 pub const FIXTURES: [&str; 2] = ["tiny-scout", "tiny-maverick"];
 
+/// Greedy generation of exactly `n` tokens (no stop ids), returning the logits.
+pub fn greedy(n: usize) -> herd_runtime::GenerateParams {
+    herd_runtime::GenerateParams {
+        max_new_tokens: n,
+        sampling: herd_runtime::Sampling::Greedy,
+        stop_ids: Some(vec![]),
+        stop_strings: vec![],
+        return_logits: true,
+    }
+}
+
 /// Path of a fixture checkpoint folder.
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

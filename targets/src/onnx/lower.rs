@@ -10,6 +10,11 @@ use super::emit::{reshape_spec, Emitter};
 use super::proto::{float_tensor, onnx_dtype, value_info, Attr};
 use crate::error::TargetError;
 
+/// The fixed size of `v`'s last axis.
+fn last_fixed(graph: &herd_ir::Graph, v: Value) -> Option<usize> {
+    graph.value_type(v)?.shape.last()?.fixed()
+}
+
 impl Emitter<'_> {
     /// A graph input in the compute dtype (float inputs) or its own.
     pub(super) fn lower_input(&mut self, a: &InputAttrs) -> Result<String, TargetError> {
@@ -52,11 +57,7 @@ impl Emitter<'_> {
         let scale = match inputs.get(1) {
             Some(w) => self.input(*w, false)?,
             None => {
-                let d = graph
-                    .value_type(inputs[0])
-                    .and_then(|ty| ty.shape.last())
-                    .and_then(|d| d.fixed())
-                    .unwrap_or(1);
+                let d = last_fixed(graph, inputs[0]).unwrap_or(1);
                 let scale_name = format!("const.ones[{d}]");
                 if self.used.insert(scale_name.clone()) {
                     self.initializers.push(float_tensor(
@@ -156,10 +157,7 @@ impl Emitter<'_> {
         let name = node.name.as_str();
         let x = self.input(inputs[0], false)?;
         let token = self.input(inputs[1], false)?;
-        let h = graph
-            .value_type(inputs[1])
-            .and_then(|ty| ty.shape.last())
-            .and_then(|d| d.fixed())
+        let h = last_fixed(graph, inputs[1])
             .ok_or_else(|| self.unsupported(name, &node.op, "token size must be fixed"))?;
         let axes = self.int_const(&[0, 1]);
         let token = self.push(
@@ -190,10 +188,7 @@ impl Emitter<'_> {
         let x = self.input(inputs[0], false)?;
         let positions = self.input(inputs[1], false)?;
         let rows = self.input(inputs[2], false)?;
-        let h = graph
-            .value_type(inputs[0])
-            .and_then(|ty| ty.shape.last())
-            .and_then(|d| d.fixed())
+        let h = last_fixed(graph, inputs[0])
             .ok_or_else(|| self.unsupported(name, &node.op, "hidden size must be fixed"))?;
         let flat_shape = self.int_const(&[-1, h as i64]);
         let flat = self.push(
@@ -389,11 +384,7 @@ impl Emitter<'_> {
         let graph = self.graph;
         let name = node.name.as_str();
         let x = self.input(inputs[0], false)?;
-        let n = graph
-            .value_type(inputs[0])
-            .and_then(|ty| ty.shape.last())
-            .and_then(|d| d.fixed())
-            .unwrap_or(0);
+        let n = last_fixed(graph, inputs[0]).unwrap_or(0);
         Ok(self.swiglu(name, &x, n))
     }
 
