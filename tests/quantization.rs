@@ -113,6 +113,54 @@ fn report_orders_schemes_by_precision() {
     }
 }
 
+/// The default int block scales (least squared error per block) lose less of the next-token
+/// distribution than absmax scales. Measured when written (KL mean clip / absmax): tiny-maverick int4:64
+/// 0.79, tiny-scout int4:32 0.86; int8 and the other pairs also improve (0.75-0.93).
+#[test]
+fn clipped_scales_lose_less_than_absmax() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, scheme) in [("tiny-maverick", "int4:64"), ("tiny-scout", "int4:32")] {
+        let mut measured = Vec::new();
+        for scales in ["absmax", "clip"] {
+            let bundle = dir.path().join(format!("{name}-{scales}"));
+            let out = herd(&[
+                "compile",
+                fixture(name).to_str().unwrap(),
+                "-o",
+                bundle.to_str().unwrap(),
+                "--quant",
+                scheme,
+                "--scales",
+                scales,
+                "--report",
+                "--max-context",
+                "64",
+            ]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let q = manifest(&bundle)["quantization"].clone();
+            assert_eq!(q["scales"], scales);
+            let sqnr = q["sqnr_db"].as_object().unwrap();
+            let mean_sqnr =
+                sqnr.values().map(|v| v.as_f64().unwrap()).sum::<f64>() / sqnr.len() as f64;
+            measured.push((q["accuracy"]["kl_mean"].as_f64().unwrap(), mean_sqnr));
+        }
+        let ((absmax_kl, absmax_sqnr), (clip_kl, clip_sqnr)) = (measured[0], measured[1]);
+        eprintln!("{name} {scheme}: KL absmax {absmax_kl:.4e}, clip {clip_kl:.4e}; SQNR {absmax_sqnr:.2} -> {clip_sqnr:.2} dB");
+        assert!(
+            clip_sqnr > absmax_sqnr,
+            "{name} {scheme}: SQNR did not rise"
+        );
+        assert!(
+            clip_kl < 0.9 * absmax_kl,
+            "{name} {scheme}: KL clip {clip_kl} vs absmax {absmax_kl}"
+        );
+    }
+}
+
 #[test]
 fn eval_against_itself_is_exact_and_against_the_checkpoint_is_not() {
     let dir = tempfile::tempdir().unwrap();

@@ -136,6 +136,8 @@ fn quantized_reference_matches_fake_quant_goldens() {
             let quant = QuantOptions {
                 scheme: QuantScheme::parse(scheme).unwrap(),
                 scale_dtype: herd_ir::DType::F32,
+                // The fixture script's fake quantization takes absmax scales.
+                search: herd_ir::quant::ScaleSearch::Absmax,
                 embeddings: false,
                 keep: vec![],
             };

@@ -104,6 +104,7 @@ impl WeightRef {
             scheme: crate::quant::QuantScheme::Fp8,
             k_axis,
             scale_dtype: DType::F32,
+            search: crate::quant::ScaleSearch::Absmax,
         })
     }
 

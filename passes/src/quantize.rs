@@ -12,7 +12,7 @@
 
 use herd_ir::graph::NodeIndex;
 use herd_ir::ops::ExpertLayout;
-use herd_ir::quant::{QuantScheme, QuantSpec};
+use herd_ir::quant::{QuantScheme, QuantSpec, ScaleSearch};
 use herd_ir::{DType, Graph, Op};
 
 use crate::pipeline::{PassError, PassOptions};
@@ -23,6 +23,8 @@ pub struct QuantOptions {
     pub scheme: QuantScheme,
     /// Element type of the scales (the bundle's compute dtype).
     pub scale_dtype: DType,
+    /// How int blocks' scales are chosen (fp8 always takes absmax).
+    pub search: ScaleSearch,
     /// Also quantize the embedding table and lm_head.
     pub embeddings: bool,
     /// Node-name patterns to keep in full precision.
@@ -77,6 +79,7 @@ pub fn run(graph: &mut Graph, options: &PassOptions) -> Result<(), PassError> {
             scheme: q.scheme,
             k_axis,
             scale_dtype: q.scale_dtype,
+            search: q.search,
         };
         let shape = w.shape().map_err(|m| PassError::Unsupported {
             pass: "quantize",

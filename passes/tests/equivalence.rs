@@ -297,6 +297,7 @@ fn each_pass_leaves_its_declared_phase() {
             quant: quant.map(|scheme| herd_passes::quantize::QuantOptions {
                 scheme,
                 scale_dtype: herd_ir::DType::F32,
+                search: Default::default(),
                 embeddings: false,
                 keep: vec![],
             }),
@@ -386,6 +387,7 @@ fn quantize_equals_explicit_fake_quantization() {
                 quant: Some(herd_passes::quantize::QuantOptions {
                     scheme,
                     scale_dtype: herd_ir::DType::F32,
+                    search: Default::default(),
                     embeddings: false,
                     keep: vec![],
                 }),

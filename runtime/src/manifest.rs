@@ -179,6 +179,10 @@ pub struct EngineInfo {
 pub struct QuantizationInfo {
     /// `int4:64`, `int8:128`, `fp8`, ...
     pub scheme: String,
+    /// How the int blocks' scales were chosen: `clip` (least squared error) or `absmax`; absent in
+    /// bundles older than the choice (absmax) and for fp8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scales: Option<String>,
     /// Signal-to-quantization-noise ratio of every quantized weight, in dB.
     pub sqnr_db: std::collections::BTreeMap<String, f64>,
     /// Quantized activations, when any (fp8 for TensorRT).

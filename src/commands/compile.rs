@@ -11,6 +11,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::driver::{compile, CompileOptions, StageSplit, TensorRtOptions};
 
+/// How int4/int8 block scales are chosen (`--scales`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ScalesArg {
+    /// The least squared error over the block, from a grid of fractions of absmax.
+    Clip,
+    /// The largest magnitude maps to the largest code.
+    Absmax,
+}
+
 /// How the mixture-of-experts layers are lowered.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum MoeArg {
@@ -109,6 +118,11 @@ pub struct CompileArgs {
     /// full precision unless --quant-embeddings.
     #[arg(long, value_name = "SCHEME", value_parser = parse_quant)]
     pub quant: Option<herd_ir::quant::QuantScheme>,
+    /// With --quant int4/int8: how each block's scale is chosen. `clip` (default): the scale of least
+    /// squared error over the block among 11 fractions of absmax (1 down to 0.7 for int4, 0.9 for int8),
+    /// never worse than absmax; `absmax`: the largest magnitude maps to the largest code.
+    #[arg(long, value_enum, requires = "quant", default_value = "clip")]
+    pub scales: ScalesArg,
     /// With --quant: also quantize the embedding table and lm_head.
     #[arg(long, requires = "quant")]
     pub quant_embeddings: bool,
@@ -204,6 +218,10 @@ pub fn run(args: &CompileArgs) -> Result<()> {
                     DType::F32
                 } else {
                     DType::F16
+                },
+                search: match args.scales {
+                    ScalesArg::Clip => herd_ir::quant::ScaleSearch::Clip,
+                    ScalesArg::Absmax => herd_ir::quant::ScaleSearch::Absmax,
                 },
                 embeddings: args.quant_embeddings,
                 keep: args.quant_keep.clone(),

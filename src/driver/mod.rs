@@ -404,6 +404,7 @@ fn manifest(
         tensorrt: written.tensorrt,
         quantization: options.quant.as_ref().map(|q| QuantizationInfo {
             scheme: q.scheme.name(),
+            scales: q.scheme.block().map(|_| q.search.name().to_string()),
             sqnr_db: decoder.sqnr_db(),
             activations: written.activations,
             accuracy: None,
