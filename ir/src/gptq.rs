@@ -99,10 +99,13 @@ pub fn gptq(
         let mut errors = Mat::<f32>::zeros(n, end - start);
         for c in start..end {
             if c % block == 0 {
+                let mut values = vec![0f32; block];
                 for r in 0..n {
-                    let values = (c..c + block).map(|j| w[(r, j)]);
+                    for (v, j) in values.iter_mut().zip(c..) {
+                        *v = w[(r, j)];
+                    }
                     scales[r * blocks + c / block] =
-                        block_scale(values, scheme, scale_dtype, options.search);
+                        block_scale(&values, scheme, scale_dtype, options.search);
                 }
             }
             let d = u[(c, c)];
