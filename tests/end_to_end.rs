@@ -216,14 +216,16 @@ fn f16_bundles_report_their_error() {
 }
 
 /// Quantized bundles compute exactly the fake-quantized model: their logits match transformers run on
-/// weights quantized and dequantized with identical rounding, for every scheme, fixture and lowering.
+/// weights quantized and dequantized with identical rounding (absmax scales, as the fixture script
+/// computes them), for every scheme, fixture and lowering.
 #[test]
 fn quantized_bundles_match_fake_quant_goldens() {
     let dir = tempfile::tempdir().unwrap();
     for name in FIXTURES {
         for scheme in ["int4:32", "int4:64", "int8:64", "fp8"] {
             for moe in ["ort", "cuda", "grouped"] {
-                let bundle = compile_with(name, moe, "f32", &["--quant", scheme], dir.path());
+                let args = ["--quant", scheme, "--scales", "absmax"];
+                let bundle = compile_with(name, moe, "f32", &args, dir.path());
                 let file = format!("goldens-{}.safetensors", scheme.replace(':', "-"));
                 run_golden_file(name, &file, &bundle, dir.path(), LOGIT_TOLERANCE, true);
             }
