@@ -23,6 +23,10 @@ pub fn prompts(
     vocab: usize,
     max_positions: usize,
 ) -> Result<Vec<Vec<i64>>> {
+    anyhow::ensure!(
+        vocab > 0 && max_positions > 0,
+        "no prompts can be drawn from a vocabulary of {vocab} tokens and {max_positions} positions"
+    );
     let mut out = Vec::new();
     let goldens = match model_dir {
         Some(d) => herd_ir::model_file(d, "goldens.safetensors")?,
@@ -157,4 +161,17 @@ pub fn store(bundle: &Path, accuracy: &Accuracy) -> Result<()> {
         .with_context(|| tmp.display().to_string())?;
     std::fs::rename(&tmp, &path).with_context(|| path.display().to_string())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_empty_vocabulary_is_refused_not_sampled() {
+        let err = super::prompts(None, 0, 64).unwrap_err().to_string();
+        assert!(err.contains("vocabulary of 0 tokens"), "{err}");
+        assert_eq!(
+            super::prompts(None, 10, 64).unwrap().len(),
+            super::RANDOM_PROMPTS
+        );
+    }
 }
