@@ -50,10 +50,18 @@ fn compile_memory_does_not_grow_with_checkpoint_size() {
         large_bytes > 3 * small_bytes,
         "the presets must differ in size"
     );
-    // Equal tensors stream through equal blocks: allow 32 MiB of allocator and page-cache noise.
+    // Equal tensors stream through equal blocks, but how many encoded blocks wait in the data writer's
+    // queue (up to two, 2 x 32 MiB of f16) depends on how fast the disk takes them: the same ci-small
+    // compile peaks at 222 MB or 252 MB from run to run. Allow that queue plus 32 MiB of allocator and
+    // page-cache noise; growth with the checkpoint (4x larger here) is still caught from 14% of it.
+    let queue = 2 * 2 * (16u64 << 20);
     assert!(
-        large_rss <= small_rss + (32 << 20),
+        large_rss <= small_rss + queue + (32 << 20),
         "peak RSS grew from {small_rss} to {large_rss} bytes with checkpoint size"
+    );
+    assert!(
+        large_rss < 512 << 20,
+        "peak RSS {large_rss} is over the 512 MiB a 1 GB checkpoint should need"
     );
     assert!(
         large_rss < large_bytes,
