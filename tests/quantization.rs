@@ -275,4 +275,105 @@ fn quantization_options() {
         "--quant",
     );
     refused(&["compile", m, "-o", "/tmp/never", "--report"], "--quant");
+    refused(
+        &[
+            "compile",
+            m,
+            "-o",
+            "/tmp/never",
+            "--quant",
+            "fp8",
+            "--method",
+            "gptq",
+        ],
+        "--method applies to --quant int4/int8",
+    );
+    refused(
+        &[
+            "compile",
+            m,
+            "-o",
+            "/tmp/never",
+            "--quant",
+            "int4",
+            "--method",
+            "rtn",
+            "--calibrate",
+            "builtin",
+        ],
+        "round-to-nearest uses no calibration data",
+    );
+    refused(
+        &["compile", m, "-o", "/tmp/never", "--method", "gptq"],
+        "--quant",
+    );
+}
+
+/// GPTQ (int weights against the Hessians of calibration activations, experts from the tokens routed to
+/// them) loses less of the next-token distribution than round-to-nearest with clipped scales, measured
+/// on the report's prompts, which the calibration prompts (96 seeded random prompts of 64 tokens) do not
+/// include. Measured when written (KL mean GPTQ / RTN, int4:64): tiny-maverick 0.57, tiny-scout 0.67.
+#[test]
+fn gptq_loses_less_than_round_to_nearest() {
+    let dir = tempfile::tempdir().unwrap();
+    let calibration = dir.path().join("calibration.txt");
+    let mut state = 7u64;
+    let mut text = String::from("# 96 seeded random prompts\n");
+    for _ in 0..96 {
+        let ids: Vec<String> = (0..64)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (3 + (state >> 33) % 497).to_string()
+            })
+            .collect();
+        text.push_str(&ids.join(","));
+        text.push('\n');
+    }
+    std::fs::write(&calibration, text).unwrap();
+    for name in ["tiny-maverick", "tiny-scout"] {
+        let mut kl = Vec::new();
+        for method in ["rtn", "gptq"] {
+            let bundle = dir.path().join(format!("{name}-{method}"));
+            let mut args = vec![
+                "compile",
+                fixture(name).to_str().unwrap(),
+                "-o",
+                bundle.to_str().unwrap(),
+                "--quant",
+                "int4:64",
+                "--report",
+                "--max-context",
+                "128",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>();
+            if method == "gptq" {
+                args.extend(["--calibrate".into(), calibration.to_str().unwrap().into()]);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            ok(&args);
+            let q = manifest(&bundle)["quantization"].clone();
+            assert_eq!(q["method"], method);
+            if method == "gptq" {
+                assert_eq!(q["calibration"], "96 prompts, 6144 tokens");
+                let sqnr = q["sqnr_db"].as_object().unwrap();
+                assert!(
+                    sqnr.values()
+                        .all(|v| v.as_f64().is_some_and(f64::is_finite)),
+                    "GPTQ weights report their error against the float ones: {sqnr:?}"
+                );
+            }
+            kl.push(q["accuracy"]["kl_mean"].as_f64().unwrap());
+        }
+        eprintln!("{name} int4:64: KL rtn {:.4e}, gptq {:.4e}", kl[0], kl[1]);
+        assert!(
+            kl[1] < 0.85 * kl[0],
+            "{name}: KL gptq {} vs rtn {}",
+            kl[1],
+            kl[0]
+        );
+    }
 }

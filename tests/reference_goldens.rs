@@ -163,72 +163,9 @@ fn quantized_reference_matches_fake_quant_goldens() {
     }
 }
 
-/// Logits of a Lowered graph for one prompt from an empty (zeroed) KV cache, fed in calls that stop at
-/// chunk boundaries as the runtime's do (a chunked layer's cache is a ring of one chunk).
+/// Logits of a Lowered graph for one prompt, run as the runtime runs it.
 fn lowered_logits(graph: &Graph, ids: &[i64]) -> Array2<f32> {
-    let n = ids.len();
-    let mut caches: HashMap<String, Tensor> = HashMap::new();
-    for index in graph.node_indices() {
-        if let Some(herd_ir::Op::Input(a)) = graph.node(index).map(|n| &n.op) {
-            if a.name.starts_with("past_") {
-                // Full layers' caches hold the prompt; rings have their fixed length.
-                let dims: Vec<usize> =
-                    a.ty.shape
-                        .0
-                        .iter()
-                        .map(|d| d.fixed().unwrap_or(n))
-                        .collect();
-                let dims = [1, dims[1], dims[2], dims[3]];
-                caches.insert(a.name.clone(), Tensor::F32(ArrayD::zeros(IxDyn(&dims))));
-            }
-        }
-    }
-    let ring = caches
-        .values()
-        .filter_map(|t| t.as_f32())
-        .map(|t| t.shape()[2])
-        .min();
-    let mut rows = Vec::new();
-    let mut done = 0;
-    while done < n {
-        let len = (n - done).min(ring.map_or(n, |r| r - done % r));
-        let mut inputs = caches.clone();
-        let (name, index) = common::every_logit_row(1, len);
-        inputs.insert(name, index);
-        inputs.insert(
-            "input_ids".to_string(),
-            Tensor::I64(
-                ArrayD::from_shape_vec(IxDyn(&[1, len]), ids[done..done + len].to_vec()).unwrap(),
-            ),
-        );
-        inputs.insert(
-            "position_ids".to_string(),
-            Tensor::I64(
-                ArrayD::from_shape_vec(
-                    IxDyn(&[1, len]),
-                    (done as i64..(done + len) as i64).collect(),
-                )
-                .unwrap(),
-            ),
-        );
-        let out = evaluate(graph, &inputs).expect("evaluation");
-        for (name, cache) in caches.iter_mut() {
-            *cache = out[&name.replace("past_", "present_")].clone();
-        }
-        rows.push(
-            out["logits"]
-                .as_f32()
-                .expect("f32 logits")
-                .index_axis(Axis(0), 0)
-                .to_owned(),
-        );
-        done += len;
-    }
-    let views: Vec<_> = rows.iter().map(|r| r.view()).collect();
-    ndarray::concatenate(Axis(0), &views)
-        .unwrap()
-        .into_dimensionality()
-        .unwrap()
+    herd_ir::eval_prompt::lowered_logits(graph, ids).expect("evaluation")
 }
 
 /// Bundles quantized with the default (clipped) int scales compute what the reference evaluator computes

@@ -10,8 +10,9 @@
 //! stores round-to-nearest weights. No act-order: groups stay contiguous along K, as the targets' blocks
 //! are.
 
+use faer::linalg::matmul::matmul;
 use faer::linalg::solvers::DenseSolveCore;
-use faer::{Mat, Side};
+use faer::{Accum, Mat, MatRef, Par, Side};
 
 use crate::quant::{block_scale, code_range, QuantScheme, ScaleSearch};
 use crate::types::DType;
@@ -56,6 +57,83 @@ impl GptqMatrix {
             .map(|(i, &c)| c as f32 * self.scales[(i / k) * blocks + (i % k) / block])
             .collect()
     }
+}
+
+/// H = Σ x xᵀ over the rows fed to one matrix ([k, k], accumulated in f32 as GPTQ does).
+#[derive(Clone, Debug)]
+pub struct Hessian {
+    sum: Mat<f32>,
+    rows: usize,
+}
+
+impl Hessian {
+    /// An empty sum for inputs of `k` features.
+    pub fn new(k: usize) -> Hessian {
+        Hessian {
+            sum: Mat::zeros(k, k),
+            rows: 0,
+        }
+    }
+
+    /// Input features.
+    pub fn k(&self) -> usize {
+        self.sum.nrows()
+    }
+
+    /// Rows added so far.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Adds `rows` ([t, k] row-major) to the sum.
+    pub fn add(&mut self, rows: &[f32]) -> Result<(), String> {
+        let k = self.k();
+        if k == 0 || rows.len() % k != 0 {
+            return Err(format!(
+                "GPTQ: {} input values are not rows of {k} features",
+                rows.len()
+            ));
+        }
+        let t = rows.len() / k;
+        let x = MatRef::from_row_major_slice(rows, t, k);
+        matmul(
+            self.sum.as_mut(),
+            Accum::Add,
+            x.transpose(),
+            x,
+            1.0,
+            Par::rayon(0),
+        );
+        self.rows += t;
+        Ok(())
+    }
+
+    /// The sum, [k, k] row-major.
+    pub fn values(&self) -> Vec<f32> {
+        let k = self.k();
+        (0..k * k).map(|i| self.sum[(i / k, i % k)]).collect()
+    }
+}
+
+/// `x wᵀ`: x [t, k] and w [n, k] row-major -> [t, n] row-major (the float projection of calibration
+/// rows, e.g. an expert's gate/up before its down projection's Hessian).
+pub fn times_transposed(x: &[f32], t: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    let mut out = Mat::<f32>::zeros(t, n);
+    if t > 0 && n > 0 && k > 0 {
+        let x = MatRef::from_row_major_slice(x, t, k);
+        let w = MatRef::from_row_major_slice(w, n, k);
+        matmul(
+            out.as_mut(),
+            Accum::Replace,
+            x,
+            w.transpose(),
+            1.0,
+            Par::rayon(0),
+        );
+    }
+    (0..t * n)
+        .map(|i| out[(i / n.max(1), i % n.max(1))])
+        .collect()
 }
 
 /// Quantizes `w` ([n, k] row-major: rows are output channels, columns input features) by `scheme`

@@ -69,6 +69,12 @@ impl Graph {
         &self.weights
     }
 
+    /// Replaces the store, which must hold every shard of the old one under the same id (see
+    /// [`WeightStore::reopened`]).
+    pub fn replace_weights(&mut self, weights: Arc<WeightStore>) {
+        self.weights = weights;
+    }
+
     /// Adds a node fed by `inputs` (slot order), inferring its output types. An op whose typing rule
     /// rejects the inputs is not added.
     pub fn add(

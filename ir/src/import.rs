@@ -18,7 +18,7 @@ use crate::ops::{
 use crate::types::{DType, Dim, SymDim, TensorType};
 use crate::verify::verify;
 use crate::weights::{
-    dtype_from_safetensors, RowScale, Shard, ShardId, TensorSource, Transform, WeightPart,
+    dtype_from_safetensors, PartScale, Shard, ShardId, TensorSource, Transform, WeightPart,
     WeightRef, WeightStore,
 };
 
@@ -201,7 +201,7 @@ impl Checkpoint {
                 found: info.shape.clone(),
             });
         }
-        let row_scale = if dtype == DType::F8E4M3 {
+        let scale = if dtype == DType::F8E4M3 {
             let scale = format!("{name}_scale");
             let id = *self.locations.get(&scale).ok_or_else(|| missing(&scale))?;
             let scale_file = self.store.shard(id);
@@ -216,12 +216,13 @@ impl Checkpoint {
                     found: scale_info.shape.clone(),
                 });
             }
-            Some(RowScale {
+            Some(PartScale {
                 source: TensorSource {
                     shard: id,
                     tensor: scale,
                 },
                 dtype: dtype_from_safetensors(scale_info.dtype).unwrap_or(DType::F32),
+                scheme: crate::quant::QuantScheme::Fp8,
             })
         } else {
             None
@@ -236,7 +237,7 @@ impl Checkpoint {
             },
             dtype,
             stored_shape: shape.to_vec(),
-            row_scale,
+            scale,
         })
     }
 

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod error;
 pub mod eval;
+pub mod eval_prompt;
 pub mod gptq;
 pub mod graph;
 pub mod import;

@@ -273,17 +273,8 @@ impl WeightStore {
                 let first = (o * dims[axis] + range.start) * inner;
                 decode_into(part.dtype, &bytes[first * elem..(first + run) * elem], out);
             });
-        if let Some(scales) = self.row_scales(part)? {
-            // Row r of the region is stored row r (+ the range start when the region runs along rows).
-            let per_row = shape_after(dims, axis, range.len())[1..]
-                .iter()
-                .product::<usize>()
-                .max(1);
-            let first_row = if axis == 0 { range.start } else { 0 };
-            values
-                .iter_mut()
-                .enumerate()
-                .for_each(|(i, v)| *v *= scales[first_row + i / per_row]);
+        if let (Some(scales), Some(scale)) = (self.part_scales(part)?, &part.scale) {
+            scale.apply(&scales, dims, axis, range.clone(), &mut values);
         }
         if axis == 0 {
             // A leading-axis region is read once: its pages can go now rather than when the weight is done.
@@ -320,12 +311,6 @@ fn stream_in_memory<E>(
         start = rows.end;
     }
     Ok(())
-}
-
-fn shape_after(dims: &[usize], axis: usize, len: usize) -> Vec<usize> {
-    let mut s = dims.to_vec();
-    s[axis] = len;
-    s
 }
 
 fn bad(problem: String) -> WeightError {
@@ -375,7 +360,7 @@ mod tests {
             },
             dtype: DType::F32,
             stored_shape: shape.to_vec(),
-            row_scale: None,
+            scale: None,
         }
     }
 

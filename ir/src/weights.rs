@@ -48,16 +48,47 @@ pub struct WeightPart {
     pub dtype: DType,
     /// Shape as stored in the shard.
     pub stored_shape: Vec<usize>,
-    /// Pre-quantized checkpoints (compressed-tensors FP8): a [rows, 1] tensor scaling each row (output
-    /// channel); the part's value is `stored * scale[row]`.
-    pub row_scale: Option<RowScale>,
+    /// Pre-quantized parts (stored codes): the scales that turn them into values (see [`PartScale`]).
+    pub scale: Option<PartScale>,
 }
 
-/// The per-row scale tensor of a pre-quantized part.
+/// The scales of a pre-quantized 2-D part `[rows, K]`: fp8 checkpoints (compressed-tensors) scale each
+/// row, `[rows, 1]`; int4/int8 parts written by GPTQ scale blocks of K, `[rows, K / block]`. The part's
+/// value is `stored * scale[row, column / block]`.
 #[derive(Clone, Debug, PartialEq)]
-pub struct RowScale {
+pub struct PartScale {
     pub source: TensorSource,
     pub dtype: DType,
+    /// The scheme the stored codes follow.
+    pub scheme: crate::quant::QuantScheme,
+}
+
+impl PartScale {
+    /// Scales per row for a part whose rows hold `k` values.
+    pub fn columns(&self, k: usize) -> usize {
+        self.scheme.block().map_or(1, |b| k / b.max(1))
+    }
+
+    /// Multiplies `values` (a region of the part: `range` of `axis`, row-major) by their scales.
+    pub(crate) fn apply(
+        &self,
+        scales: &[f32],
+        stored_shape: &[usize],
+        axis: usize,
+        range: std::ops::Range<usize>,
+        values: &mut [f32],
+    ) {
+        let k = stored_shape[1];
+        let (columns, block) = (self.columns(k), self.scheme.block().unwrap_or(k).max(1));
+        let width = if axis == 1 { range.len() } else { k };
+        values.iter_mut().enumerate().for_each(|(i, v)| {
+            let (row, column) = match axis {
+                0 => (range.start + i / width, i % width),
+                _ => (i / width, range.start + i % width),
+            };
+            *v *= scales[row * columns + column / block];
+        });
+    }
 }
 
 /// A weight value: one or more stored tensors concatenated along `concat_axis`, then `transforms`.
@@ -88,9 +119,10 @@ impl WeightRef {
         self
     }
 
-    /// Whether the parts come pre-quantized (fp8 with per-row scales) from the checkpoint.
+    /// Whether the parts are pre-quantized: fp8 with per-row scales from the checkpoint, or int codes
+    /// with block scales from GPTQ.
     pub fn prequantized(&self) -> bool {
-        self.parts.iter().any(|p| p.row_scale.is_some())
+        self.parts.iter().any(|p| p.scale.is_some())
     }
 
     /// The quantization this weight is stored with: the quantize pass's, or for pre-quantized parts fp8
@@ -100,27 +132,34 @@ impl WeightRef {
             return self.quant;
         }
         let (k_axis, _) = self.prequant_trace()?;
+        let scale = self.parts.first()?.scale.as_ref()?;
         Some(crate::quant::QuantSpec {
-            scheme: crate::quant::QuantScheme::Fp8,
+            scheme: scale.scheme,
             k_axis,
-            scale_dtype: DType::F32,
+            // fp8 checkpoints' scales (f32, f16 or bf16) are written as f32; GPTQ's already have the
+            // bundle's scale dtype.
+            scale_dtype: match scale.scheme {
+                crate::quant::QuantScheme::Fp8 => DType::F32,
+                _ => scale.dtype,
+            },
             search: crate::quant::ScaleSearch::Absmax,
         })
     }
 
     /// The scales of a pre-quantized weight as a weight of their own, shaped like this weight with K
-    /// replaced by 1 (the transforms are replayed on the [rows, 1] scale tensors).
+    /// replaced by K / block (1 for fp8; the transforms are replayed on the parts' scale tensors).
     pub fn prequant_scales(&self) -> Option<WeightRef> {
         let (_, transforms) = self.prequant_trace()?;
         let parts = self
             .parts
             .iter()
             .map(|p| {
+                let scale = p.scale.as_ref()?;
                 Some(WeightPart {
-                    source: p.row_scale.clone()?.source,
-                    dtype: p.row_scale.as_ref()?.dtype,
-                    stored_shape: vec![p.stored_shape[0], 1],
-                    row_scale: None,
+                    source: scale.source.clone(),
+                    dtype: scale.dtype,
+                    stored_shape: vec![p.stored_shape[0], scale.columns(p.stored_shape[1])],
+                    scale: None,
                 })
             })
             .collect::<Option<Vec<_>>>()?;
@@ -133,12 +172,20 @@ impl WeightRef {
     }
 
     /// Follows K (the parts' last axis, concatenated on axis 0) through the transforms: its final axis
-    /// and the transforms rewritten for the scales (K of size 1).
+    /// and the transforms rewritten for the scales (K of size K / block). All parts share one scheme.
     fn prequant_trace(&self) -> Option<(usize, Vec<Transform>)> {
         let first = self.parts.first()?;
-        if self.concat_axis != 0 || first.stored_shape.len() != 2 {
+        let scheme = first.scale.as_ref()?.scheme;
+        if self.concat_axis != 0
+            || first.stored_shape.len() != 2
+            || self
+                .parts
+                .iter()
+                .any(|p| p.scale.as_ref().map(|s| s.scheme) != Some(scheme))
+        {
             return None;
         }
+        let scale_columns = first.scale.as_ref()?.columns(first.stored_shape[1]);
         let mut shape = vec![
             self.parts.iter().map(|p| p.stored_shape[0]).sum::<usize>(),
             first.stored_shape[1],
@@ -158,7 +205,7 @@ impl WeightRef {
                         to[j] == shape[k] && to[..j].iter().product::<usize>() == before
                     })?;
                     let mut s2 = to.clone();
-                    s2[k] = 1;
+                    s2[k] = scale_columns;
                     Transform::Reshape { shape: s2 }
                 }
                 Transform::Slice { axis, .. } if *axis == k => return None,
@@ -180,6 +227,15 @@ impl WeightRef {
     /// Element type (that of the parts; the verifier checks they agree).
     pub fn dtype(&self) -> DType {
         self.parts.first().map_or(DType::F32, |p| p.dtype)
+    }
+
+    /// Element type of the weight's value: the parts', except that int codes with block scales (GPTQ)
+    /// are f32 values (`code * scale`, exact in f32).
+    pub fn value_dtype(&self) -> DType {
+        match self.parts.first() {
+            Some(p) if p.scale.as_ref().is_some_and(|s| s.scheme.block().is_some()) => DType::F32,
+            _ => self.dtype(),
+        }
     }
 
     /// The shape after concatenation and all transforms, or why the chain does not fit.
@@ -221,7 +277,7 @@ impl WeightRef {
                 .unwrap_or_default()
         });
         TensorType {
-            dtype: self.dtype(),
+            dtype: self.value_dtype(),
             shape: Shape::fixed(&shape),
         }
     }
@@ -523,6 +579,17 @@ impl WeightStore {
         ShardId(self.shards.len() as u32 - 1)
     }
 
+    /// The same shards mapped afresh (same ids), to extend with [`WeightStore::push`] while graphs
+    /// holding this store keep it.
+    pub fn reopened(&self) -> Result<WeightStore, WeightError> {
+        let shards = self
+            .shards
+            .iter()
+            .map(|s| Shard::open(&s.path, &s.name))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(WeightStore { shards })
+    }
+
     /// The shard with this id.
     pub fn shard(&self, id: ShardId) -> &Shard {
         &self.shards[id.0 as usize]
@@ -548,12 +615,9 @@ impl WeightStore {
                 tensor: part.source.tensor.clone(),
                 dtype: part.dtype,
             })?;
-        if let Some(scales) = self.row_scales(part)? {
-            let row = part.stored_shape[1..].iter().product::<usize>().max(1);
-            values
-                .iter_mut()
-                .enumerate()
-                .for_each(|(i, v)| *v *= scales[i / row]);
+        if let (Some(scales), Some(scale)) = (self.part_scales(part)?, &part.scale) {
+            let rows = part.stored_shape[0];
+            scale.apply(&scales, &part.stored_shape, 0, 0..rows, &mut values);
         }
         ArrayD::from_shape_vec(IxDyn(&part.stored_shape), values).map_err(|e| {
             WeightError::BadShard {
@@ -563,9 +627,9 @@ impl WeightStore {
         })
     }
 
-    /// The per-row scales of a pre-quantized part (None for plain parts).
-    pub fn row_scales(&self, part: &WeightPart) -> Result<Option<Vec<f32>>, WeightError> {
-        let Some(RowScale { source, dtype }) = &part.row_scale else {
+    /// The scales of a pre-quantized part, [rows, columns] row-major (None for plain parts).
+    pub fn part_scales(&self, part: &WeightPart) -> Result<Option<Vec<f32>>, WeightError> {
+        let Some(scale @ PartScale { source, dtype, .. }) = &part.scale else {
             return Ok(None);
         };
         let dtype = *dtype;
@@ -582,15 +646,20 @@ impl WeightStore {
                 dtype,
             },
         )?;
-        if values.len() != part.stored_shape[0] {
+        let expected = match part.stored_shape.as_slice() {
+            [rows, k] => Some(rows * scale.columns(*k)),
+            _ => None,
+        };
+        if expected != Some(values.len()) {
             return Err(WeightError::BadShard {
                 file: shard.name.clone(),
                 problem: format!(
-                    "`{}` holds {} scales for the {} rows of `{}`",
+                    "`{}` holds {} scales for `{}` {:?} ({} scheme)",
                     source.tensor,
                     values.len(),
-                    part.stored_shape[0],
-                    part.source.tensor
+                    part.source.tensor,
+                    part.stored_shape,
+                    scale.scheme.name()
                 ),
             });
         }
@@ -725,7 +794,7 @@ mod tests {
             },
             dtype: DType::BF16,
             stored_shape: vec![4, 8, 6],
-            row_scale: None,
+            scale: None,
         };
         let w = WeightRef {
             quant: None,

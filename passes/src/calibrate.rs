@@ -6,8 +6,9 @@
 //! `QuantizeActivation { scale: max|x| / 448 }` in front of each such projection.
 //!
 //! The `calibrate` pass does one or the other as [`Activations`] says (the driver measures the maxima
-//! with a calibration bundle between two compiles). Before: Quantized (fp8 weights). After: the same
-//! phase.
+//! with a calibration bundle between two compiles). For GPTQ, [`Exposed::AllInputs`] exposes the input
+//! of every projection and every MoE (a float calibration bundle whose activations give the Hessians).
+//! Before: Quantized (fp8 weights) or Lowered. After: the same phase.
 //!
 //! Does not: quantize expert inputs (experts keep weight-only fp8), or touch other projections.
 
@@ -22,18 +23,28 @@ pub enum Activations {
     /// Nothing.
     #[default]
     Unchanged,
-    /// Expose the inputs of fp8 projections as outputs (a calibration bundle).
-    Expose,
+    /// Expose projection inputs as outputs (a calibration bundle).
+    Expose(Exposed),
     /// Quantize those inputs with the measured maxima, keyed by output name.
     Quantize(std::sync::Arc<HashMap<String, f32>>),
+}
+
+/// Which inputs a calibration bundle exposes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exposed {
+    /// The inputs of projections whose weight is fp8 (activation maxima for fp8 inputs).
+    Fp8Inputs,
+    /// The input of every `Linear` but lm_head and of every `FusedMoe` (activations for GPTQ's
+    /// Hessians).
+    AllInputs,
 }
 
 /// The `calibrate` pass.
 pub fn run(graph: &mut Graph, options: &crate::PassOptions) -> Result<(), crate::PassError> {
     match &options.activations {
         Activations::Unchanged => {}
-        Activations::Expose => {
-            expose(graph);
+        Activations::Expose(which) => {
+            expose(graph, *which);
         }
         Activations::Quantize(max_abs) => {
             quantize_activations(graph, max_abs).map_err(|diagnostic| crate::PassError::Build {
@@ -95,10 +106,31 @@ pub fn output_name(node: &str) -> String {
     format!("calib.{node}")
 }
 
-/// Exposes the input of every fp8 projection as a graph output; returns the output names.
-pub fn expose(graph: &mut Graph) -> Vec<String> {
+/// (node name, input value) of every `Linear` and `FusedMoe` but `lm_head` (which sees only the rows
+/// whose logits are picked, not every token).
+fn all_projections(graph: &Graph) -> Vec<(String, Value)> {
+    graph
+        .node_indices()
+        .into_iter()
+        .filter_map(|n| {
+            let node = graph.node(n)?;
+            (matches!(node.op, Op::Linear | Op::FusedMoe(_)) && node.name != "lm_head")
+                .then(|| (node.name.clone(), graph.inputs(n)[0]))
+        })
+        .collect()
+}
+
+/// Exposes the inputs `which` names as graph outputs; returns the output names.
+pub fn expose(graph: &mut Graph, which: Exposed) -> Vec<String> {
+    let projections = match which {
+        Exposed::Fp8Inputs => fp8_projections(graph)
+            .into_iter()
+            .map(|(name, _, value)| (name, value))
+            .collect(),
+        Exposed::AllInputs => all_projections(graph),
+    };
     let mut names = Vec::new();
-    for (name, _, value) in fp8_projections(graph) {
+    for (name, value) in projections {
         let out = output_name(&name);
         graph.set_output(out.clone(), value);
         names.push(out);

@@ -183,6 +183,13 @@ pub struct QuantizationInfo {
     /// bundles older than the choice (absmax) and for fp8.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scales: Option<String>,
+    /// How int weights were rounded: `rtn` (to nearest) or `gptq`; absent in older bundles (rtn) and
+    /// for fp8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// The calibration data GPTQ used (prompts and tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<String>,
     /// Signal-to-quantization-noise ratio of every quantized weight, in dB.
     pub sqnr_db: std::collections::BTreeMap<String, f64>,
     /// Quantized activations, when any (fp8 for TensorRT).

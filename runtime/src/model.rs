@@ -140,6 +140,9 @@ pub struct Model {
     pub(crate) boundary_bytes: std::sync::atomic::AtomicU64,
 }
 
+/// Receives one probed output of one call: (name, shape, values).
+pub type ProbeVisitor<'a> = dyn FnMut(&str, &[usize], &[f32]) -> Result<(), RuntimeError> + 'a;
+
 impl Model {
     /// Opens and checks `dir`, then creates the ONNX Runtime session.
     pub fn load(dir: &Path, options: &RuntimeOptions) -> Result<Model, RuntimeError> {
@@ -466,6 +469,24 @@ impl Model {
         names: &[String],
     ) -> Result<HashMap<String, f32>, RuntimeError> {
         let mut found: HashMap<String, f32> = HashMap::new();
+        self.probe(ids, names, &mut |name, _, data| {
+            let max = data.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let entry = found.entry(name.to_string()).or_default();
+            *entry = entry.max(max);
+            Ok(())
+        })?;
+        Ok(found)
+    }
+
+    /// Runs `ids` as one sequence from position 0 and hands `visit` the extra outputs `names` (f32) of
+    /// each call as (name, shape, values); a prompt longer than one call comes in several pieces, in
+    /// order. Fails if a name is not among the outputs.
+    pub fn probe(
+        &self,
+        ids: &[i64],
+        names: &[String],
+        visit: &mut ProbeVisitor<'_>,
+    ) -> Result<(), RuntimeError> {
         let mut cache = self.new_cache(1, ids.len().max(1))?;
         let feed = Feed {
             start: 0,
@@ -476,20 +497,15 @@ impl Model {
         };
         self.feed_pieces(&mut cache, feed, &mut |_| {}, &mut |outputs| {
             for name in names {
-                let Some(value) = outputs.get(name) else {
-                    continue;
-                };
-                let (_, data) = value.try_extract_tensor::<f32>()?;
-                let max = data.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let entry = found.entry(name.clone()).or_default();
-                *entry = entry.max(max);
+                let value = outputs
+                    .get(name)
+                    .ok_or_else(|| RuntimeError::Ort(format!("no {name} output")))?;
+                let (shape, data) = value.try_extract_tensor::<f32>()?;
+                let shape: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
+                visit(name, &shape, data)?;
             }
             Ok(())
-        })?;
-        if let Some(missing) = names.iter().find(|n| !found.contains_key(*n)) {
-            return Err(RuntimeError::Ort(format!("no {missing} output")));
-        }
-        Ok(found)
+        })
     }
 
     /// Generates up to `params.max_new_tokens` tokens after `prompt` (token ids); see [`Model::stream`].

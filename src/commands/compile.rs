@@ -11,6 +11,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::driver::{compile, CompileOptions, StageSplit, TensorRtOptions};
 
+/// How int4/int8 weights are rounded (`--method`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MethodArg {
+    Gptq,
+    Rtn,
+}
+
 /// How int4/int8 block scales are chosen (`--scales`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ScalesArg {
@@ -101,10 +108,17 @@ pub struct CompileArgs {
     /// TensorRT target: most new tokens per call (prefill chunk) of the optimisation profile.
     #[arg(long, default_value_t = 2048)]
     pub max_seq: usize,
-    /// With --quant fp8 for TensorRT: calibration prompts, one per line as comma-separated token ids
-    /// (default: the checkpoint's golden prompts if any, plus 8 seeded random prompts).
-    #[arg(long, value_name = "FILE")]
+    /// Calibration prompts for GPTQ (--quant int4/int8) and fp8 activations (--quant fp8 for
+    /// TensorRT): a file with one prompt per line as comma-separated token ids, or `builtin` (the
+    /// checkpoint's golden prompts if any, plus 8 seeded random prompts; also the default). With int4
+    /// or int8 this turns on --method gptq.
+    #[arg(long, value_name = "FILE|builtin")]
     pub calibrate: Option<PathBuf>,
+    /// With --quant int4/int8: `gptq` quantizes each matrix against the Hessian of its inputs on the
+    /// calibration prompts (per expert from the tokens routed to it; default with --calibrate); `rtn`
+    /// rounds each weight to nearest (default without).
+    #[arg(long, value_enum, requires = "quant")]
+    pub method: Option<MethodArg>,
     /// TensorRT target: do not fail on this lint rule (repeatable; `herd lint --rules` lists them).
     #[arg(long = "allow-lint", value_name = "RULE")]
     pub allow_lint: Vec<String>,
@@ -179,6 +193,24 @@ pub struct CompileArgs {
 }
 
 /// Runs the command.
+/// `--method`, defaulting to GPTQ when int weights come with `--calibrate`.
+fn quant_method(args: &CompileArgs) -> Result<crate::driver::QuantMethod> {
+    use crate::driver::QuantMethod;
+    let int = args.quant.is_some_and(|q| q.block().is_some());
+    Ok(match (args.method, int) {
+        (Some(MethodArg::Gptq), true) => QuantMethod::Gptq,
+        (Some(MethodArg::Gptq | MethodArg::Rtn), false) => anyhow::bail!(
+            "--method applies to --quant int4/int8; fp8 is rounded to nearest (its activations are calibrated with --calibrate for TensorRT)"
+        ),
+        (Some(MethodArg::Rtn), true) if args.calibrate.is_some() => anyhow::bail!(
+            "--calibrate with --method rtn: round-to-nearest uses no calibration data; drop one of them"
+        ),
+        (Some(MethodArg::Rtn), true) => QuantMethod::Rtn,
+        (None, true) if args.calibrate.is_some() => QuantMethod::Gptq,
+        (None, _) => QuantMethod::Rtn,
+    })
+}
+
 pub fn run(args: &CompileArgs) -> Result<()> {
     // Nothing in the bundle grows with the context (rotary angles are computed from the positions);
     // the graph counts positions in f32 (rotary angles, NoPE temperature, as transformers does),
@@ -194,8 +226,10 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     let calibration_prompts = args
         .calibrate
         .as_deref()
+        .filter(|p| *p != std::path::Path::new("builtin"))
         .map(crate::driver::read_calibration_prompts)
         .transpose()?;
+    let quant_method = quant_method(args)?;
     let dtype = args.dtype.unwrap_or(if tensorrt {
         DtypeArg::F16
     } else {
@@ -241,7 +275,8 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         },
         dump_dir: args.dump_dir.clone(),
         calibration_prompts,
-        expose_calibration: false,
+        quant_method,
+        expose_calibration: None,
         stages: match (args.stages, &args.stage_layers) {
             (_, Some(text)) => StageSplit::Layers(
                 herd_ir::split::parse_ranges(text)
@@ -265,6 +300,9 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     });
     bar.finish_and_clear();
     let report = report?;
+    for warning in &report.warnings {
+        eprintln!("warning: {warning}");
+    }
     if args.report {
         accuracy_report(args, &options, &report.bundle)?;
     }

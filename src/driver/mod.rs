@@ -11,7 +11,10 @@ use herd_targets::bundle::BundleWriter;
 use herd_targets::onnx::{self, MoeLowering, OnnxOptions};
 
 mod decoder;
+mod gptq;
 mod tensorrt;
+
+pub use gptq::QuantMethod;
 
 pub use decoder::StageSplit;
 
@@ -42,10 +45,12 @@ pub struct CompileOptions {
     pub run: RunOptions,
     /// Where `--dump-ir-after` writes (stdout when None).
     pub dump_dir: Option<PathBuf>,
-    /// Token-id prompts for activation calibration (fp8 for TensorRT); a built-in set when None.
+    /// How int4/int8 weights are rounded: to nearest, or by GPTQ on calibration activations.
+    pub quant_method: QuantMethod,
+    /// Token-id prompts for calibration (fp8 activations for TensorRT, GPTQ); a built-in set when None.
     pub calibration_prompts: Option<Vec<Vec<i64>>>,
-    /// Build a calibration bundle: expose the inputs of fp8 projections as outputs (internal).
-    pub expose_calibration: bool,
+    /// Build a calibration bundle exposing these inputs as outputs (internal).
+    pub expose_calibration: Option<herd_passes::calibrate::Exposed>,
     /// Compile the vision tower when the checkpoint has one (`--text-only` turns it off).
     pub vision: bool,
     /// Most tiles per image canvas (transformers' `max_patches`); None: preprocessor_config.json's, else 16.
@@ -72,7 +77,8 @@ impl CompileOptions {
             run: RunOptions::default(),
             dump_dir: None,
             calibration_prompts: None,
-            expose_calibration: false,
+            expose_calibration: None,
+            quant_method: QuantMethod::Rtn,
             vision: true,
             max_tiles: None,
             max_images: 8,
@@ -102,6 +108,8 @@ pub struct CompileReport {
         std::collections::BTreeMap<Option<usize>, std::collections::BTreeMap<String, usize>>,
     /// Outputs exposed for calibration (calibration bundles only).
     pub calibration_outputs: Vec<String>,
+    /// What the user should know about the result (printed by `herd compile`).
+    pub warnings: Vec<String>,
     /// Each pipeline stage as planned, with the weight bytes emitted for it (one entry unstaged).
     pub pipeline: Vec<(crate::plan::StagePlan, u64)>,
 }
@@ -109,6 +117,19 @@ pub struct CompileReport {
 /// Compiles a checkpoint into a bundle. `progress(stage, done, total)` reports weight streaming.
 pub fn compile(
     options: &CompileOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<CompileReport> {
+    let gptq_calibration = match options.quant_method {
+        QuantMethod::Gptq => Some(gptq::collect(options)?),
+        QuantMethod::Rtn => None,
+    };
+    compile_calibrated(options, gptq_calibration.as_ref(), progress)
+}
+
+/// [`compile`] with GPTQ's calibration activations already collected (when the method is GPTQ).
+fn compile_calibrated(
+    options: &CompileOptions,
+    gptq_calibration: Option<&gptq::Calibration>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<CompileReport> {
     if let Some(trt) = &options.tensorrt {
@@ -131,14 +152,18 @@ pub fn compile(
     let pipeline = decoder::stage_plans(options, &imported.config)?;
     stages.push(("import".to_string(), start.elapsed()));
     use herd_passes::calibrate::Activations;
-    let activation_pass = if options.expose_calibration {
-        Activations::Expose
+    let activation_pass = if let Some(which) = options.expose_calibration {
+        Activations::Expose(which)
     } else if let Some((scales, _)) = &calibration {
         Activations::Quantize(std::sync::Arc::new(scales.clone()))
     } else {
         Activations::Unchanged
     };
     run_passes(options, activation_pass, &mut imported.graph, &mut stages)?;
+    let gptq_weights = match gptq_calibration {
+        Some(c) => Some(gptq_stage(options, c, &mut imported.graph, &mut stages)?),
+        None => None,
+    };
     let calibration_outputs = herd_passes::calibrate::exposed(&imported.graph);
     let activations = calibration.as_ref().map(|(_, prompts)| {
         let n = herd_passes::calibrate::quantized_inputs(&imported.graph);
@@ -216,6 +241,7 @@ pub fn compile(
         tensorrt,
         stage_profiles,
         activations,
+        gptq: gptq_weights.as_ref().map(|(summary, _)| summary),
     };
     let manifest = manifest(options, &imported, written, files)?;
     let bundle = writer.finish(&manifest)?;
@@ -236,6 +262,11 @@ pub fn compile(
         peak_rss_bytes: peak_rss_bytes(),
         node_counts: decoder.node_counts(),
         calibration_outputs,
+        warnings: gptq_weights
+            .as_ref()
+            .and_then(|(g, _)| g.warning.clone())
+            .into_iter()
+            .collect(),
         pipeline,
     })
 }
@@ -255,7 +286,8 @@ fn import(options: &CompileOptions) -> Result<ImportedModel> {
         .config
         .vision
         .is_some();
-    let with_vision = options.vision && checkpoint_has_vision && !options.expose_calibration;
+    let with_vision =
+        options.vision && checkpoint_has_vision && options.expose_calibration.is_none();
     let imported = herd_ir::import_with(&options.model, with_vision)?;
     let config = imported.checkpoint.config.clone();
     let preprocessing = match (&config.vision, with_vision) {
@@ -293,6 +325,46 @@ fn import(options: &CompileOptions) -> Result<ImportedModel> {
 
 /// Runs the pass pipeline on `graph` (`activations` for its calibrate pass), writing
 /// `--dump-ir-after` dumps and timing each pass.
+/// Replaces the quantized int weights by GPTQ's (written next to the output, removed with the
+/// returned directory once the bundle is written).
+fn gptq_stage(
+    options: &CompileOptions,
+    calibration: &gptq::Calibration,
+    graph: &mut herd_ir::Graph,
+    stages: &mut Vec<(String, Duration)>,
+) -> Result<(gptq::GptqSummary, tempfile::TempDir)> {
+    let start = Instant::now();
+    let search = options
+        .quant
+        .as_ref()
+        .map(|q| q.search)
+        .context("--method gptq needs --quant int4 or int8")?;
+    let parent = options
+        .output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let dir = tempfile::Builder::new()
+        .prefix(".herd-gptq")
+        .tempdir_in(parent)
+        .with_context(|| {
+            format!(
+                "{}: cannot create GPTQ's working directory",
+                parent.display()
+            )
+        })?;
+    let summary = gptq::apply(graph, calibration, dir.path(), search)?;
+    tracing::info!(
+        "GPTQ: {} matrices of {} weights on {}",
+        summary.matrices,
+        summary.weights,
+        summary.calibration
+    );
+    herd_ir::verified(graph, Some("gptq")).map_err(|e| anyhow::anyhow!("herd bug: {e}"))?;
+    stages.push(("gptq".to_string(), start.elapsed()));
+    Ok((summary, dir))
+}
+
 fn run_passes(
     options: &CompileOptions,
     activations: herd_passes::calibrate::Activations,
@@ -345,6 +417,7 @@ struct Written<'a> {
     tensorrt: Option<TensorRtInfo>,
     stage_profiles: Option<Vec<[String; 3]>>,
     activations: Option<String>,
+    gptq: Option<&'a gptq::GptqSummary>,
 }
 
 /// The bundle's manifest.
@@ -405,7 +478,20 @@ fn manifest(
         quantization: options.quant.as_ref().map(|q| QuantizationInfo {
             scheme: q.scheme.name(),
             scales: q.scheme.block().map(|_| q.search.name().to_string()),
-            sqnr_db: decoder.sqnr_db(),
+            method: q
+                .scheme
+                .block()
+                .map(|_| options.quant_method.name().to_string()),
+            calibration: written.gptq.map(|g| g.calibration.clone()),
+            sqnr_db: match written.gptq {
+                // The emitters see GPTQ's codes as the weights; their error is against the float ones.
+                Some(g) => decoder
+                    .sqnr_db()
+                    .into_iter()
+                    .chain(g.sqnr_db.clone())
+                    .collect(),
+                None => decoder.sqnr_db(),
+            },
             activations: written.activations,
             accuracy: None,
         }),
@@ -424,7 +510,7 @@ fn calibrate(options: &CompileOptions) -> Result<(std::collections::HashMap<Stri
         moe: options.moe,
         max_context: options.max_context,
         quant: options.quant.clone(),
-        expose_calibration: true,
+        expose_calibration: Some(herd_passes::calibrate::Exposed::Fp8Inputs),
         ..CompileOptions::new(options.model.clone(), tmp.path().join("calibration"))
     };
     tracing::info!("calibrating fp8 activations");

@@ -181,13 +181,15 @@ impl Emitter<'_> {
             super::emit::STREAM_BLOCK_ELEMENTS,
             row_multiple,
             |rows, block| {
-                // Scales along K = axis 0 cover every row; otherwise take this block's rows.
+                // Per-channel scales along K = axis 0 cover every row, block scales [K / B, N] this
+                // block's rows / B; otherwise the scales' rows are the block's rows.
                 let fixed = fixed_scales.as_ref().map(|f| {
-                    if k_axis == 0 {
-                        f.clone()
-                    } else {
-                        f.slice_axis(ndarray::Axis(0), rows.into()).to_owned()
-                    }
+                    let scale_rows = match (k_axis, spec.scheme.block()) {
+                        (0, None) => 0..f.shape()[0],
+                        (0, Some(b)) => rows.start / b..rows.end / b,
+                        _ => rows,
+                    };
+                    f.slice_axis(ndarray::Axis(0), scale_rows.into()).to_owned()
                 });
                 let q = quantize(block, &out_spec, fixed.as_ref());
                 for (w, d) in block.iter().zip(q.dequantized.iter()) {

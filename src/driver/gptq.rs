@@ -1,0 +1,892 @@
+//! GPTQ for int4/int8 (`--method gptq`): a float calibration bundle exposes the input of every
+//! projection and MoE; the calibration prompts' activations are spooled to disk; then, one weight at a
+//! time, each matrix's Hessian is summed from its inputs (routed experts: the tokens routed to them,
+//! scaled by their sigmoid router score as Llama 4 scales them; down projections: the float gate/up
+//! output of those inputs) and [`herd_ir::gptq::gptq`] writes its codes and block scales to a
+//! safetensors file that becomes the weight's source (pre-quantized parts, read back as
+//! `code * scale`), so the emitters and the reference evaluator see exactly GPTQ's weights.
+//!
+//! Memory: one matrix, its Hessian and the spooled rows of one input at a time (a MoE's tokens once per
+//! layer); the spool holds prompt tokens x the widths of the exposed inputs on disk.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use herd_ir::gptq::{gptq, times_transposed, GptqMatrix, GptqOptions, Hessian};
+use herd_ir::graph::NodeIndex;
+use herd_ir::ops::ExpertLayout;
+use herd_ir::quant::QuantSpec;
+use herd_ir::weights::{PartScale, Shard, TensorSource, Transform, WeightPart, WeightRef};
+use herd_ir::{DType, Graph, Op};
+use herd_passes::calibrate::{output_name, Exposed};
+
+use super::CompileOptions;
+
+/// How int4/int8 weights are rounded (`--method`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum QuantMethod {
+    /// Round to nearest with each block's scale from `--scales` (no calibration data needed).
+    #[default]
+    Rtn,
+    /// GPTQ against the Hessians of calibration activations.
+    Gptq,
+}
+
+impl QuantMethod {
+    /// The name used on the command line and in manifests.
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantMethod::Rtn => "rtn",
+            QuantMethod::Gptq => "gptq",
+        }
+    }
+}
+
+/// Activations of the calibration prompts, one spooled stream per exposed input.
+pub(super) struct Calibration {
+    spool: Spool,
+    pub prompts: usize,
+    pub tokens: usize,
+}
+
+/// Compiles a float calibration bundle of `options.model` exposing every projection's input, runs the
+/// calibration prompts through it and spools the activations.
+pub(super) fn collect(options: &CompileOptions) -> Result<Calibration> {
+    let tmp = tempfile::Builder::new()
+        .prefix("herd-gptq-calibrate")
+        .tempdir()?;
+    let calibration = CompileOptions {
+        moe: options.moe,
+        max_context: options.max_context,
+        // ONNX Runtime's CPU kernels run f32 and f16, not bf16.
+        dtype: match options.dtype {
+            DType::BF16 => DType::F16,
+            d => d,
+        },
+        expose_calibration: Some(Exposed::AllInputs),
+        vision: false,
+        ..CompileOptions::new(options.model.clone(), tmp.path().join("calibration"))
+    };
+    tracing::info!("GPTQ: compiling a float calibration bundle");
+    let report = super::compile(&calibration, &mut |_, _| {})?;
+    let model =
+        herd_runtime::Model::load(&report.bundle, &herd_runtime::RuntimeOptions::default())?;
+    let m = &model.bundle.manifest.model;
+    let prompts = match &options.calibration_prompts {
+        Some(p) => p.clone(),
+        None => crate::eval::prompts(Some(&options.model), m.vocab_size, m.max_positions)?,
+    };
+    let mut spool = Spool::create(tmp.path().join("activations"))?;
+    let names = report.calibration_outputs.clone();
+    let mut tokens = 0;
+    for (i, prompt) in prompts.iter().enumerate() {
+        tracing::info!(
+            "GPTQ: calibration prompt {}/{} ({} tokens)",
+            i + 1,
+            prompts.len(),
+            prompt.len()
+        );
+        model.probe(prompt, &names, &mut |name, shape, values| {
+            spool
+                .append(name, shape.last().copied().unwrap_or(0), values)
+                .map_err(|e| herd_runtime::RuntimeError::Param(format!("{e:#}")))
+        })?;
+        tokens += prompt.len();
+    }
+    spool.finish()?;
+    for name in &names {
+        let rows = spool.rows(name);
+        if rows != tokens {
+            bail!(
+                "herd bug: calibration output {name} holds {rows} rows for {tokens} prompt tokens"
+            );
+        }
+    }
+    drop(model);
+    // The calibration bundle is no longer needed; the spool stays until the weights are written.
+    std::fs::remove_dir_all(&report.bundle).ok();
+    spool.keep(tmp);
+    Ok(Calibration {
+        spool,
+        prompts: prompts.len(),
+        tokens,
+    })
+}
+
+/// What [`apply`] did.
+pub(super) struct GptqSummary {
+    pub matrices: usize,
+    pub weights: usize,
+    /// The calibration data, for the manifest: prompts and tokens.
+    pub calibration: String,
+    /// SQNR of each GPTQ weight against its float values, in dB.
+    pub sqnr_db: BTreeMap<String, f64>,
+    /// Why the result may be weaker than it should be, if it may.
+    pub warning: Option<String>,
+}
+
+/// Replaces every int4/int8-quantized weight of `graph` by GPTQ's codes and scales, written under
+/// `dir` (which must outlive the graph's use).
+pub(super) fn apply(
+    graph: &mut Graph,
+    calibration: &Calibration,
+    dir: &Path,
+    search: herd_ir::quant::ScaleSearch,
+) -> Result<GptqSummary> {
+    std::fs::create_dir_all(dir)?;
+    let mut writer = MatrixWriter {
+        dir: dir.to_path_buf(),
+        files: Vec::new(),
+        error: BTreeMap::new(),
+        undersampled: 0,
+        options: GptqOptions {
+            search,
+            ..GptqOptions::default()
+        },
+    };
+    // Each weight's matrices (expert order) as written files.
+    let mut replaced: BTreeMap<NodeIndex, Vec<usize>> = BTreeMap::new();
+    let linear_hessians = linear_inputs(graph)?;
+    for (weight, consumers) in &linear_hessians {
+        let Some((w, spec)) = int_weight(graph, *weight) else {
+            continue;
+        };
+        if !consumers.iter().all(|e| calibration.spool.has(e)) {
+            // lm_head (--quant-embeddings): its inputs are not exposed; it stays rounded to nearest.
+            tracing::info!(
+                "GPTQ: no calibration inputs for `{}`: rounded to nearest",
+                node_name(graph, *weight)
+            );
+            continue;
+        }
+        let mut hessian = None::<Hessian>;
+        for exposure in consumers {
+            let k = calibration.spool.width(exposure)?;
+            let h = hessian.get_or_insert_with(|| Hessian::new(k));
+            calibration
+                .spool
+                .read(exposure, |rows| h.add(rows).map_err(anyhow::Error::msg))?;
+        }
+        let hessian = hessian.context("herd bug: a projection without an input")?;
+        let name = node_name(graph, *weight);
+        let matrix = float_matrix(graph, &w, spec.k_axis, None)?;
+        let file = writer.quantize(&name, None, &matrix, &hessian, spec)?;
+        replaced.insert(*weight, vec![file]);
+    }
+    for moe in moe_nodes(graph) {
+        moe_experts(graph, moe, calibration, &mut writer, &mut replaced)?;
+    }
+    let warning = (writer.undersampled > 0).then(|| {
+        format!(
+            "GPTQ: {} of {} matrices saw fewer calibration rows than input features (experts see only the tokens routed to them) and can be fitted to the calibration prompts: pass more or longer prompts with --calibrate",
+            writer.undersampled,
+            writer.files.len()
+        )
+    });
+    let summary = GptqSummary {
+        matrices: writer.files.len(),
+        weights: replaced.len(),
+        calibration: format!(
+            "{} prompts, {} tokens",
+            calibration.prompts, calibration.tokens
+        ),
+        sqnr_db: writer
+            .error
+            .iter()
+            .map(|(name, &(signal, noise))| {
+                let db = if noise == 0.0 {
+                    f64::INFINITY
+                } else {
+                    10.0 * (signal / noise).log10()
+                };
+                (name.clone(), db)
+            })
+            .collect(),
+        warning,
+    };
+    rewrite(graph, &writer, &replaced)?;
+    Ok(summary)
+}
+
+/// For every weight fed to a `Linear`, the exposures holding that Linear's inputs.
+fn linear_inputs(graph: &Graph) -> Result<BTreeMap<NodeIndex, Vec<String>>> {
+    let mut out: BTreeMap<NodeIndex, Vec<String>> = BTreeMap::new();
+    for n in graph.node_indices() {
+        let Some(node) = graph.node(n) else { continue };
+        if matches!(node.op, Op::Linear) {
+            let weight = graph.inputs(n)[1].node;
+            out.entry(weight).or_default().push(output_name(&node.name));
+        }
+    }
+    Ok(out)
+}
+
+fn moe_nodes(graph: &Graph) -> Vec<NodeIndex> {
+    graph
+        .node_indices()
+        .into_iter()
+        .filter(|&n| matches!(graph.node(n).map(|x| &x.op), Some(Op::FusedMoe(_))))
+        .collect()
+}
+
+fn node_name(graph: &Graph, n: NodeIndex) -> String {
+    graph.node(n).map_or_else(String::new, |x| x.name.clone())
+}
+
+/// The weight of node `n` and its quantization, if it is quantized int4/int8 by the quantize pass.
+fn int_weight(graph: &Graph, n: NodeIndex) -> Option<(WeightRef, QuantSpec)> {
+    match &graph.node(n)?.op {
+        Op::Weight(w) => {
+            let spec = w.quant?;
+            spec.scheme.block()?;
+            Some((w.clone(), spec))
+        }
+        _ => None,
+    }
+}
+
+/// A weight's float matrix as [N, K] row-major (`expert` selects one of a stacked [E, ..] weight).
+fn float_matrix(
+    graph: &Graph,
+    w: &WeightRef,
+    k_axis: usize,
+    expert: Option<usize>,
+) -> Result<Matrix> {
+    let mut base = WeightRef {
+        quant: None,
+        ..w.clone()
+    };
+    let rank = base.shape().map_err(anyhow::Error::msg)?.len();
+    let k_axis = match (rank, expert) {
+        (2, None) => k_axis,
+        (3, Some(e)) => {
+            base = base.with(Transform::Select { axis: 0, index: e });
+            k_axis - 1
+        }
+        _ => bail!("GPTQ: unsupported weight of rank {rank}"),
+    };
+    match k_axis {
+        1 => {}
+        0 => base = base.with(Transform::Transpose { perm: vec![1, 0] }),
+        _ => bail!("GPTQ: K axis {k_axis} of a matrix"),
+    }
+    let shape = base.shape().map_err(anyhow::Error::msg)?;
+    let (n, k) = (shape[0], shape[1]);
+    let mut values = Vec::with_capacity(n * k);
+    graph
+        .weights()
+        .stream_rows::<anyhow::Error>(&base, MATRIX_BLOCK_ELEMENTS, 1, |_, block| {
+            values.extend(block.iter().copied());
+            Ok(())
+        })?;
+    Ok(Matrix { n, k, values })
+}
+
+/// Values per block when a matrix is read from the checkpoint.
+const MATRIX_BLOCK_ELEMENTS: usize = 16 << 20;
+
+/// A matrix [n, k] row-major.
+struct Matrix {
+    n: usize,
+    k: usize,
+    values: Vec<f32>,
+}
+
+/// Routed experts and the shared expert of one MoE: routing on the spooled inputs, then per expert
+/// fc1's Hessian from the routed, score-scaled tokens and fc2's from fc1's float output.
+fn moe_experts(
+    graph: &Graph,
+    moe: NodeIndex,
+    calibration: &Calibration,
+    writer: &mut MatrixWriter,
+    replaced: &mut BTreeMap<NodeIndex, Vec<usize>>,
+) -> Result<()> {
+    let node = graph.node(moe).context("herd bug: missing MoE")?;
+    let Op::FusedMoe(attrs) = &node.op else {
+        bail!("herd bug: not a MoE");
+    };
+    let inputs = graph.inputs(moe);
+    let (router, fc1, fc2, shared1, shared2) = (
+        inputs[1].node,
+        inputs[2].node,
+        inputs[3].node,
+        inputs[4].node,
+        inputs[5].node,
+    );
+    let exposure = output_name(&node.name);
+    let x = calibration.spool.read_all(&exposure)?;
+    let h = calibration.spool.width(&exposure)?;
+    let t = x.len() / h.max(1);
+    let inter = attrs.intermediate_size;
+
+    // The shared expert sees x unscaled; its fc1 rows are gate then up.
+    if let Some((w1, spec1)) = int_weight(graph, shared1) {
+        let m1 = float_matrix(graph, &w1, spec1.k_axis, None)?;
+        let mut h1 = Hessian::new(h);
+        h1.add(&x).map_err(anyhow::Error::msg)?;
+        let file = writer.quantize(&node_name(graph, shared1), None, &m1, &h1, spec1)?;
+        replaced.insert(shared1, vec![file]);
+        if let Some((w2, spec2)) = int_weight(graph, shared2) {
+            let z = swiglu(
+                &times_transposed(&x, t, h, &m1.values, m1.n),
+                t,
+                inter,
+                false,
+            );
+            let mut h2 = Hessian::new(inter);
+            h2.add(&z).map_err(anyhow::Error::msg)?;
+            let m2 = float_matrix(graph, &w2, spec2.k_axis, None)?;
+            let file = writer.quantize(&node_name(graph, shared2), None, &m2, &h2, spec2)?;
+            replaced.insert(shared2, vec![file]);
+        }
+    } else if let Some((w2, spec2)) = int_weight(graph, shared2) {
+        let (w1, k1) = float_weight(graph, shared1)?;
+        let m1 = float_matrix(graph, &w1, k1, None)?;
+        let z = swiglu(
+            &times_transposed(&x, t, h, &m1.values, m1.n),
+            t,
+            inter,
+            false,
+        );
+        let mut h2 = Hessian::new(inter);
+        h2.add(&z).map_err(anyhow::Error::msg)?;
+        let m2 = float_matrix(graph, &w2, spec2.k_axis, None)?;
+        let file = writer.quantize(&node_name(graph, shared2), None, &m2, &h2, spec2)?;
+        replaced.insert(shared2, vec![file]);
+    }
+
+    let q1 = int_weight(graph, fc1);
+    let q2 = int_weight(graph, fc2);
+    if q1.is_none() && q2.is_none() {
+        return Ok(());
+    }
+    let (router_w, router_k) = float_weight(graph, router)?;
+    let router_m = float_matrix(graph, &router_w, router_k, None)?;
+    let logits = times_transposed(&x, t, h, &router_m.values, router_m.n);
+    let routed = route(&logits, t, attrs.num_experts, attrs.top_k);
+    let interleaved = attrs.layout == ExpertLayout::Interleaved;
+    let (w1, k1) = match &q1 {
+        Some((w, spec)) => (w.clone(), spec.k_axis),
+        None => float_weight(graph, fc1)?,
+    };
+    let mut files1 = Vec::new();
+    let mut files2 = Vec::new();
+    for (e, tokens) in routed.iter().enumerate() {
+        // The routed tokens of expert e, each scaled by its sigmoid score.
+        let mut xe = Vec::with_capacity(tokens.len() * h);
+        for &(row, score) in tokens {
+            xe.extend(x[row * h..(row + 1) * h].iter().map(|v| v * score));
+        }
+        let m1 = float_matrix(graph, &w1, k1, Some(e))?;
+        if let Some((_, spec)) = &q1 {
+            let mut h1 = Hessian::new(h);
+            h1.add(&xe).map_err(anyhow::Error::msg)?;
+            files1.push(writer.quantize(&node_name(graph, fc1), Some(e), &m1, &h1, *spec)?);
+        }
+        if let Some((w2, spec)) = &q2 {
+            let te = tokens.len();
+            let z = swiglu(
+                &times_transposed(&xe, te, h, &m1.values, m1.n),
+                te,
+                inter,
+                interleaved,
+            );
+            let mut h2 = Hessian::new(inter);
+            h2.add(&z).map_err(anyhow::Error::msg)?;
+            let m2 = float_matrix(graph, w2, spec.k_axis, Some(e))?;
+            files2.push(writer.quantize(&node_name(graph, fc2), Some(e), &m2, &h2, *spec)?);
+        }
+        tracing::debug!("GPTQ: {} expert {e}: {} tokens", node.name, tokens.len());
+    }
+    if q1.is_some() {
+        replaced.insert(fc1, files1);
+    }
+    if q2.is_some() {
+        replaced.insert(fc2, files2);
+    }
+    Ok(())
+}
+
+/// A float weight and its K axis (its last axis for a `z W^T` matrix, as the MoE op reads its router
+/// [E, H] and shared fc1 [2I, H]).
+fn float_weight(graph: &Graph, n: NodeIndex) -> Result<(WeightRef, usize)> {
+    match graph.node(n).map(|x| &x.op) {
+        Some(Op::Weight(w)) => {
+            let rank = w.shape().map_err(anyhow::Error::msg)?.len();
+            Ok((w.clone(), rank - 1))
+        }
+        _ => bail!("herd bug: a MoE input that is not a weight"),
+    }
+}
+
+/// For each expert, the (token row, sigmoid score) pairs routed to it: the top `top_k` logits of each
+/// token, ties to the lower expert, as the reference evaluator routes.
+fn route(logits: &[f32], t: usize, experts: usize, top_k: usize) -> Vec<Vec<(usize, f32)>> {
+    let mut routed = vec![Vec::new(); experts];
+    for row in 0..t {
+        let l = &logits[row * experts..(row + 1) * experts];
+        let mut ranked: Vec<usize> = (0..experts).collect();
+        ranked.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
+        for &e in &ranked[..top_k.min(experts)] {
+            routed[e].push((row, 1.0 / (1.0 + (-l[e]).exp())));
+        }
+    }
+    routed
+}
+
+/// `silu(gate) * up` of [t, 2I] rows: gate then up halves, or interleaved (gate 2i, up 2i + 1).
+fn swiglu(h1: &[f32], t: usize, inter: usize, interleaved: bool) -> Vec<f32> {
+    let mut out = Vec::with_capacity(t * inter);
+    for row in h1.chunks_exact(2 * inter).take(t) {
+        for i in 0..inter {
+            let (g, u) = if interleaved {
+                (row[2 * i], row[2 * i + 1])
+            } else {
+                (row[i], row[inter + i])
+            };
+            out.push(g / (1.0 + (-g).exp()) * u);
+        }
+    }
+    out
+}
+
+/// GPTQ's results, one safetensors file per matrix (`codes` [N, K] i8, `scales` [N, K / B]).
+struct MatrixWriter {
+    dir: PathBuf,
+    files: Vec<WrittenMatrix>,
+    /// Per weight: Σ w² and Σ (w − q)² over its matrices.
+    error: BTreeMap<String, (f64, f64)>,
+    /// Matrices whose Hessian had fewer rows than K (rank-deficient: GPTQ can overfit them).
+    undersampled: usize,
+    options: GptqOptions,
+}
+
+struct WrittenMatrix {
+    path: PathBuf,
+    name: String,
+    n: usize,
+    k: usize,
+    spec: QuantSpec,
+}
+
+impl MatrixWriter {
+    /// Quantizes `matrix` (of weight `weight`, expert `expert`) by GPTQ against `hessian` and writes
+    /// it; returns its index in `files`.
+    fn quantize(
+        &mut self,
+        weight: &str,
+        expert: Option<usize>,
+        matrix: &Matrix,
+        hessian: &Hessian,
+        spec: QuantSpec,
+    ) -> Result<usize> {
+        let name = match expert {
+            Some(e) => format!("{weight} expert {e}"),
+            None => weight.to_string(),
+        };
+        if hessian.rows() < matrix.k {
+            self.undersampled += 1;
+        }
+        if hessian.k() != matrix.k {
+            bail!(
+                "herd bug: `{name}` has K = {} but its inputs {} features",
+                matrix.k,
+                hessian.k()
+            );
+        }
+        let q: GptqMatrix = gptq(
+            &matrix.values,
+            matrix.n,
+            matrix.k,
+            &hessian.values(),
+            spec.scheme,
+            spec.scale_dtype,
+            self.options,
+        )
+        .map_err(|e| anyhow::anyhow!("`{name}`: {e}"))?;
+        let file = format!("{:05}.safetensors", self.files.len());
+        let path = self.dir.join(&file);
+        let block = spec.scheme.block().unwrap_or(matrix.k);
+        let error = self.error.entry(weight.to_string()).or_default();
+        for (w, d) in matrix.values.iter().zip(q.dequantized(matrix.k, block)) {
+            error.0 += (*w as f64) * (*w as f64);
+            error.1 += ((w - d) as f64) * ((w - d) as f64);
+        }
+        let codes: Vec<u8> = q.codes.iter().map(|&c| c as u8).collect();
+        let scales: Vec<u8> = match spec.scale_dtype {
+            DType::F16 => q
+                .scales
+                .iter()
+                .flat_map(|&s| half::f16::from_f32(s).to_le_bytes())
+                .collect(),
+            _ => q.scales.iter().flat_map(|&s| s.to_le_bytes()).collect(),
+        };
+        let scale_dtype = match spec.scale_dtype {
+            DType::F16 => safetensors::Dtype::F16,
+            _ => safetensors::Dtype::F32,
+        };
+        let views = [
+            (
+                "codes",
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::I8,
+                    vec![matrix.n, matrix.k],
+                    &codes,
+                )?,
+            ),
+            (
+                "scales",
+                safetensors::tensor::TensorView::new(
+                    scale_dtype,
+                    vec![matrix.n, matrix.k / block],
+                    &scales,
+                )?,
+            ),
+        ];
+        let tmp = path.with_extension("tmp");
+        safetensors::serialize_to_file(views, None, &tmp)
+            .with_context(|| format!("{}: cannot write GPTQ weights", tmp.display()))?;
+        std::fs::rename(&tmp, &path)?;
+        self.files.push(WrittenMatrix {
+            path,
+            name: format!("gptq/{file} ({name})"),
+            n: matrix.n,
+            k: matrix.k,
+            spec,
+        });
+        Ok(self.files.len() - 1)
+    }
+}
+
+/// Points each replaced weight at its written matrices: one [N, K] part per matrix, concatenated and
+/// shaped back into the weight's layout.
+fn rewrite(
+    graph: &mut Graph,
+    writer: &MatrixWriter,
+    replaced: &BTreeMap<NodeIndex, Vec<usize>>,
+) -> Result<()> {
+    let mut store = graph.weights().reopened()?;
+    let mut ids = HashMap::new();
+    for (i, m) in writer.files.iter().enumerate() {
+        let shard = Shard::open(&m.path, &m.name)?;
+        ids.insert(i, store.push(shard));
+    }
+    graph.replace_weights(Arc::new(store));
+    for (&weight, files) in replaced {
+        let node = graph.node(weight).context("herd bug: missing weight")?;
+        let Op::Weight(old) = &node.op else {
+            bail!("herd bug: not a weight");
+        };
+        let old_shape = old.shape().map_err(anyhow::Error::msg)?;
+        let spec = old.quant.context("herd bug: unquantized")?;
+        let parts: Vec<WeightPart> = files
+            .iter()
+            .map(|i| {
+                let m = &writer.files[*i];
+                let shard = ids[i];
+                WeightPart {
+                    source: TensorSource {
+                        shard,
+                        tensor: "codes".into(),
+                    },
+                    dtype: DType::I8,
+                    stored_shape: vec![m.n, m.k],
+                    scale: Some(PartScale {
+                        source: TensorSource {
+                            shard,
+                            tensor: "scales".into(),
+                        },
+                        dtype: match m.spec.scale_dtype {
+                            DType::F16 => DType::F16,
+                            _ => DType::F32,
+                        },
+                        scheme: m.spec.scheme,
+                    }),
+                }
+            })
+            .collect();
+        let (n, k) = (parts[0].stored_shape[0], parts[0].stored_shape[1]);
+        let mut new = WeightRef {
+            parts,
+            concat_axis: 0,
+            transforms: Vec::new(),
+            quant: None,
+        };
+        match (old_shape.len(), spec.k_axis) {
+            (2, 1) => {}
+            (3, 2) => {
+                new = new.with(Transform::Reshape {
+                    shape: vec![files.len(), n, k],
+                })
+            }
+            (3, 1) => {
+                new = new
+                    .with(Transform::Reshape {
+                        shape: vec![files.len(), n, k],
+                    })
+                    .with(Transform::Transpose {
+                        perm: vec![0, 2, 1],
+                    })
+            }
+            (rank, k_axis) => bail!("GPTQ: a weight of rank {rank} with K on axis {k_axis}"),
+        }
+        let new_shape = new.shape().map_err(anyhow::Error::msg)?;
+        let effective = new.effective_quant().map(|q| (q.k_axis, q.scheme));
+        if new_shape != old_shape || effective != Some((spec.k_axis, spec.scheme)) {
+            bail!(
+                "herd bug: GPTQ's `{}` is {new_shape:?} quantized {effective:?}, not {old_shape:?} {:?}",
+                node.name,
+                (spec.k_axis, spec.scheme)
+            );
+        }
+        let ty = new.ty();
+        let node = graph.node_mut(weight).context("herd bug: missing weight")?;
+        node.op = Op::Weight(new);
+        node.outputs = vec![ty];
+    }
+    Ok(())
+}
+
+/// Activations on disk: per name, rows of f32 (little-endian) appended in order.
+struct Spool {
+    dir: PathBuf,
+    streams: BTreeMap<String, Stream>,
+    keep: Option<tempfile::TempDir>,
+}
+
+struct Stream {
+    path: PathBuf,
+    writer: Option<BufWriter<File>>,
+    width: usize,
+    rows: usize,
+}
+
+/// Rows read per chunk from the spool.
+const SPOOL_CHUNK_BYTES: usize = 64 << 20;
+
+impl Spool {
+    fn create(dir: PathBuf) -> Result<Spool> {
+        std::fs::create_dir_all(&dir)?;
+        Ok(Spool {
+            dir,
+            streams: BTreeMap::new(),
+            keep: None,
+        })
+    }
+
+    /// Keeps `dir` (the temporary directory holding the spool) alive as long as the spool.
+    fn keep(&mut self, dir: tempfile::TempDir) {
+        self.keep = Some(dir);
+    }
+
+    fn append(&mut self, name: &str, width: usize, values: &[f32]) -> Result<()> {
+        if width == 0 || values.len() % width != 0 {
+            bail!(
+                "calibration output {name}: {} values are not rows of {width}",
+                values.len()
+            );
+        }
+        let count = self.streams.len();
+        let stream = match self.streams.get_mut(name) {
+            Some(s) => s,
+            None => {
+                let path = self.dir.join(format!("{count:05}.f32"));
+                let file = File::create(&path)
+                    .with_context(|| format!("{}: cannot spool activations", path.display()))?;
+                self.streams.entry(name.to_string()).or_insert(Stream {
+                    path,
+                    writer: Some(BufWriter::with_capacity(1 << 20, file)),
+                    width,
+                    rows: 0,
+                })
+            }
+        };
+        if stream.width != width {
+            bail!(
+                "calibration output {name}: rows of {width}, earlier {}",
+                stream.width
+            );
+        }
+        let writer = stream.writer.as_mut().context("herd bug: spool finished")?;
+        for v in values {
+            writer.write_all(&v.to_le_bytes())?;
+        }
+        stream.rows += values.len() / width;
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        for s in self.streams.values_mut() {
+            if let Some(mut w) = s.writer.take() {
+                w.flush()
+                    .with_context(|| format!("{}: cannot spool activations", s.path.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.streams.contains_key(name)
+    }
+
+    fn rows(&self, name: &str) -> usize {
+        self.streams.get(name).map_or(0, |s| s.rows)
+    }
+
+    fn width(&self, name: &str) -> Result<usize> {
+        self.streams
+            .get(name)
+            .map(|s| s.width)
+            .with_context(|| format!("herd bug: no calibration activations for {name}"))
+    }
+
+    /// Calls `f` with consecutive chunks of whole rows of `name`.
+    fn read(&self, name: &str, mut f: impl FnMut(&[f32]) -> Result<()>) -> Result<()> {
+        let stream = self
+            .streams
+            .get(name)
+            .with_context(|| format!("herd bug: no calibration activations for {name}"))?;
+        let row_bytes = stream.width * 4;
+        let chunk_rows = (SPOOL_CHUNK_BYTES / row_bytes.max(1)).max(1);
+        let mut reader = BufReader::new(File::open(&stream.path)?);
+        let mut left = stream.rows;
+        let mut bytes = Vec::new();
+        while left > 0 {
+            let rows = left.min(chunk_rows);
+            bytes.resize(rows * row_bytes, 0);
+            reader.read_exact(&mut bytes).with_context(|| {
+                format!("{}: spooled activations cut short", stream.path.display())
+            })?;
+            let values: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            f(&values)?;
+            left -= rows;
+        }
+        Ok(())
+    }
+
+    /// All rows of `name` in memory.
+    fn read_all(&self, name: &str) -> Result<Vec<f32>> {
+        let mut all = Vec::new();
+        self.read(name, |chunk| {
+            all.extend_from_slice(chunk);
+            Ok(())
+        })?;
+        Ok(all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GPTQ bundle computes what the reference evaluator computes on the graph GPTQ rewrote: the
+    /// targets store exactly GPTQ's codes and block scales (QMoE's packed experts and
+    /// DequantizeLinear -> MatMul alike), to the fp32 tolerance of the goldens.
+    #[test]
+    fn gptq_bundles_match_the_reference_evaluator_on_the_gptq_graph() {
+        use herd_passes::calibrate::Activations;
+        use herd_targets::onnx::MoeLowering;
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-maverick");
+        let dir = tempfile::tempdir().unwrap();
+        let prompts: Vec<Vec<i64>> = (0..12)
+            .map(|p| (0..24).map(|i| 3 + (p * 37 + i * 11) % 500).collect())
+            .collect();
+        for moe in [MoeLowering::Ort, MoeLowering::Grouped] {
+            let options = CompileOptions {
+                moe,
+                max_context: 64,
+                quant: Some(herd_passes::quantize::QuantOptions {
+                    scheme: herd_ir::quant::QuantScheme::Int4 { block: 32 },
+                    scale_dtype: DType::F32,
+                    search: herd_ir::quant::ScaleSearch::Clip,
+                    embeddings: false,
+                    keep: vec![],
+                }),
+                quant_method: QuantMethod::Gptq,
+                calibration_prompts: Some(prompts.clone()),
+                vision: false,
+                ..CompileOptions::new(fixture.clone(), dir.path().join(format!("{moe:?}")))
+            };
+            let calibration = collect(&options).expect("calibration");
+            let mut imported = super::super::import(&options).expect("import");
+            let mut stages = Vec::new();
+            super::super::run_passes(
+                &options,
+                Activations::Unchanged,
+                &mut imported.graph,
+                &mut stages,
+            )
+            .expect("passes");
+            let (summary, _weights) =
+                super::super::gptq_stage(&options, &calibration, &mut imported.graph, &mut stages)
+                    .expect("gptq");
+            assert!(
+                summary.matrices > summary.weights,
+                "experts are quantized one by one"
+            );
+            let report =
+                super::super::compile_calibrated(&options, Some(&calibration), &mut |_, _| {})
+                    .expect("compile");
+            let model = herd_runtime::Model::load(&report.bundle, &Default::default()).unwrap();
+            let vocab = model.bundle.manifest.model.vocab_size;
+            for ids in prompts.iter().take(3) {
+                let ours = model.prompt_logits(ids).unwrap();
+                let reference = herd_ir::eval_prompt::lowered_logits(&imported.graph, ids).unwrap();
+                let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let err = ours
+                    .iter()
+                    .zip(reference.iter())
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert_eq!(ours.len(), ids.len() * vocab);
+                eprintln!("{moe:?}: max error {err:.3e} of logit scale {scale:.3}");
+                assert!(err <= 1e-4 * scale, "{moe:?}: error {err} at scale {scale}");
+            }
+        }
+    }
+
+    #[test]
+    fn routing_takes_the_top_logits_with_their_sigmoid_scores() {
+        // Two tokens, three experts, top-1 and top-2; ties go to the lower expert.
+        let logits = [0.5, 2.0, -1.0, 1.0, 1.0, 0.0];
+        let top1 = route(&logits, 2, 3, 1);
+        assert_eq!(top1[0].iter().map(|r| r.0).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(top1[1].iter().map(|r| r.0).collect::<Vec<_>>(), vec![0]);
+        assert!(top1[2].is_empty());
+        assert!((top1[1][0].1 - 1.0 / (1.0 + (-2.0f32).exp())).abs() < 1e-7);
+        let top2 = route(&logits, 2, 3, 2);
+        assert_eq!(top2[0].len(), 2);
+        assert_eq!(top2[1].len(), 2);
+    }
+
+    #[test]
+    fn swiglu_reads_both_layouts() {
+        let halves = [1.0, 2.0, 3.0, 4.0];
+        let interleaved = [1.0, 3.0, 2.0, 4.0];
+        let silu = |g: f32| g / (1.0 + (-g).exp());
+        let want = vec![silu(1.0) * 3.0, silu(2.0) * 4.0];
+        assert_eq!(swiglu(&halves, 1, 2, false), want);
+        assert_eq!(swiglu(&interleaved, 1, 2, true), want);
+    }
+
+    #[test]
+    fn spool_returns_rows_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::create(dir.path().join("s")).unwrap();
+        spool.append("a", 2, &[1.0, 2.0, 3.0, 4.0]).unwrap();
+        spool.append("a", 2, &[5.0, 6.0]).unwrap();
+        assert!(spool.append("a", 3, &[1.0, 2.0, 3.0]).is_err());
+        spool.finish().unwrap();
+        assert_eq!(spool.rows("a"), 3);
+        assert_eq!(
+            spool.read_all("a").unwrap(),
+            vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+        );
+    }
+}
