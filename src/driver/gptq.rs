@@ -90,11 +90,13 @@ pub(super) fn collect(options: &CompileOptions) -> Result<Calibration> {
             prompts.len(),
             prompt.len()
         );
-        model.probe(prompt, &names, &mut |name, shape, values| {
-            spool
-                .append(name, shape.last().copied().unwrap_or(0), values)
-                .map_err(|e| herd_runtime::RuntimeError::Param(format!("{e:#}")))
-        })?;
+        model
+            .probe(prompt, &names, &mut |name, shape, values| {
+                spool
+                    .append(name, shape.last().copied().unwrap_or(0), values)
+                    .map_err(|e| herd_runtime::RuntimeError::Param(format!("{e:#}")))
+            })
+            .with_context(|| format!("GPTQ calibration prompt {} of {}", i + 1, prompts.len()))?;
         tokens += prompt.len();
     }
     spool.finish()?;
