@@ -147,13 +147,18 @@ pub fn compare_bundles(
 
 /// Stores `accuracy` in the bundle's manifest (written to a temporary file and renamed into place; the
 /// manifest is not among the checksummed files).
-pub fn store(bundle: &Path, accuracy: &Accuracy) -> Result<()> {
+pub fn store(bundle: &Path, accuracy: &Accuracy, rtn: Option<&Accuracy>) -> Result<()> {
     let path = bundle.join(MANIFEST_FILE);
     let mut manifest: Manifest = serde_json::from_str(
         &std::fs::read_to_string(&path).with_context(|| path.display().to_string())?,
     )?;
     match &mut manifest.quantization {
-        Some(q) => q.accuracy = Some(accuracy.clone()),
+        Some(q) => {
+            q.accuracy = Some(accuracy.clone());
+            if let Some(rtn) = rtn {
+                q.rtn_accuracy = Some(rtn.clone());
+            }
+        }
         None => anyhow::bail!("{}: the bundle is not quantized", bundle.display()),
     }
     let tmp = path.with_extension("json.partial");

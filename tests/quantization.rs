@@ -309,14 +309,68 @@ fn quantization_options() {
     );
 }
 
-/// GPTQ (int weights against the Hessians of calibration activations, experts from the tokens routed to
-/// them) loses less of the next-token distribution than round-to-nearest with clipped scales, measured
-/// on the report's prompts, which the calibration prompts (96 seeded random prompts of 64 tokens) do not
-/// include. Measured when written (KL mean GPTQ / RTN, int4:64): tiny-maverick 0.57, tiny-scout 0.67.
-#[test]
-fn gptq_loses_less_than_round_to_nearest() {
-    let dir = tempfile::tempdir().unwrap();
-    let calibration = dir.path().join("calibration.txt");
+/// A copy of fixture `name` (without its goldens) in which three channels of every decoder norm weight
+/// are scaled by `factor`, as trained models carry a few hidden channels with 20-50x the typical
+/// activation magnitude.
+fn with_outlier_channels(name: &str, dst: &Path, factor: f32) {
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let path = entry.unwrap().path();
+        let file = path.file_name().unwrap().to_str().unwrap().to_string();
+        if file.starts_with("goldens") || path.is_dir() {
+            continue;
+        }
+        if !file.ends_with(".safetensors") {
+            std::fs::copy(&path, dst.join(&file)).unwrap();
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (tensor, view) in st.tensors() {
+            let mut data = view.data().to_vec();
+            let norm =
+                tensor.contains("input_layernorm") || tensor.contains("post_attention_layernorm");
+            if norm && !tensor.contains("vision") {
+                assert_eq!(view.dtype(), safetensors::Dtype::BF16, "{tensor}");
+                let count = data.len() / 2;
+                // Three channels per tensor, picked by a hash of its name.
+                let mut state = tensor.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+                    (h ^ b as u64).wrapping_mul(0x100000001b3)
+                });
+                let mut channels = Vec::new();
+                while channels.len() < 3 {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let c = (state >> 33) as usize % count;
+                    if !channels.contains(&c) {
+                        channels.push(c);
+                    }
+                }
+                for c in channels {
+                    let v =
+                        half::bf16::from_le_bytes([data[2 * c], data[2 * c + 1]]).to_f32() * factor;
+                    data[2 * c..2 * c + 2].copy_from_slice(&half::bf16::from_f32(v).to_le_bytes());
+                }
+            }
+            tensors.push((tensor, view.dtype(), view.shape().to_vec(), data));
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+            .iter()
+            .map(|(n, d, shape, data)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(*d, shape.clone(), data).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dst.join(&file)).unwrap();
+    }
+}
+
+/// 96 seeded random prompts of 64 tokens in `--calibrate` format (disjoint from the report's prompts).
+fn calibration_file(path: &Path) {
     let mut state = 7u64;
     let mut text = String::from("# 96 seeded random prompts\n");
     for _ in 0..96 {
@@ -331,49 +385,106 @@ fn gptq_loses_less_than_round_to_nearest() {
         text.push_str(&ids.join(","));
         text.push('\n');
     }
-    std::fs::write(&calibration, text).unwrap();
-    for name in ["tiny-maverick", "tiny-scout"] {
-        let mut kl = Vec::new();
-        for method in ["rtn", "gptq"] {
-            let bundle = dir.path().join(format!("{name}-{method}"));
-            let mut args = vec![
-                "compile",
-                fixture(name).to_str().unwrap(),
-                "-o",
-                bundle.to_str().unwrap(),
-                "--quant",
-                "int4:64",
-                "--report",
-                "--max-context",
-                "128",
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect::<Vec<_>>();
-            if method == "gptq" {
-                args.extend(["--calibrate".into(), calibration.to_str().unwrap().into()]);
-            }
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            ok(&args);
-            let q = manifest(&bundle)["quantization"].clone();
-            assert_eq!(q["method"], method);
-            if method == "gptq" {
-                assert_eq!(q["calibration"], "96 prompts, 6144 tokens");
-                let sqnr = q["sqnr_db"].as_object().unwrap();
-                assert!(
-                    sqnr.values()
-                        .all(|v| v.as_f64().is_some_and(f64::is_finite)),
-                    "GPTQ weights report their error against the float ones: {sqnr:?}"
-                );
-            }
-            kl.push(q["accuracy"]["kl_mean"].as_f64().unwrap());
+    std::fs::write(path, text).unwrap();
+}
+
+/// Mean KL of `model` compiled with `--quant scheme --method method` (calibrated on `calibration`
+/// unless rtn).
+fn report_kl(model: &Path, bundle: &Path, scheme: &str, method: &str, calibration: &Path) -> f64 {
+    let mut args = vec![
+        "compile".to_string(),
+        model.to_str().unwrap().into(),
+        "-o".into(),
+        bundle.to_str().unwrap().into(),
+        "--quant".into(),
+        scheme.into(),
+        "--method".into(),
+        method.into(),
+        "--report".into(),
+        "--max-context".into(),
+        "128".into(),
+    ];
+    if method != "rtn" {
+        args.extend(["--calibrate".into(), calibration.to_str().unwrap().into()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&args);
+    let q = manifest(bundle)["quantization"].clone();
+    assert_eq!(q["method"], method);
+    q["accuracy"]["kl_mean"].as_f64().unwrap()
+}
+
+/// With outlier channels (three channels of every decoder norm x30), calibrated int4 (the default
+/// `--method awq`: channel scales folded into the norms, then act-order GPTQ) loses 0.61x RTN's KL on
+/// tiny-scout and 0.73x on tiny-maverick when written; int8 0.18x and 0.21x. The report's 8 random
+/// prompts are disjoint from the 96 calibration prompts. (The 0.6x for int4 is not held here:
+/// which channels carry the outliers moves the ratio between 0.46x and 0.86x.)
+#[test]
+fn calibrated_int_beats_round_to_nearest_with_outlier_channels() {
+    let dir = tempfile::tempdir().unwrap();
+    let calibration = dir.path().join("calibration.txt");
+    calibration_file(&calibration);
+    for (name, int4_bound) in [("tiny-scout", 0.75), ("tiny-maverick", 0.85)] {
+        let model = dir.path().join(name);
+        with_outlier_channels(name, &model, 30.0);
+        for (scheme, bound) in [("int4:64", int4_bound), ("int8:64", 0.3)] {
+            let rtn = report_kl(&model, &dir.path().join("rtn"), scheme, "rtn", &calibration);
+            let bundle = dir.path().join("awq");
+            let awq = report_kl(&model, &bundle, scheme, "awq", &calibration);
+            let stored = manifest(&bundle)["quantization"]["rtn_accuracy"]["kl_mean"].as_f64();
+            assert_eq!(stored, Some(rtn), "--report stores RTN's KL beside AWQ's");
+            eprintln!(
+                "{name} outliers {scheme}: KL rtn {rtn:.4e}, awq {awq:.4e} ({:.2}x)",
+                awq / rtn
+            );
+            assert!(
+                awq < bound * rtn,
+                "{name} {scheme}: KL awq {awq} vs rtn {rtn}"
+            );
+            std::fs::remove_dir_all(dir.path().join("rtn")).unwrap();
+            std::fs::remove_dir_all(bundle).unwrap();
         }
-        eprintln!("{name} int4:64: KL rtn {:.4e}, gptq {:.4e}", kl[0], kl[1]);
-        assert!(
-            kl[1] < 0.85 * kl[0],
-            "{name}: KL gptq {} vs rtn {}",
-            kl[1],
-            kl[0]
+    }
+}
+
+/// GPTQ (int weights against the Hessians of calibration activations, experts from the tokens routed to
+/// them) loses less of the next-token distribution than round-to-nearest with clipped scales, measured
+/// on the report's prompts, which the calibration prompts (96 seeded random prompts of 64 tokens) do not
+/// include. Measured when written (KL mean / RTN's, int4:64, act-order GPTQ and AWQ + GPTQ):
+/// tiny-maverick 0.54 and 0.57, tiny-scout 0.68 and 0.68.
+#[test]
+fn gptq_loses_less_than_round_to_nearest() {
+    let dir = tempfile::tempdir().unwrap();
+    let calibration = dir.path().join("calibration.txt");
+    calibration_file(&calibration);
+    for name in ["tiny-maverick", "tiny-scout"] {
+        let model = fixture(name);
+        let rtn = report_kl(
+            &model,
+            &dir.path().join(format!("{name}-rtn")),
+            "int4:64",
+            "rtn",
+            &calibration,
         );
+        let mut kl = Vec::new();
+        for method in ["gptq", "awq"] {
+            let bundle = dir.path().join(format!("{name}-{method}"));
+            kl.push(report_kl(&model, &bundle, "int4:64", method, &calibration));
+            let q = manifest(&bundle)["quantization"].clone();
+            assert_eq!(q["calibration"], "96 prompts, 6144 tokens");
+            let sqnr = q["sqnr_db"].as_object().unwrap();
+            assert!(
+                sqnr.values()
+                    .all(|v| v.as_f64().is_some_and(f64::is_finite)),
+                "GPTQ weights report their error against the float ones: {sqnr:?}"
+            );
+        }
+        eprintln!(
+            "{name} int4:64: KL rtn {rtn:.4e}, gptq {:.4e}, awq {:.4e}",
+            kl[0], kl[1]
+        );
+        for (method, kl) in ["gptq", "awq"].iter().zip(kl) {
+            assert!(kl < 0.8 * rtn, "{name}: KL {method} {kl} vs rtn {rtn}");
+        }
     }
 }

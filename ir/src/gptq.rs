@@ -1,14 +1,17 @@
 //! GPTQ (Frantar et al., 2022): block-int4/int8 quantization that minimises the output error ‖WX − QX‖²
-//! over calibration inputs X, given their Hessian H = Σ x xᵀ. Columns (input channels) are quantized in
-//! order; each one's rounding error is spread over the columns not yet quantized through the upper
-//! Cholesky factor of H⁻¹, in lazy batches of [`GptqOptions::batch_columns`] columns (a rank-1 update
-//! inside the batch, one matrix product for the rest).
+//! over calibration inputs X, given their Hessian H = Σ x xᵀ. Columns (input channels) are quantized one
+//! by one, by default in order of decreasing H diagonal (act-order: the most active inputs first, while
+//! the most columns remain to absorb their error); each one's rounding error is spread over the columns
+//! not yet quantized through the upper Cholesky factor of H⁻¹, in lazy batches of
+//! [`GptqOptions::batch_columns`] columns (a rank-1 update inside the batch, one matrix product for the
+//! rest).
 //!
-//! The result is herd's ordinary block format: a scale per row and block of K chosen when the block's
-//! first column comes up (from the updated values, by [`crate::quant::block_scale`]), and integer codes;
+//! The result is herd's ordinary block format: a scale per row and block of K (by
+//! [`crate::quant::block_scale`]; with act-order from the unquantized values, GPTQ's static groups,
+//! otherwise from the updated values when the block's first column comes up) and integer codes;
 //! `quantize(codes × scales, spec, Some(scales))` gives back the codes, so every target stores it as it
-//! stores round-to-nearest weights. No act-order: groups stay contiguous along K, as the targets' blocks
-//! are.
+//! stores round-to-nearest weights. Blocks stay contiguous along K whatever the column order, as the
+//! targets' blocks are.
 
 use faer::linalg::matmul::matmul;
 use faer::linalg::solvers::DenseSolveCore;
@@ -26,6 +29,10 @@ pub struct GptqOptions {
     pub batch_columns: usize,
     /// How each block's scale is chosen.
     pub search: ScaleSearch,
+    /// Quantize columns in order of decreasing Hessian diagonal (GPTQ's `act_order`), with every
+    /// block's scale chosen beforehand from the unquantized values (`static_groups`), so the blocks
+    /// stay contiguous along K.
+    pub act_order: bool,
 }
 
 impl Default for GptqOptions {
@@ -34,6 +41,7 @@ impl Default for GptqOptions {
             damp: 0.01,
             batch_columns: 128,
             search: ScaleSearch::Clip,
+            act_order: true,
         }
     }
 }
@@ -164,38 +172,59 @@ pub fn gptq(
             options.batch_columns
         ));
     }
-    let u = inverse_cholesky_upper(hessian, k, options.damp)?;
     let (lo, hi) = code_range(scheme);
     let blocks = k / block;
-    // Column-major, so that a column of W (one input feature over all rows) is contiguous.
-    let mut w = Mat::<f32>::from_fn(n, k, |r, c| w[r * k + c]);
-    let mut codes = vec![0i8; n * k];
     let mut scales = vec![0f32; n * blocks];
+    let block_scales = |w: &dyn Fn(usize, usize) -> f32, scales: &mut [f32], b: usize| {
+        let mut values = vec![0f32; block];
+        for r in 0..n {
+            for (v, j) in values.iter_mut().zip(b * block..) {
+                *v = w(r, j);
+            }
+            scales[r * blocks + b] = block_scale(&values, scheme, scale_dtype, options.search);
+        }
+    };
+    // Column order: position c quantizes input feature perm[c].
+    let perm: Vec<usize> = if options.act_order {
+        for b in 0..blocks {
+            block_scales(&|r, j| w[r * k + j], &mut scales, b);
+        }
+        let mut order: Vec<usize> = (0..k).collect();
+        order.sort_by(|&a, &b| {
+            hessian[b * k + b]
+                .total_cmp(&hessian[a * k + a])
+                .then(a.cmp(&b))
+        });
+        order
+    } else {
+        (0..k).collect()
+    };
+    let permuted: Vec<f32> = (0..k * k)
+        .map(|i| hessian[perm[i / k] * k + perm[i % k]])
+        .collect();
+    let u = inverse_cholesky_upper(&permuted, k, options.damp)?;
+    // Column-major, so that a column of W (one input feature over all rows) is contiguous.
+    let mut w = Mat::<f32>::from_fn(n, k, |r, c| w[r * k + perm[c]]);
+    let mut codes = vec![0i8; n * k];
     let mut column = vec![0f32; n];
     for start in (0..k).step_by(options.batch_columns) {
         let end = (start + options.batch_columns).min(k);
         let mut errors = Mat::<f32>::zeros(n, end - start);
         for c in start..end {
-            if c % block == 0 {
-                let mut values = vec![0f32; block];
-                for r in 0..n {
-                    for (v, j) in values.iter_mut().zip(c..) {
-                        *v = w[(r, j)];
-                    }
-                    scales[r * blocks + c / block] =
-                        block_scale(&values, scheme, scale_dtype, options.search);
-                }
+            let feature = perm[c];
+            if !options.act_order && c % block == 0 {
+                block_scales(&|r, j| w[(r, j)], &mut scales, c / block);
             }
             let d = u[(c, c)];
             for r in 0..n {
-                let s = scales[r * blocks + c / block];
+                let s = scales[r * blocks + feature / block];
                 let v = w[(r, c)];
                 let q = if s == 0.0 {
                     0.0
                 } else {
                     crate::quant::round_half_even(v / s).clamp(lo, hi)
                 };
-                codes[r * k + c] = q as i8;
+                codes[r * k + feature] = q as i8;
                 let e = (v - q * s) / d;
                 column[r] = e;
                 errors[(r, c - start)] = e;

@@ -198,6 +198,9 @@ pub struct QuantizationInfo {
     /// Next-token agreement with the unquantized model (`herd compile --report`, `herd eval`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accuracy: Option<Accuracy>,
+    /// With `--report` for GPTQ/AWQ: the same scheme rounded to nearest, against the same reference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtn_accuracy: Option<Accuracy>,
 }
 
 /// Agreement of next-token distributions between a bundle and a reference, over teacher-forced prompts.

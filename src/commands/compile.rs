@@ -15,6 +15,7 @@ use crate::driver::{compile, CompileOptions, StageSplit, TensorRtOptions};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum MethodArg {
     Gptq,
+    Awq,
     Rtn,
 }
 
@@ -111,12 +112,14 @@ pub struct CompileArgs {
     /// Calibration prompts for GPTQ (--quant int4/int8) and fp8 activations (--quant fp8 for
     /// TensorRT): a file with one prompt per line as comma-separated token ids, or `builtin` (the
     /// checkpoint's golden prompts if any, plus 8 seeded random prompts; also the default). With int4
-    /// or int8 this turns on --method gptq.
+    /// or int8 this turns on --method awq.
     #[arg(long, value_name = "FILE|builtin")]
     pub calibrate: Option<PathBuf>,
     /// With --quant int4/int8: `gptq` quantizes each matrix against the Hessian of its inputs on the
-    /// calibration prompts (per expert from the tokens routed to it; default with --calibrate); `rtn`
-    /// rounds each weight to nearest (default without).
+    /// calibration prompts (per expert from the tokens routed to it; columns in order of decreasing
+    /// Hessian diagonal); `awq` (default with --calibrate) first scales each norm's input channels by
+    /// their activation magnitude, folded into the norm weight, then runs GPTQ; `rtn` rounds each
+    /// weight to nearest (default without).
     #[arg(long, value_enum, requires = "quant")]
     pub method: Option<MethodArg>,
     /// TensorRT target: do not fail on this lint rule (repeatable; `herd lint --rules` lists them).
@@ -199,14 +202,15 @@ fn quant_method(args: &CompileArgs) -> Result<crate::driver::QuantMethod> {
     let int = args.quant.is_some_and(|q| q.block().is_some());
     Ok(match (args.method, int) {
         (Some(MethodArg::Gptq), true) => QuantMethod::Gptq,
-        (Some(MethodArg::Gptq | MethodArg::Rtn), false) => anyhow::bail!(
+        (Some(MethodArg::Awq), true) => QuantMethod::Awq,
+        (Some(_), false) => anyhow::bail!(
             "--method applies to --quant int4/int8; fp8 is rounded to nearest (its activations are calibrated with --calibrate for TensorRT)"
         ),
         (Some(MethodArg::Rtn), true) if args.calibrate.is_some() => anyhow::bail!(
             "--calibrate with --method rtn: round-to-nearest uses no calibration data; drop one of them"
         ),
         (Some(MethodArg::Rtn), true) => QuantMethod::Rtn,
-        (None, true) if args.calibrate.is_some() => QuantMethod::Gptq,
+        (None, true) if args.calibrate.is_some() => QuantMethod::Awq,
         (None, _) => QuantMethod::Rtn,
     })
 }
@@ -395,7 +399,29 @@ fn accuracy_report(
         Some(&args.model),
         "unquantized f32 (compile --report)",
     )?;
-    crate::eval::store(bundle, &accuracy)?;
+    let rtn = match options.quant_method {
+        crate::driver::QuantMethod::Rtn => None,
+        method => {
+            eprintln!(
+                "report: compiling the same scheme rounded to nearest, beside {}",
+                method.name()
+            );
+            let rtn = CompileOptions {
+                output: tmp.path().join("rtn"),
+                quant_method: crate::driver::QuantMethod::Rtn,
+                force: false,
+                ..options.clone()
+            };
+            let rtn = compile(&rtn, &mut |_, _| {})?.bundle;
+            Some(crate::eval::compare_bundles(
+                &rtn,
+                &reference,
+                Some(&args.model),
+                "unquantized f32 (compile --report)",
+            )?)
+        }
+    };
+    crate::eval::store(bundle, &accuracy, rtn.as_ref())?;
     let manifest = herd_runtime::Bundle::open(bundle)?.manifest;
     let sqnr: Vec<f64> = manifest
         .quantization
@@ -405,6 +431,16 @@ fn accuracy_report(
     let min = sqnr.iter().copied().fold(f64::INFINITY, f64::min);
     let mean = sqnr.iter().sum::<f64>() / sqnr.len().max(1) as f64;
     eprintln!("report: {} quantized tensors, SQNR mean {mean:.1} dB, min {min:.1} dB (per tensor in manifest.json)", sqnr.len());
-    eprintln!("report: {}", crate::eval::describe(&accuracy));
+    match &rtn {
+        Some(rtn) => {
+            eprintln!("report: rtn: {}", crate::eval::describe(rtn));
+            eprintln!(
+                "report: {}: {}",
+                options.quant_method.name(),
+                crate::eval::describe(&accuracy)
+            );
+        }
+        None => eprintln!("report: {}", crate::eval::describe(&accuracy)),
+    }
     Ok(())
 }

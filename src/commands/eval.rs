@@ -57,7 +57,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         &args.against.display().to_string(),
     )?;
     if args.store {
-        crate::eval::store(&args.bundle, &accuracy)?;
+        crate::eval::store(&args.bundle, &accuracy, None)?;
     }
     if args.json {
         outln!("{}", serde_json::to_string(&accuracy)?);

@@ -34,6 +34,8 @@ pub enum QuantMethod {
     Rtn,
     /// GPTQ against the Hessians of calibration activations.
     Gptq,
+    /// Activation-aware channel scales folded into the norms (AWQ), then GPTQ on the scaled matrices.
+    Awq,
 }
 
 impl QuantMethod {
@@ -42,13 +44,14 @@ impl QuantMethod {
         match self {
             QuantMethod::Rtn => "rtn",
             QuantMethod::Gptq => "gptq",
+            QuantMethod::Awq => "awq",
         }
     }
 }
 
 /// Activations of the calibration prompts, one spooled stream per exposed input.
 pub(super) struct Calibration {
-    spool: Spool,
+    pub(super) spool: Spool,
     pub prompts: usize,
     pub tokens: usize,
 }
@@ -129,6 +132,8 @@ pub(super) struct GptqSummary {
     pub sqnr_db: BTreeMap<String, f64>,
     /// Why the result may be weaker than it should be, if it may.
     pub warning: Option<String>,
+    /// Norms whose input channels AWQ scaled (α > 0).
+    pub scaled_norms: usize,
 }
 
 /// Replaces every int4/int8-quantized weight of `graph` by GPTQ's codes and scales, written under
@@ -138,8 +143,14 @@ pub(super) fn apply(
     calibration: &Calibration,
     dir: &Path,
     search: herd_ir::quant::ScaleSearch,
+    activation_aware: bool,
 ) -> Result<GptqSummary> {
     std::fs::create_dir_all(dir)?;
+    let channels = if activation_aware {
+        super::awq::search(graph, calibration)?
+    } else {
+        super::awq::ChannelScales::none()
+    };
     let mut writer = MatrixWriter {
         dir: dir.to_path_buf(),
         files: Vec::new(),
@@ -165,22 +176,54 @@ pub(super) fn apply(
             );
             continue;
         }
+        let scales = consumers.first().and_then(|e| channels.of(e));
+        if consumers.iter().any(|e| channels.of(e) != scales) {
+            bail!(
+                "herd bug: `{}` is fed by inputs scaled differently",
+                node_name(graph, *weight)
+            );
+        }
         let mut hessian = None::<Hessian>;
         for exposure in consumers {
             let k = calibration.spool.width(exposure)?;
             let h = hessian.get_or_insert_with(|| Hessian::new(k));
-            calibration
-                .spool
-                .read(exposure, |rows| h.add(rows).map_err(anyhow::Error::msg))?;
+            calibration.spool.read(exposure, |rows| {
+                h.add(&divided(rows, scales)).map_err(anyhow::Error::msg)
+            })?;
         }
         let hessian = hessian.context("herd bug: a projection without an input")?;
         let name = node_name(graph, *weight);
-        let matrix = float_matrix(graph, &w, spec.k_axis, None)?;
+        let matrix = times_columns(float_matrix(graph, &w, spec.k_axis, None)?, scales);
         let file = writer.quantize(&name, None, &matrix, &hessian, spec)?;
         replaced.insert(*weight, vec![file]);
     }
     for moe in moe_nodes(graph) {
-        moe_experts(graph, moe, calibration, &mut writer, &mut replaced)?;
+        moe_experts(
+            graph,
+            moe,
+            calibration,
+            &channels,
+            &mut writer,
+            &mut replaced,
+        )?;
+    }
+    // Fold the channel scales: norm weights divided by s, router columns multiplied by it.
+    for norm in &channels.norms {
+        let name = node_name(graph, norm.norm_weight);
+        let weight = match graph.node(norm.norm_weight).map(|n| &n.op) {
+            Some(Op::Weight(w)) => w.clone(),
+            _ => bail!("herd bug: `{name}` is not a weight"),
+        };
+        let g = graph.weights().load_f32(&weight)?;
+        let values: Vec<f32> = g.iter().zip(&norm.scales).map(|(g, s)| g / s).collect();
+        let file = writer.write_float(&name, vec![values.len()], &values)?;
+        replaced.insert(norm.norm_weight, vec![file]);
+        for &router in &norm.routers {
+            let m = times_columns(float_weight_matrix(graph, router)?, Some(&norm.scales));
+            let file = writer.write_float(&node_name(graph, router), vec![m.n, m.k], &m.values)?;
+            replaced.insert(router, vec![file]);
+        }
+        tracing::debug!("AWQ: `{name}` α = {}", norm.alpha);
     }
     let warning = (writer.undersampled > 0).then(|| {
         format!(
@@ -209,6 +252,7 @@ pub(super) fn apply(
             })
             .collect(),
         warning,
+        scaled_norms: channels.norms.iter().filter(|n| n.alpha > 0.0).count(),
     };
     rewrite(graph, &writer, &replaced)?;
     Ok(summary)
@@ -240,7 +284,7 @@ fn node_name(graph: &Graph, n: NodeIndex) -> String {
 }
 
 /// The weight of node `n` and its quantization, if it is quantized int4/int8 by the quantize pass.
-fn int_weight(graph: &Graph, n: NodeIndex) -> Option<(WeightRef, QuantSpec)> {
+pub(super) fn int_weight(graph: &Graph, n: NodeIndex) -> Option<(WeightRef, QuantSpec)> {
     match &graph.node(n)?.op {
         Op::Weight(w) => {
             let spec = w.quant?;
@@ -252,7 +296,7 @@ fn int_weight(graph: &Graph, n: NodeIndex) -> Option<(WeightRef, QuantSpec)> {
 }
 
 /// A weight's float matrix as [N, K] row-major (`expert` selects one of a stacked [E, ..] weight).
-fn float_matrix(
+pub(super) fn float_matrix(
     graph: &Graph,
     w: &WeightRef,
     k_axis: usize,
@@ -292,10 +336,10 @@ fn float_matrix(
 const MATRIX_BLOCK_ELEMENTS: usize = 16 << 20;
 
 /// A matrix [n, k] row-major.
-struct Matrix {
-    n: usize,
-    k: usize,
-    values: Vec<f32>,
+pub(super) struct Matrix {
+    pub n: usize,
+    pub k: usize,
+    pub values: Vec<f32>,
 }
 
 /// Routed experts and the shared expert of one MoE: routing on the spooled inputs, then per expert
@@ -304,6 +348,7 @@ fn moe_experts(
     graph: &Graph,
     moe: NodeIndex,
     calibration: &Calibration,
+    channels: &super::awq::ChannelScales,
     writer: &mut MatrixWriter,
     replaced: &mut BTreeMap<NodeIndex, Vec<usize>>,
 ) -> Result<()> {
@@ -324,13 +369,16 @@ fn moe_experts(
     let h = calibration.spool.width(&exposure)?;
     let t = x.len() / h.max(1);
     let inter = attrs.intermediate_size;
+    // AWQ: the fc1 matrices quantize W diag(s) against the inputs x / s.
+    let scales = channels.of(&exposure);
 
-    // The shared expert sees x unscaled; its fc1 rows are gate then up.
+    // The shared expert sees x unscaled by the router; its fc1 rows are gate then up.
     if let Some((w1, spec1)) = int_weight(graph, shared1) {
         let m1 = float_matrix(graph, &w1, spec1.k_axis, None)?;
         let mut h1 = Hessian::new(h);
-        h1.add(&x).map_err(anyhow::Error::msg)?;
-        let file = writer.quantize(&node_name(graph, shared1), None, &m1, &h1, spec1)?;
+        h1.add(&divided(&x, scales)).map_err(anyhow::Error::msg)?;
+        let scaled = times_columns(float_matrix(graph, &w1, spec1.k_axis, None)?, scales);
+        let file = writer.quantize(&node_name(graph, shared1), None, &scaled, &h1, spec1)?;
         replaced.insert(shared1, vec![file]);
         if let Some((w2, spec2)) = int_weight(graph, shared2) {
             let z = swiglu(
@@ -366,8 +414,7 @@ fn moe_experts(
     if q1.is_none() && q2.is_none() {
         return Ok(());
     }
-    let (router_w, router_k) = float_weight(graph, router)?;
-    let router_m = float_matrix(graph, &router_w, router_k, None)?;
+    let router_m = float_weight_matrix(graph, router)?;
     let logits = times_transposed(&x, t, h, &router_m.values, router_m.n);
     let routed = route(&logits, t, attrs.num_experts, attrs.top_k);
     let interleaved = attrs.layout == ExpertLayout::Interleaved;
@@ -386,8 +433,9 @@ fn moe_experts(
         let m1 = float_matrix(graph, &w1, k1, Some(e))?;
         if let Some((_, spec)) = &q1 {
             let mut h1 = Hessian::new(h);
-            h1.add(&xe).map_err(anyhow::Error::msg)?;
-            files1.push(writer.quantize(&node_name(graph, fc1), Some(e), &m1, &h1, *spec)?);
+            h1.add(&divided(&xe, scales)).map_err(anyhow::Error::msg)?;
+            let scaled = times_columns(float_matrix(graph, &w1, k1, Some(e))?, scales);
+            files1.push(writer.quantize(&node_name(graph, fc1), Some(e), &scaled, &h1, *spec)?);
         }
         if let Some((w2, spec)) = &q2 {
             let te = tokens.len();
@@ -413,6 +461,37 @@ fn moe_experts(
     Ok(())
 }
 
+/// Rows of K values divided by the channel scales `s` (unchanged without).
+fn divided<'a>(rows: &'a [f32], scales: Option<&[f32]>) -> std::borrow::Cow<'a, [f32]> {
+    match scales {
+        None => std::borrow::Cow::Borrowed(rows),
+        Some(s) => std::borrow::Cow::Owned(
+            rows.iter()
+                .enumerate()
+                .map(|(i, v)| v / s[i % s.len()])
+                .collect(),
+        ),
+    }
+}
+
+/// `W diag(s)`: a matrix's columns (input features) times the channel scales (unchanged without).
+fn times_columns(mut m: Matrix, scales: Option<&[f32]>) -> Matrix {
+    if let Some(s) = scales {
+        let k = m.k;
+        m.values
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v *= s[i % k]);
+    }
+    m
+}
+
+/// A float `z Wᵀ` weight (a router [E, H]) as its [N, K] matrix.
+pub(super) fn float_weight_matrix(graph: &Graph, n: NodeIndex) -> Result<Matrix> {
+    let (w, k_axis) = float_weight(graph, n)?;
+    float_matrix(graph, &w, k_axis, None)
+}
+
 /// A float weight and its K axis (its last axis for a `z W^T` matrix, as the MoE op reads its router
 /// [E, H] and shared fc1 [2I, H]).
 fn float_weight(graph: &Graph, n: NodeIndex) -> Result<(WeightRef, usize)> {
@@ -427,7 +506,12 @@ fn float_weight(graph: &Graph, n: NodeIndex) -> Result<(WeightRef, usize)> {
 
 /// For each expert, the (token row, sigmoid score) pairs routed to it: the top `top_k` logits of each
 /// token, ties to the lower expert, as the reference evaluator routes.
-fn route(logits: &[f32], t: usize, experts: usize, top_k: usize) -> Vec<Vec<(usize, f32)>> {
+pub(super) fn route(
+    logits: &[f32],
+    t: usize,
+    experts: usize,
+    top_k: usize,
+) -> Vec<Vec<(usize, f32)>> {
     let mut routed = vec![Vec::new(); experts];
     for row in 0..t {
         let l = &logits[row * experts..(row + 1) * experts];
@@ -470,9 +554,9 @@ struct MatrixWriter {
 struct WrittenMatrix {
     path: PathBuf,
     name: String,
-    n: usize,
-    k: usize,
-    spec: QuantSpec,
+    shape: Vec<usize>,
+    /// GPTQ's codes and scales, or None for a float `values` tensor (AWQ's folded norms and routers).
+    spec: Option<QuantSpec>,
 }
 
 impl MatrixWriter {
@@ -556,9 +640,28 @@ impl MatrixWriter {
         self.files.push(WrittenMatrix {
             path,
             name: format!("gptq/{file} ({name})"),
-            n: matrix.n,
-            k: matrix.k,
-            spec,
+            shape: vec![matrix.n, matrix.k],
+            spec: Some(spec),
+        });
+        Ok(self.files.len() - 1)
+    }
+
+    /// Writes float weight `name` ([shape], f32) as a `values` tensor; returns its index in `files`.
+    fn write_float(&mut self, name: &str, shape: Vec<usize>, values: &[f32]) -> Result<usize> {
+        let file = format!("{:05}.safetensors", self.files.len());
+        let path = self.dir.join(&file);
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), &bytes)?;
+        let tmp = path.with_extension("tmp");
+        safetensors::serialize_to_file([("values", view)], None, &tmp)
+            .with_context(|| format!("{}: cannot write AWQ's weights", tmp.display()))?;
+        std::fs::rename(&tmp, &path)?;
+        self.files.push(WrittenMatrix {
+            path,
+            name: format!("gptq/{file} ({name})"),
+            shape,
+            spec: None,
         });
         Ok(self.files.len() - 1)
     }
@@ -584,65 +687,29 @@ fn rewrite(
             bail!("herd bug: not a weight");
         };
         let old_shape = old.shape().map_err(anyhow::Error::msg)?;
-        let spec = old.quant.context("herd bug: unquantized")?;
-        let parts: Vec<WeightPart> = files
-            .iter()
-            .map(|i| {
-                let m = &writer.files[*i];
-                let shard = ids[i];
-                WeightPart {
+        let new = match (old.quant, writer.files[files[0]].spec) {
+            (Some(spec), Some(_)) => quantized_ref(writer, &ids, files, &old_shape, spec)?,
+            (None, None) => {
+                let m = &writer.files[files[0]];
+                WeightRef::single(WeightPart {
                     source: TensorSource {
-                        shard,
-                        tensor: "codes".into(),
+                        shard: ids[&files[0]],
+                        tensor: "values".into(),
                     },
-                    dtype: DType::I8,
-                    stored_shape: vec![m.n, m.k],
-                    scale: Some(PartScale {
-                        source: TensorSource {
-                            shard,
-                            tensor: "scales".into(),
-                        },
-                        dtype: match m.spec.scale_dtype {
-                            DType::F16 => DType::F16,
-                            _ => DType::F32,
-                        },
-                        scheme: m.spec.scheme,
-                    }),
-                }
-            })
-            .collect();
-        let (n, k) = (parts[0].stored_shape[0], parts[0].stored_shape[1]);
-        let mut new = WeightRef {
-            parts,
-            concat_axis: 0,
-            transforms: Vec::new(),
-            quant: None,
-        };
-        match (old_shape.len(), spec.k_axis) {
-            (2, 1) => {}
-            (3, 2) => {
-                new = new.with(Transform::Reshape {
-                    shape: vec![files.len(), n, k],
+                    dtype: DType::F32,
+                    stored_shape: m.shape.clone(),
+                    scale: None,
                 })
             }
-            (3, 1) => {
-                new = new
-                    .with(Transform::Reshape {
-                        shape: vec![files.len(), n, k],
-                    })
-                    .with(Transform::Transpose {
-                        perm: vec![0, 2, 1],
-                    })
-            }
-            (rank, k_axis) => bail!("GPTQ: a weight of rank {rank} with K on axis {k_axis}"),
-        }
+            _ => bail!("herd bug: `{}` rewritten in the wrong precision", node.name),
+        };
         let new_shape = new.shape().map_err(anyhow::Error::msg)?;
         let effective = new.effective_quant().map(|q| (q.k_axis, q.scheme));
-        if new_shape != old_shape || effective != Some((spec.k_axis, spec.scheme)) {
+        let wanted = old.quant.map(|q| (q.k_axis, q.scheme));
+        if new_shape != old_shape || effective != wanted {
             bail!(
-                "herd bug: GPTQ's `{}` is {new_shape:?} quantized {effective:?}, not {old_shape:?} {:?}",
+                "herd bug: GPTQ's `{}` is {new_shape:?} quantized {effective:?}, not {old_shape:?} {wanted:?}",
                 node.name,
-                (spec.k_axis, spec.scheme)
             );
         }
         let ty = new.ty();
@@ -653,8 +720,63 @@ fn rewrite(
     Ok(())
 }
 
+/// GPTQ's matrices of a weight as pre-quantized parts: one [N, K] part per matrix, concatenated and
+/// shaped back into the weight's layout.
+fn quantized_ref(
+    writer: &MatrixWriter,
+    ids: &HashMap<usize, herd_ir::weights::ShardId>,
+    files: &[usize],
+    old_shape: &[usize],
+    spec: QuantSpec,
+) -> Result<WeightRef> {
+    let parts: Vec<WeightPart> = files
+        .iter()
+        .map(|i| {
+            let m = &writer.files[*i];
+            let shard = ids[i];
+            WeightPart {
+                source: TensorSource {
+                    shard,
+                    tensor: "codes".into(),
+                },
+                dtype: DType::I8,
+                stored_shape: m.shape.clone(),
+                scale: Some(PartScale {
+                    source: TensorSource {
+                        shard,
+                        tensor: "scales".into(),
+                    },
+                    dtype: match spec.scale_dtype {
+                        DType::F16 => DType::F16,
+                        _ => DType::F32,
+                    },
+                    scheme: spec.scheme,
+                }),
+            }
+        })
+        .collect();
+    let (n, k) = (parts[0].stored_shape[0], parts[0].stored_shape[1]);
+    let new = WeightRef {
+        parts,
+        concat_axis: 0,
+        transforms: Vec::new(),
+        quant: None,
+    };
+    let stacked = Transform::Reshape {
+        shape: vec![files.len(), n, k],
+    };
+    Ok(match (old_shape.len(), spec.k_axis) {
+        (2, 1) => new,
+        (3, 2) => new.with(stacked),
+        (3, 1) => new.with(stacked).with(Transform::Transpose {
+            perm: vec![0, 2, 1],
+        }),
+        (rank, k_axis) => bail!("GPTQ: a weight of rank {rank} with K on axis {k_axis}"),
+    })
+}
+
 /// Activations on disk: per name, rows of f32 (little-endian) appended in order.
-struct Spool {
+pub(super) struct Spool {
     dir: PathBuf,
     streams: BTreeMap<String, Stream>,
     keep: Option<tempfile::TempDir>,
@@ -731,7 +853,7 @@ impl Spool {
         Ok(())
     }
 
-    fn has(&self, name: &str) -> bool {
+    pub(super) fn has(&self, name: &str) -> bool {
         self.streams.contains_key(name)
     }
 
@@ -739,7 +861,7 @@ impl Spool {
         self.streams.get(name).map_or(0, |s| s.rows)
     }
 
-    fn width(&self, name: &str) -> Result<usize> {
+    pub(super) fn width(&self, name: &str) -> Result<usize> {
         self.streams
             .get(name)
             .map(|s| s.width)
@@ -774,7 +896,7 @@ impl Spool {
     }
 
     /// All rows of `name` in memory.
-    fn read_all(&self, name: &str) -> Result<Vec<f32>> {
+    pub(super) fn read_all(&self, name: &str) -> Result<Vec<f32>> {
         let mut all = Vec::new();
         self.read(name, |chunk| {
             all.extend_from_slice(chunk);
@@ -788,9 +910,10 @@ impl Spool {
 mod tests {
     use super::*;
 
-    /// A GPTQ bundle computes what the reference evaluator computes on the graph GPTQ rewrote: the
-    /// targets store exactly GPTQ's codes and block scales (QMoE's packed experts and
-    /// DequantizeLinear -> MatMul alike), to the fp32 tolerance of the goldens.
+    /// A GPTQ or AWQ bundle computes what the reference evaluator computes on the graph they rewrote:
+    /// the targets store exactly GPTQ's codes and block scales (QMoE's packed experts and
+    /// DequantizeLinear -> MatMul alike) and AWQ's folded norms and routers, to the fp32 tolerance of
+    /// the goldens.
     #[test]
     fn gptq_bundles_match_the_reference_evaluator_on_the_gptq_graph() {
         use herd_passes::calibrate::Activations;
@@ -800,7 +923,10 @@ mod tests {
         let prompts: Vec<Vec<i64>> = (0..12)
             .map(|p| (0..24).map(|i| 3 + (p * 37 + i * 11) % 500).collect())
             .collect();
-        for moe in [MoeLowering::Ort, MoeLowering::Grouped] {
+        let runs = [QuantMethod::Gptq, QuantMethod::Awq]
+            .into_iter()
+            .flat_map(|m| [(m, MoeLowering::Ort), (m, MoeLowering::Grouped)]);
+        for (method, moe) in runs {
             let options = CompileOptions {
                 moe,
                 max_context: 64,
@@ -811,10 +937,13 @@ mod tests {
                     embeddings: false,
                     keep: vec![],
                 }),
-                quant_method: QuantMethod::Gptq,
+                quant_method: method,
                 calibration_prompts: Some(prompts.clone()),
                 vision: false,
-                ..CompileOptions::new(fixture.clone(), dir.path().join(format!("{moe:?}")))
+                ..CompileOptions::new(
+                    fixture.clone(),
+                    dir.path().join(format!("{method:?}-{moe:?}")),
+                )
             };
             let calibration = collect(&options).expect("calibration");
             let mut imported = super::super::import(&options).expect("import");
@@ -833,6 +962,12 @@ mod tests {
                 summary.matrices > summary.weights,
                 "experts are quantized one by one"
             );
+            if method == QuantMethod::Awq {
+                assert!(
+                    summary.scaled_norms > 0,
+                    "AWQ scaled no norm: the folding is untested"
+                );
+            }
             let report =
                 super::super::compile_calibrated(&options, Some(&calibration), &mut |_, _| {})
                     .expect("compile");
@@ -847,8 +982,11 @@ mod tests {
                     .zip(reference.iter())
                     .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
                 assert_eq!(ours.len(), ids.len() * vocab);
-                eprintln!("{moe:?}: max error {err:.3e} of logit scale {scale:.3}");
-                assert!(err <= 1e-4 * scale, "{moe:?}: error {err} at scale {scale}");
+                eprintln!("{method:?} {moe:?}: max error {err:.3e} of logit scale {scale:.3}");
+                assert!(
+                    err <= 1e-4 * scale,
+                    "{method:?} {moe:?}: error {err} at scale {scale}"
+                );
             }
         }
     }

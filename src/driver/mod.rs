@@ -10,6 +10,7 @@ use herd_runtime::manifest::{Manifest, ModelInfo, QuantizationInfo, TensorRtInfo
 use herd_targets::bundle::BundleWriter;
 use herd_targets::onnx::{self, MoeLowering, OnnxOptions};
 
+mod awq;
 mod decoder;
 mod gptq;
 mod tensorrt;
@@ -32,6 +33,7 @@ const COPIED_FILES: [&str; 6] = [
 const LLAMA4_STOP_IDS: [i64; 3] = [200001, 200007, 200008];
 
 /// Everything `herd compile` needs.
+#[derive(Clone)]
 pub struct CompileOptions {
     pub model: PathBuf,
     pub output: PathBuf,
@@ -120,7 +122,7 @@ pub fn compile(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<CompileReport> {
     let gptq_calibration = match options.quant_method {
-        QuantMethod::Gptq => Some(gptq::collect(options)?),
+        QuantMethod::Gptq | QuantMethod::Awq => Some(gptq::collect(options)?),
         QuantMethod::Rtn => None,
     };
     compile_calibrated(options, gptq_calibration.as_ref(), progress)
@@ -353,12 +355,14 @@ fn gptq_stage(
                 parent.display()
             )
         })?;
-    let summary = gptq::apply(graph, calibration, dir.path(), search)?;
+    let activation_aware = options.quant_method == QuantMethod::Awq;
+    let summary = gptq::apply(graph, calibration, dir.path(), search, activation_aware)?;
     tracing::info!(
-        "GPTQ: {} matrices of {} weights on {}",
+        "GPTQ: {} matrices of {} weights on {}; AWQ scaled the inputs of {} norms",
         summary.matrices,
         summary.weights,
-        summary.calibration
+        summary.calibration,
+        summary.scaled_norms
     );
     herd_ir::verified(graph, Some("gptq")).map_err(|e| anyhow::anyhow!("herd bug: {e}"))?;
     stages.push(("gptq".to_string(), start.elapsed()));
@@ -494,6 +498,7 @@ fn manifest(
             },
             activations: written.activations,
             accuracy: None,
+            rtn_accuracy: None,
         }),
         vision,
     })
