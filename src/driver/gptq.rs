@@ -86,6 +86,7 @@ pub(super) fn collect(options: &CompileOptions) -> Result<Calibration> {
     let mut spool = Spool::create(tmp.path().join("activations"))?;
     let names = report.calibration_outputs.clone();
     let mut tokens = 0;
+    let bar = progress_bar(prompts.len(), "calibration prompts");
     for (i, prompt) in prompts.iter().enumerate() {
         tracing::info!(
             "GPTQ: calibration prompt {}/{} ({} tokens)",
@@ -101,7 +102,9 @@ pub(super) fn collect(options: &CompileOptions) -> Result<Calibration> {
             })
             .with_context(|| format!("GPTQ calibration prompt {} of {}", i + 1, prompts.len()))?;
         tokens += prompt.len();
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     spool.finish()?;
     for name in &names {
         let rows = spool.rows(name);
@@ -146,6 +149,7 @@ pub(super) fn apply(
     activation_aware: bool,
 ) -> Result<GptqSummary> {
     std::fs::create_dir_all(dir)?;
+    let bar = progress_bar(matrix_count(graph), "GPTQ matrices");
     let channels = if activation_aware {
         super::awq::search(graph, calibration)?
     } else {
@@ -156,6 +160,7 @@ pub(super) fn apply(
         files: Vec::new(),
         error: BTreeMap::new(),
         undersampled: 0,
+        bar: bar.clone(),
         options: GptqOptions {
             search,
             ..GptqOptions::default()
@@ -254,8 +259,40 @@ pub(super) fn apply(
         warning,
         scaled_norms: channels.norms.iter().filter(|n| n.alpha > 0.0).count(),
     };
+    bar.finish_and_clear();
     rewrite(graph, &writer, &replaced)?;
     Ok(summary)
+}
+
+/// A bar of `total` steps on stderr (hidden when stderr is not a terminal).
+fn progress_bar(total: usize, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} (eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Matrices GPTQ will quantize: each int Linear weight, and per MoE the shared expert's and every
+/// routed expert's quantized matrices.
+fn matrix_count(graph: &Graph) -> usize {
+    let mut count = 0;
+    for n in graph.node_indices() {
+        let inputs = graph.inputs(n);
+        match graph.node(n).map(|x| &x.op) {
+            Some(Op::Linear) if int_weight(graph, inputs[1].node).is_some() => count += 1,
+            Some(Op::FusedMoe(m)) => {
+                let quantized = |i: usize| usize::from(int_weight(graph, inputs[i].node).is_some());
+                count +=
+                    quantized(4) + quantized(5) + m.num_experts * (quantized(2) + quantized(3));
+            }
+            _ => {}
+        }
+    }
+    count
 }
 
 /// For every weight fed to a `Linear`, the exposures holding that Linear's inputs.
@@ -548,6 +585,7 @@ struct MatrixWriter {
     error: BTreeMap<String, (f64, f64)>,
     /// Matrices whose Hessian had fewer rows than K (rank-deficient: GPTQ can overfit them).
     undersampled: usize,
+    bar: indicatif::ProgressBar,
     options: GptqOptions,
 }
 
@@ -637,6 +675,7 @@ impl MatrixWriter {
         safetensors::serialize_to_file(views, None, &tmp)
             .with_context(|| format!("{}: cannot write GPTQ weights", tmp.display()))?;
         std::fs::rename(&tmp, &path)?;
+        self.bar.inc(1);
         self.files.push(WrittenMatrix {
             path,
             name: format!("gptq/{file} ({name})"),
