@@ -14,7 +14,7 @@
 //! targets' blocks are.
 
 use faer::linalg::matmul::matmul;
-use faer::linalg::solvers::DenseSolveCore;
+use faer::linalg::triangular_inverse::invert_upper_triangular;
 use faer::{Accum, Mat, MatRef, Par, Side};
 
 use crate::quant::{block_scale, code_range, QuantScheme, ScaleSearch};
@@ -274,16 +274,22 @@ fn inverse_cholesky_upper(hessian: &[f32], k: usize, damp: f32) -> Result<Mat<f3
     let mean = (0..k).map(|i| h[(i, i)] as f64).sum::<f64>() / k.max(1) as f64;
     let mut lambda = damp as f64 * mean;
     for _ in 0..4 {
-        let damped = Mat::<f32>::from_fn(k, k, |i, j| {
-            h[(i, j)] + if i == j { lambda as f32 } else { 0.0 }
+        // With P the reversal of the axes, P (H + λI) P = L Lᵀ gives H + λI = R Rᵀ with R = P L P
+        // upper triangular, so (H + λI)⁻¹ = R⁻ᵀ R⁻¹ and U = R⁻¹: one Cholesky and one triangular
+        // inverse (2k³/3 flops) instead of a Cholesky, an inverse and a second Cholesky (5k³/3).
+        let reversed = Mat::<f32>::from_fn(k, k, |i, j| {
+            let (a, b) = (k - 1 - i, k - 1 - j);
+            h[(a, b)] + if a == b { lambda as f32 } else { 0.0 }
         });
-        if let Ok(llt) = damped.llt(Side::Lower) {
-            let inverse = llt.inverse();
-            if let Ok(factor) = inverse.llt(Side::Lower) {
-                let upper = factor.L().transpose().to_owned();
-                if (0..k).all(|i| upper[(i, i)].is_finite() && upper[(i, i)] > 0.0) {
-                    return Ok(upper);
-                }
+        if let Ok(llt) = reversed.llt(Side::Lower) {
+            let mut upper = Mat::<f32>::zeros(k, k);
+            invert_upper_triangular(
+                upper.as_mut(),
+                llt.L().reverse_rows_and_cols(),
+                Par::rayon(0),
+            );
+            if (0..k).all(|i| upper[(i, i)].is_finite() && upper[(i, i)] > 0.0) {
+                return Ok(upper);
             }
         }
         lambda *= 10.0;
@@ -316,6 +322,34 @@ mod tests {
             k_axis: 1,
             scale_dtype: DType::F16,
             search: ScaleSearch::Clip,
+        }
+    }
+
+    #[test]
+    fn the_factor_is_the_upper_cholesky_factor_of_the_damped_inverse() {
+        // H = Σ x xᵀ of 40 correlated rows of 16 features; U must satisfy Uᵀ U (H + λI) = I.
+        let (k, t) = (16, 40);
+        let x = uniform(t * k, 5);
+        let mut hessian = Hessian::new(k);
+        hessian.add(&x).unwrap();
+        let h = hessian.values();
+        let u = inverse_cholesky_upper(&h, k, 0.01).unwrap();
+        let lambda = 0.01 * (0..k).map(|i| h[i * k + i]).sum::<f32>() / k as f32;
+        for i in 0..k {
+            for j in 0..k {
+                if j < i {
+                    assert_eq!(u[(i, j)], 0.0, "U is upper triangular");
+                }
+                // (Uᵀ U (H + λI))[i][j]
+                let value: f32 = (0..k)
+                    .map(|m| {
+                        let utu: f32 = (0..k).map(|r| u[(r, i)] * u[(r, m)]).sum();
+                        utu * (h[m * k + j] + if m == j { lambda } else { 0.0 })
+                    })
+                    .sum();
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!((value - want).abs() < 1e-3, "({i}, {j}): {value}");
+            }
         }
     }
 
