@@ -21,7 +21,14 @@ pub fn remove_staging_folders() {
         Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
     };
     for folder in folders {
-        let _ = fs::remove_dir_all(&folder);
+        // Other threads may still be writing into the folder: a file created while remove_dir_all
+        // runs makes its last rmdir fail, so try until the folder is gone (nothing recreates it).
+        for _ in 0..50 {
+            if fs::remove_dir_all(&folder).is_ok() || !folder.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }
 
@@ -66,9 +73,13 @@ impl BundleWriter {
         if staging.exists() {
             fs::remove_dir_all(&staging).map_err(|e| TargetError::io(&staging, e))?;
         }
-        fs::create_dir(&staging).map_err(|e| TargetError::io(&staging, e))?;
+        // Registered before it exists, so an interrupt that sees the folder also removes it.
         if let Ok(mut folders) = STAGING.lock() {
             folders.push(staging.clone());
+        }
+        if let Err(e) = fs::create_dir(&staging) {
+            unregister(&staging);
+            return Err(TargetError::io(&staging, e));
         }
         Ok(BundleWriter {
             destination: destination.to_path_buf(),
