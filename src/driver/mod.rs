@@ -13,6 +13,8 @@ use herd_targets::onnx::{self, MoeLowering, OnnxOptions};
 mod awq;
 mod decoder;
 mod gptq;
+mod gptq_files;
+mod spool;
 mod tensorrt;
 
 pub use gptq::QuantMethod;

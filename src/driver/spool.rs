@@ -1,0 +1,160 @@
+//! Calibration activations on disk for GPTQ/AWQ: per exposed input, f32 rows appended in prompt order
+//! and read back in bounded chunks.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+
+/// Activations on disk: per name, rows of f32 (little-endian) appended in order.
+pub(super) struct Spool {
+    dir: PathBuf,
+    streams: BTreeMap<String, Stream>,
+    keep: Option<tempfile::TempDir>,
+}
+
+struct Stream {
+    path: PathBuf,
+    writer: Option<BufWriter<File>>,
+    width: usize,
+    rows: usize,
+}
+
+/// Rows read per chunk from the spool.
+const SPOOL_CHUNK_BYTES: usize = 64 << 20;
+
+impl Spool {
+    pub(super) fn create(dir: PathBuf) -> Result<Spool> {
+        std::fs::create_dir_all(&dir)?;
+        Ok(Spool {
+            dir,
+            streams: BTreeMap::new(),
+            keep: None,
+        })
+    }
+
+    /// Keeps `dir` (the temporary directory holding the spool) alive as long as the spool.
+    pub(super) fn keep(&mut self, dir: tempfile::TempDir) {
+        self.keep = Some(dir);
+    }
+
+    pub(super) fn append(&mut self, name: &str, width: usize, values: &[f32]) -> Result<()> {
+        if width == 0 || values.len() % width != 0 {
+            bail!(
+                "calibration output {name}: {} values are not rows of {width}",
+                values.len()
+            );
+        }
+        let count = self.streams.len();
+        let stream = match self.streams.get_mut(name) {
+            Some(s) => s,
+            None => {
+                let path = self.dir.join(format!("{count:05}.f32"));
+                let file = File::create(&path)
+                    .with_context(|| format!("{}: cannot spool activations", path.display()))?;
+                self.streams.entry(name.to_string()).or_insert(Stream {
+                    path,
+                    writer: Some(BufWriter::with_capacity(1 << 20, file)),
+                    width,
+                    rows: 0,
+                })
+            }
+        };
+        if stream.width != width {
+            bail!(
+                "calibration output {name}: rows of {width}, earlier {}",
+                stream.width
+            );
+        }
+        let writer = stream.writer.as_mut().context("herd bug: spool finished")?;
+        for v in values {
+            writer.write_all(&v.to_le_bytes())?;
+        }
+        stream.rows += values.len() / width;
+        Ok(())
+    }
+
+    pub(super) fn finish(&mut self) -> Result<()> {
+        for s in self.streams.values_mut() {
+            if let Some(mut w) = s.writer.take() {
+                w.flush()
+                    .with_context(|| format!("{}: cannot spool activations", s.path.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn has(&self, name: &str) -> bool {
+        self.streams.contains_key(name)
+    }
+
+    pub(super) fn rows(&self, name: &str) -> usize {
+        self.streams.get(name).map_or(0, |s| s.rows)
+    }
+
+    pub(super) fn width(&self, name: &str) -> Result<usize> {
+        self.streams
+            .get(name)
+            .map(|s| s.width)
+            .with_context(|| format!("herd bug: no calibration activations for {name}"))
+    }
+
+    /// Calls `f` with consecutive chunks of whole rows of `name`.
+    pub(super) fn read(&self, name: &str, mut f: impl FnMut(&[f32]) -> Result<()>) -> Result<()> {
+        let stream = self
+            .streams
+            .get(name)
+            .with_context(|| format!("herd bug: no calibration activations for {name}"))?;
+        let row_bytes = stream.width * 4;
+        let chunk_rows = (SPOOL_CHUNK_BYTES / row_bytes.max(1)).max(1);
+        let mut reader = BufReader::new(File::open(&stream.path)?);
+        let mut left = stream.rows;
+        let mut bytes = Vec::new();
+        while left > 0 {
+            let rows = left.min(chunk_rows);
+            bytes.resize(rows * row_bytes, 0);
+            reader.read_exact(&mut bytes).with_context(|| {
+                format!("{}: spooled activations cut short", stream.path.display())
+            })?;
+            let values: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            f(&values)?;
+            left -= rows;
+        }
+        Ok(())
+    }
+
+    /// All rows of `name` in memory.
+    pub(super) fn read_all(&self, name: &str) -> Result<Vec<f32>> {
+        let mut all = Vec::new();
+        self.read(name, |chunk| {
+            all.extend_from_slice(chunk);
+            Ok(())
+        })?;
+        Ok(all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spool_returns_rows_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::create(dir.path().join("s")).unwrap();
+        spool.append("a", 2, &[1.0, 2.0, 3.0, 4.0]).unwrap();
+        spool.append("a", 2, &[5.0, 6.0]).unwrap();
+        assert!(spool.append("a", 3, &[1.0, 2.0, 3.0]).is_err());
+        spool.finish().unwrap();
+        assert_eq!(spool.rows("a"), 3);
+        assert_eq!(
+            spool.read_all("a").unwrap(),
+            vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+        );
+    }
+}
