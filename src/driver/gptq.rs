@@ -409,92 +409,110 @@ fn moe_experts(
     let scales = channels.of(&exposure);
 
     // The shared expert sees x unscaled by the router; its fc1 rows are gate then up.
-    if let Some((w1, spec1)) = int_weight(graph, shared1) {
-        let m1 = float_matrix(graph, &w1, spec1.k_axis, None)?;
-        let mut h1 = Hessian::new(h);
-        h1.add(&divided(&x, scales)).map_err(anyhow::Error::msg)?;
-        let scaled = times_columns(float_matrix(graph, &w1, spec1.k_axis, None)?, scales);
-        let file = writer.quantize(&node_name(graph, shared1), None, &scaled, &h1, spec1)?;
-        replaced.insert(shared1, vec![file]);
-        if let Some((w2, spec2)) = int_weight(graph, shared2) {
-            let z = swiglu(
-                &times_transposed(&x, t, h, &m1.values, m1.n),
-                t,
-                inter,
-                false,
-            );
-            let mut h2 = Hessian::new(inter);
-            h2.add(&z).map_err(anyhow::Error::msg)?;
-            let m2 = float_matrix(graph, &w2, spec2.k_axis, None)?;
-            let file = writer.quantize(&node_name(graph, shared2), None, &m2, &h2, spec2)?;
-            replaced.insert(shared2, vec![file]);
-        }
-    } else if let Some((w2, spec2)) = int_weight(graph, shared2) {
-        let (w1, k1) = float_weight(graph, shared1)?;
-        let m1 = float_matrix(graph, &w1, k1, None)?;
-        let z = swiglu(
-            &times_transposed(&x, t, h, &m1.values, m1.n),
-            t,
-            inter,
-            false,
-        );
-        let mut h2 = Hessian::new(inter);
-        h2.add(&z).map_err(anyhow::Error::msg)?;
-        let m2 = float_matrix(graph, &w2, spec2.k_axis, None)?;
-        let file = writer.quantize(&node_name(graph, shared2), None, &m2, &h2, spec2)?;
-        replaced.insert(shared2, vec![file]);
-    }
+    let shared = Expert {
+        fc1: shared1,
+        fc2: shared2,
+        index: None,
+        interleaved: false,
+    };
+    let (f1, f2) = expert_pair(graph, &shared, &x, h, inter, scales, writer)?;
+    replaced.extend(f1.map(|f| (shared1, vec![f])));
+    replaced.extend(f2.map(|f| (shared2, vec![f])));
 
-    let q1 = int_weight(graph, fc1);
-    let q2 = int_weight(graph, fc2);
-    if q1.is_none() && q2.is_none() {
+    if int_weight(graph, fc1).is_none() && int_weight(graph, fc2).is_none() {
         return Ok(());
     }
     let router_m = float_weight_matrix(graph, router)?;
     let logits = times_transposed(&x, t, h, &router_m.values, router_m.n);
     let routed = route(&logits, t, attrs.num_experts, attrs.top_k);
-    let interleaved = attrs.layout == ExpertLayout::Interleaved;
-    let (w1, k1) = match &q1 {
-        Some((w, spec)) => (w.clone(), spec.k_axis),
-        None => float_weight(graph, fc1)?,
-    };
-    let mut files1 = Vec::new();
-    let mut files2 = Vec::new();
+    let (mut files1, mut files2) = (Vec::new(), Vec::new());
     for (e, tokens) in routed.iter().enumerate() {
         // The routed tokens of expert e, each scaled by its sigmoid score.
         let mut xe = Vec::with_capacity(tokens.len() * h);
         for &(row, score) in tokens {
             xe.extend(x[row * h..(row + 1) * h].iter().map(|v| v * score));
         }
-        let m1 = float_matrix(graph, &w1, k1, Some(e))?;
-        if let Some((_, spec)) = &q1 {
-            let mut h1 = Hessian::new(h);
-            h1.add(&divided(&xe, scales)).map_err(anyhow::Error::msg)?;
-            let scaled = times_columns(float_matrix(graph, &w1, k1, Some(e))?, scales);
-            files1.push(writer.quantize(&node_name(graph, fc1), Some(e), &scaled, &h1, *spec)?);
-        }
-        if let Some((w2, spec)) = &q2 {
-            let te = tokens.len();
-            let z = swiglu(
-                &times_transposed(&xe, te, h, &m1.values, m1.n),
-                te,
-                inter,
-                interleaved,
-            );
-            let mut h2 = Hessian::new(inter);
-            h2.add(&z).map_err(anyhow::Error::msg)?;
-            let m2 = float_matrix(graph, w2, spec.k_axis, Some(e))?;
-            files2.push(writer.quantize(&node_name(graph, fc2), Some(e), &m2, &h2, *spec)?);
-        }
+        let expert = Expert {
+            fc1,
+            fc2,
+            index: Some(e),
+            interleaved: attrs.layout == ExpertLayout::Interleaved,
+        };
+        let (f1, f2) = expert_pair(graph, &expert, &xe, h, inter, scales, writer)?;
+        files1.extend(f1);
+        files2.extend(f2);
         tracing::debug!("GPTQ: {} expert {e}: {} tokens", node.name, tokens.len());
     }
-    if q1.is_some() {
-        replaced.insert(fc1, files1);
-    }
-    if q2.is_some() {
-        replaced.insert(fc2, files2);
-    }
+    replaced.extend((!files1.is_empty()).then_some((fc1, files1)));
+    replaced.extend((!files2.is_empty()).then_some((fc2, files2)));
     Ok(())
+}
+
+/// One expert's weights: fc1 (gate and up, [2I, H] as a matrix) and fc2 (down), of a stacked [E, ..]
+/// weight when `index` is set.
+struct Expert {
+    fc1: NodeIndex,
+    fc2: NodeIndex,
+    index: Option<usize>,
+    /// fc1's rows interleave gate and up (else gate rows, then up rows).
+    interleaved: bool,
+}
+
+/// Rows per chunk when an expert's fc1 output is formed for fc2's Hessian ([rows, 2I] at a time).
+const EXPERT_ROW_CHUNK: usize = 1024;
+
+/// Quantizes whichever of an expert's fc1 and fc2 are int: fc1 against the inputs `x` ([t, h], divided
+/// by the AWQ `scales`, its columns times them), fc2 against the float `swiglu(x fc1ᵀ)`, built in
+/// chunks of rows so no [t, 2I] tensor is held. Each matrix is read once. Returns the written files.
+fn expert_pair(
+    graph: &Graph,
+    expert: &Expert,
+    x: &[f32],
+    h: usize,
+    inter: usize,
+    scales: Option<&[f32]>,
+    writer: &mut MatrixWriter,
+) -> Result<(Option<usize>, Option<usize>)> {
+    let (q1, q2) = (int_weight(graph, expert.fc1), int_weight(graph, expert.fc2));
+    if q1.is_none() && q2.is_none() {
+        return Ok((None, None));
+    }
+    let (w1, k1) = match &q1 {
+        Some((w, spec)) => (w.clone(), spec.k_axis),
+        None => float_weight(graph, expert.fc1)?,
+    };
+    let m1 = float_matrix(graph, &w1, k1, expert.index)?;
+    let mut file2 = None;
+    if let Some((w2, spec)) = &q2 {
+        let mut h2 = Hessian::new(inter);
+        for rows in x.chunks(EXPERT_ROW_CHUNK * h) {
+            let t = rows.len() / h;
+            let z = swiglu(
+                &times_transposed(rows, t, h, &m1.values, m1.n),
+                t,
+                inter,
+                expert.interleaved,
+            );
+            h2.add(&z).map_err(anyhow::Error::msg)?;
+        }
+        let m2 = float_matrix(graph, w2, spec.k_axis, expert.index)?;
+        file2 =
+            Some(writer.quantize(&node_name(graph, expert.fc2), expert.index, &m2, &h2, *spec)?);
+    }
+    let mut file1 = None;
+    if let Some((_, spec)) = &q1 {
+        let mut h1 = Hessian::new(h);
+        h1.add(&divided(x, scales)).map_err(anyhow::Error::msg)?;
+        let scaled = times_columns(m1, scales);
+        file1 = Some(writer.quantize(
+            &node_name(graph, expert.fc1),
+            expert.index,
+            &scaled,
+            &h1,
+            *spec,
+        )?);
+    }
+    Ok((file1, file2))
 }
 
 /// Rows of K values divided by the channel scales `s` (unchanged without).
