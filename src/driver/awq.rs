@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use herd_ir::gptq::times_transposed;
 use herd_ir::graph::NodeIndex;
 use herd_ir::quant::{quantize, QuantSpec};
+use herd_ir::weights::WeightRef;
 use herd_ir::{Graph, Op};
 use herd_passes::calibrate::output_name;
 use ndarray::{ArrayD, IxDyn};
@@ -134,8 +135,9 @@ pub(super) fn search(graph: &Graph, calibration: &Calibration) -> Result<Channel
         if t == 0 {
             continue;
         }
-        // The matrices fed by the norm, each with the rows it sees.
-        let mut matrices: Vec<(Matrix, QuantSpec, Vec<f32>)> = Vec::new();
+        // The matrices fed by the norm (weight, spec, expert), each with the rows it sees; read one
+        // at a time below, so memory holds one matrix, not a MoE layer's experts.
+        let mut matrices: Vec<(WeightRef, QuantSpec, Option<usize>, Vec<f32>)> = Vec::new();
         let sample = |rows: &[f32], scale: Option<&[f32]>| -> Vec<f32> {
             let count = rows.len() / k;
             let step = count.div_ceil(SEARCH_ROWS).max(1);
@@ -150,11 +152,7 @@ pub(super) fn search(graph: &Graph, calibration: &Calibration) -> Result<Channel
         for (linear, _) in &group.linears {
             let weight = graph.inputs(*linear)[1].node;
             let (w, spec) = int_weight(graph, weight).context("herd bug: not quantized")?;
-            matrices.push((
-                float_matrix(graph, &w, spec.k_axis, None)?,
-                spec,
-                sample(&x, None),
-            ));
+            matrices.push((w, spec, None, sample(&x, None)));
         }
         for (moe, _) in &group.moes {
             let inputs = graph.inputs(*moe);
@@ -162,11 +160,7 @@ pub(super) fn search(graph: &Graph, calibration: &Calibration) -> Result<Channel
                 bail!("herd bug: not a MoE");
             };
             let (shared, spec) = int_weight(graph, inputs[4].node).context("herd bug")?;
-            matrices.push((
-                float_matrix(graph, &shared, spec.k_axis, None)?,
-                spec,
-                sample(&x, None),
-            ));
+            matrices.push((shared, spec, None, sample(&x, None)));
             routers.push(inputs[1].node);
             let router = super::gptq::float_weight_matrix(graph, inputs[1].node)?;
             let logits = times_transposed(&x, t, k, &router.values, router.n);
@@ -181,8 +175,7 @@ pub(super) fn search(graph: &Graph, calibration: &Calibration) -> Result<Channel
                     rows.extend_from_slice(&x[row * k..(row + 1) * k]);
                     scores.push(score);
                 }
-                let m = float_matrix(graph, &fc1, spec.k_axis, Some(e))?;
-                matrices.push((m, spec, sample(&rows, Some(&scores))));
+                matrices.push((fc1.clone(), spec, Some(e), sample(&rows, Some(&scores))));
             }
         }
         let mean_abs: Vec<f64> = (0..k)
@@ -195,19 +188,24 @@ pub(super) fn search(graph: &Graph, calibration: &Calibration) -> Result<Channel
                     / t as f64
             })
             .collect();
-        let mut best: Option<(f64, f32, Vec<f32>)> = None;
-        for a in 0..ALPHAS {
-            let alpha = a as f32 / (ALPHAS - 1) as f32;
-            let scales = channel_scales(&mean_abs, alpha);
-            let loss: f64 = matrices
-                .iter()
-                .map(|(m, spec, rows)| output_error(m, *spec, rows, &scales))
-                .sum();
-            if best.as_ref().is_none_or(|(l, _, _)| loss < *l) {
-                best = Some((loss, alpha, scales));
+        let candidates: Vec<(f32, Vec<f32>)> = (0..ALPHAS)
+            .map(|a| {
+                let alpha = a as f32 / (ALPHAS - 1) as f32;
+                (alpha, channel_scales(&mean_abs, alpha))
+            })
+            .collect();
+        let mut losses = [0f64; ALPHAS];
+        for (w, spec, expert, rows) in &matrices {
+            let m = float_matrix(graph, w, spec.k_axis, *expert)?;
+            for (loss, (_, scales)) in losses.iter_mut().zip(&candidates) {
+                *loss += output_error(&m, *spec, rows, scales);
             }
         }
-        let (_, alpha, scales) = best.context("herd bug: no α")?;
+        // The first least loss: α = 0 (no scaling) wins ties.
+        let best = (0..ALPHAS)
+            .min_by(|&a, &b| losses[a].total_cmp(&losses[b]).then(a.cmp(&b)))
+            .context("herd bug: no α")?;
+        let (alpha, scales) = candidates[best].clone();
         tracing::debug!("AWQ: {exposure}: α = {alpha}");
         let index = result.norms.len();
         for (_, e) in group.linears.iter().chain(&group.moes) {
