@@ -414,35 +414,43 @@ fn report_kl(model: &Path, bundle: &Path, scheme: &str, method: &str, calibratio
     q["accuracy"]["kl_mean"].as_f64().unwrap()
 }
 
-/// With outlier channels (three channels of every decoder norm x30), calibrated int4 (the default
-/// `--method awq`: channel scales folded into the norms, then act-order GPTQ) loses 0.61x RTN's KL on
-/// tiny-scout and 0.73x on tiny-maverick when written; int8 0.18x and 0.21x. The report's 8 random
-/// prompts are disjoint from the 96 calibration prompts. (The 0.6x for int4 is not held here:
-/// which channels carry the outliers moves the ratio between 0.46x and 0.86x.)
+/// With outlier channels (three channels of every decoder norm x30), calibrated int4 and int8 lose far
+/// less than round-to-nearest with clipped scales (RTN), on the report's 8 random prompts, which are
+/// disjoint from the 96 calibration prompts. Measured when written (KL mean / RTN's; gptq is the
+/// default with --calibrate, awq folds channel scales into the norms first): tiny-scout int4:64 gptq
+/// 0.34, awq 0.38, int8:64 gptq 0.01, awq 0.23; tiny-maverick int4:64 0.50 and 0.45, int8:64 0.23
+/// and 0.26. Before GPTQ weighted each block's scale by the Hessian diagonal, int4 reached 0.61 and
+/// 0.73 (awq) and 0.49 and 0.77 (gptq).
 #[test]
 fn calibrated_int_beats_round_to_nearest_with_outlier_channels() {
     let dir = tempfile::tempdir().unwrap();
     let calibration = dir.path().join("calibration.txt");
     calibration_file(&calibration);
-    for (name, int4_bound) in [("tiny-scout", 0.75), ("tiny-maverick", 0.85)] {
+    for name in ["tiny-scout", "tiny-maverick"] {
         let model = dir.path().join(name);
         with_outlier_channels(name, &model, 30.0);
-        for (scheme, bound) in [("int4:64", int4_bound), ("int8:64", 0.3)] {
+        for (scheme, bound) in [("int4:64", 0.6), ("int8:64", 0.3)] {
             let rtn = report_kl(&model, &dir.path().join("rtn"), scheme, "rtn", &calibration);
-            let bundle = dir.path().join("awq");
-            let awq = report_kl(&model, &bundle, scheme, "awq", &calibration);
-            let stored = manifest(&bundle)["quantization"]["rtn_accuracy"]["kl_mean"].as_f64();
-            assert_eq!(stored, Some(rtn), "--report stores RTN's KL beside AWQ's");
-            eprintln!(
-                "{name} outliers {scheme}: KL rtn {rtn:.4e}, awq {awq:.4e} ({:.2}x)",
-                awq / rtn
-            );
-            assert!(
-                awq < bound * rtn,
-                "{name} {scheme}: KL awq {awq} vs rtn {rtn}"
-            );
             std::fs::remove_dir_all(dir.path().join("rtn")).unwrap();
-            std::fs::remove_dir_all(bundle).unwrap();
+            for method in ["gptq", "awq"] {
+                let bundle = dir.path().join(method);
+                let kl = report_kl(&model, &bundle, scheme, method, &calibration);
+                let stored = manifest(&bundle)["quantization"]["rtn_accuracy"]["kl_mean"].as_f64();
+                assert_eq!(
+                    stored,
+                    Some(rtn),
+                    "--report stores RTN's KL beside {method}'s"
+                );
+                eprintln!(
+                    "{name} outliers {scheme}: KL rtn {rtn:.4e}, {method} {kl:.4e} ({:.2}x)",
+                    kl / rtn
+                );
+                assert!(
+                    kl < bound * rtn,
+                    "{name} {scheme}: KL {method} {kl} vs rtn {rtn}"
+                );
+                std::fs::remove_dir_all(bundle).unwrap();
+            }
         }
     }
 }
@@ -450,8 +458,8 @@ fn calibrated_int_beats_round_to_nearest_with_outlier_channels() {
 /// GPTQ (int weights against the Hessians of calibration activations, experts from the tokens routed to
 /// them) loses less of the next-token distribution than round-to-nearest with clipped scales, measured
 /// on the report's prompts, which the calibration prompts (96 seeded random prompts of 64 tokens) do not
-/// include. Measured when written (KL mean / RTN's, int4:64, act-order GPTQ and AWQ + GPTQ):
-/// tiny-maverick 0.53 and 0.52, tiny-scout 0.62 and 0.67.
+/// include. Measured when written (KL mean / RTN's, int4:64, act-order GPTQ with diagonal-weighted
+/// block scales, and AWQ + the same GPTQ): tiny-maverick 0.50 and 0.55, tiny-scout 0.64 and 0.68.
 #[test]
 fn gptq_loses_less_than_round_to_nearest() {
     let dir = tempfile::tempdir().unwrap();

@@ -17,7 +17,7 @@ use faer::linalg::matmul::matmul;
 use faer::linalg::triangular_inverse::invert_upper_triangular;
 use faer::{Accum, Mat, MatRef, Par, Side};
 
-use crate::quant::{block_scale, code_range, QuantScheme, ScaleSearch};
+use crate::quant::{block_scale, code_range, weighted_block_scale, QuantScheme, ScaleSearch};
 use crate::types::DType;
 
 /// GPTQ's settings.
@@ -33,6 +33,9 @@ pub struct GptqOptions {
     /// block's scale chosen beforehand from the unquantized values (`static_groups`), so the blocks
     /// stay contiguous along K.
     pub act_order: bool,
+    /// Under [`ScaleSearch::Clip`], choose each block's scale by its rounding error weighted by the
+    /// Hessian's diagonal ([`weighted_block_scale`]) rather than unweighted.
+    pub weighted_scales: bool,
 }
 
 impl Default for GptqOptions {
@@ -42,6 +45,7 @@ impl Default for GptqOptions {
             batch_columns: 128,
             search: ScaleSearch::Clip,
             act_order: true,
+            weighted_scales: true,
         }
     }
 }
@@ -175,13 +179,21 @@ pub fn gptq(
     let (lo, hi) = code_range(scheme);
     let blocks = k / block;
     let mut scales = vec![0f32; n * blocks];
+    let weighted = options.weighted_scales && options.search == ScaleSearch::Clip;
     let block_scales = |w: &dyn Fn(usize, usize) -> f32, scales: &mut [f32], b: usize| {
         let mut values = vec![0f32; block];
+        let diagonal: Vec<f32> = (b * block..(b + 1) * block)
+            .map(|j| hessian[j * k + j].max(0.0))
+            .collect();
         for r in 0..n {
             for (v, j) in values.iter_mut().zip(b * block..) {
                 *v = w(r, j);
             }
-            scales[r * blocks + b] = block_scale(&values, scheme, scale_dtype, options.search);
+            scales[r * blocks + b] = if weighted {
+                weighted_block_scale(&values, &diagonal, scheme, scale_dtype)
+            } else {
+                block_scale(&values, scheme, scale_dtype, options.search)
+            };
         }
     };
     // Column order: position c quantizes input feature perm[c].
@@ -302,7 +314,7 @@ fn inverse_cholesky_upper(hessian: &[f32], k: usize, damp: f32) -> Result<Mat<f3
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::{quantize, QuantSpec};
+    use crate::quant::{quantize, round_half_even, QuantSpec};
     use ndarray::{ArrayD, IxDyn};
 
     /// Deterministic values in [-1, 1).
@@ -323,6 +335,42 @@ mod tests {
             scale_dtype: DType::F16,
             search: ScaleSearch::Clip,
         }
+    }
+
+    /// Round-to-nearest of `w` ([n, k] row-major, blocks along k) with every block's scale by
+    /// [`weighted_block_scale`] against `column_weights` (length k): the dequantized values. GPTQ with a
+    /// diagonal Hessian must give exactly this.
+    fn weighted_round_to_nearest(
+        w: &[f32],
+        n: usize,
+        k: usize,
+        column_weights: &[f32],
+        scheme: QuantScheme,
+        scale_dtype: DType,
+    ) -> Vec<f32> {
+        let block = scheme.block().unwrap_or(k).max(1);
+        let (lo, hi) = code_range(scheme);
+        let mut out = vec![0f32; n * k];
+        out.chunks_mut(k.max(1))
+            .zip(w.chunks(k.max(1)))
+            .take(n)
+            .for_each(|(out, row)| {
+                for ((out, values), weights) in out
+                    .chunks_mut(block)
+                    .zip(row.chunks(block))
+                    .zip(column_weights.chunks(block))
+                {
+                    let scale = weighted_block_scale(values, weights, scheme, scale_dtype);
+                    for (o, &v) in out.iter_mut().zip(values) {
+                        *o = if scale == 0.0 {
+                            0.0
+                        } else {
+                            round_half_even(v / scale).clamp(lo, hi) * scale
+                        };
+                    }
+                }
+            });
+        out
     }
 
     #[test]
@@ -361,12 +409,55 @@ mod tests {
             .map(|i| if i / k == i % k { 3.0 } else { 0.0 })
             .collect();
         let scheme = QuantScheme::Int4 { block: 32 };
-        let ours = gptq(&w, n, k, &hessian, scheme, DType::F16, Default::default()).unwrap();
-        let array = ArrayD::from_shape_vec(IxDyn(&[n, k]), w).unwrap();
+        // Unweighted scales: exactly round-to-nearest with clipped scales.
+        let unweighted = GptqOptions {
+            weighted_scales: false,
+            ..Default::default()
+        };
+        let ours = gptq(&w, n, k, &hessian, scheme, DType::F16, unweighted).unwrap();
+        let array = ArrayD::from_shape_vec(IxDyn(&[n, k]), w.clone()).unwrap();
         let rtn = quantize(&array, &spec(scheme), None);
         assert_eq!(ours.scales, rtn.scales.iter().copied().collect::<Vec<_>>());
         let codes: Vec<i8> = rtn.values.iter().map(|&c| c as i8).collect();
         assert_eq!(ours.codes, codes);
+        // Weighted by the diagonal (the default): the weighted round-to-nearest.
+        let diagonal: Vec<f32> = (0..k).map(|j| hessian[j * k + j]).collect();
+        let ours = gptq(&w, n, k, &hessian, scheme, DType::F16, Default::default()).unwrap();
+        let weighted = weighted_round_to_nearest(&w, n, k, &diagonal, scheme, DType::F16);
+        assert_eq!(ours.dequantized(k, 32), weighted);
+    }
+
+    #[test]
+    fn weighted_scales_round_heavy_inputs_finely() {
+        // One block of 32 whose inputs 3 and 17 carry 30x the others' magnitude (900x in H's diagonal):
+        // the weighted scale's output error is below the unweighted one's, and never above it on a
+        // grid that includes the unweighted candidates' range.
+        let scheme = QuantScheme::Int4 { block: 32 };
+        let mut weighted_total = 0f64;
+        let mut plain_total = 0f64;
+        for seed in 0..64 {
+            let w = uniform(32, 100 + seed);
+            let diagonal: Vec<f32> = (0..32)
+                .map(|j| if j == 3 || j == 17 { 900.0 } else { 1.0 })
+                .collect();
+            let error = |scale: f32| -> f64 {
+                w.iter()
+                    .zip(&diagonal)
+                    .map(|(&v, &d)| {
+                        let e = v - round_half_even(v / scale).clamp(-8.0, 7.0) * scale;
+                        d as f64 * (e * e) as f64
+                    })
+                    .sum()
+            };
+            let weighted = weighted_block_scale(&w, &diagonal, scheme, DType::F32);
+            let plain = block_scale(&w, scheme, DType::F32, ScaleSearch::Clip);
+            weighted_total += error(weighted);
+            plain_total += error(plain);
+        }
+        assert!(
+            weighted_total < 0.5 * plain_total,
+            "weighted {weighted_total:.4e} vs unweighted {plain_total:.4e}"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use herd_passes::pipeline::RunOptions;
 use herd_targets::onnx::MoeLowering;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::driver::{compile, CompileOptions, StageSplit, TensorRtOptions};
+use crate::driver::{compile, CompileOptions, CompileReport, StageSplit, TensorRtOptions};
 
 /// How int4/int8 weights are rounded (`--method`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -112,14 +112,14 @@ pub struct CompileArgs {
     /// Calibration prompts for GPTQ (--quant int4/int8) and fp8 activations (--quant fp8 for
     /// TensorRT): a file with one prompt per line as comma-separated token ids, or `builtin` (the
     /// checkpoint's golden prompts if any, plus 8 seeded random prompts; also the default). With int4
-    /// or int8 this turns on --method awq.
+    /// or int8 this turns on --method gptq.
     #[arg(long, value_name = "FILE|builtin")]
     pub calibrate: Option<PathBuf>,
-    /// With --quant int4/int8: `gptq` quantizes each matrix against the Hessian of its inputs on the
-    /// calibration prompts (per expert from the tokens routed to it; columns in order of decreasing
-    /// Hessian diagonal); `awq` (default with --calibrate) first scales each norm's input channels by
-    /// their activation magnitude, folded into the norm weight, then runs GPTQ; `rtn` rounds each
-    /// weight to nearest (default without).
+    /// With --quant int4/int8: `gptq` (default with --calibrate) quantizes each matrix against the
+    /// Hessian of its inputs on the calibration prompts (per expert from the tokens routed to it;
+    /// columns in order of decreasing Hessian diagonal; each block's scale weighted by that diagonal);
+    /// `awq` first scales each norm's input channels by their activation magnitude, folded into the
+    /// norm weight, then runs GPTQ; `rtn` rounds each weight to nearest (default without).
     #[arg(long, value_enum, requires = "quant")]
     pub method: Option<MethodArg>,
     /// TensorRT target: do not fail on this lint rule (repeatable; `herd lint --rules` lists them).
@@ -210,7 +210,7 @@ fn quant_method(args: &CompileArgs) -> Result<crate::driver::QuantMethod> {
             "--calibrate with --method rtn: round-to-nearest uses no calibration data; drop one of them"
         ),
         (Some(MethodArg::Rtn), true) => QuantMethod::Rtn,
-        (None, true) if args.calibrate.is_some() => QuantMethod::Awq,
+        (None, true) if args.calibrate.is_some() => QuantMethod::Gptq,
         (None, _) => QuantMethod::Rtn,
     })
 }
@@ -226,6 +226,35 @@ pub fn run(args: &CompileArgs) -> Result<()> {
             args.max_context
         );
     }
+    let options = compile_options(args)?;
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message("writing weights");
+    let report = compile(&options, &mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    let report = report?;
+    for warning in &report.warnings {
+        eprintln!("warning: {warning}");
+    }
+    if args.report {
+        accuracy_report(args, &options, &report.bundle)?;
+    }
+    if args.json {
+        print_json(&report)
+    } else {
+        print_summary(args, &options, &report)
+    }
+}
+
+/// The driver's options from the command line.
+fn compile_options(args: &CompileArgs) -> Result<CompileOptions> {
     let tensorrt = args.target == TargetArg::TensorrtH100;
     let calibration_prompts = args
         .calibrate
@@ -239,7 +268,7 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     } else {
         DtypeArg::F32
     });
-    let options = CompileOptions {
+    Ok(CompileOptions {
         model: args.model.clone(),
         output: args.output.clone(),
         moe: args
@@ -290,49 +319,40 @@ pub fn run(args: &CompileArgs) -> Result<()> {
             (Some(0), None) => anyhow::bail!("--stages 0: use 1 or more"),
             _ => StageSplit::One,
         },
-    };
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, eta {eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_message("writing weights");
-    let report = compile(&options, &mut |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
+    })
+}
+
+/// `--json`: the report as one JSON object on stdout.
+fn print_json(report: &CompileReport) -> Result<()> {
+    let stages: serde_json::Map<String, serde_json::Value> = report
+        .stages
+        .iter()
+        .map(|(s, d)| (s.clone(), d.as_secs_f64().into()))
+        .collect();
+    let summary = serde_json::json!({
+        "bundle": report.bundle,
+        "stage_seconds": stages,
+        "total_seconds": report.stages.iter().map(|(_, d)| d.as_secs_f64()).sum::<f64>(),
+        "checkpoint_bytes": report.checkpoint_bytes,
+        "bytes_written": report.bytes_written,
+        "peak_rss_bytes": report.peak_rss_bytes,
+        "stages": report.pipeline.iter().map(|(plan, emitted)| serde_json::json!({
+            "first_layer": plan.first_layer,
+            "end_layer": plan.end_layer,
+            "weight_bytes": emitted,
+            "kv_bytes": plan.kv_bytes,
+        })).collect::<Vec<_>>(),
     });
-    bar.finish_and_clear();
-    let report = report?;
-    for warning in &report.warnings {
-        eprintln!("warning: {warning}");
-    }
-    if args.report {
-        accuracy_report(args, &options, &report.bundle)?;
-    }
-    if args.json {
-        let stages: serde_json::Map<String, serde_json::Value> = report
-            .stages
-            .iter()
-            .map(|(s, d)| (s.clone(), d.as_secs_f64().into()))
-            .collect();
-        let summary = serde_json::json!({
-            "bundle": report.bundle,
-            "stage_seconds": stages,
-            "total_seconds": report.stages.iter().map(|(_, d)| d.as_secs_f64()).sum::<f64>(),
-            "checkpoint_bytes": report.checkpoint_bytes,
-            "bytes_written": report.bytes_written,
-            "peak_rss_bytes": report.peak_rss_bytes,
-            "stages": report.pipeline.iter().map(|(plan, emitted)| serde_json::json!({
-                "first_layer": plan.first_layer,
-                "end_layer": plan.end_layer,
-                "weight_bytes": emitted,
-                "kv_bytes": plan.kv_bytes,
-            })).collect::<Vec<_>>(),
-        });
-        outln!("{summary}");
-        return Ok(());
-    }
+    outln!("{summary}");
+    Ok(())
+}
+
+/// The report for a reader, on stderr (`--node-counts` on stdout).
+fn print_summary(
+    args: &CompileArgs,
+    options: &CompileOptions,
+    report: &CompileReport,
+) -> Result<()> {
     eprintln!(
         "compiled {} -> {}",
         args.model.display(),

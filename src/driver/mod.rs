@@ -155,14 +155,7 @@ fn compile_calibrated(
     let mut imported = import(options)?;
     let pipeline = decoder::stage_plans(options, &imported.config)?;
     stages.push(("import".to_string(), start.elapsed()));
-    use herd_passes::calibrate::Activations;
-    let activation_pass = if let Some(which) = options.expose_calibration {
-        Activations::Expose(which)
-    } else if let Some((scales, _)) = &calibration {
-        Activations::Quantize(std::sync::Arc::new(scales.clone()))
-    } else {
-        Activations::Unchanged
-    };
+    let activation_pass = activation_pass(options, calibration.as_ref().map(|(s, _)| s));
     run_passes(options, activation_pass, &mut imported.graph, &mut stages)?;
     let gptq_weights = match gptq_calibration {
         Some(c) => Some(gptq_stage(options, c, &mut imported.graph, &mut stages)?),
@@ -177,45 +170,25 @@ fn compile_calibrated(
     });
 
     let writer = BundleWriter::create(&options.output, options.force, &options.model)?;
-    let onnx_options = OnnxOptions {
-        dtype: options.dtype,
-        moe: options.moe,
-    };
-    let start = Instant::now();
     let ranges: Vec<_> = pipeline
         .iter()
         .map(|s| s.first_layer..s.end_layer)
         .collect();
-    let config = &imported.config;
-    let decoder = decoder::emit_decoder(
-        &imported.graph,
+    let (decoder, vision_model) = emit_models(
+        options,
+        &imported,
         &ranges,
-        config.num_layers,
         writer.dir(),
-        &onnx_options,
         progress,
+        &mut stages,
     )?;
-    stages.push(("emit onnx".to_string(), start.elapsed()));
-    let vision_model = match &imported.vision_graph {
-        Some(g) => {
-            let start = Instant::now();
-            let names = onnx::ModelNames::vision();
-            let g = herd_ir::verified(g, Some("vision import"))
-                .map_err(|e| anyhow::anyhow!("herd bug: {e}"))?;
-            let m = onnx::emit_as(g, writer.dir(), names, &onnx_options, progress)?;
-            stages.push(("emit vision onnx".to_string(), start.elapsed()));
-            Some(m)
-        }
-        None => None,
-    };
-
     let (tensorrt, stage_profiles) = match &options.tensorrt {
         Some(trt) => {
             let start = Instant::now();
             let (info, profiles) = tensorrt::tensorrt_stage(
                 options,
                 trt,
-                config,
+                &imported.config,
                 writer.dir(),
                 &decoder,
                 vision_model.as_ref(),
@@ -226,19 +199,6 @@ fn compile_calibrated(
         }
         None => (None, None),
     };
-
-    let start = Instant::now();
-    for name in COPIED_FILES {
-        if let Some(src) = herd_ir::model_file(&options.model, name)? {
-            writer.copy_in(&src, name)?;
-        }
-    }
-    let mut emitted = decoder.files();
-    if let Some(v) = &vision_model {
-        emitted.push((v.data_file.clone(), v.data_bytes, v.data_sha256.clone()));
-        emitted.push((v.model_file.clone(), v.model_bytes, v.model_sha256.clone()));
-    }
-    let files = writer.file_entries(&emitted)?;
     let written = Written {
         decoder: &decoder,
         vision_model: vision_model.as_ref(),
@@ -247,9 +207,7 @@ fn compile_calibrated(
         activations,
         gptq: gptq_weights.as_ref().map(|(summary, _)| summary),
     };
-    let manifest = manifest(options, &imported, written, files)?;
-    let bundle = writer.finish(&manifest)?;
-    stages.push(("write bundle".to_string(), start.elapsed()));
+    let bundle = finish_bundle(options, &imported, writer, written, &mut stages)?;
     let vision_bytes = vision_model
         .as_ref()
         .map_or(0, |v| v.data_bytes + v.model_bytes);
@@ -273,6 +231,83 @@ fn compile_calibrated(
             .collect(),
         pipeline,
     })
+}
+
+/// What the calibration pass does: expose activations (for a calibration bundle), quantize them with
+/// fp8 scales measured on one, or nothing.
+fn activation_pass(
+    options: &CompileOptions,
+    fp8_scales: Option<&std::collections::HashMap<String, f32>>,
+) -> herd_passes::calibrate::Activations {
+    use herd_passes::calibrate::Activations;
+    if let Some(which) = options.expose_calibration {
+        Activations::Expose(which)
+    } else if let Some(scales) = fp8_scales {
+        Activations::Quantize(std::sync::Arc::new(scales.clone()))
+    } else {
+        Activations::Unchanged
+    }
+}
+
+/// Emits the decoder (one graph per pipeline stage in `ranges`) and the vision graph into `dir`.
+fn emit_models(
+    options: &CompileOptions,
+    imported: &ImportedModel,
+    ranges: &[std::ops::Range<usize>],
+    dir: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+    stages: &mut Vec<(String, Duration)>,
+) -> Result<(decoder::EmittedDecoder, Option<onnx::OnnxModel>)> {
+    let onnx_options = OnnxOptions {
+        dtype: options.dtype,
+        moe: options.moe,
+    };
+    let start = Instant::now();
+    let decoder = decoder::emit_decoder(
+        &imported.graph,
+        ranges,
+        imported.config.num_layers,
+        dir,
+        &onnx_options,
+        progress,
+    )?;
+    stages.push(("emit onnx".to_string(), start.elapsed()));
+    let Some(g) = &imported.vision_graph else {
+        return Ok((decoder, None));
+    };
+    let start = Instant::now();
+    let g = herd_ir::verified(g, Some("vision import"))
+        .map_err(|e| anyhow::anyhow!("herd bug: {e}"))?;
+    let vision = onnx::emit_as(g, dir, onnx::ModelNames::vision(), &onnx_options, progress)?;
+    stages.push(("emit vision onnx".to_string(), start.elapsed()));
+    Ok((decoder, Some(vision)))
+}
+
+/// Copies the checkpoint's tokenizer and config files in, writes the manifest and renames the bundle
+/// into place.
+fn finish_bundle(
+    options: &CompileOptions,
+    imported: &ImportedModel,
+    writer: BundleWriter,
+    written: Written<'_>,
+    stages: &mut Vec<(String, Duration)>,
+) -> Result<PathBuf> {
+    let start = Instant::now();
+    for name in COPIED_FILES {
+        if let Some(src) = herd_ir::model_file(&options.model, name)? {
+            writer.copy_in(&src, name)?;
+        }
+    }
+    let mut emitted = written.decoder.files();
+    if let Some(v) = written.vision_model {
+        emitted.push((v.data_file.clone(), v.data_bytes, v.data_sha256.clone()));
+        emitted.push((v.model_file.clone(), v.model_bytes, v.model_sha256.clone()));
+    }
+    let files = writer.file_entries(&emitted)?;
+    let manifest = manifest(options, imported, written, files)?;
+    let bundle = writer.finish(&manifest)?;
+    stages.push(("write bundle".to_string(), start.elapsed()));
+    Ok(bundle)
 }
 
 /// The checkpoint read into graphs, with what the manifest needs of it.

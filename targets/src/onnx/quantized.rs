@@ -37,6 +37,70 @@ pub struct QTensors {
     pub block_size: Option<i64>,
 }
 
+/// What a quantized weight's values are read from, for one layout.
+struct Source {
+    layout: QLayout,
+    /// The weight as checkpointed, unquantized.
+    base: WeightRef,
+    /// The weight as the layout stores it (transposed or one expert selected).
+    src: WeightRef,
+    /// `src`'s shape.
+    shape: Vec<usize>,
+    /// The weight's own spec.
+    stored_spec: QuantSpec,
+    /// The spec with K as `src` holds it.
+    spec: QuantSpec,
+    /// The initializers' base name.
+    label: String,
+}
+
+impl Source {
+    fn new(
+        w: &WeightRef,
+        spec: QuantSpec,
+        layout: QLayout,
+        name: &str,
+    ) -> Result<Source, TargetError> {
+        let base = WeightRef {
+            quant: None,
+            ..w.clone()
+        };
+        let (src, k_axis, suffix) = match layout {
+            QLayout::MatMul => (
+                base.clone().with(Transform::Transpose { perm: vec![1, 0] }),
+                0,
+                ".T.q".to_string(),
+            ),
+            QLayout::ExpertMatMul { expert } => (
+                expert_matrix_ref(&base, spec.k_axis, expert),
+                0,
+                format!(".expert{expert}.q"),
+            ),
+            QLayout::Stored => (base.clone(), spec.k_axis, ".q".to_string()),
+            QLayout::Experts => (base.clone(), spec.k_axis, ".qmoe".to_string()),
+        };
+        let shape = src.shape().map_err(TargetError::Bug)?;
+        Ok(Source {
+            layout,
+            base,
+            src,
+            shape,
+            stored_spec: spec,
+            spec: QuantSpec { k_axis, ..spec },
+            label: format!("{name}{suffix}"),
+        })
+    }
+}
+
+/// One written values initializer: its name, the scales computed on the way (none when fixed), and
+/// Σ w² and Σ (w − dequantized)² for the SQNR.
+struct WrittenValues {
+    name: String,
+    scales: Vec<f32>,
+    signal: f64,
+    noise: f64,
+}
+
 impl Emitter<'_> {
     /// Writes the quantized form of weight node `index` in `layout` (once per layout).
     pub(super) fn quantized(
@@ -66,93 +130,115 @@ impl Emitter<'_> {
         let Op::Weight(w) = &node.op else {
             return Err(TargetError::Bug(format!("`{}` is not a weight", node.name)));
         };
+        let name = node.name.clone();
         let spec = w
             .effective_quant()
-            .ok_or_else(|| TargetError::Bug(format!("`{}` is not quantized", node.name)))?;
-        let base = WeightRef {
-            quant: None,
-            ..w.clone()
+            .ok_or_else(|| TargetError::Bug(format!("`{name}` is not quantized")))?;
+        let source = Source::new(w, spec, layout, &name)?;
+        let fixed_scales = self.fixed_scales(w, &source)?;
+        let written = self.write_values(&source, fixed_scales.as_ref())?;
+        self.record_sqnr(&name, layout, written.signal, written.noise);
+        let scales = match fixed_scales {
+            Some(s) => s,
+            None => {
+                let shape = &source.shape;
+                let scale_shape = match layout {
+                    QLayout::MatMul | QLayout::ExpertMatMul { .. } => {
+                        vec![shape[0] / spec.scheme.block().unwrap_or(shape[0]), shape[1]]
+                    }
+                    _ => source.spec.scale_shape(shape),
+                };
+                ArrayD::from_shape_vec(IxDyn(&scale_shape), written.scales)
+                    .map_err(|e| TargetError::Bug(e.to_string()))?
+            }
         };
-        let (src, k_axis) = match layout {
-            QLayout::MatMul => (
-                base.clone().with(Transform::Transpose { perm: vec![1, 0] }),
-                0,
+        let scales_name = self.write_scales(&source, &scales)?;
+        let (axis, block_size) = match (layout, spec.scheme) {
+            (QLayout::MatMul | QLayout::ExpertMatMul { .. }, QuantScheme::Fp8) => (1, None),
+            (QLayout::MatMul | QLayout::ExpertMatMul { .. }, s) => (0, s.block().map(|b| b as i64)),
+            (_, s) => (
+                source.spec.k_axis as i64,
+                Some(s.block().unwrap_or(source.shape[source.spec.k_axis]) as i64),
             ),
-            QLayout::ExpertMatMul { expert } => (expert_matrix_ref(&base, spec.k_axis, expert), 0),
-            QLayout::Stored | QLayout::Experts => (base.clone(), spec.k_axis),
         };
-        let out_spec = QuantSpec { k_axis, ..spec };
-        let shape = src.shape().map_err(TargetError::Bug)?;
-        let suffix = match layout {
-            QLayout::MatMul => ".T.q".to_string(),
-            QLayout::ExpertMatMul { expert } => format!(".expert{expert}.q"),
-            QLayout::Stored => ".q".to_string(),
-            QLayout::Experts => ".qmoe".to_string(),
-        };
-        let label = format!("{}{suffix}", node.name);
+        Ok(QTensors {
+            values: written.name,
+            scales: scales_name,
+            axis,
+            block_size,
+        })
+    }
 
-        // fp8 over K = axis 0 needs each column's scale before any row: one streamed pass over [N, K].
-        // Pre-quantized weights keep the checkpoint's scales: quantizing q * s with s gives back q exactly.
-        let prequant = match w.prequant_scales() {
-            Some(scales) => {
-                let scales = match layout {
-                    QLayout::MatMul => scales.with(Transform::Transpose { perm: vec![1, 0] }),
-                    QLayout::ExpertMatMul { expert } => {
-                        expert_matrix_ref(&scales, spec.k_axis, expert)
-                    }
-                    QLayout::Stored | QLayout::Experts => scales,
-                };
-                Some(self.graph.weights().load_f32(&scales)?)
+    /// Scales fixed before any value is written: a pre-quantized weight's own (quantizing q * s with s
+    /// gives back q exactly), or fp8's per-column scales when K is axis 0, which need one streamed pass
+    /// over [N, K] before any row of [K, N] can be written.
+    fn fixed_scales(
+        &self,
+        w: &WeightRef,
+        source: &Source,
+    ) -> Result<Option<ArrayD<f32>>, TargetError> {
+        let (layout, spec) = (source.layout, source.stored_spec);
+        if let Some(scales) = w.prequant_scales() {
+            let scales = match layout {
+                QLayout::MatMul => scales.with(Transform::Transpose { perm: vec![1, 0] }),
+                QLayout::ExpertMatMul { expert } => expert_matrix_ref(&scales, spec.k_axis, expert),
+                QLayout::Stored | QLayout::Experts => scales,
+            };
+            return Ok(Some(self.graph.weights().load_f32(&scales)?));
+        }
+        if spec.scheme != QuantScheme::Fp8 || source.spec.k_axis != 0 {
+            return Ok(None);
+        }
+        let mut scales = Vec::new();
+        let column_spec = QuantSpec { k_axis: 1, ..spec };
+        // The weight as [N, K]: its rows are the output channels.
+        let rows_nk = match layout {
+            QLayout::ExpertMatMul { expert } => {
+                let selected = source.base.clone().with(Transform::Select {
+                    axis: 0,
+                    index: expert,
+                });
+                if spec.k_axis == 1 {
+                    selected.with(Transform::Transpose { perm: vec![1, 0] })
+                } else {
+                    selected
+                }
             }
-            None => None,
+            _ => source.base.clone(),
         };
-        let fixed_scales = match (spec.scheme, k_axis) {
-            _ if prequant.is_some() => prequant,
-            (QuantScheme::Fp8, 0) => {
-                let mut scales = Vec::new();
-                let column_spec = QuantSpec { k_axis: 1, ..spec };
-                // The weight as [N, K]: its rows are the output channels.
-                let rows_nk = match layout {
-                    QLayout::ExpertMatMul { expert } => {
-                        let selected = base.clone().with(Transform::Select {
-                            axis: 0,
-                            index: expert,
-                        });
-                        if spec.k_axis == 1 {
-                            selected.with(Transform::Transpose { perm: vec![1, 0] })
-                        } else {
-                            selected
-                        }
-                    }
-                    _ => base.clone(),
-                };
-                self.graph.weights().stream_rows::<TargetError>(
-                    &rows_nk,
-                    super::emit::STREAM_BLOCK_ELEMENTS,
-                    1,
-                    |_, block| {
-                        scales.extend(quantize(block, &column_spec, None).scales.iter().copied());
-                        Ok(())
-                    },
-                )?;
-                Some(
-                    ArrayD::from_shape_vec(IxDyn(&[1, scales.len()]), scales)
-                        .map_err(|e| TargetError::Bug(e.to_string()))?,
-                )
-            }
-            _ => None,
-        };
+        self.graph.weights().stream_rows::<TargetError>(
+            &rows_nk,
+            super::emit::STREAM_BLOCK_ELEMENTS,
+            1,
+            |_, block| {
+                scales.extend(quantize(block, &column_spec, None).scales.iter().copied());
+                Ok(())
+            },
+        )?;
+        Ok(Some(
+            ArrayD::from_shape_vec(IxDyn(&[1, scales.len()]), scales)
+                .map_err(|e| TargetError::Bug(e.to_string()))?,
+        ))
+    }
 
+    /// Streams the weight's rows, quantizes them (with `fixed` scales if given) and writes the packed
+    /// codes as one initializer.
+    fn write_values(
+        &mut self,
+        source: &Source,
+        fixed: Option<&ArrayD<f32>>,
+    ) -> Result<WrittenValues, TargetError> {
+        let (layout, spec, k_axis) = (source.layout, source.stored_spec, source.spec.k_axis);
         let (values_dtype, dims) = match (layout, spec.scheme) {
             (QLayout::Experts, QuantScheme::Int4 { .. }) => {
-                let mut d = shape.clone();
+                let mut d = source.shape.clone();
                 *d.last_mut().expect("rank 3") /= 2;
                 (DataType::UINT8, d)
             }
-            (QLayout::Experts, _) => (DataType::UINT8, shape.clone()),
-            _ => (onnx_dtype(spec.scheme.storage()), shape.clone()),
+            (QLayout::Experts, _) => (DataType::UINT8, source.shape.clone()),
+            _ => (onnx_dtype(spec.scheme.storage()), source.shape.clone()),
         };
-        let values_name = self.fresh(&label);
+        let values_name = self.fresh(&source.label);
         let mut values = float_tensor(
             &values_name,
             &dims.iter().map(|&d| d as i64).collect::<Vec<_>>(),
@@ -177,13 +263,13 @@ impl Emitter<'_> {
             &mut self.progress,
         );
         self.graph.weights().stream_rows::<TargetError>(
-            &src,
+            &source.src,
             super::emit::STREAM_BLOCK_ELEMENTS,
             row_multiple,
             |rows, block| {
                 // Per-channel scales along K = axis 0 cover every row, block scales [K / B, N] this
                 // block's rows / B; otherwise the scales' rows are the block's rows.
-                let fixed = fixed_scales.as_ref().map(|f| {
+                let fixed = fixed.map(|f| {
                     let scale_rows = match (k_axis, spec.scheme.block()) {
                         (0, None) => 0..f.shape()[0],
                         (0, Some(b)) => rows.start / b..rows.end / b,
@@ -191,12 +277,12 @@ impl Emitter<'_> {
                     };
                     f.slice_axis(ndarray::Axis(0), scale_rows.into()).to_owned()
                 });
-                let q = quantize(block, &out_spec, fixed.as_ref());
+                let q = quantize(block, &source.spec, fixed.as_ref());
                 for (w, d) in block.iter().zip(q.dequantized.iter()) {
                     signal += (*w as f64) * (*w as f64);
                     noise += ((*w - *d) as f64) * ((*w - *d) as f64);
                 }
-                if fixed_scales.is_none() {
+                if fixed.is_none() {
                     scales.extend(q.scales.iter().copied());
                 }
                 let bytes = pack(&q.values, spec.scheme, unsigned, &mut carry);
@@ -210,66 +296,56 @@ impl Emitter<'_> {
         }
         self.data.end(&mut values, offset);
         self.initializers.push(values);
-        let sqnr = if noise == 0.0 {
-            f64::INFINITY
-        } else {
-            10.0 * (signal / noise).log10()
-        };
-        if let QLayout::ExpertMatMul { .. } = layout {
-            // Experts are written one by one: the weight's SQNR is over all of them.
-            let sums = self.expert_sqnr_sums.entry(node.name.clone()).or_default();
-            sums.0 += signal;
-            sums.1 += noise;
-            let sqnr = if sums.1 == 0.0 {
+        Ok(WrittenValues {
+            name: values_name,
+            scales,
+            signal,
+            noise,
+        })
+    }
+
+    /// Records the weight's SQNR; a stacked weight written expert by expert gets one over all experts.
+    fn record_sqnr(&mut self, name: &str, layout: QLayout, signal: f64, noise: f64) {
+        let sqnr = |signal: f64, noise: f64| {
+            if noise == 0.0 {
                 f64::INFINITY
             } else {
-                10.0 * (sums.0 / sums.1).log10()
-            };
-            self.sqnr_db.insert(node.name.clone(), sqnr);
-        } else {
-            self.sqnr_db.entry(node.name.clone()).or_insert(sqnr);
-        }
-
-        let scales = match &fixed_scales {
-            Some(s) => s.clone(),
-            None => {
-                let shape = match layout {
-                    QLayout::MatMul | QLayout::ExpertMatMul { .. } => {
-                        vec![shape[0] / spec.scheme.block().unwrap_or(shape[0]), shape[1]]
-                    }
-                    _ => out_spec.scale_shape(&shape),
-                };
-                ArrayD::from_shape_vec(IxDyn(&shape), scales)
-                    .map_err(|e| TargetError::Bug(e.to_string()))?
+                10.0 * (signal / noise).log10()
             }
         };
-        let scale_dims: Vec<i64> = match (layout, spec.scheme) {
-            // Per-axis DequantizeLinear takes a 1-D scale.
+        if let QLayout::ExpertMatMul { .. } = layout {
+            let sums = self.expert_sqnr_sums.entry(name.to_string()).or_default();
+            sums.0 += signal;
+            sums.1 += noise;
+            let value = sqnr(sums.0, sums.1);
+            self.sqnr_db.insert(name.to_string(), value);
+        } else {
+            self.sqnr_db
+                .entry(name.to_string())
+                .or_insert(sqnr(signal, noise));
+        }
+    }
+
+    /// Writes the scales initializer (1-D for per-axis fp8 DequantizeLinear) and returns its name.
+    fn write_scales(
+        &mut self,
+        source: &Source,
+        scales: &ArrayD<f32>,
+    ) -> Result<String, TargetError> {
+        let spec = source.stored_spec;
+        let scale_dims: Vec<i64> = match (source.layout, spec.scheme) {
             (QLayout::MatMul | QLayout::ExpertMatMul { .. }, QuantScheme::Fp8) => {
                 vec![scales.len() as i64]
             }
             _ => scales.shape().iter().map(|&d| d as i64).collect(),
         };
-        let scales_name = self.fresh(&format!("{label}.scales"));
+        let scales_name = self.fresh(&format!("{}.scales", source.label));
         let mut scale_tensor = float_tensor(&scales_name, &scale_dims, &[], spec.scale_dtype);
         let flat: Vec<f32> = scales.iter().copied().collect();
         self.data
             .append(&mut scale_tensor, &encode_floats(&flat, spec.scale_dtype))?;
         self.initializers.push(scale_tensor);
-        let (axis, block_size) = match (layout, spec.scheme) {
-            (QLayout::MatMul | QLayout::ExpertMatMul { .. }, QuantScheme::Fp8) => (1, None),
-            (QLayout::MatMul | QLayout::ExpertMatMul { .. }, s) => (0, s.block().map(|b| b as i64)),
-            (_, s) => (
-                k_axis as i64,
-                Some(s.block().unwrap_or(shape[k_axis]) as i64),
-            ),
-        };
-        Ok(QTensors {
-            values: values_name,
-            scales: scales_name,
-            axis,
-            block_size,
-        })
+        Ok(scales_name)
     }
 
     /// A DequantizeLinear of a quantized weight: the float weight `MatMul` (or any float consumer) reads.
