@@ -141,7 +141,7 @@ pub fn bundle(path: &Path, options: &RuntimeOptions, shape: &DecodeShape) -> Res
     let active = m.model.active_weight_bytes_per_token as f64;
     let roofline = bandwidth / active;
     let decode1 = decode["1"].as_f64().unwrap_or(0.0);
-    let element_bytes = m.element_type().map_or(4, |e| e.bytes()) as u64;
+    let element_bytes = m.dtype.bytes() as u64;
     let kv_per_token = m.model.num_layers as u64
         * 2
         * m.model.num_kv_heads as u64

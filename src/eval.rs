@@ -6,7 +6,7 @@ use herd_runtime::sampling::argmax;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use herd_runtime::manifest::{Accuracy, Manifest, MANIFEST_FILE};
+use herd_runtime::manifest::Accuracy;
 use herd_runtime::{Model, RuntimeOptions};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -145,26 +145,21 @@ pub fn compare_bundles(
     compare(&cand, &refm, &prompts, reference_name)
 }
 
-/// Stores `accuracy` in the bundle's manifest (written to a temporary file and renamed into place; the
-/// manifest is not among the checksummed files).
+/// Stores `accuracy` in the bundle's manifest (the manifest is not among the checksummed files).
 pub fn store(bundle: &Path, accuracy: &Accuracy, rtn: Option<&Accuracy>) -> Result<()> {
-    let path = bundle.join(MANIFEST_FILE);
-    let mut manifest: Manifest = serde_json::from_str(
-        &std::fs::read_to_string(&path).with_context(|| path.display().to_string())?,
-    )?;
-    match &mut manifest.quantization {
-        Some(q) => {
-            q.accuracy = Some(accuracy.clone());
-            if let Some(rtn) = rtn {
-                q.rtn_accuracy = Some(rtn.clone());
-            }
+    herd_runtime::bundle::update_manifest(bundle, |manifest| {
+        let q = manifest.quantization.as_mut().ok_or_else(|| {
+            herd_runtime::RuntimeError::Param(format!(
+                "{}: the bundle is not quantized",
+                bundle.display()
+            ))
+        })?;
+        q.accuracy = Some(accuracy.clone());
+        if let Some(rtn) = rtn {
+            q.rtn_accuracy = Some(rtn.clone());
         }
-        None => anyhow::bail!("{}: the bundle is not quantized", bundle.display()),
-    }
-    let tmp = path.with_extension("json.partial");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&manifest)? + "\n")
-        .with_context(|| tmp.display().to_string())?;
-    std::fs::rename(&tmp, &path).with_context(|| path.display().to_string())?;
+        Ok(())
+    })?;
     Ok(())
 }
 

@@ -154,14 +154,42 @@ impl View for &SynthTensor {
 }
 
 fn tensors(s: &SynthSpec) -> Vec<(String, SynthTensor)> {
-    let mut out = Vec::new();
-    let mut add = |name: String, shape: Vec<usize>, fill: Option<f32>| {
-        let seed = s.seed.wrapping_mul(31).wrapping_add(
+    let mut t = Tensors {
+        seed: s.seed,
+        out: Vec::new(),
+    };
+    let (h, p) = (s.hidden, "language_model.");
+    t.add(
+        format!("{p}model.embed_tokens.weight"),
+        vec![s.vocab, h],
+        None,
+    );
+    for i in 0..s.layers {
+        t.text_layer(s, i);
+    }
+    t.add(format!("{p}model.norm.weight"), vec![h], Some(1.0));
+    t.add(format!("{p}lm_head.weight"), vec![s.vocab, h], None);
+    if let Some(layers) = s.vision_layers {
+        t.vision(h, layers);
+    }
+    t.out
+}
+
+/// The tensors of a synthetic checkpoint, in file order.
+struct Tensors {
+    seed: u64,
+    out: Vec<(String, SynthTensor)>,
+}
+
+impl Tensors {
+    /// A tensor of random values (seeded by the checkpoint's seed and the name), or all `fill`.
+    fn add(&mut self, name: String, shape: Vec<usize>, fill: Option<f32>) {
+        let seed = self.seed.wrapping_mul(31).wrapping_add(
             name.bytes()
                 .fold(0u64, |h, b| h.wrapping_mul(131).wrapping_add(b as u64)),
         );
         // std 0.02 like Llama's initialiser: uniform with the same variance.
-        out.push((
+        self.out.push((
             name,
             SynthTensor {
                 shape,
@@ -170,144 +198,140 @@ fn tensors(s: &SynthSpec) -> Vec<(String, SynthTensor)> {
                 fill,
             },
         ));
-    };
-    let (h, d) = (s.hidden, s.head_dim);
-    let p = "language_model.";
-    add(
-        format!("{p}model.embed_tokens.weight"),
-        vec![s.vocab, h],
-        None,
-    );
-    for i in 0..s.layers {
+    }
+
+    /// Decoder layer `i`: norms, attention, and a MoE (every `moe_step`-th layer) or dense MLP.
+    fn text_layer(&mut self, s: &SynthSpec, i: usize) {
+        let (h, d) = (s.hidden, s.head_dim);
+        let p = "language_model.";
         let l = format!("{p}model.layers.{i}.");
-        add(format!("{l}input_layernorm.weight"), vec![h], Some(1.0));
-        add(
+        self.add(format!("{l}input_layernorm.weight"), vec![h], Some(1.0));
+        self.add(
             format!("{l}post_attention_layernorm.weight"),
             vec![h],
             Some(1.0),
         );
-        add(
+        self.add(
             format!("{l}self_attn.q_proj.weight"),
             vec![s.heads * d, h],
             None,
         );
-        add(
+        self.add(
             format!("{l}self_attn.k_proj.weight"),
             vec![s.kv_heads * d, h],
             None,
         );
-        add(
+        self.add(
             format!("{l}self_attn.v_proj.weight"),
             vec![s.kv_heads * d, h],
             None,
         );
-        add(
+        self.add(
             format!("{l}self_attn.o_proj.weight"),
             vec![h, s.heads * d],
             None,
         );
         let f = format!("{l}feed_forward.");
         if (i + 1) % s.moe_step == 0 {
-            add(format!("{f}router.weight"), vec![s.experts, h], None);
-            add(
+            self.add(format!("{f}router.weight"), vec![s.experts, h], None);
+            self.add(
                 format!("{f}experts.gate_up_proj"),
                 vec![s.experts, h, 2 * s.intermediate],
                 None,
             );
-            add(
+            self.add(
                 format!("{f}experts.down_proj"),
                 vec![s.experts, s.intermediate, h],
                 None,
             );
-            add(
+            self.add(
                 format!("{f}shared_expert.gate_proj.weight"),
                 vec![s.intermediate, h],
                 None,
             );
-            add(
+            self.add(
                 format!("{f}shared_expert.up_proj.weight"),
                 vec![s.intermediate, h],
                 None,
             );
-            add(
+            self.add(
                 format!("{f}shared_expert.down_proj.weight"),
                 vec![h, s.intermediate],
                 None,
             );
         } else {
-            add(
+            self.add(
                 format!("{f}gate_proj.weight"),
                 vec![s.intermediate_mlp, h],
                 None,
             );
-            add(
+            self.add(
                 format!("{f}up_proj.weight"),
                 vec![s.intermediate_mlp, h],
                 None,
             );
-            add(
+            self.add(
                 format!("{f}down_proj.weight"),
                 vec![h, s.intermediate_mlp],
                 None,
             );
         }
     }
-    add(format!("{p}model.norm.weight"), vec![h], Some(1.0));
-    add(format!("{p}lm_head.weight"), vec![s.vocab, h], None);
-    if let Some(layers) = s.vision_layers {
+
+    /// The vision encoder of `layers` layers, its adapter and the projector into width `h`.
+    fn vision(&mut self, h: usize, layers: usize) {
         let (vh, vi, grid) = (
             VISION_HIDDEN,
             VISION_INTERMEDIATE,
             VISION_IMAGE / VISION_PATCH,
         );
         let v = "vision_model.";
-        add(
+        self.add(
             format!("{v}patch_embedding.linear.weight"),
             vec![vh, 3 * VISION_PATCH * VISION_PATCH],
             None,
         );
-        add(format!("{v}class_embedding"), vec![vh], None);
-        add(
+        self.add(format!("{v}class_embedding"), vec![vh], None);
+        self.add(
             format!("{v}positional_embedding_vlm"),
             vec![grid * grid + 1, vh],
             None,
         );
         for norm in ["layernorm_pre", "layernorm_post"] {
-            add(format!("{v}{norm}.weight"), vec![vh], Some(1.0));
-            add(format!("{v}{norm}.bias"), vec![vh], Some(0.0));
+            self.add(format!("{v}{norm}.weight"), vec![vh], Some(1.0));
+            self.add(format!("{v}{norm}.bias"), vec![vh], Some(0.0));
         }
         for i in 0..layers {
             let l = format!("{v}model.layers.{i}.");
             for norm in ["input_layernorm", "post_attention_layernorm"] {
-                add(format!("{l}{norm}.weight"), vec![vh], Some(1.0));
-                add(format!("{l}{norm}.bias"), vec![vh], Some(0.0));
+                self.add(format!("{l}{norm}.weight"), vec![vh], Some(1.0));
+                self.add(format!("{l}{norm}.bias"), vec![vh], Some(0.0));
             }
             for proj in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-                add(format!("{l}self_attn.{proj}.weight"), vec![vh, vh], None);
-                add(format!("{l}self_attn.{proj}.bias"), vec![vh], None);
+                self.add(format!("{l}self_attn.{proj}.weight"), vec![vh, vh], None);
+                self.add(format!("{l}self_attn.{proj}.bias"), vec![vh], None);
             }
-            add(format!("{l}mlp.fc1.weight"), vec![vi, vh], None);
-            add(format!("{l}mlp.fc1.bias"), vec![vi], None);
-            add(format!("{l}mlp.fc2.weight"), vec![vh, vi], None);
-            add(format!("{l}mlp.fc2.bias"), vec![vh], None);
+            self.add(format!("{l}mlp.fc1.weight"), vec![vi, vh], None);
+            self.add(format!("{l}mlp.fc1.bias"), vec![vi], None);
+            self.add(format!("{l}mlp.fc2.weight"), vec![vh, vi], None);
+            self.add(format!("{l}mlp.fc2.bias"), vec![vh], None);
         }
-        add(
+        self.add(
             format!("{v}vision_adapter.mlp.fc1.weight"),
             vec![VISION_PROJECTOR, vi],
             None,
         );
-        add(
+        self.add(
             format!("{v}vision_adapter.mlp.fc2.weight"),
             vec![VISION_PROJECTOR, VISION_PROJECTOR],
             None,
         );
-        add(
+        self.add(
             "multi_modal_projector.linear_1.weight".into(),
             vec![h, VISION_PROJECTOR],
             None,
         );
     }
-    out
 }
 
 /// A minimal tokenizer.json holding only the image tokens (at the top of the vocabulary), so image

@@ -470,10 +470,19 @@ fn tampered_model_facts_and_empty_graphs_are_refused() {
         fails_with(&["run", b, "--input-ids", "1"], &[message, "damaged"]);
     }
     std::fs::write(&manifest, &original).unwrap();
-    edit_json(&manifest, |m| m["dtype"] = serde_json::json!("int3"));
-    fails_with(&["run", b, "--input-ids", "1"], &["dtype `int3`"]);
-    fails_with(&["eval", b, "--against", b], &["dtype `int3`"]);
-    std::fs::write(&manifest, &original).unwrap();
+    // The manifest's enums (dtype, MoE lowering, target) take only the values herd writes, and the
+    // error names the key.
+    for (key, value) in [
+        ("dtype", "int3"),
+        ("moe_lowering", "magic"),
+        ("target", "tpu"),
+    ] {
+        edit_json(&manifest, |m| m[key] = serde_json::json!(value));
+        let unknown = format!("unknown variant `{value}`");
+        fails_with(&["run", b, "--input-ids", "1"], &[key, &unknown]);
+        fails_with(&["eval", b, "--against", b], &[key, &unknown]);
+        std::fs::write(&manifest, &original).unwrap();
+    }
 
     let empty = dir.path().join("empty.onnx");
     std::fs::write(&empty, b"").unwrap();

@@ -176,89 +176,145 @@ pub fn gptq(
             options.batch_columns
         ));
     }
-    let (lo, hi) = code_range(scheme);
-    let blocks = k / block;
-    let mut scales = vec![0f32; n * blocks];
-    let weighted = options.weighted_scales && options.search == ScaleSearch::Clip;
-    let block_scales = |w: &dyn Fn(usize, usize) -> f32, scales: &mut [f32], b: usize| {
-        let mut values = vec![0f32; block];
-        let diagonal: Vec<f32> = (b * block..(b + 1) * block)
-            .map(|j| hessian[j * k + j].max(0.0))
-            .collect();
-        for r in 0..n {
-            for (v, j) in values.iter_mut().zip(b * block..) {
-                *v = w(r, j);
-            }
-            scales[r * blocks + b] = if weighted {
-                weighted_block_scale(&values, &diagonal, scheme, scale_dtype)
-            } else {
-                block_scale(&values, scheme, scale_dtype, options.search)
-            };
-        }
-    };
     // Column order: position c quantizes input feature perm[c].
-    let perm: Vec<usize> = if options.act_order {
-        for b in 0..blocks {
-            block_scales(&|r, j| w[r * k + j], &mut scales, b);
-        }
-        let mut order: Vec<usize> = (0..k).collect();
-        order.sort_by(|&a, &b| {
+    let mut perm: Vec<usize> = (0..k).collect();
+    if options.act_order {
+        perm.sort_by(|&a, &b| {
             hessian[b * k + b]
                 .total_cmp(&hessian[a * k + a])
                 .then(a.cmp(&b))
         });
-        order
-    } else {
-        (0..k).collect()
-    };
+    }
     let permuted: Vec<f32> = (0..k * k)
         .map(|i| hessian[perm[i / k] * k + perm[i % k]])
         .collect();
     let u = inverse_cholesky_upper(&permuted, k, options.damp)?;
-    // Column-major, so that a column of W (one input feature over all rows) is contiguous.
-    let mut w = Mat::<f32>::from_fn(n, k, |r, c| w[r * k + perm[c]]);
-    let mut codes = vec![0i8; n * k];
-    let mut column = vec![0f32; n];
-    for start in (0..k).step_by(options.batch_columns) {
-        let end = (start + options.batch_columns).min(k);
-        let mut errors = Mat::<f32>::zeros(n, end - start);
-        for c in start..end {
-            let feature = perm[c];
-            if !options.act_order && c % block == 0 {
-                block_scales(&|r, j| w[(r, j)], &mut scales, c / block);
-            }
-            let d = u[(c, c)];
+    let diagonal: Vec<f32> = (0..k).map(|j| hessian[j * k + j].max(0.0)).collect();
+    let problem = RowProblem {
+        k,
+        block,
+        scheme,
+        scale_dtype,
+        options,
+        perm: &perm,
+        u: &u,
+        diagonal: &diagonal,
+    };
+    // Every row is its own GPTQ problem under the shared factor: row blocks run in parallel.
+    let rows_per_task = n.div_ceil(rayon::current_num_threads().max(1)).max(1);
+    Ok(problem.solve(w, n, rows_per_task))
+}
+
+/// What every row of one GPTQ matrix shares: the column order, the factor and the scale weights.
+struct RowProblem<'a> {
+    k: usize,
+    block: usize,
+    scheme: QuantScheme,
+    scale_dtype: DType,
+    options: GptqOptions,
+    /// Position c quantizes input feature `perm[c]`.
+    perm: &'a [usize],
+    /// Upper Cholesky factor of the permuted, dampened H⁻¹.
+    u: &'a Mat<f32>,
+    /// H's diagonal by input feature (the block scales' weights).
+    diagonal: &'a [f32],
+}
+
+impl RowProblem<'_> {
+    /// GPTQ of `w` ([n, k] row-major) in blocks of `rows_per_task` rows run in parallel.
+    fn solve(&self, w: &[f32], n: usize, rows_per_task: usize) -> GptqMatrix {
+        use rayon::prelude::*;
+        let k = self.k;
+        let parts: Vec<GptqMatrix> = w[..n * k]
+            .par_chunks(rows_per_task.max(1) * k)
+            .map(|rows| self.rows(rows, rows.len() / k))
+            .collect();
+        GptqMatrix {
+            codes: parts.iter().flat_map(|p| p.codes.iter().copied()).collect(),
+            scales: parts
+                .iter()
+                .flat_map(|p| p.scales.iter().copied())
+                .collect(),
+        }
+    }
+
+    /// The block scale of row values `values` (block `b`).
+    fn block_scale(&self, values: &[f32], b: usize) -> f32 {
+        if self.options.weighted_scales && self.options.search == ScaleSearch::Clip {
+            let weights = &self.diagonal[b * self.block..(b + 1) * self.block];
+            weighted_block_scale(values, weights, self.scheme, self.scale_dtype)
+        } else {
+            block_scale(values, self.scheme, self.scale_dtype, self.options.search)
+        }
+    }
+
+    /// GPTQ of `n` rows `w` ([n, k] row-major).
+    fn rows(&self, w: &[f32], n: usize) -> GptqMatrix {
+        let (k, block, perm, u) = (self.k, self.block, self.perm, self.u);
+        let (lo, hi) = code_range(self.scheme);
+        let blocks = k / block;
+        let mut scales = vec![0f32; n * blocks];
+        let block_scales = |w: &dyn Fn(usize, usize) -> f32, scales: &mut [f32], b: usize| {
+            let mut values = vec![0f32; block];
             for r in 0..n {
-                let s = scales[r * blocks + feature / block];
-                let v = w[(r, c)];
-                let q = if s == 0.0 {
-                    0.0
-                } else {
-                    crate::quant::round_half_even(v / s).clamp(lo, hi)
-                };
-                codes[r * k + feature] = q as i8;
-                let e = (v - q * s) / d;
-                column[r] = e;
-                errors[(r, c - start)] = e;
+                for (v, j) in values.iter_mut().zip(b * block..) {
+                    *v = w(r, j);
+                }
+                scales[r * blocks + b] = self.block_scale(&values, b);
             }
-            // Spread this column's error over the rest of the batch.
-            for j in c + 1..end {
-                let h = u[(c, j)];
-                if h != 0.0 {
-                    for (r, e) in column.iter().enumerate() {
-                        w[(r, j)] -= e * h;
+        };
+        if self.options.act_order {
+            // Static groups: every block's scale from the unquantized values.
+            for b in 0..blocks {
+                block_scales(&|r, j| w[r * k + j], &mut scales, b);
+            }
+        }
+        // Column-major, so that a column of W (one input feature over all rows) is contiguous.
+        let mut w = Mat::<f32>::from_fn(n, k, |r, c| w[r * k + perm[c]]);
+        let mut codes = vec![0i8; n * k];
+        let mut column = vec![0f32; n];
+        let batch = self.options.batch_columns;
+        for start in (0..k).step_by(batch) {
+            let end = (start + batch).min(k);
+            let mut errors = Mat::<f32>::zeros(n, end - start);
+            for c in start..end {
+                let feature = perm[c];
+                if !self.options.act_order && c % block == 0 {
+                    block_scales(&|r, j| w[(r, j)], &mut scales, c / block);
+                }
+                let d = u[(c, c)];
+                for r in 0..n {
+                    let s = scales[r * blocks + feature / block];
+                    let v = w[(r, c)];
+                    let q = if s == 0.0 {
+                        0.0
+                    } else {
+                        crate::quant::round_half_even(v / s).clamp(lo, hi)
+                    };
+                    codes[r * k + feature] = q as i8;
+                    let e = (v - q * s) / d;
+                    column[r] = e;
+                    errors[(r, c - start)] = e;
+                }
+                // Spread this column's error over the rest of the batch.
+                for j in c + 1..end {
+                    let h = u[(c, j)];
+                    if h != 0.0 {
+                        for (r, e) in column.iter().enumerate() {
+                            w[(r, j)] -= e * h;
+                        }
                     }
                 }
             }
+            if end < k {
+                // ... and the batch's over every later column, in one product.
+                let update = &errors * u.as_ref().submatrix(start, end, end - start, k - end);
+                let mut rest = w.as_mut().submatrix_mut(0, end, n, k - end);
+                rest -= &update;
+            }
         }
-        if end < k {
-            // ... and the batch's over every later column, in one product.
-            let update = &errors * u.as_ref().submatrix(start, end, end - start, k - end);
-            let mut rest = w.as_mut().submatrix_mut(0, end, n, k - end);
-            rest -= &update;
-        }
+        GptqMatrix { codes, scales }
     }
-    Ok(GptqMatrix { codes, scales })
 }
 
 /// The upper Cholesky factor U of (H + λI)⁻¹ (H⁻¹ = UᵀU), with λ = `damp` × mean(diag H), raised
@@ -520,6 +576,50 @@ mod tests {
             let again = quantize(&dequantized, &spec(scheme), Some(&scales));
             let codes: Vec<i8> = again.values.iter().map(|&c| c as i8).collect();
             assert_eq!(codes, ours.codes);
+        }
+    }
+
+    #[test]
+    fn row_blocks_solve_the_same_problem() {
+        // Rows are independent under the shared factor: one task or blocks of 5 rows agree.
+        let (n, k, t) = (23, 64, 200);
+        let x = uniform(t * k, 3);
+        let mut hessian = Hessian::new(k);
+        hessian.add(&x).unwrap();
+        let h = hessian.values();
+        let w = uniform(n * k, 9);
+        let scheme = QuantScheme::Int4 { block: 32 };
+        let whole = gptq(&w, n, k, &h, scheme, DType::F16, Default::default()).unwrap();
+        let perm: Vec<usize> = {
+            let mut p: Vec<usize> = (0..k).collect();
+            p.sort_by(|&a, &b| h[b * k + b].total_cmp(&h[a * k + a]).then(a.cmp(&b)));
+            p
+        };
+        let permuted: Vec<f32> = (0..k * k)
+            .map(|i| h[perm[i / k] * k + perm[i % k]])
+            .collect();
+        let u = inverse_cholesky_upper(&permuted, k, 0.01).unwrap();
+        let diagonal: Vec<f32> = (0..k).map(|j| h[j * k + j]).collect();
+        let problem = RowProblem {
+            k,
+            block: 32,
+            scheme,
+            scale_dtype: DType::F16,
+            options: Default::default(),
+            perm: &perm,
+            u: &u,
+            diagonal: &diagonal,
+        };
+        for rows_per_task in [1, 5, n] {
+            let split = problem.solve(&w, n, rows_per_task);
+            assert_eq!(split.scales, whole.scales, "{rows_per_task} rows per task");
+            let differing = split
+                .codes
+                .iter()
+                .zip(&whole.codes)
+                .filter(|(a, b)| a != b)
+                .count();
+            assert_eq!(differing, 0, "{rows_per_task} rows per task");
         }
     }
 

@@ -422,84 +422,92 @@ pub fn import_with(dir: &Path, image_features: bool) -> Result<Imported, ImportE
 }
 
 fn build_graph(ckpt: &Checkpoint, image_features: bool) -> Result<Graph, ImportError> {
-    let c = &ckpt.config;
-    let p = c.architecture.text_prefix();
-    let (h, v, d) = (c.hidden_size, c.vocab_size, c.head_dim);
     let mut b = Builder {
         ckpt,
         graph: Graph::new(Phase::Imported, ckpt.store.clone()),
         stage: "import",
     };
     let tokens = vec![Dim::Sym(SymDim::Batch), Dim::Sym(SymDim::Seq)];
-    let ids = b.add(
-        "input_ids",
-        Op::Input(InputAttrs {
-            name: "input_ids".into(),
-            ty: TensorType::new(DType::I64, tokens.clone()),
-        }),
-        &[],
+    let ids = b.input("input_ids", TensorType::new(DType::I64, tokens.clone()))?;
+    let positions = b.input("position_ids", TensorType::new(DType::I64, tokens))?;
+    let c = &ckpt.config;
+    let embed_name = format!("{}model.embed_tokens.weight", c.architecture.text_prefix());
+    let embed = b.weight(
+        &embed_name,
+        &[c.vocab_size, c.hidden_size],
+        "token embedding",
     )?;
-    let positions = b.add(
-        "position_ids",
-        Op::Input(InputAttrs {
-            name: "position_ids".into(),
-            ty: TensorType::new(DType::I64, tokens),
-        }),
-        &[],
-    )?;
-    let embed_name = format!("{p}model.embed_tokens.weight");
-    let embed = b.weight(&embed_name, &[v, h], "token embedding")?;
     let mut x = b.add("embed", Op::Embedding { out: DType::F32 }, &[ids, embed])?;
     if image_features {
         let features = Dim::Sym(SymDim::Features);
-        let rows = b.add(
+        let rows = b.input(
             IMAGE_FEATURES_INPUT,
-            Op::Input(InputAttrs {
-                name: IMAGE_FEATURES_INPUT.into(),
-                ty: TensorType::new(DType::F32, vec![features, Dim::Fixed(h)]),
-            }),
-            &[],
+            TensorType::new(DType::F32, vec![features, Dim::Fixed(c.hidden_size)]),
         )?;
-        let at = b.add(
+        let at = b.input(
             IMAGE_POSITIONS_INPUT,
-            Op::Input(InputAttrs {
-                name: IMAGE_POSITIONS_INPUT.into(),
-                ty: TensorType::new(DType::I64, vec![features]),
-            }),
-            &[],
+            TensorType::new(DType::I64, vec![features]),
         )?;
         x = b.add("merge_image_features", Op::ScatterRows, &[x, at, rows])?;
     }
-    let eps = c.rms_norm_eps as f32;
     for i in 0..c.num_layers {
-        let l = format!("{p}model.layers.{i}.");
+        let resid = b.attention_block(i, x, positions)?;
+        let ff = b.feed_forward(i, resid)?;
+        x = b.add(crate::split::residual_name(i), Op::Add, &[resid, ff])?;
+    }
+    b.head(x, &embed_name)?;
+    Ok(b.graph)
+}
+
+impl Builder<'_> {
+    /// A graph input named `name`.
+    fn input(&mut self, name: &str, ty: TensorType) -> Result<Value, ImportError> {
+        let attrs = InputAttrs {
+            name: name.into(),
+            ty,
+        };
+        self.add(name, Op::Input(attrs), &[])
+    }
+
+    /// Layer `i`'s input norm and attention, with the residual added: `x + attention(norm(x))`.
+    fn attention_block(
+        &mut self,
+        i: usize,
+        x: Value,
+        positions: Value,
+    ) -> Result<Value, ImportError> {
+        let ckpt = self.ckpt;
+        let c = &ckpt.config;
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let eps = c.rms_norm_eps as f32;
+        let l = format!("{}model.layers.{i}.", c.architecture.text_prefix());
         let what = |s: &str| format!("layer {i} {s}");
-        let w_in = b.weight(
+        let w_in = self.weight(
             &format!("{l}input_layernorm.weight"),
             &[h],
             &what("input norm"),
         )?;
-        let normed = b.add(
+        let normed = self.add(
             format!("layers.{i}.input_norm"),
             Op::RmsNorm(RmsNormAttrs { eps }),
             &[x, w_in],
         )?;
-        let q = b.weight(
+        let q = self.weight(
             &format!("{l}self_attn.q_proj.weight"),
             &[c.num_heads * d, h],
             &what("q projection"),
         )?;
-        let k = b.weight(
+        let k = self.weight(
             &format!("{l}self_attn.k_proj.weight"),
             &[c.num_kv_heads * d, h],
             &what("k projection"),
         )?;
-        let vw = b.weight(
+        let v = self.weight(
             &format!("{l}self_attn.v_proj.weight"),
             &[c.num_kv_heads * d, h],
             &what("v projection"),
         )?;
-        let o = b.weight(
+        let o = self.weight(
             &format!("{l}self_attn.o_proj.weight"),
             &[h, c.num_heads * d],
             &what("o projection"),
@@ -524,102 +532,117 @@ fn build_graph(ckpt: &Checkpoint, image_features: bool) -> Result<Graph, ImportE
             }),
             scale: (d as f32).powf(-0.5),
         };
-        let attn = b.add(
+        let attn = self.add(
             format!("layers.{i}.attn"),
             Op::Attention(attrs),
-            &[normed, positions, q, k, vw, o],
+            &[normed, positions, q, k, v, o],
         )?;
-        let resid = b.add(format!("layers.{i}.attn_residual"), Op::Add, &[x, attn])?;
-        let w_post = b.weight(
+        self.add(format!("layers.{i}.attn_residual"), Op::Add, &[x, attn])
+    }
+
+    /// Layer `i`'s post-attention norm and feed-forward (MoE or dense MLP) of `resid`, without the
+    /// residual.
+    fn feed_forward(&mut self, i: usize, resid: Value) -> Result<Value, ImportError> {
+        let ckpt = self.ckpt;
+        let c = &ckpt.config;
+        let h = c.hidden_size;
+        let l = format!("{}model.layers.{i}.", c.architecture.text_prefix());
+        let f = format!("{l}feed_forward.");
+        let what = |s: &str| format!("layer {i} {s}");
+        let w_post = self.weight(
             &format!("{l}post_attention_layernorm.weight"),
             &[h],
             &what("post-attention norm"),
         )?;
-        let normed = b.add(
+        let normed = self.add(
             format!("layers.{i}.post_norm"),
-            Op::RmsNorm(RmsNormAttrs { eps }),
+            Op::RmsNorm(RmsNormAttrs {
+                eps: c.rms_norm_eps as f32,
+            }),
             &[resid, w_post],
         )?;
-        let ff = if c.is_moe_layer(i) {
-            let (e, inter) = (c.num_experts, c.intermediate_size);
-            let f = format!("{l}feed_forward.");
-            let (gate_up, down) = ckpt.experts(&f, e, inter, h, &what)?;
-            let inputs = [
-                normed,
-                b.weight(&format!("{f}router.weight"), &[e, h], &what("MoE router"))?,
-                b.node(&format!("{f}experts.gate_up"), Op::Weight(gate_up))?,
-                b.node(&format!("{f}experts.down"), Op::Weight(down))?,
-                b.weight(
-                    &format!("{f}shared_expert.gate_proj.weight"),
-                    &[inter, h],
-                    &what("shared expert gate"),
-                )?,
-                b.weight(
-                    &format!("{f}shared_expert.up_proj.weight"),
-                    &[inter, h],
-                    &what("shared expert up"),
-                )?,
-                b.weight(
-                    &format!("{f}shared_expert.down_proj.weight"),
-                    &[h, inter],
-                    &what("shared expert down"),
-                )?,
-            ];
-            let attrs = MoeAttrs {
-                num_experts: e,
-                top_k: c.top_k,
-                intermediate_size: inter,
-            };
-            b.add(format!("layers.{i}.moe"), Op::Moe(attrs), &inputs)?
-        } else {
+        if !c.is_moe_layer(i) {
             let inter = c.intermediate_size_mlp;
-            let f = format!("{l}feed_forward.");
             let inputs = [
                 normed,
-                b.weight(
+                self.weight(
                     &format!("{f}gate_proj.weight"),
                     &[inter, h],
                     &what("MLP gate"),
                 )?,
-                b.weight(&format!("{f}up_proj.weight"), &[inter, h], &what("MLP up"))?,
-                b.weight(
+                self.weight(&format!("{f}up_proj.weight"), &[inter, h], &what("MLP up"))?,
+                self.weight(
                     &format!("{f}down_proj.weight"),
                     &[h, inter],
                     &what("MLP down"),
                 )?,
             ];
-            b.add(format!("layers.{i}.mlp"), Op::Mlp, &inputs)?
+            return self.add(format!("layers.{i}.mlp"), Op::Mlp, &inputs);
+        }
+        let (e, inter) = (c.num_experts, c.intermediate_size);
+        let (gate_up, down) = ckpt.experts(&f, e, inter, h, &what)?;
+        let inputs = [
+            normed,
+            self.weight(&format!("{f}router.weight"), &[e, h], &what("MoE router"))?,
+            self.node(&format!("{f}experts.gate_up"), Op::Weight(gate_up))?,
+            self.node(&format!("{f}experts.down"), Op::Weight(down))?,
+            self.weight(
+                &format!("{f}shared_expert.gate_proj.weight"),
+                &[inter, h],
+                &what("shared expert gate"),
+            )?,
+            self.weight(
+                &format!("{f}shared_expert.up_proj.weight"),
+                &[inter, h],
+                &what("shared expert up"),
+            )?,
+            self.weight(
+                &format!("{f}shared_expert.down_proj.weight"),
+                &[h, inter],
+                &what("shared expert down"),
+            )?,
+        ];
+        let attrs = MoeAttrs {
+            num_experts: e,
+            top_k: c.top_k,
+            intermediate_size: inter,
         };
-        x = b.add(crate::split::residual_name(i), Op::Add, &[resid, ff])?;
+        self.add(format!("layers.{i}.moe"), Op::Moe(attrs), &inputs)
     }
-    // Only the rows whose logits are wanted reach the final norm and lm_head.
-    let index = b.add(
-        LOGITS_INDEX_INPUT,
-        Op::Input(InputAttrs {
-            name: LOGITS_INDEX_INPUT.into(),
-            ty: TensorType::new(
+
+    /// The final norm and lm_head (tied to the embedding `embed_name` when the checkpoint says so and
+    /// has no head), on only the rows whose logits a call wants; sets the `logits` output.
+    fn head(&mut self, x: Value, embed_name: &str) -> Result<(), ImportError> {
+        let ckpt = self.ckpt;
+        let c = &ckpt.config;
+        let (h, v) = (c.hidden_size, c.vocab_size);
+        let p = c.architecture.text_prefix();
+        let index = self.input(
+            LOGITS_INDEX_INPUT,
+            TensorType::new(
                 DType::I64,
                 vec![Dim::Sym(SymDim::Batch), Dim::Sym(SymDim::Picked)],
             ),
-        }),
-        &[],
-    )?;
-    let x = b.add("pick_logit_rows", Op::PickRows, &[x, index])?;
-    let w_norm = b.weight(&format!("{p}model.norm.weight"), &[h], "final norm")?;
-    let normed = b.add(
-        "final_norm",
-        Op::RmsNorm(RmsNormAttrs { eps }),
-        &[x, w_norm],
-    )?;
-    let head_name = format!("{p}lm_head.weight");
-    let head = if c.tie_word_embeddings && !ckpt.locations.contains_key(&head_name) {
-        b.weight(&embed_name, &[v, h], "lm_head (tied to the embedding)")?
-    } else {
-        b.weight(&head_name, &[v, h], "lm_head")?
-    };
-    let logits = b.add("lm_head", Op::Linear, &[normed, head])?;
-    b.graph.set_output("logits", logits);
-    Ok(b.graph)
+        )?;
+        let x = self.add("pick_logit_rows", Op::PickRows, &[x, index])?;
+        let w_norm = self.weight(&format!("{p}model.norm.weight"), &[h], "final norm")?;
+        let normed = self.add(
+            "final_norm",
+            Op::RmsNorm(RmsNormAttrs {
+                eps: c.rms_norm_eps as f32,
+            }),
+            &[x, w_norm],
+        )?;
+        let head_name = format!("{p}lm_head.weight");
+        let head = if c.tie_word_embeddings && !ckpt.locations.contains_key(&head_name) {
+            self.weight(embed_name, &[v, h], "lm_head (tied to the embedding)")?
+        } else {
+            self.weight(&head_name, &[v, h], "lm_head")?
+        };
+        let logits = self.add("lm_head", Op::Linear, &[normed, head])?;
+        self.graph.set_output("logits", logits);
+        Ok(())
+    }
 }
 
 /// Adds nodes to a graph being imported from `ckpt`; a node that fails typing is a herd bug reported

@@ -35,22 +35,13 @@ pub fn verified<'g>(
 
 /// Checks `graph`; `after_pass` names the pass that produced it, for the report.
 pub fn verify(graph: &Graph, after_pass: Option<&str>) -> Result<(), VerifyError> {
-    let mut found = Vec::new();
-    let mut report = |node: Option<u32>, name: &str, message: String| {
-        found.push(Diagnostic {
-            node,
-            name: name.to_string(),
-            message,
-        })
-    };
-
+    let mut found = Findings(Vec::new());
     if let Err(cycle) = graph.topo_order() {
         for n in cycle {
             let name = graph.node(n).map_or("?", |node| node.name.as_str());
-            report(Some(n.index() as u32), name, "lies on a cycle".into());
+            found.report(Some(n.index() as u32), name, "lies on a cycle".into());
         }
     }
-
     let mut input_names = HashSet::new();
     for index in graph.node_indices() {
         let Some(node) = graph.node(index) else {
@@ -58,7 +49,7 @@ pub fn verify(graph: &Graph, after_pass: Option<&str>) -> Result<(), VerifyError
         };
         let id = Some(index.index() as u32);
         if !node.op.allowed_in(graph.phase) {
-            report(
+            found.report(
                 id,
                 &node.name,
                 format!(
@@ -70,123 +61,163 @@ pub fn verify(graph: &Graph, after_pass: Option<&str>) -> Result<(), VerifyError
         }
         match &node.op {
             Op::Input(a) if !input_names.insert(a.name.clone()) => {
-                report(
+                found.report(
                     id,
                     &node.name,
                     format!("graph input `{}` is declared twice", a.name),
                 );
             }
-            Op::Weight(w) => {
-                if let Some(spec) = &w.quant {
-                    match w.shape() {
-                        Ok(shape) if spec.k_axis == 0 => report(id, &node.name, format!("quantized along axis 0 of {shape:?}: K must not be the leading axis")),
-                        Ok(shape) => {
-                            if let Err(problem) = spec.check(&shape) {
-                                report(id, &node.name, format!("quantization {}: {problem}", spec.scheme.name()));
-                            }
-                        }
-                        Err(_) => {}
-                    }
-                }
-                let shards = graph.weights().shards();
-                for part in &w.parts {
-                    match shards.get(part.source.shard.0 as usize) {
-                        None => report(
-                            id,
-                            &node.name,
-                            format!("weight refers to missing shard {}", part.source.shard.0),
-                        ),
-                        Some(shard) => match shard.info(&part.source.tensor) {
-                            None => report(
-                                id,
-                                &node.name,
-                                format!("tensor `{}` is not in {}", part.source.tensor, shard.name),
-                            ),
-                            Some(info) if info.shape != part.stored_shape => report(
-                                id,
-                                &node.name,
-                                format!(
-                                    "`{}`: stored shape {:?} disagrees with the shard's {:?}",
-                                    part.source.tensor, part.stored_shape, info.shape
-                                ),
-                            ),
-                            Some(_) => {}
-                        },
-                    }
-                }
-            }
+            Op::Weight(w) => check_weight(graph, id, &node.name, w, &mut found),
             _ => {}
         }
+        check_typing(graph, index, &mut found);
+    }
+    check_outputs(graph, &mut found);
+    if found.0.is_empty() {
+        Ok(())
+    } else {
+        Err(VerifyError {
+            after_pass: after_pass.map(str::to_string),
+            diagnostics: found.0,
+        })
+    }
+}
 
-        let mut slots: Vec<usize> = graph
-            .input_edges(index)
-            .iter()
-            .map(|e| e.dst_slot)
-            .collect();
-        slots.sort_unstable();
-        if slots.iter().enumerate().any(|(i, &s)| i != s) {
-            report(
+/// The verifier's findings so far.
+struct Findings(Vec<Diagnostic>);
+
+impl Findings {
+    fn report(&mut self, node: Option<u32>, name: &str, message: String) {
+        self.0.push(Diagnostic {
+            node,
+            name: name.to_string(),
+            message,
+        })
+    }
+}
+
+/// A weight's quantization fits its shape, and every part names a tensor its shard holds, in the
+/// shape the shard's header gives.
+fn check_weight(
+    graph: &Graph,
+    id: Option<u32>,
+    name: &str,
+    w: &crate::weights::WeightRef,
+    found: &mut Findings,
+) {
+    if let (Some(spec), Ok(shape)) = (&w.quant, w.shape()) {
+        if spec.k_axis == 0 {
+            found.report(
                 id,
-                &node.name,
-                format!(
-                    "input slots {slots:?} are not 0..{} each fed once",
-                    slots.len()
-                ),
+                name,
+                format!("quantized along axis 0 of {shape:?}: K must not be the leading axis"),
             );
-            continue;
-        }
-        let inputs = graph.inputs(index);
-        let types: Option<Vec<_>> = inputs.iter().map(|v| graph.value_type(*v)).collect();
-        let Some(types) = types else {
-            report(
+        } else if let Err(problem) = spec.check(&shape) {
+            found.report(
                 id,
-                &node.name,
-                "an input refers to a producer slot that does not exist".into(),
+                name,
+                format!("quantization {}: {problem}", spec.scheme.name()),
+            );
+        }
+    }
+    let shards = graph.weights().shards();
+    for part in &w.parts {
+        let Some(shard) = shards.get(part.source.shard.0 as usize) else {
+            found.report(
+                id,
+                name,
+                format!("weight refers to missing shard {}", part.source.shard.0),
             );
             continue;
         };
-        match infer(&node.op, &types) {
-            Err(message) => report(id, &node.name, format!("{}: {message}", node.op.name())),
-            Ok(outputs) if outputs != node.outputs => {
-                let shown: Vec<String> = node.outputs.iter().map(|t| t.to_string()).collect();
-                let want: Vec<String> = outputs.iter().map(|t| t.to_string()).collect();
-                report(
-                    id,
-                    &node.name,
-                    format!(
-                        "declared outputs [{}] but the inputs give [{}]",
-                        shown.join(", "),
-                        want.join(", ")
-                    ),
-                );
-            }
-            Ok(_) => {}
+        match shard.info(&part.source.tensor) {
+            None => found.report(
+                id,
+                name,
+                format!("tensor `{}` is not in {}", part.source.tensor, shard.name),
+            ),
+            Some(info) if info.shape != part.stored_shape => found.report(
+                id,
+                name,
+                format!(
+                    "`{}`: stored shape {:?} disagrees with the shard's {:?}",
+                    part.source.tensor, part.stored_shape, info.shape
+                ),
+            ),
+            Some(_) => {}
         }
     }
+}
 
+/// A node's input slots are 0..n, each fed once by an existing producer slot, and its declared
+/// outputs are what its op infers from the inputs' types.
+fn check_typing(graph: &Graph, index: crate::graph::NodeIndex, found: &mut Findings) {
+    let Some(node) = graph.node(index) else {
+        return;
+    };
+    let id = Some(index.index() as u32);
+    let mut slots: Vec<usize> = graph
+        .input_edges(index)
+        .iter()
+        .map(|e| e.dst_slot)
+        .collect();
+    slots.sort_unstable();
+    if slots.iter().enumerate().any(|(i, &s)| i != s) {
+        found.report(
+            id,
+            &node.name,
+            format!(
+                "input slots {slots:?} are not 0..{} each fed once",
+                slots.len()
+            ),
+        );
+        return;
+    }
+    let inputs = graph.inputs(index);
+    let types: Option<Vec<_>> = inputs.iter().map(|v| graph.value_type(*v)).collect();
+    let Some(types) = types else {
+        found.report(
+            id,
+            &node.name,
+            "an input refers to a producer slot that does not exist".into(),
+        );
+        return;
+    };
+    match infer(&node.op, &types) {
+        Err(message) => found.report(id, &node.name, format!("{}: {message}", node.op.name())),
+        Ok(outputs) if outputs != node.outputs => {
+            let shown: Vec<String> = node.outputs.iter().map(|t| t.to_string()).collect();
+            let want: Vec<String> = outputs.iter().map(|t| t.to_string()).collect();
+            found.report(
+                id,
+                &node.name,
+                format!(
+                    "declared outputs [{}] but the inputs give [{}]",
+                    shown.join(", "),
+                    want.join(", ")
+                ),
+            );
+        }
+        Ok(_) => {}
+    }
+}
+
+/// The graph has outputs, each named once and pointing at an existing node slot.
+fn check_outputs(graph: &Graph, found: &mut Findings) {
     if graph.outputs().is_empty() {
-        report(None, "<graph>", "the graph has no outputs".into());
+        found.report(None, "<graph>", "the graph has no outputs".into());
     }
     let mut output_names = HashSet::new();
     for (name, value) in graph.outputs() {
         if !output_names.insert(name) {
-            report(None, name, "graph output declared twice".into());
+            found.report(None, name, "graph output declared twice".into());
         }
         if graph.value_type(*value).is_none() {
-            report(
+            found.report(
                 None,
                 name,
                 "graph output refers to a missing node or slot".into(),
             );
         }
-    }
-
-    if found.is_empty() {
-        Ok(())
-    } else {
-        Err(VerifyError {
-            after_pass: after_pass.map(str::to_string),
-            diagnostics: found,
-        })
     }
 }

@@ -76,7 +76,6 @@ fn lower(
         name: name.to_string(),
         message: "attention must have 6 inputs".into(),
     })?;
-    let i = a.layer;
     let (b, s) = (Dim::Sym(SymDim::Batch), Dim::Sym(SymDim::Seq));
     let d = Dim::Fixed(a.head_dim);
     let dtype = g.value_type(x).map_or(DType::F32, |t| t.dtype);
@@ -105,27 +104,7 @@ fn lower(
     let v = heads(g, wv, a.num_kv_heads, "v")?;
 
     if let Some(rope) = &a.rope {
-        let key: Vec<u32> = rope.inv_freq.iter().map(|f| f.to_bits()).collect();
-        let (cos, sin) = match shared.angles.get(&key) {
-            Some(t) => *t,
-            None => {
-                let inv_freq = Arc::new(rope.inv_freq.clone());
-                let index = shared.angles.len();
-                let mut half = |sin: bool| {
-                    g.add(
-                        format!("rope.{}.{index}", if sin { "sin" } else { "cos" }),
-                        Op::RotaryAngles(RotaryAnglesAttrs {
-                            inv_freq: inv_freq.clone(),
-                            sin,
-                        }),
-                        &[positions],
-                    )
-                };
-                let (cos, sin) = (half(false)?, half(true)?);
-                shared.angles.insert(key, (cos, sin));
-                (cos, sin)
-            }
-        };
+        let (cos, sin) = rotary_angles(g, shared, &rope.inv_freq, positions)?;
         q = g.add(n("q_rope"), Op::Rotary, &[q, cos, sin])?;
         k = g.add(n("k_rope"), Op::Rotary, &[k, cos, sin])?;
     }
@@ -138,53 +117,8 @@ fn lower(
     }
 
     let chunk = a.chunk.map(|c| c.size);
-    // A ring of one chunk (never longer than the context); full layers the session's context.
-    let length = match chunk {
-        Some(c) => Dim::Fixed(c.min(options.max_positions).max(1)),
-        None => Dim::Sym(SymDim::Past),
-    };
-    let cache = || TensorType::new(dtype, vec![b, Dim::Fixed(a.num_kv_heads), length, d]);
-    let past_k = g.add(
-        format!("past_key.{i}"),
-        Op::Input(InputAttrs {
-            name: format!("past_key.{i}"),
-            ty: cache(),
-        }),
-        &[],
-    )?;
-    let past_v = g.add(
-        format!("past_value.{i}"),
-        Op::Input(InputAttrs {
-            name: format!("past_value.{i}"),
-            ty: cache(),
-        }),
-        &[],
-    )?;
-    let write = Op::CacheWrite {
-        ring: chunk.is_some(),
-    };
-    let k_all = g.add(n("present_key"), write.clone(), &[past_k, k, positions])?;
-    let v_all = g.add(n("present_value"), write, &[past_v, v, positions])?;
-    g.set_output(format!("present_key.{i}"), k_all);
-    g.set_output(format!("present_value.{i}"), v_all);
-    let k_seen = g.add(n("keys"), Op::CacheView, &[k_all, positions])?;
-    let v_seen = g.add(n("values"), Op::CacheView, &[v_all, positions])?;
-
-    let mask = match shared.masks.get(&chunk) {
-        Some(m) => *m,
-        None => {
-            let label = chunk.map_or("mask.causal".to_string(), |c| format!("mask.chunked{c}"));
-            let m = g.add(
-                label,
-                Op::AttentionMask {
-                    chunk: chunk.map(|size| ChunkAttrs { size }),
-                },
-                &[positions, k_seen],
-            )?;
-            shared.masks.insert(chunk, m);
-            m
-        }
-    };
+    let (k_seen, v_seen) = kv_cache(g, options, name, a, dtype, [k, v], positions)?;
+    let mask = attention_mask(g, shared, chunk, positions, k_seen)?;
     let attn = g.add(
         n("sdpa"),
         Op::Sdpa { scale: a.scale },
@@ -205,4 +139,113 @@ fn lower(
         &[merged],
     )?;
     g.add(n("o_proj"), Op::Linear, &[flat, wo])
+}
+
+/// The cos and sin tables of `positions` x `inv_freq`, shared by every layer with the same
+/// frequencies.
+fn rotary_angles(
+    g: &mut Graph,
+    shared: &mut Shared,
+    inv_freq: &[f32],
+    positions: Value,
+) -> Result<(Value, Value), Diagnostic> {
+    let key: Vec<u32> = inv_freq.iter().map(|f| f.to_bits()).collect();
+    if let Some(t) = shared.angles.get(&key) {
+        return Ok(*t);
+    }
+    let inv_freq = Arc::new(inv_freq.to_vec());
+    let index = shared.angles.len();
+    let mut half = |sin: bool| {
+        g.add(
+            format!("rope.{}.{index}", if sin { "sin" } else { "cos" }),
+            Op::RotaryAngles(RotaryAnglesAttrs {
+                inv_freq: inv_freq.clone(),
+                sin,
+            }),
+            &[positions],
+        )
+    };
+    let (cos, sin) = (half(false)?, half(true)?);
+    shared.angles.insert(key, (cos, sin));
+    Ok((cos, sin))
+}
+
+/// Layer `a.layer`'s KV cache: `past_*` inputs of fixed length (a ring of one chunk, never longer
+/// than the context, for chunked layers; the session's context for full ones), written in place at
+/// `positions` into the `present_*` outputs, and the views attention reads.
+fn kv_cache(
+    g: &mut Graph,
+    options: &PassOptions,
+    name: &str,
+    a: &AttentionAttrs,
+    dtype: DType,
+    [k, v]: [Value; 2],
+    positions: Value,
+) -> Result<(Value, Value), Diagnostic> {
+    let i = a.layer;
+    let chunk = a.chunk.map(|c| c.size);
+    let length = match chunk {
+        Some(c) => Dim::Fixed(c.min(options.max_positions).max(1)),
+        None => Dim::Sym(SymDim::Past),
+    };
+    let cache = TensorType::new(
+        dtype,
+        vec![
+            Dim::Sym(SymDim::Batch),
+            Dim::Fixed(a.num_kv_heads),
+            length,
+            Dim::Fixed(a.head_dim),
+        ],
+    );
+    let write = Op::CacheWrite {
+        ring: chunk.is_some(),
+    };
+    let mut past = Vec::new();
+    for what in ["key", "value"] {
+        let input = format!("past_{what}.{i}");
+        let attrs = InputAttrs {
+            name: input.clone(),
+            ty: cache.clone(),
+        };
+        past.push(g.add(input, Op::Input(attrs), &[])?);
+    }
+    let k_all = g.add(
+        format!("{name}.present_key"),
+        write.clone(),
+        &[past[0], k, positions],
+    )?;
+    let v_all = g.add(
+        format!("{name}.present_value"),
+        write,
+        &[past[1], v, positions],
+    )?;
+    g.set_output(format!("present_key.{i}"), k_all);
+    g.set_output(format!("present_value.{i}"), v_all);
+    let k_seen = g.add(format!("{name}.keys"), Op::CacheView, &[k_all, positions])?;
+    let v_seen = g.add(format!("{name}.values"), Op::CacheView, &[v_all, positions])?;
+    Ok((k_seen, v_seen))
+}
+
+/// The attention mask of `positions` against the cache entries `k_seen` (causal, or within one
+/// chunk), shared by every layer with the same chunking.
+fn attention_mask(
+    g: &mut Graph,
+    shared: &mut Shared,
+    chunk: Option<usize>,
+    positions: Value,
+    k_seen: Value,
+) -> Result<Value, Diagnostic> {
+    if let Some(m) = shared.masks.get(&chunk) {
+        return Ok(*m);
+    }
+    let label = chunk.map_or("mask.causal".to_string(), |c| format!("mask.chunked{c}"));
+    let m = g.add(
+        label,
+        Op::AttentionMask {
+            chunk: chunk.map(|size| ChunkAttrs { size }),
+        },
+        &[positions, k_seen],
+    )?;
+    shared.masks.insert(chunk, m);
+    Ok(m)
 }

@@ -291,12 +291,6 @@ fn model_section_problem(m: &Manifest) -> Option<String> {
     const MAX_POSITIONS: usize = 1 << 26;
     const MAX_LAYERS: usize = 1024;
     const MAX_WIDTH: usize = 1 << 20;
-    if m.element_type().is_none() {
-        return Some(format!(
-            "dtype `{}` is not one herd compiles (f32, f16, bf16)",
-            m.dtype
-        ));
-    }
     if info.vocab_size == 0 || info.vocab_size > MAX_WIDTH {
         return Some(format!(
             "vocab_size {} is outside 1..={MAX_WIDTH}",
@@ -352,37 +346,52 @@ fn sha256_file(path: &Path) -> Result<String, RuntimeError> {
         .collect())
 }
 
-/// Records a built engine in the bundle's manifest: the engine file joins the checksummed files. The
-/// manifest is rewritten to a temporary file and renamed into place.
-pub fn record_engine(dir: &Path, engine: &crate::manifest::EngineInfo) -> Result<(), RuntimeError> {
+/// Reads `dir`'s manifest, checked as [`parse_manifest`] checks it (format, fields, model facts),
+/// applies `edit`, and writes the result to a temporary file renamed into place. Nothing is written
+/// when `edit` fails. The one way herd changes a written manifest.
+pub fn update_manifest(
+    dir: &Path,
+    edit: impl FnOnce(&mut Manifest) -> Result<(), RuntimeError>,
+) -> Result<(), RuntimeError> {
     let io = |path: &Path, e: std::io::Error| RuntimeError::Io {
         path: path.display().to_string(),
         message: e.to_string(),
     };
     let path = dir.join(MANIFEST_FILE);
     let text = fs::read_to_string(&path).map_err(|e| io(&path, e))?;
-    let mut manifest: Manifest =
-        serde_json::from_str(&text).map_err(|e| RuntimeError::BadManifest {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
-    for name in std::iter::once(&engine.model_file).chain(engine.vision_model_file.as_ref()) {
-        let file = dir.join(name);
-        let bytes = fs::metadata(&file).map_err(|e| io(&file, e))?.len();
-        let sha256 = sha256_file(&file)?;
-        manifest.files.retain(|f| &f.path != name);
-        manifest.files.push(crate::manifest::FileEntry {
-            path: name.clone(),
-            bytes,
-            sha256,
-        });
-    }
-    if let Some(trt) = manifest.tensorrt.as_mut() {
-        trt.engine = Some(engine.clone());
-    }
+    let mut manifest = parse_manifest(&path.display().to_string(), &text)?;
+    edit(&mut manifest)?;
     let tmp = path.with_extension("json.partial");
-    let text =
-        serde_json::to_string_pretty(&manifest).map_err(|e| RuntimeError::Param(e.to_string()))?;
+    let text = serde_json::to_string_pretty(&manifest).map_err(|e| RuntimeError::BadManifest {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
     fs::write(&tmp, text + "\n").map_err(|e| io(&tmp, e))?;
     fs::rename(&tmp, &path).map_err(|e| io(&path, e))
+}
+
+/// Records a built engine in the bundle's manifest: the engine file joins the checksummed files.
+pub fn record_engine(dir: &Path, engine: &crate::manifest::EngineInfo) -> Result<(), RuntimeError> {
+    update_manifest(dir, |manifest| {
+        for name in std::iter::once(&engine.model_file).chain(engine.vision_model_file.as_ref()) {
+            let file = dir.join(name);
+            let bytes = fs::metadata(&file)
+                .map_err(|e| RuntimeError::Io {
+                    path: file.display().to_string(),
+                    message: e.to_string(),
+                })?
+                .len();
+            let sha256 = sha256_file(&file)?;
+            manifest.files.retain(|f| &f.path != name);
+            manifest.files.push(crate::manifest::FileEntry {
+                path: name.clone(),
+                bytes,
+                sha256,
+            });
+        }
+        if let Some(trt) = manifest.tensorrt.as_mut() {
+            trt.engine = Some(engine.clone());
+        }
+        Ok(())
+    })
 }

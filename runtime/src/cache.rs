@@ -80,7 +80,7 @@ impl KvCache {
                 m.model.max_positions
             )));
         }
-        let element = m.element_type().unwrap_or(ElementType::F32);
+        let element = m.dtype;
         let (heads, dim) = (m.model.num_kv_heads, m.model.head_dim);
         let mut layers = Vec::with_capacity(kvs.len());
         let mut bytes = KvBytes {

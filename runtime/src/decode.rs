@@ -11,7 +11,7 @@ use ort::value::{DynValue, Tensor};
 
 use crate::cache::{KvCache, LayerCache};
 use crate::error::RuntimeError;
-use crate::model::{element_type, float_input, Model};
+use crate::model::{float_input, Model};
 
 /// One row of a decoder call: `ids` at positions `start..start + ids.len()` in cache slot `slot`.
 #[derive(Clone, Copy, Debug)]
@@ -316,8 +316,8 @@ impl Model {
         let image = match &m.vision {
             Some(_) => {
                 let f = image_positions.len();
-                crossed += (f * 8 + features.len() * element_type(m).bytes()) as u64;
-                let rows = float_input(&m.dtype, vec![f, h], &features)?;
+                crossed += (f * 8 + features.len() * m.dtype.bytes()) as u64;
+                let rows = float_input(m.dtype, vec![f, h], &features)?;
                 let at = Tensor::<i64>::from_array(([f], image_positions))?;
                 Some((rows, at))
             }

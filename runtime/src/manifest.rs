@@ -23,19 +23,18 @@ pub struct Manifest {
     pub herd_version: String,
     pub model: ModelInfo,
     pub graph: GraphIo,
-    /// Element type of activations, weights and the KV cache: "f32", "f16" or "bf16" (see
-    /// [`Manifest::element_type`]). Logits are always f32.
-    pub dtype: String,
-    /// How the MoE was lowered: "ort" or "cuda" (com.microsoft.MoE/QMoE), or "grouped" (standard ONNX).
-    pub moe_lowering: String,
+    /// Element type of activations, weights and the KV cache. Logits are always f32.
+    pub dtype: ElementType,
+    /// How the MoE was lowered.
+    pub moe_lowering: MoeLowering,
     /// Every file of the bundle except the manifest, with its size and sha256.
     pub files: Vec<FileEntry>,
     /// Token ids that end generation.
     pub stop_token_ids: Vec<i64>,
     pub bos_token_id: Option<i64>,
-    /// What the bundle was compiled for: `onnx` (ONNX Runtime, any provider) or `tensorrt-h100`.
-    #[serde(default = "default_target")]
-    pub target: String,
+    /// What the bundle was compiled for.
+    #[serde(default)]
+    pub target: Target,
     /// TensorRT build settings and requirements (tensorrt targets), and the engine once built.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tensorrt: Option<TensorRtInfo>,
@@ -117,8 +116,59 @@ pub struct ImageTokens {
     pub tile_y_separator: i64,
 }
 
-fn default_target() -> String {
-    "onnx".to_string()
+/// What a bundle was compiled for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    /// ONNX Runtime, any execution provider (`onnx`).
+    #[default]
+    Onnx,
+    /// TensorRT on H100 through ONNX Runtime's TensorRT EP (`tensorrt-h100`).
+    TensorrtH100,
+}
+
+impl Target {
+    /// The name used on the command line and in the manifest.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Onnx => "onnx",
+            Target::TensorrtH100 => "tensorrt-h100",
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How fused MoE ops are lowered (`--moe`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MoeLowering {
+    /// `com.microsoft.MoE`/`QMoE` for ONNX Runtime's CPU kernels: fastest on CPU, not portable.
+    Ort,
+    /// `com.microsoft.MoE`/`QMoE` for ONNX Runtime's CUDA EP, the rest of the graph for TensorRT.
+    Cuda,
+    /// Standard ONNX only: per expert, the routed rows times its own weights (any EP, TensorRT alone).
+    Grouped,
+}
+
+impl MoeLowering {
+    /// The name used on the command line and in the manifest.
+    pub fn name(self) -> &'static str {
+        match self {
+            MoeLowering::Ort => "ort",
+            MoeLowering::Cuda => "cuda",
+            MoeLowering::Grouped => "grouped",
+        }
+    }
+
+    /// Whether the graph holds `com.microsoft` MoE nodes (ONNX Runtime only).
+    pub fn uses_contrib_ops(self) -> bool {
+        !matches!(self, MoeLowering::Grouped)
+    }
 }
 
 /// TensorRT settings of a bundle compiled for a TensorRT target.
@@ -281,8 +331,10 @@ pub struct FileEntry {
     pub sha256: String,
 }
 
-/// The element type of a bundle's activations, weights and KV cache.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The element type of a bundle's activations, weights and KV cache: `f32`, `f16` or `bf16` in the
+/// manifest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ElementType {
     F32,
     F16,
@@ -352,15 +404,5 @@ impl Manifest {
             ));
         }
         Ok(())
-    }
-
-    /// The bundle's element type; None for a dtype herd does not write (refused when a bundle opens).
-    pub fn element_type(&self) -> Option<ElementType> {
-        match self.dtype.as_str() {
-            "f32" => Some(ElementType::F32),
-            "f16" => Some(ElementType::F16),
-            "bf16" => Some(ElementType::Bf16),
-            _ => None,
-        }
     }
 }

@@ -154,7 +154,7 @@ impl Model {
         }
         let bundle = Bundle::open(dir)?;
         if options.provider == crate::providers::Provider::Cpu
-            && element_type(&bundle.manifest) == ElementType::Bf16
+            && bundle.manifest.dtype == ElementType::Bf16
         {
             return Err(RuntimeError::Param(
                 "bf16 bundles run on the GPU providers (--ep cuda or tensorrt): ONNX Runtime's CPU kernels have no bf16 MatMul or Attention; compile with --dtype f16 or f32 to run on the CPU".into(),
@@ -259,13 +259,13 @@ impl Model {
                     info.num_channels
                 )));
             }
-            let pixels = float_input(&m.dtype, shape, &image.pixels)?;
+            let pixels = float_input(m.dtype, shape, &image.pixels)?;
             let outputs = session.run(vec![(Cow::from(info.pixel_values.as_str()), pixels)])?;
             let out = outputs
                 .get(&info.image_features)
                 .ok_or_else(|| RuntimeError::Ort("no image_features output".into()))?;
             let expected = image.tiles * info.tokens_per_tile * m.model.hidden_size;
-            let rows: Vec<f32> = match element_type(m) {
+            let rows: Vec<f32> = match m.dtype {
                 ElementType::F16 => out
                     .try_extract_tensor::<half::f16>()?
                     .1
@@ -563,15 +563,10 @@ impl Model {
 
 /// A float graph input in the bundle's activation dtype (f16 and bf16 bundles take their own type).
 pub(crate) fn float_input(
-    dtype: &str,
+    element: ElementType,
     shape: Vec<usize>,
     values: &[f32],
 ) -> Result<SessionInputValue<'static>, RuntimeError> {
-    let element = match dtype {
-        "f16" => ElementType::F16,
-        "bf16" => ElementType::Bf16,
-        _ => ElementType::F32,
-    };
     Ok(match element {
         ElementType::F16 => Tensor::<half::f16>::from_array((
             shape,
@@ -595,9 +590,4 @@ pub(crate) fn float_input(
             .into_dyn()
             .into(),
     })
-}
-
-/// The element type of an opened bundle (its dtype was checked when it opened).
-pub(crate) fn element_type(m: &crate::manifest::Manifest) -> ElementType {
-    m.element_type().unwrap_or(ElementType::F32)
 }

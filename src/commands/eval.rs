@@ -32,9 +32,9 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let reference = if is_checkpoint {
         let bundle = herd_runtime::Bundle::open(&args.bundle)?;
         // The reference runs on ONNX Runtime's CPU kernels: `cuda` bundles compare against `ort`.
-        let moe = match MoeLowering::parse(&bundle.manifest.moe_lowering) {
-            Some(MoeLowering::Grouped) => MoeLowering::Grouped,
-            _ => MoeLowering::Ort,
+        let moe = match bundle.manifest.moe_lowering {
+            MoeLowering::Grouped => MoeLowering::Grouped,
+            MoeLowering::Ort | MoeLowering::Cuda => MoeLowering::Ort,
         };
         let options = CompileOptions {
             moe,

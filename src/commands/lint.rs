@@ -48,7 +48,7 @@ pub fn run(args: &LintArgs) -> Result<()> {
         files.push(v.model_file.clone());
     }
     // `--moe cuda` bundles leave their MoE nodes to the CUDA EP; each decoder graph's split is reported.
-    let cuda_ep = manifest.moe_lowering == herd_targets::onnx::MoeLowering::Cuda.name();
+    let cuda_ep = manifest.moe_lowering == herd_targets::onnx::MoeLowering::Cuda;
     let mut violations = Vec::new();
     for file in &files {
         if !decoders.contains(file) {

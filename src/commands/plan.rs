@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use herd_ir::quant::QuantScheme;
 use herd_ir::{DType, Llama4Config};
+use herd_runtime::manifest::ElementType;
 
 use super::compile::DtypeArg;
 use crate::plan::{self, PlanInput, GPUS};
@@ -106,10 +107,11 @@ pub fn run(args: &PlanArgs) -> Result<()> {
             bundle_manifest.display(),
             m.model.num_layers
         );
-        let dtype = [DType::F32, DType::F16, DType::BF16]
-            .into_iter()
-            .find(|d| d.name() == m.dtype)
-            .with_context(|| format!("the bundle's dtype `{}` is unknown", m.dtype))?;
+        let dtype = match m.dtype {
+            ElementType::F32 => DType::F32,
+            ElementType::F16 => DType::F16,
+            ElementType::Bf16 => DType::BF16,
+        };
         let quant = m
             .quantization
             .as_ref()

@@ -167,6 +167,61 @@ pub(super) fn apply(
     };
     // Each weight's matrices (expert order) as written files.
     let mut replaced: BTreeMap<NodeIndex, Vec<usize>> = BTreeMap::new();
+    projections(graph, calibration, &channels, &mut writer, &mut replaced)?;
+    for moe in moe_nodes(graph) {
+        moe_experts(
+            graph,
+            moe,
+            calibration,
+            &channels,
+            &mut writer,
+            &mut replaced,
+        )?;
+    }
+    fold_channel_scales(graph, &channels, &mut writer, &mut replaced)?;
+    let warning = (writer.undersampled > 0).then(|| {
+        format!(
+            "GPTQ: {} of {} matrices saw fewer calibration rows than input features (experts see only the tokens routed to them) and can be fitted to the calibration prompts: pass more or longer prompts with --calibrate",
+            writer.undersampled,
+            writer.files.len()
+        )
+    });
+    let summary = GptqSummary {
+        matrices: writer.files.len(),
+        weights: replaced.len(),
+        calibration: format!(
+            "{} prompts, {} tokens",
+            calibration.prompts, calibration.tokens
+        ),
+        sqnr_db: writer
+            .error
+            .iter()
+            .map(|(name, &(signal, noise))| {
+                let db = if noise == 0.0 {
+                    f64::INFINITY
+                } else {
+                    10.0 * (signal / noise).log10()
+                };
+                (name.clone(), db)
+            })
+            .collect(),
+        warning,
+        scaled_norms: channels.norms.iter().filter(|n| n.alpha > 0.0).count(),
+    };
+    bar.finish_and_clear();
+    rewrite(graph, &writer, &replaced)?;
+    Ok(summary)
+}
+
+/// GPTQ of every quantized `Linear` weight whose inputs were exposed, against the Hessian of its
+/// inputs (divided by AWQ's channel scales when there are any).
+fn projections(
+    graph: &Graph,
+    calibration: &Calibration,
+    channels: &super::awq::ChannelScales,
+    writer: &mut MatrixWriter,
+    replaced: &mut BTreeMap<NodeIndex, Vec<usize>>,
+) -> Result<()> {
     let linear_hessians = linear_inputs(graph)?;
     for (weight, consumers) in &linear_hessians {
         let Some((w, spec)) = int_weight(graph, *weight) else {
@@ -201,17 +256,17 @@ pub(super) fn apply(
         let file = writer.quantize(&name, None, &matrix, &hessian, spec)?;
         replaced.insert(*weight, vec![file]);
     }
-    for moe in moe_nodes(graph) {
-        moe_experts(
-            graph,
-            moe,
-            calibration,
-            &channels,
-            &mut writer,
-            &mut replaced,
-        )?;
-    }
-    // Fold the channel scales: norm weights divided by s, router columns multiplied by it.
+    Ok(())
+}
+
+/// AWQ's channel scales folded into float weights: each norm weight divided by s, its routers'
+/// columns multiplied by it (the quantized consumers were scaled before GPTQ).
+fn fold_channel_scales(
+    graph: &Graph,
+    channels: &super::awq::ChannelScales,
+    writer: &mut MatrixWriter,
+    replaced: &mut BTreeMap<NodeIndex, Vec<usize>>,
+) -> Result<()> {
     for norm in &channels.norms {
         let name = node_name(graph, norm.norm_weight);
         let weight = match graph.node(norm.norm_weight).map(|n| &n.op) {
@@ -229,38 +284,7 @@ pub(super) fn apply(
         }
         tracing::debug!("AWQ: `{name}` α = {}", norm.alpha);
     }
-    let warning = (writer.undersampled > 0).then(|| {
-        format!(
-            "GPTQ: {} of {} matrices saw fewer calibration rows than input features (experts see only the tokens routed to them) and can be fitted to the calibration prompts: pass more or longer prompts with --calibrate",
-            writer.undersampled,
-            writer.files.len()
-        )
-    });
-    let summary = GptqSummary {
-        matrices: writer.files.len(),
-        weights: replaced.len(),
-        calibration: format!(
-            "{} prompts, {} tokens",
-            calibration.prompts, calibration.tokens
-        ),
-        sqnr_db: writer
-            .error
-            .iter()
-            .map(|(name, &(signal, noise))| {
-                let db = if noise == 0.0 {
-                    f64::INFINITY
-                } else {
-                    10.0 * (signal / noise).log10()
-                };
-                (name.clone(), db)
-            })
-            .collect(),
-        warning,
-        scaled_norms: channels.norms.iter().filter(|n| n.alpha > 0.0).count(),
-    };
-    bar.finish_and_clear();
-    rewrite(graph, &writer, &replaced)?;
-    Ok(summary)
+    Ok(())
 }
 
 /// A bar of `total` steps on stderr (hidden when stderr is not a terminal).

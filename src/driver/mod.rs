@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use herd_ir::DType;
 use herd_passes::pipeline::{run_pipeline, PassOptions, RunOptions};
-use herd_runtime::manifest::{Manifest, ModelInfo, QuantizationInfo, TensorRtInfo, FORMAT_VERSION};
+use herd_runtime::manifest::{
+    ElementType, Manifest, ModelInfo, QuantizationInfo, Target, TensorRtInfo, FORMAT_VERSION,
+};
 use herd_targets::bundle::BundleWriter;
 use herd_targets::onnx::{self, MoeLowering, OnnxOptions};
 
@@ -413,7 +415,7 @@ fn run_passes(
     stages: &mut Vec<(String, Duration)>,
 ) -> Result<()> {
     let pass_options = PassOptions {
-        moe_layout: options.moe.layout(),
+        moe_layout: onnx::expert_layout(options.moe),
         max_positions: options.max_context,
         // fp8 experts stay fp8 on every target: per expert, a per-channel DequantizeLinear -> MatMul
         // (grouped, also under --moe cuda), weight-only (calibration covers the projections).
@@ -461,6 +463,16 @@ struct Written<'a> {
     gptq: Option<&'a gptq::GptqSummary>,
 }
 
+/// The manifest's element type for compute dtype `dtype` (the only three the targets emit).
+fn element_type(dtype: DType) -> Result<ElementType> {
+    Ok(match dtype {
+        DType::F32 => ElementType::F32,
+        DType::F16 => ElementType::F16,
+        DType::BF16 => ElementType::Bf16,
+        other => anyhow::bail!("herd bug: {other} is not a compute dtype"),
+    })
+}
+
 /// The bundle's manifest.
 fn manifest(
     options: &CompileOptions,
@@ -504,15 +516,15 @@ fn manifest(
             config: serde_json::to_value(config)?,
         },
         graph: decoder.io(),
-        dtype: options.dtype.name().to_string(),
-        moe_lowering: options.moe.name().to_string(),
+        dtype: element_type(options.dtype)?,
+        moe_lowering: options.moe,
         files,
         stop_token_ids: stop_ids,
         bos_token_id: bos,
         target: if written.tensorrt.is_some() {
-            "tensorrt-h100".into()
+            Target::TensorrtH100
         } else {
-            "onnx".into()
+            Target::Onnx
         },
         stages: decoder.stage_ios(written.stage_profiles.as_deref()),
         tensorrt: written.tensorrt,

@@ -33,46 +33,13 @@ pub const OPSET: i64 = 24;
 /// Model IR version matching [`OPSET`] (ONNX Runtime 1.31 accepts up to 13).
 pub const IR_VERSION: i64 = 12;
 
-/// How fused MoE ops are lowered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MoeLowering {
-    /// `com.microsoft.MoE`/`QMoE` for ONNX Runtime's CPU kernels: fastest on CPU, not portable.
-    Ort,
-    /// `com.microsoft.MoE`/`QMoE` for ONNX Runtime's CUDA EP, the rest of the graph for TensorRT.
-    Cuda,
-    /// Standard ONNX only: per expert, the routed rows times its own weights (any EP, TensorRT alone).
-    Grouped,
-}
+pub use herd_runtime::manifest::MoeLowering;
 
-impl MoeLowering {
-    /// Every lowering, in the order `--help` lists them.
-    pub const ALL: [MoeLowering; 3] = [MoeLowering::Ort, MoeLowering::Cuda, MoeLowering::Grouped];
-
-    /// The expert layout `expert_fusion` must produce for this lowering.
-    pub fn layout(self) -> ExpertLayout {
-        match self {
-            MoeLowering::Ort | MoeLowering::Cuda => ExpertLayout::Interleaved,
-            MoeLowering::Grouped => ExpertLayout::Halves,
-        }
-    }
-
-    /// The name used on the command line and in the manifest.
-    pub fn name(self) -> &'static str {
-        match self {
-            MoeLowering::Ort => "ort",
-            MoeLowering::Cuda => "cuda",
-            MoeLowering::Grouped => "grouped",
-        }
-    }
-
-    /// The lowering a manifest names, if herd knows it.
-    pub fn parse(name: &str) -> Option<MoeLowering> {
-        MoeLowering::ALL.into_iter().find(|m| m.name() == name)
-    }
-
-    /// Whether the graph holds `com.microsoft` MoE nodes (ONNX Runtime only).
-    pub fn uses_contrib_ops(self) -> bool {
-        !matches!(self, MoeLowering::Grouped)
+/// The expert layout `expert_fusion` must produce for `lowering`.
+pub fn expert_layout(lowering: MoeLowering) -> ExpertLayout {
+    match lowering {
+        MoeLowering::Ort | MoeLowering::Cuda => ExpertLayout::Interleaved,
+        MoeLowering::Grouped => ExpertLayout::Halves,
     }
 }
 

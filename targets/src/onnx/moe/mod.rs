@@ -43,12 +43,12 @@ impl Emitter<'_> {
             });
         }
         let lowering = self.options.moe;
-        if m.layout != lowering.layout() {
+        if m.layout != super::expert_layout(lowering) {
             return Err(TargetError::Bug(format!(
                 "`{name}` has layout {:?} but --moe {} needs {:?}",
                 m.layout,
                 lowering.name(),
-                lowering.layout()
+                super::expert_layout(lowering)
             )));
         }
         let x = self.input(inputs[0], false)?;
