@@ -13,7 +13,7 @@ use crate::error::RuntimeError;
 /// The library file name the install script produces.
 pub const LIBRARY_NAME: &str = "libonnxruntime.so.1.31.1";
 
-static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
+static ENVIRONMENT: OnceLock<Result<Environment, LoadError>> = OnceLock::new();
 
 /// Candidate library paths, in the order they are tried. An explicit path is the only candidate.
 pub fn candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
@@ -48,19 +48,30 @@ pub fn environment(explicit: Option<&Path>) -> Result<&'static Environment, Runt
         let tried = candidates(explicit);
         let Some(path) = tried.iter().find(|p| p.is_file()) else {
             let list: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
-            return Err(format!("missing:{}", list.join(", ")));
+            return Err(LoadError::Missing(list.join(", ")));
         };
         tracing::debug!(library = %path.display(), "loading ONNX Runtime");
-        let builder = ort::init_from(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        builder.with_name("herd").build().map_err(|e| e.to_string())
+        let builder = ort::init_from(path)
+            .map_err(|e| LoadError::Failed(format!("{}: {e}", path.display())))?;
+        builder
+            .with_name("herd")
+            .build()
+            .map_err(|e| LoadError::Failed(e.to_string()))
     });
     match result {
         Ok(env) => Ok(env),
-        Err(msg) => match msg.strip_prefix("missing:") {
-            Some(tried) => Err(RuntimeError::OrtMissing {
-                tried: tried.to_string(),
-            }),
-            None => Err(RuntimeError::Ort(msg.clone())),
-        },
+        Err(LoadError::Missing(tried)) => Err(RuntimeError::OrtMissing {
+            tried: tried.clone(),
+        }),
+        Err(LoadError::Failed(message)) => Err(RuntimeError::Ort(message.clone())),
     }
+}
+
+/// Why the process-wide environment could not be made (kept, as the first attempt's outcome).
+#[derive(Debug)]
+enum LoadError {
+    /// No library at any of these paths.
+    Missing(String),
+    /// A library was found but did not load or initialise.
+    Failed(String),
 }

@@ -40,7 +40,7 @@ impl Emitter<'_> {
             &[a.inv_freq.len() as i64],
             &a.inv_freq,
             DType::F32,
-        ));
+        )?);
         let angle = self.push(&format!("{name}.angle"), "Mul", "", &[&p, &freq], vec![]);
         let op = if a.sin { "Sin" } else { "Cos" };
         let t = self.options.dtype;
@@ -337,9 +337,9 @@ impl Emitter<'_> {
             &[&pos],
             vec![("to", Attr::Int(onnx_dtype(DType::F32) as i64))],
         );
-        let one = self.float_scalar(1.0, DType::F32);
-        let floor_scale = self.float_scalar(temp.floor_scale, DType::F32);
-        let attn_scale = self.float_scalar(temp.attn_scale, DType::F32);
+        let one = self.float_scalar(1.0, DType::F32)?;
+        let floor_scale = self.float_scalar(temp.floor_scale, DType::F32)?;
+        let attn_scale = self.float_scalar(temp.attn_scale, DType::F32)?;
         let p1 = self.push(&format!("{name}.p_plus_1"), "Add", "", &[&p, &one], vec![]);
         let div = self.push(
             &format!("{name}.div"),

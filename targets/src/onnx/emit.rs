@@ -219,13 +219,13 @@ impl Emitter<'_> {
         name
     }
 
-    pub(super) fn float_scalar(&mut self, value: f32, dtype: DType) -> String {
+    pub(super) fn float_scalar(&mut self, value: f32, dtype: DType) -> Result<String, TargetError> {
         let name = format!("const.{}({value:e})", dtype.name());
         if self.used.insert(name.clone()) {
             self.initializers
-                .push(float_tensor(&name, &[], &[value], dtype));
+                .push(float_tensor(&name, &[], &[value], dtype)?);
         }
-        name
+        Ok(name)
     }
 
     /// Name of the ONNX tensor holding IR value `v`; weights and constants are written on first use,
@@ -297,12 +297,12 @@ impl Emitter<'_> {
                     array
                 };
                 let dims: Vec<i64> = array.shape().iter().map(|&d| d as i64).collect();
-                let mut tensor = float_tensor(&name, &dims, &[], dtype);
+                let mut tensor = float_tensor(&name, &dims, &[], dtype)?;
                 let values = array
                     .as_slice()
                     .ok_or_else(|| TargetError::Bug("non-contiguous constant".into()))?;
                 self.data
-                    .append(&mut tensor, &super::proto::encode_floats(values, dtype))?;
+                    .append(&mut tensor, &super::proto::encode_floats(values, dtype)?)?;
                 self.initializers.push(tensor);
                 Ok(name)
             }
@@ -325,7 +325,7 @@ impl Emitter<'_> {
             .iter()
             .map(|&d| d as i64)
             .collect();
-        let mut tensor = float_tensor(&name, &dims, &[], dtype);
+        let mut tensor = float_tensor(&name, &dims, &[], dtype)?;
         let offset = self.data.begin()?;
         let (data, written, total, progress) = (
             &mut self.data,
@@ -341,7 +341,7 @@ impl Emitter<'_> {
                 let values = block
                     .as_slice()
                     .ok_or_else(|| TargetError::Bug("non-contiguous block".into()))?;
-                let bytes = super::proto::encode_floats(values, dtype);
+                let bytes = super::proto::encode_floats(values, dtype)?;
                 *written += bytes.len() as u64;
                 data.write_owned(bytes)?;
                 progress((*written).min(total), total);

@@ -65,7 +65,7 @@ impl Emitter<'_> {
                         &[d as i64],
                         &vec![1.0; d],
                         t,
-                    ));
+                    )?);
                 }
                 scale_name
             }
@@ -137,9 +137,9 @@ impl Emitter<'_> {
         // x * (1 + erf(x / sqrt 2)) / 2 in primitives: every parser takes Erf, and ONNX Runtime
         // and TensorRT fuse the pattern into their GELU kernels.
         let x = self.input(inputs[0], false)?;
-        let sqrt2 = self.float_scalar(std::f32::consts::SQRT_2, t);
-        let one = self.float_scalar(1.0, t);
-        let half = self.float_scalar(0.5, t);
+        let sqrt2 = self.float_scalar(std::f32::consts::SQRT_2, t)?;
+        let one = self.float_scalar(1.0, t)?;
+        let half = self.float_scalar(0.5, t)?;
         let scaled = self.push(&format!("{name}.div"), "Div", "", &[&x, &sqrt2], vec![]);
         let erf = self.push(&format!("{name}.erf"), "Erf", "", &[&scaled], vec![]);
         let plus = self.push(&format!("{name}.add"), "Add", "", &[&erf, &one], vec![]);
@@ -399,10 +399,10 @@ impl Emitter<'_> {
         let t = self.options.dtype;
         // Per-tensor, symmetric: a scalar scale and an fp8 zero point of 0 (which sets the type).
         let x = self.input(inputs[0], false)?;
-        let s = self.float_scalar(scale, t);
+        let s = self.float_scalar(scale, t)?;
         let zp_name = "const.f8e4m3.zero".to_string();
         if self.used.insert(zp_name.clone()) {
-            let mut zp = float_tensor(&zp_name, &[], &[], DType::F32);
+            let mut zp = float_tensor(&zp_name, &[], &[], DType::F32)?;
             zp.data_type = onnx_dtype(DType::F8E4M3) as i32;
             zp.raw_data = vec![0];
             self.initializers.push(zp);

@@ -1,5 +1,6 @@
 //! Small constructors for ONNX protobuf messages (onnx-protobuf's generated types).
 
+use crate::error::TargetError;
 use onnx_protobuf::attribute_proto::AttributeType;
 use onnx_protobuf::tensor_proto::DataType;
 use onnx_protobuf::tensor_shape_proto::{dimension, Dimension};
@@ -112,19 +113,25 @@ pub fn int64_tensor(name: &str, dims: &[i64], values: &[i64]) -> TensorProto {
     t
 }
 
-/// A small float initializer stored inline, in `dtype` (f32 or f16).
-pub fn float_tensor(name: &str, dims: &[i64], values: &[f32], dtype: DType) -> TensorProto {
+/// A small float initializer stored inline, in `dtype` (f32, f16 or bf16).
+pub fn float_tensor(
+    name: &str,
+    dims: &[i64],
+    values: &[f32],
+    dtype: DType,
+) -> Result<TensorProto, TargetError> {
     let mut t = TensorProto::new();
     t.name = name.to_string();
     t.dims = dims.to_vec();
     t.data_type = onnx_dtype(dtype) as i32;
-    t.raw_data = encode_floats(values, dtype);
-    t
+    t.raw_data = encode_floats(values, dtype)?;
+    Ok(t)
 }
 
-/// Little-endian bytes of `values` in `dtype` (f32, f16 or bf16).
-pub fn encode_floats(values: &[f32], dtype: DType) -> Vec<u8> {
-    match dtype {
+/// Little-endian bytes of `values` in `dtype` (f32, f16 or bf16; any other dtype is a herd bug).
+pub fn encode_floats(values: &[f32], dtype: DType) -> Result<Vec<u8>, TargetError> {
+    Ok(match dtype {
+        DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         DType::F16 => values
             .iter()
             .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
@@ -133,6 +140,11 @@ pub fn encode_floats(values: &[f32], dtype: DType) -> Vec<u8> {
             .iter()
             .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
             .collect(),
-        _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-    }
+        DType::F8E4M3 | DType::I8 | DType::I4 | DType::I32 | DType::I64 | DType::Bool => {
+            return Err(TargetError::Bug(format!(
+                "float values written as {}",
+                dtype.name()
+            )))
+        }
+    })
 }

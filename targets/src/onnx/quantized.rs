@@ -244,7 +244,7 @@ impl Emitter<'_> {
             &dims.iter().map(|&d| d as i64).collect::<Vec<_>>(),
             &[],
             DType::F32,
-        );
+        )?;
         values.data_type = values_dtype as i32;
         let row_multiple = if k_axis == 0 {
             spec.scheme.block().unwrap_or(1)
@@ -340,10 +340,10 @@ impl Emitter<'_> {
             _ => scales.shape().iter().map(|&d| d as i64).collect(),
         };
         let scales_name = self.fresh(&format!("{}.scales", source.label));
-        let mut scale_tensor = float_tensor(&scales_name, &scale_dims, &[], spec.scale_dtype);
+        let mut scale_tensor = float_tensor(&scales_name, &scale_dims, &[], spec.scale_dtype)?;
         let flat: Vec<f32> = scales.iter().copied().collect();
         self.data
-            .append(&mut scale_tensor, &encode_floats(&flat, spec.scale_dtype))?;
+            .append(&mut scale_tensor, &encode_floats(&flat, spec.scale_dtype)?)?;
         self.initializers.push(scale_tensor);
         Ok(scales_name)
     }

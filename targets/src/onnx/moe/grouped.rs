@@ -81,7 +81,7 @@ impl Emitter<'_> {
             &[&indices, &flat],
             vec![],
         );
-        let zero = self.float_scalar(0.0, t);
+        let zero = self.float_scalar(0.0, t)?;
         let shape = self.push(
             &format!("{name}.rows_shape"),
             "Shape",
