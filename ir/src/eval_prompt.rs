@@ -62,12 +62,15 @@ pub fn lowered_logits(graph: &Graph, ids: &[i64]) -> Result<Array2<f32>, String>
         let out = evaluate(graph, &inputs).map_err(|e| e.to_string())?;
         for (name, cache) in caches.iter_mut() {
             *cache = out
-                .get(&name.replace("past_", "present_"))
+                .get(
+                    &crate::names::Cache::parse(name)
+                        .map_or_else(String::new, |(c, l)| c.present().name(l)),
+                )
                 .ok_or_else(|| format!("no output for {name}"))?
                 .clone();
         }
         let logits = out
-            .get("logits")
+            .get(crate::names::LOGITS)
             .and_then(|t| t.as_f32())
             .ok_or("no f32 logits")?;
         rows.push(logits.index_axis(Axis(0), 0).to_owned());

@@ -428,8 +428,14 @@ fn build_graph(ckpt: &Checkpoint, image_features: bool) -> Result<Graph, ImportE
         stage: "import",
     };
     let tokens = vec![Dim::Sym(SymDim::Batch), Dim::Sym(SymDim::Seq)];
-    let ids = b.input("input_ids", TensorType::new(DType::I64, tokens.clone()))?;
-    let positions = b.input("position_ids", TensorType::new(DType::I64, tokens))?;
+    let ids = b.input(
+        crate::names::INPUT_IDS,
+        TensorType::new(DType::I64, tokens.clone()),
+    )?;
+    let positions = b.input(
+        crate::names::POSITION_IDS,
+        TensorType::new(DType::I64, tokens),
+    )?;
     let c = &ckpt.config;
     let embed_name = format!("{}model.embed_tokens.weight", c.architecture.text_prefix());
     let embed = b.weight(
@@ -639,8 +645,8 @@ impl Builder<'_> {
         } else {
             self.weight(&head_name, &[v, h], "lm_head")?
         };
-        let logits = self.add("lm_head", Op::Linear, &[normed, head])?;
-        self.graph.set_output("logits", logits);
+        let logits = self.add(crate::names::LM_HEAD, Op::Linear, &[normed, head])?;
+        self.graph.set_output(crate::names::LOGITS, logits);
         Ok(())
     }
 }

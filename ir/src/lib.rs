@@ -10,6 +10,7 @@ pub mod graph;
 pub mod import;
 pub mod infer;
 pub mod layout;
+pub mod names;
 pub mod ops;
 pub mod print;
 pub mod quant;

@@ -28,9 +28,10 @@ pub fn residual_name(layer: usize) -> String {
 
 /// Whether a graph output belongs to decoder layer `layer` (its KV cache).
 fn output_layer(name: &str) -> Option<usize> {
-    ["present_key.", "present_value."]
-        .iter()
-        .find_map(|p| name.strip_prefix(p)?.parse().ok())
+    match crate::names::Cache::parse(name)? {
+        (crate::names::Cache::PresentKey | crate::names::Cache::PresentValue, layer) => Some(layer),
+        (crate::names::Cache::PastKey | crate::names::Cache::PastValue, _) => None,
+    }
 }
 
 /// Cuts `graph` (a lowered decoder of `num_layers` layers) into one graph per range of `ranges`,

@@ -114,7 +114,8 @@ fn all_projections(graph: &Graph) -> Vec<(String, Value)> {
         .into_iter()
         .filter_map(|n| {
             let node = graph.node(n)?;
-            (matches!(node.op, Op::Linear | Op::FusedMoe(_)) && node.name != "lm_head")
+            (matches!(node.op, Op::Linear | Op::FusedMoe(_))
+                && node.name != herd_ir::names::LM_HEAD)
                 .then(|| (node.name.clone(), graph.inputs(n)[0]))
         })
         .collect()

@@ -22,6 +22,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use herd_ir::names::Cache;
 use herd_ir::ops::{AttentionAttrs, ChunkAttrs, InputAttrs, RmsNormAttrs, RotaryAnglesAttrs};
 use herd_ir::{DType, Diagnostic, Dim, Graph, Op, SymDim, TensorType, Value};
 
@@ -188,7 +189,7 @@ fn kv_cache(
         Some(c) => Dim::Fixed(c.min(options.max_positions).max(1)),
         None => Dim::Sym(SymDim::Past),
     };
-    let cache = TensorType::new(
+    let cache_type = TensorType::new(
         dtype,
         vec![
             Dim::Sym(SymDim::Batch),
@@ -201,11 +202,11 @@ fn kv_cache(
         ring: chunk.is_some(),
     };
     let mut past = Vec::new();
-    for what in ["key", "value"] {
-        let input = format!("past_{what}.{i}");
+    for cache in [Cache::PastKey, Cache::PastValue] {
+        let input = cache.name(i);
         let attrs = InputAttrs {
             name: input.clone(),
-            ty: cache.clone(),
+            ty: cache_type.clone(),
         };
         past.push(g.add(input, Op::Input(attrs), &[])?);
     }
@@ -219,8 +220,8 @@ fn kv_cache(
         write,
         &[past[1], v, positions],
     )?;
-    g.set_output(format!("present_key.{i}"), k_all);
-    g.set_output(format!("present_value.{i}"), v_all);
+    g.set_output(Cache::PresentKey.name(i), k_all);
+    g.set_output(Cache::PresentValue.name(i), v_all);
     let k_seen = g.add(format!("{name}.keys"), Op::CacheView, &[k_all, positions])?;
     let v_seen = g.add(format!("{name}.values"), Op::CacheView, &[v_all, positions])?;
     Ok((k_seen, v_seen))

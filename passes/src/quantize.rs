@@ -44,7 +44,9 @@ pub fn run(graph: &mut Graph, options: &PassOptions) -> Result<(), PassError> {
         }
         let inputs = graph.inputs(node);
         match &n.op {
-            Op::Linear if n.name != "lm_head" || q.embeddings => marks.push((inputs[1].node, 1)),
+            Op::Linear if n.name != herd_ir::names::LM_HEAD || q.embeddings => {
+                marks.push((inputs[1].node, 1))
+            }
             Op::Embedding { .. } if q.embeddings => marks.push((inputs[1].node, 1)),
             Op::FusedMoe(m) => {
                 let expert_k = match m.layout {

@@ -100,7 +100,9 @@ fn groups(graph: &Graph) -> Vec<Group> {
             };
             let quantized = |i: usize| int_weight(graph, graph.inputs(c)[i].node).is_some();
             match &consumer.op {
-                Op::Linear if slot == 0 && quantized(1) && consumer.name != "lm_head" => {
+                Op::Linear
+                    if slot == 0 && quantized(1) && consumer.name != herd_ir::names::LM_HEAD =>
+                {
                     group.linears.push((c, output_name(&consumer.name)))
                 }
                 Op::FusedMoe(_) if slot == 0 && quantized(2) && quantized(4) => {

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use herd_ir::graph::{NodeIndex, Value};
+use herd_ir::names::Cache;
 use herd_ir::ops::Op;
 use herd_ir::weights::{Transform, WeightRef};
 use herd_ir::{DType, Dim, Graph, Phase, Verified};
@@ -513,7 +514,7 @@ impl Emitter<'_> {
                 infos.push(value_info(&out_name, t, &ty.shape.0));
                 continue;
             }
-            let is_logits = out_name == "logits";
+            let is_logits = out_name == herd_ir::names::LOGITS;
             let (op_type, attrs, dtype) = if is_logits && t != DType::F32 {
                 (
                     "Cast",
@@ -567,11 +568,7 @@ impl Emitter<'_> {
         }
         let mut kv = Vec::new();
         for info in &self.inputs {
-            if let Some(layer) = info
-                .name
-                .strip_prefix("past_key.")
-                .and_then(|l| l.parse().ok())
-            {
+            if let Some((Cache::PastKey, layer)) = Cache::parse(&info.name) {
                 let ring = self.graph.node_indices().into_iter().find_map(|n| {
                     match &self.graph.node(n)?.op {
                         Op::Input(a) if a.name == info.name => a.ty.shape.0.get(2)?.fixed(),
@@ -581,10 +578,10 @@ impl Emitter<'_> {
                 kv.push(KvNames {
                     layer,
                     ring,
-                    past_key: format!("past_key.{layer}"),
-                    past_value: format!("past_value.{layer}"),
-                    present_key: format!("present_key.{layer}"),
-                    present_value: format!("present_value.{layer}"),
+                    past_key: Cache::PastKey.name(layer),
+                    past_value: Cache::PastValue.name(layer),
+                    present_key: Cache::PresentKey.name(layer),
+                    present_value: Cache::PresentValue.name(layer),
                 });
             }
         }
@@ -623,9 +620,9 @@ impl Emitter<'_> {
             data_sha256,
             io: GraphIo {
                 model_file: names.model_file.clone(),
-                input_ids: "input_ids".into(),
-                position_ids: "position_ids".into(),
-                logits: "logits".into(),
+                input_ids: herd_ir::names::INPUT_IDS.into(),
+                position_ids: herd_ir::names::POSITION_IDS.into(),
+                logits: herd_ir::names::LOGITS.into(),
                 logits_index: herd_ir::import::LOGITS_INDEX_INPUT.into(),
                 kv_layout: "slots,kv_heads,length,head_dim".into(),
                 kv,
