@@ -226,14 +226,42 @@ fn vision_bench(model: &Model, info: &herd_runtime::manifest::VisionInfo) -> Res
     }))
 }
 
+/// The checkpoint's weight files: the shards its `model.safetensors.index.json` names, or
+/// `model.safetensors` (other `.safetensors` files in the folder are not the model's).
+pub fn checkpoint_shards(model: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let index = model.join("model.safetensors.index.json");
+    if !index.is_file() {
+        return Ok(vec![model.join("model.safetensors")]);
+    }
+    let text = std::fs::read_to_string(&index).with_context(|| index.display().to_string())?;
+    let map = herd_ir::parse_index(&index.display().to_string(), &text)?;
+    let shards: std::collections::BTreeSet<&String> = map.values().collect();
+    Ok(shards.into_iter().map(|s| model.join(s)).collect())
+}
+
+/// What a plain copy of the checkpoint costs on this machine: every shard of `model` copied into `dir` (on the output's file system) and synced to disk, as `cp` + `sync` would.
+/// Returns (bytes, seconds). The copies are removed afterwards.
+pub fn copy_with_sync(model: &Path, dir: &Path) -> Result<(u64, f64)> {
+    let files = checkpoint_shards(model)?;
+    std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+    let mut total = 0u64;
+    let start = Instant::now();
+    for f in &files {
+        let name = f.file_name().context("a shard without a file name")?;
+        let to = dir.join(name);
+        total += std::fs::copy(f, &to).with_context(|| format!("copying {}", f.display()))?;
+        std::fs::File::open(&to)
+            .and_then(|file| file.sync_all())
+            .with_context(|| to.display().to_string())?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    std::fs::remove_dir_all(dir).with_context(|| dir.display().to_string())?;
+    Ok((total, seconds))
+}
+
 /// Reads every weight file of `model` once, sequentially; returns (bytes, seconds).
 pub fn sequential_read(model: &Path) -> Result<(u64, f64)> {
-    let mut files: Vec<_> = std::fs::read_dir(model)
-        .with_context(|| model.display().to_string())?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
-    files.sort();
+    let files = checkpoint_shards(model)?;
     let mut buf = vec![0u8; 8 << 20];
     let mut total = 0u64;
     let start = Instant::now();

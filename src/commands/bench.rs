@@ -101,6 +101,8 @@ fn compile_bench(args: &BenchArgs) -> Result<serde_json::Value> {
     };
     let report = compile(&options, &mut |_, _| {})?;
     let seconds: f64 = report.stages.iter().map(|(_, d)| d.as_secs_f64()).sum();
+    let (copy_bytes, copy_seconds) =
+        crate::bench::copy_with_sync(&args.path, &out.path().join("copy"))?;
     let compile_gbps = report.checkpoint_bytes as f64 / seconds / 1e9;
     let read_gbps = read_bytes as f64 / read_seconds / 1e9;
     Ok(json!({
@@ -112,6 +114,9 @@ fn compile_bench(args: &BenchArgs) -> Result<serde_json::Value> {
         "sequential_read_seconds": read_seconds,
         "sequential_read_gb_per_s": read_gbps,
         "compile_over_read_time": seconds / read_seconds,
+        "copy_bytes": copy_bytes,
+        "copy_seconds": copy_seconds,
+        "compile_over_copy_time": seconds / copy_seconds.max(1e-9),
         "peak_rss_bytes": report.peak_rss_bytes,
     }))
 }
