@@ -60,7 +60,39 @@ pub fn run(graph: &mut Graph, options: &PassOptions) -> Result<(), PassError> {
                     (inputs[5].node, 1),
                 ]);
             }
-            _ => {}
+            // Their weights stay in float: lm_head and the embedding without --quant-embeddings,
+            // norms (RmsNorm, LayerNorm: per-channel scales), the router (small, and routing is
+            // sensitive to it; FusedMoe's input 1 above is skipped for that reason).
+            Op::Linear | Op::Embedding { .. } | Op::RmsNorm(_) | Op::LayerNorm(_) => {}
+            // Unfused feed-forward and unlowered attention never reach this pass (it runs after
+            // expert_fusion and irope; the phase check refuses them).
+            Op::Attention(_) | Op::Mlp | Op::Moe(_) => {}
+            // Ops without weight operands.
+            Op::Input(_)
+            | Op::Weight(_)
+            | Op::Gelu
+            | Op::AppendToken
+            | Op::PickRows
+            | Op::ScatterRows
+            | Op::Add
+            | Op::Mul
+            | Op::Sigmoid
+            | Op::Silu
+            | Op::Cast { .. }
+            | Op::Constant(_)
+            | Op::Reshape { .. }
+            | Op::Transpose { .. }
+            | Op::Slice { .. }
+            | Op::Concat { .. }
+            | Op::Rotary
+            | Op::RotaryAngles(_)
+            | Op::CacheWrite { .. }
+            | Op::CacheView
+            | Op::QueryTemperature(_)
+            | Op::AttentionMask { .. }
+            | Op::Sdpa { .. }
+            | Op::SwiGlu
+            | Op::QuantizeActivation { .. } => {}
         }
     }
     for (node, k_axis) in marks {
