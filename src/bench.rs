@@ -239,8 +239,9 @@ pub fn checkpoint_shards(model: &Path) -> Result<Vec<std::path::PathBuf>> {
     Ok(shards.into_iter().map(|s| model.join(s)).collect())
 }
 
-/// What a plain copy of the checkpoint costs on this machine: every shard of `model` copied into `dir` (on the output's file system) and synced to disk, as `cp` + `sync` would.
-/// Returns (bytes, seconds). The copies are removed afterwards.
+/// What a plain copy of the checkpoint costs on this machine: every shard of `model` copied into
+/// `dir` (on the output's file system) and synced to disk, as `cp` + `sync` would. Returns (bytes,
+/// seconds). The copies are removed afterwards.
 pub fn copy_with_sync(model: &Path, dir: &Path) -> Result<(u64, f64)> {
     let files = checkpoint_shards(model)?;
     std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;

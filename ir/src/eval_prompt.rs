@@ -61,11 +61,10 @@ pub fn lowered_logits(graph: &Graph, ids: &[i64]) -> Result<Array2<f32>, String>
         );
         let out = evaluate(graph, &inputs).map_err(|e| e.to_string())?;
         for (name, cache) in caches.iter_mut() {
+            let (kind, layer) =
+                crate::names::Cache::parse(name).ok_or_else(|| format!("{name} is not a cache"))?;
             *cache = out
-                .get(
-                    &crate::names::Cache::parse(name)
-                        .map_or_else(String::new, |(c, l)| c.present().name(l)),
-                )
+                .get(&kind.present().name(layer))
                 .ok_or_else(|| format!("no output for {name}"))?
                 .clone();
         }

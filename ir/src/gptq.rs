@@ -225,6 +225,12 @@ impl RowProblem<'_> {
     fn solve(&self, w: &[f32], n: usize, rows_per_task: usize) -> GptqMatrix {
         use rayon::prelude::*;
         let k = self.k;
+        if n == 0 || k == 0 {
+            return GptqMatrix {
+                codes: Vec::new(),
+                scales: Vec::new(),
+            };
+        }
         let parts: Vec<GptqMatrix> = w[..n * k]
             .par_chunks(rows_per_task.max(1) * k)
             .map(|rows| self.rows(rows, rows.len() / k))
@@ -307,10 +313,16 @@ impl RowProblem<'_> {
                 }
             }
             if end < k {
-                // ... and the batch's over every later column, in one product.
-                let update = &errors * u.as_ref().submatrix(start, end, end - start, k - end);
-                let mut rest = w.as_mut().submatrix_mut(0, end, n, k - end);
-                rest -= &update;
+                // ... and the batch's over every later column, in one product accumulated in place
+                // (no [rows, K] temporary).
+                matmul(
+                    w.as_mut().submatrix_mut(0, end, n, k - end),
+                    Accum::Add,
+                    errors.as_ref(),
+                    u.as_ref().submatrix(start, end, end - start, k - end),
+                    -1.0,
+                    Par::Seq,
+                );
             }
         }
         GptqMatrix { codes, scales }

@@ -250,21 +250,39 @@ pub fn block_scale(
     scale_dtype: DType,
     search: ScaleSearch,
 ) -> f32 {
-    let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let absmax = round_scale(amax / qmax(scheme), scale_dtype);
-    if search == ScaleSearch::Absmax || scheme == QuantScheme::Fp8 || absmax == 0.0 {
-        return absmax;
+    if search == ScaleSearch::Absmax || scheme == QuantScheme::Fp8 {
+        let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+        return round_scale(amax / qmax(scheme), scale_dtype);
     }
     let (lo, hi) = code_range(scheme);
-    let mut best = (f32::INFINITY, absmax);
-    for fraction in clip_grid(scheme) {
+    least_error_scale(values, scheme, scale_dtype, clip_grid(scheme), |scale| {
+        rounding_error(values, scale, lo, hi) as f64
+    })
+}
+
+/// Among absmax scaled by each of `fractions` (rounded to `scale_dtype`), the scale of least
+/// `error`; the first of equal errors wins, and an all-zero block gets 0.
+fn least_error_scale(
+    values: &[f32],
+    scheme: QuantScheme,
+    scale_dtype: DType,
+    fractions: impl Iterator<Item = f32>,
+    error: impl Fn(f32) -> f64,
+) -> f32 {
+    let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let absmax = round_scale(amax / qmax(scheme), scale_dtype);
+    if absmax == 0.0 {
+        return absmax;
+    }
+    let mut best = (f64::INFINITY, absmax);
+    for fraction in fractions {
         let scale = round_scale(amax * fraction / qmax(scheme), scale_dtype);
         if scale == 0.0 {
             continue;
         }
-        let error = rounding_error(values, scale, lo, hi);
-        if error < best.0 {
-            best = (error, scale);
+        let e = error(scale);
+        if e < best.0 {
+            best = (e, scale);
         }
     }
     best.1
@@ -296,32 +314,24 @@ pub fn weighted_block_scale(
     if scheme == QuantScheme::Fp8 || !weights.iter().any(|&w| w > 0.0) {
         return block_scale(values, scheme, scale_dtype, ScaleSearch::Clip);
     }
-    let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let absmax = round_scale(amax / qmax(scheme), scale_dtype);
-    if absmax == 0.0 {
-        return absmax;
-    }
     let (lo, hi) = code_range(scheme);
-    let mut best = (f64::INFINITY, absmax);
-    for fraction in weighted_grid(scheme) {
-        let scale = round_scale(amax * fraction / qmax(scheme), scale_dtype);
-        if scale == 0.0 {
-            continue;
-        }
-        let inverse = 1.0 / scale;
-        let error: f64 = values
-            .iter()
-            .zip(weights)
-            .map(|(&v, &w)| {
-                let d = v - (round_half_even(v * inverse)).clamp(lo, hi) * scale;
-                w as f64 * (d * d) as f64
-            })
-            .sum();
-        if error < best.0 {
-            best = (error, scale);
-        }
-    }
-    best.1
+    least_error_scale(
+        values,
+        scheme,
+        scale_dtype,
+        weighted_grid(scheme),
+        |scale| {
+            let inverse = 1.0 / scale;
+            values
+                .iter()
+                .zip(weights)
+                .map(|(&v, &w)| {
+                    let d = v - (round_half_even(v * inverse)).clamp(lo, hi) * scale;
+                    w as f64 * (d * d) as f64
+                })
+                .sum()
+        },
+    )
 }
 
 /// Σ (v − clamp(round(v / scale)) · scale)² over `values`, in eight lanes the compiler vectorizes. It
