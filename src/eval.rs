@@ -149,7 +149,7 @@ pub fn compare_bundles(
 pub fn store(bundle: &Path, accuracy: &Accuracy, rtn: Option<&Accuracy>) -> Result<()> {
     herd_runtime::bundle::update_manifest(bundle, |manifest| {
         let q = manifest.quantization.as_mut().ok_or_else(|| {
-            herd_runtime::RuntimeError::Param(format!(
+            herd_runtime::RuntimeError::Unsupported(format!(
                 "{}: the bundle is not quantized",
                 bundle.display()
             ))

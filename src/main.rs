@@ -28,6 +28,7 @@ fn stdout_error(e: std::io::Error) -> anyhow::Error {
 mod bench;
 mod commands;
 mod driver;
+mod engine;
 mod eval;
 mod plan;
 mod serve;

@@ -12,6 +12,9 @@ pub enum WeightError {
     Io { file: String, message: String },
     #[error("{file}: {problem}")]
     BadShard { file: String, problem: String },
+    /// A weight (one checkpoint tensor, or several joined with `+`) that cannot be read as declared.
+    #[error("weight `{tensor}`: {problem}")]
+    BadWeight { tensor: String, problem: String },
     #[error("tensor `{tensor}` is not in any shard")]
     Missing { tensor: String },
     #[error(

@@ -108,10 +108,7 @@ impl WeightStore {
         row_multiple: usize,
         mut sink: impl FnMut(Range<usize>, &ArrayD<f32>) -> Result<(), E>,
     ) -> Result<(), E> {
-        let shape = w.shape().map_err(|problem| WeightError::BadShard {
-            file: "<weight>".into(),
-            problem,
-        })?;
+        let shape = w.shape().map_err(|problem| bad(&w.label(), problem))?;
         if let Some(matrix) = self.expert_matrix(w)? {
             return stream_in_memory(&matrix, max_block_elements, row_multiple, sink);
         }
@@ -203,7 +200,8 @@ impl WeightStore {
             pieces.pop().expect("one piece")
         } else {
             let views: Vec<_> = pieces.iter().map(|p| p.view()).collect();
-            ndarray::concatenate(Axis(w.concat_axis), &views).map_err(|e| bad(e.to_string()))?
+            ndarray::concatenate(Axis(w.concat_axis), &views)
+                .map_err(|e| bad(&w.label(), e.to_string()))?
         };
         for (t, &axis) in w.transforms.iter().zip(&trace.axes) {
             array = match t {
@@ -224,7 +222,7 @@ impl WeightStore {
                     shape[0] = array.len() / row.max(1);
                     crate::layout::row_major(array.view())
                         .into_shape_with_order(IxDyn(&shape))
-                        .map_err(|e| bad(e.to_string()))?
+                        .map_err(|e| bad(&w.label(), e.to_string()))?
                 }
             };
         }
@@ -263,7 +261,7 @@ impl WeightStore {
             });
         }
         if bytes.len() < outer * dims[axis] * inner * elem {
-            return Err(bad("region outside the tensor".into()));
+            return Err(bad(&part.source.tensor, "region outside the tensor".into()));
         }
         let mut values = vec![0f32; outer * run];
         values
@@ -285,7 +283,8 @@ impl WeightStore {
         }
         let mut shape = dims.clone();
         shape[axis] = range.len();
-        ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| bad(e.to_string()))
+        ArrayD::from_shape_vec(IxDyn(&shape), values)
+            .map_err(|e| bad(&part.source.tensor, e.to_string()))
     }
 }
 
@@ -313,9 +312,9 @@ fn stream_in_memory<E>(
     Ok(())
 }
 
-fn bad(problem: String) -> WeightError {
-    WeightError::BadShard {
-        file: "<weight>".into(),
+fn bad(tensor: &str, problem: String) -> WeightError {
+    WeightError::BadWeight {
+        tensor: tensor.to_string(),
         problem,
     }
 }

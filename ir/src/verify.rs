@@ -68,7 +68,40 @@ pub fn verify(graph: &Graph, after_pass: Option<&str>) -> Result<(), VerifyError
                 );
             }
             Op::Weight(w) => check_weight(graph, id, &node.name, w, &mut found),
-            _ => {}
+            // Every other op has no data of its own to check beyond its typing (below); a new op
+            // that carries data must say so here.
+            Op::Input(_)
+            | Op::Embedding { .. }
+            | Op::Attention(_)
+            | Op::Mlp
+            | Op::Moe(_)
+            | Op::RmsNorm(_)
+            | Op::Linear
+            | Op::LayerNorm(_)
+            | Op::Gelu
+            | Op::AppendToken
+            | Op::PickRows
+            | Op::ScatterRows
+            | Op::Add
+            | Op::Mul
+            | Op::Sigmoid
+            | Op::Silu
+            | Op::Cast { .. }
+            | Op::Constant(_)
+            | Op::Reshape { .. }
+            | Op::Transpose { .. }
+            | Op::Slice { .. }
+            | Op::Concat { .. }
+            | Op::Rotary
+            | Op::RotaryAngles(_)
+            | Op::CacheWrite { .. }
+            | Op::CacheView
+            | Op::QueryTemperature(_)
+            | Op::AttentionMask { .. }
+            | Op::Sdpa { .. }
+            | Op::SwiGlu
+            | Op::FusedMoe(_)
+            | Op::QuantizeActivation { .. } => {}
         }
         check_typing(graph, index, &mut found);
     }

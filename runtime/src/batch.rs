@@ -87,9 +87,10 @@ impl<'m> Batch<'m> {
         micro_batches: usize,
     ) -> Result<Batch<'m>, RuntimeError> {
         if micro_batches == 0 || slots == 0 || slots % micro_batches != 0 || micro_batches > 64 {
-            return Err(RuntimeError::Param(format!(
-                "{slots} slots in {micro_batches} micro-batches: use 1 to 64 micro-batches that divide the slots"
-            )));
+            return Err(RuntimeError::option(
+                "micro-batches",
+                format!("{slots} slots in {micro_batches} micro-batches: use 1 to 64 micro-batches that divide the slots"),
+            ));
         }
         let per_call = crate::session::max_tokens_per_call(&model.bundle.manifest)
             .unwrap_or(usize::MAX)
@@ -144,19 +145,19 @@ impl<'m> Batch<'m> {
         let m = &self.model.bundle.manifest;
         params.sampling.validate()?;
         if ids.is_empty() {
-            return Err(RuntimeError::Param("the prompt has no tokens".into()));
+            return Err(RuntimeError::EmptyPrompt);
         }
         crate::decode::check_ids(m.model.vocab_size, &ids)?;
         crate::decode::check_room(ids.len(), params.max_new_tokens, self.caches[0].context())?;
         if !features.is_empty() {
-            let patch = m.vision.as_ref().map(|v| v.tokens.patch).ok_or_else(|| {
-                RuntimeError::Param(
-                    "this bundle takes no images (it was compiled without a vision encoder)".into(),
-                )
-            })?;
+            let patch = m
+                .vision
+                .as_ref()
+                .map(|v| v.tokens.patch)
+                .ok_or(RuntimeError::NoVision)?;
             let patches = ids.iter().filter(|&&t| t == patch).count();
             if patches * m.model.hidden_size != features.len() {
-                return Err(RuntimeError::Param(format!(
+                return Err(RuntimeError::ImageMismatch(format!(
                     "{} image feature values for {patches} <|patch|> tokens of width {}",
                     features.len(),
                     m.model.hidden_size
@@ -178,7 +179,7 @@ impl<'m> Batch<'m> {
                 (g * self.group_slots..(g + 1) * self.group_slots).find(|&s| self.rows[s].is_none())
             })
             .ok_or_else(|| {
-                RuntimeError::Param(format!("all {} slots are taken", self.rows.len()))
+                RuntimeError::Call(format!("all {} slots are taken", self.rows.len()))
             })?;
         let id = self.next_id;
         self.next_id += 1;

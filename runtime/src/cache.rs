@@ -70,15 +70,19 @@ impl KvCache {
         context: usize,
     ) -> Result<KvCache, RuntimeError> {
         if slots == 0 || context == 0 {
-            return Err(RuntimeError::Param(
-                "a KV cache needs at least one slot and one position".into(),
+            return Err(RuntimeError::option(
+                "KV cache",
+                "a KV cache needs at least one slot and one position",
             ));
         }
         if context > m.model.max_positions {
-            return Err(RuntimeError::Param(format!(
-                "a context of {context} positions is more than the bundle's {} (compile with a larger --max-context)",
-                m.model.max_positions
-            )));
+            return Err(RuntimeError::option(
+                "context",
+                format!(
+                    "{context} positions is more than the bundle's {} (compile with a larger --max-context)",
+                    m.model.max_positions
+                ),
+            ));
         }
         let element = m.dtype;
         let (heads, dim) = (m.model.num_kv_heads, m.model.head_dim);
@@ -93,10 +97,13 @@ impl KvCache {
             let shape = [slots, heads, length, dim];
             let elements = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64));
             let Some(elements) = elements.filter(|&n| n <= MAX_BUFFER_ELEMENTS) else {
-                return Err(RuntimeError::Param(format!(
-                    "layer {}'s KV buffer [{slots}, {heads}, {length}, {dim}] is too large: use fewer slots (--max-batch) or fewer positions (--kv-context)",
-                    kv.layer
-                )));
+                return Err(RuntimeError::option(
+                    "KV cache",
+                    format!(
+                        "layer {}'s KV buffer [{slots}, {heads}, {length}, {dim}] is too large: use fewer slots (--max-batch) or fewer positions (--kv-context)",
+                        kv.layer
+                    ),
+                ));
             };
             let side = elements * element.bytes() as u64;
             if kv.ring.is_some() {
@@ -163,12 +170,12 @@ impl KvCache {
         let l = self
             .layers
             .get(layer)
-            .ok_or_else(|| RuntimeError::Param(format!("no cache layer {layer}")))?;
+            .ok_or_else(|| RuntimeError::Call(format!("no cache layer {layer}")))?;
         let tensor = if values { &l.value } else { &l.key };
         let (shape, data) = tensor.try_extract_tensor::<f32>()?;
         let (heads, length, dim) = (shape[1] as usize, shape[2] as usize, shape[3] as usize);
         if slot >= self.slots || index >= length {
-            return Err(RuntimeError::Param(format!(
+            return Err(RuntimeError::Call(format!(
                 "entry {index} of slot {slot} is outside [{}, {length}]",
                 self.slots
             )));

@@ -10,7 +10,7 @@ use ort::session::{SessionInputValue, SessionOutputs};
 use ort::value::{DynValue, Tensor};
 
 use crate::cache::{KvCache, LayerCache};
-use crate::error::RuntimeError;
+use crate::error::{Neighbour, RuntimeError};
 use crate::model::{float_input, Model};
 
 /// One row of a decoder call: `ids` at positions `start..start + ids.len()` in cache slot `slot`.
@@ -27,9 +27,7 @@ pub struct RowInput<'a> {
 /// Refuses token ids outside the vocabulary.
 pub(crate) fn check_ids(vocab: usize, ids: &[i64]) -> Result<(), RuntimeError> {
     match ids.iter().find(|&&t| t < 0 || t as usize >= vocab) {
-        Some(bad) => Err(RuntimeError::Param(format!(
-            "token id {bad} is outside the vocabulary 0..{vocab}"
-        ))),
+        Some(&id) => Err(RuntimeError::TokenOutOfVocab { id, vocab }),
         None => Ok(()),
     }
 }
@@ -102,7 +100,7 @@ impl Model {
         inspect: &mut dyn FnMut(&SessionOutputs) -> Result<(), RuntimeError>,
     ) -> Result<CallLogits, RuntimeError> {
         if !extra.is_empty() && self.stages.len() > 1 {
-            return Err(RuntimeError::Param(
+            return Err(RuntimeError::Unsupported(
                 "extra outputs are for single-graph bundles".into(),
             ));
         }
@@ -119,8 +117,9 @@ impl Model {
                 StageOutput::Logits(logits) => return self.finish_call(&call, &logits),
             }
         }
-        Err(RuntimeError::Ort(
-            "the last stage returned no logits".into(),
+        Err(RuntimeError::bug(
+            "decode",
+            "the last stage returned no logits",
         ))
     }
 
@@ -171,11 +170,11 @@ impl Model {
                 })
                 .collect();
             // Every thread is joined: a failed stage passes its error on, so none waits forever.
-            let mut last = Err(RuntimeError::Ort("no pipeline stages".into()));
+            let mut last = Err(RuntimeError::bug("pipeline", "no pipeline stages"));
             for handle in handles {
-                last = handle
-                    .join()
-                    .unwrap_or_else(|_| Err(RuntimeError::Ort("a pipeline stage panicked".into())));
+                last = handle.join().unwrap_or_else(|_| {
+                    Err(RuntimeError::bug("pipeline", "a stage's thread panicked"))
+                });
             }
             last
         });
@@ -205,28 +204,27 @@ impl Model {
                 Some(rx) => match rx.recv() {
                     Ok(Ok(h)) => Some(h),
                     Ok(Err(e)) => return Err(e),
-                    Err(_) => return Err(RuntimeError::Ort("an earlier stage stopped".into())),
+                    Err(_) => return Err(RuntimeError::PipelineStopped(Neighbour::Earlier)),
                 },
             };
             let out = self.run_stage(stage, call, group_layers, hidden, &[], &mut |_| Ok(()));
             match (out, &output) {
                 (Ok(StageOutput::Hidden(h)), Some(tx)) => {
                     if tx.send(Ok(h)).is_err() {
-                        return Err(RuntimeError::Ort("a later stage stopped".into()));
+                        return Err(RuntimeError::PipelineStopped(Neighbour::Later));
                     }
                 }
                 (Ok(StageOutput::Logits(l)), None) => logits.push(l),
                 (Ok(_), _) => {
-                    return Err(RuntimeError::Ort(format!(
-                        "stage {} returned the wrong kind of output",
-                        stage.index
-                    )))
+                    return Err(RuntimeError::bug(
+                        "pipeline",
+                        format!("stage {} returned the wrong kind of output", stage.index),
+                    ))
                 }
                 (Err(e), Some(tx)) => {
-                    let message = e.to_string();
-                    // The last stage reports it; this copy only ends this thread.
+                    // The last stage reports it; this thread only ends.
                     let _ = tx.send(Err(e));
-                    return Err(RuntimeError::Ort(message));
+                    return Err(RuntimeError::PipelineStopped(Neighbour::Later));
                 }
                 (Err(e), None) => return Err(e),
             }
@@ -245,12 +243,12 @@ impl Model {
         let (slots, vocab, h) = (cache.slots(), m.model.vocab_size, m.model.hidden_size);
         let width = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
         if width == 0 {
-            return Err(RuntimeError::Param("no tokens to feed".into()));
+            return Err(RuntimeError::Call("no tokens to feed".into()));
         }
         let mut row_of_slot = vec![None; slots];
         for (i, row) in rows.iter().enumerate() {
             if row.slot >= slots || row_of_slot[row.slot].is_some() || row.ids.is_empty() {
-                return Err(RuntimeError::Param(format!(
+                return Err(RuntimeError::Call(format!(
                     "row {i}: slot {} is outside 0..{slots}, taken twice, or given no tokens",
                     row.slot
                 )));
@@ -264,7 +262,7 @@ impl Model {
             .map(|r| r.map_or(0, |i| rows[i].start))
             .collect();
         if let Some(slot) = (0..slots).find(|&s| cache.room(starts[s]) < width) {
-            return Err(RuntimeError::Param(format!(
+            return Err(RuntimeError::Call(format!(
                 "slot {slot} at position {} has room for {} tokens in this call, not {width} (calls stop at chunk boundaries and at the context of {})",
                 starts[slot],
                 cache.room(starts[slot]),
@@ -289,7 +287,7 @@ impl Model {
                 // Without feature rows a `<|patch|>` id is an ordinary token (its embedding).
                 if !row.features.is_empty() {
                     if at.len() * h != row.features.len() {
-                        return Err(RuntimeError::Param(format!(
+                        return Err(RuntimeError::ImageMismatch(format!(
                             "{} image feature rows for {} <|patch|> tokens",
                             row.features.len() / h.max(1),
                             at.len()
@@ -299,9 +297,7 @@ impl Model {
                     features.extend_from_slice(row.features);
                 }
             } else if row.is_some_and(|r| !r.features.is_empty()) {
-                return Err(RuntimeError::Param(
-                    "this bundle takes no images (it was compiled without a vision encoder)".into(),
-                ));
+                return Err(RuntimeError::NoVision);
             }
         }
         // The tokens whose logits come back: every token of each row, or only its last.
@@ -366,8 +362,9 @@ impl Model {
                     }
                 }
                 _ => {
-                    return Err(RuntimeError::Ort(
-                        "the residual stream does not match the stage's inputs".into(),
+                    return Err(RuntimeError::bug(
+                        "pipeline",
+                        "the residual stream does not match the stage's inputs",
                     ))
                 }
             }
@@ -411,11 +408,11 @@ impl Model {
                 return outputs
                     .remove(name)
                     .map(StageOutput::Hidden)
-                    .ok_or_else(|| RuntimeError::Ort(format!("no `{name}` output")));
+                    .ok_or_else(|| RuntimeError::bug("decode", format!("no `{name}` output")));
             }
             let logits = outputs
                 .get(&m.graph.logits)
-                .ok_or_else(|| RuntimeError::Ort("no logits output".into()))?
+                .ok_or_else(|| RuntimeError::bug("decode", "no logits output"))?
                 .try_extract_tensor::<f32>()?
                 .1
                 .to_vec();

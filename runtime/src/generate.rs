@@ -31,15 +31,15 @@ pub enum Prompt {
 /// tokens (empty without images).
 pub fn prepare_prompt(model: &Model, prompt: Prompt) -> Result<(Vec<i64>, Vec<f32>), RuntimeError> {
     let text = || {
-        model.text().ok_or_else(|| {
-            RuntimeError::Param("the bundle has no tokenizer.json: pass token ids".into())
+        model.text().ok_or(RuntimeError::NoTokenizer {
+            needed_for: "a text prompt",
         })
     };
     let without_images = |ids: Vec<i64>| -> Result<(Vec<i64>, Vec<f32>), RuntimeError> {
         if let Some(info) = &model.bundle.manifest.vision {
             let placeholders = ids.iter().filter(|&&t| t == info.tokens.image).count();
             if placeholders > 0 {
-                return Err(RuntimeError::Param(format!(
+                return Err(RuntimeError::ImageMismatch(format!(
                     "the prompt has {placeholders} <|image|> placeholder(s) but no image was given (pass the images with it, e.g. --image)"
                 )));
             }
@@ -61,13 +61,9 @@ pub fn prepare_prompt(model: &Model, prompt: Prompt) -> Result<(Vec<i64>, Vec<f3
         Prompt::Chat(messages) => without_images(encode_chat(&messages)?)?,
         Prompt::WithImages { prompt, images } => {
             let m = &model.bundle.manifest;
-            let info = m.vision.as_ref().ok_or_else(|| {
-                RuntimeError::Param(
-                    "this bundle takes no images: it was compiled without a vision encoder (--text-only or a text-only checkpoint)".into(),
-                )
-            })?;
+            let info = m.vision.as_ref().ok_or(RuntimeError::NoVision)?;
             if images.len() > info.max_images {
-                return Err(RuntimeError::Param(format!(
+                return Err(RuntimeError::ImageMismatch(format!(
                     "{} images given; this bundle takes at most {} per prompt (herd compile --max-images)",
                     images.len(),
                     info.max_images
@@ -75,7 +71,7 @@ pub fn prepare_prompt(model: &Model, prompt: Prompt) -> Result<(Vec<i64>, Vec<f3
             }
             let ids = match *prompt {
                 Prompt::WithImages { .. } => {
-                    return Err(RuntimeError::Param("nested image prompts".into()))
+                    return Err(RuntimeError::Call("nested image prompts".into()))
                 }
                 Prompt::Ids(ids) => ids,
                 Prompt::Text(t) => encode(&t)?,
@@ -139,20 +135,20 @@ impl<'m> TokenStream<'m> {
         params.sampling.validate()?;
         let (ids, features) = prepare_prompt(model, prompt)?;
         if ids.is_empty() {
-            return Err(RuntimeError::Param("the prompt has no tokens".into()));
+            return Err(RuntimeError::EmptyPrompt);
         }
         // The session's cache holds the model's context (--kv-context, else the bundle's maximum).
         crate::decode::check_room(ids.len(), params.max_new_tokens, model.context())?;
         if params.stop_strings.iter().any(String::is_empty) {
-            return Err(RuntimeError::Param(
-                "a stop string is empty (it would stop after the first token): give a non-empty text"
-                    .into(),
-            ));
+            return Err(RuntimeError::Parameter {
+                name: "stop",
+                message: "a stop string is empty (it would stop after the first token): give a non-empty text".into(),
+            });
         }
         if !params.stop_strings.is_empty() && model.text().is_none() {
-            return Err(RuntimeError::Param(
-                "stop strings need the bundle's tokenizer.json".into(),
-            ));
+            return Err(RuntimeError::NoTokenizer {
+                needed_for: "a stop string",
+            });
         }
         let mut session = model.session()?;
         let logits = if params.max_new_tokens > 0 {

@@ -20,10 +20,13 @@ pub mod text;
 mod timing;
 pub mod vision;
 
+/// The `ort` this runtime is built against (the compiler's engine builder uses the same one).
+pub use ort;
+
 pub use batch::{Batch, BatchEvent, SequenceId};
 pub use bundle::{parse_manifest, Bundle, FileCheck};
 pub use cache::{KvBytes, KvCache};
-pub use error::RuntimeError;
+pub use error::{GpuError, RuntimeError};
 pub use generate::{prepare_prompt, Prompt, TokenEvent, TokenStream};
 pub use model::{GenerateParams, Generation, ImageRows, Model, RuntimeOptions, StopReason};
 pub use providers::Provider;

@@ -147,16 +147,19 @@ impl Model {
     /// Opens and checks `dir`, then creates the ONNX Runtime session.
     pub fn load(dir: &Path, options: &RuntimeOptions) -> Result<Model, RuntimeError> {
         if options.sessions > MAX_SESSIONS {
-            return Err(RuntimeError::Param(format!(
-                "sessions {} is more than {MAX_SESSIONS}: each holds its own ONNX Runtime threads",
-                options.sessions
-            )));
+            return Err(RuntimeError::option(
+                "sessions",
+                format!(
+                    "{} is more than {MAX_SESSIONS}: each holds its own ONNX Runtime threads",
+                    options.sessions
+                ),
+            ));
         }
         let bundle = Bundle::open(dir)?;
         if options.provider == crate::providers::Provider::Cpu
             && bundle.manifest.dtype == ElementType::Bf16
         {
-            return Err(RuntimeError::Param(
+            return Err(RuntimeError::Unsupported(
                 "bf16 bundles run on the GPU providers (--ep cuda or tensorrt): ONNX Runtime's CPU kernels have no bf16 MatMul or Attention; compile with --dtype f16 or f32 to run on the CPU".into(),
             ));
         }
@@ -201,9 +204,11 @@ impl Model {
                     .and_then(|e| e.vision_model_file.clone())
                     .filter(|_| options.provider == crate::providers::Provider::TensorRt);
                 let path = bundle.file(engine.as_ref().unwrap_or(&v.model_file));
-                Some(Mutex::new(builder.commit_from_file(&path).map_err(
-                    |e| RuntimeError::Ort(format!("{}: {e}", path.display())),
-                )?))
+                Some(Mutex::new(
+                    builder
+                        .commit_from_file(&path)
+                        .map_err(|e| crate::error::load_error(&path, e))?,
+                ))
             }
             None => None,
         };
@@ -215,9 +220,10 @@ impl Model {
         let max = bundle.manifest.model.max_positions;
         let context = match options.context {
             Some(c) if c == 0 || c > max => {
-                return Err(RuntimeError::Param(format!(
-                    "context {c} is outside 1..={max}, the bundle's --max-context"
-                )))
+                return Err(RuntimeError::option(
+                    "context",
+                    format!("{c} is outside 1..={max}, the bundle's --max-context"),
+                ))
             }
             Some(c) => c,
             None => max,
@@ -240,19 +246,17 @@ impl Model {
     ) -> Result<Vec<f32>, RuntimeError> {
         let m = &self.bundle.manifest;
         let (Some(info), Some(session)) = (&m.vision, &self.vision) else {
-            return Err(RuntimeError::Param(
-                "this bundle takes no images (it was compiled without a vision encoder)".into(),
-            ));
+            return Err(RuntimeError::NoVision);
         };
         let mut session = session
             .lock()
-            .map_err(|_| RuntimeError::Ort("vision session lock poisoned".into()))?;
+            .map_err(|_| RuntimeError::bug("vision", "session lock poisoned"))?;
         let side = info.tile_size;
         let mut features = Vec::new();
         for image in images {
             let shape = vec![image.tiles, info.num_channels, side, side];
             if image.pixels.len() != shape.iter().product::<usize>() {
-                return Err(RuntimeError::Param(format!(
+                return Err(RuntimeError::ImageMismatch(format!(
                     "{} pixel values for {} tiles of {}x{side}x{side}",
                     image.pixels.len(),
                     image.tiles,
@@ -263,7 +267,7 @@ impl Model {
             let outputs = session.run(vec![(Cow::from(info.pixel_values.as_str()), pixels)])?;
             let out = outputs
                 .get(&info.image_features)
-                .ok_or_else(|| RuntimeError::Ort("no image_features output".into()))?;
+                .ok_or_else(|| RuntimeError::bug("vision", "no image_features output"))?;
             let expected = image.tiles * info.tokens_per_tile * m.model.hidden_size;
             let rows: Vec<f32> = match m.dtype {
                 ElementType::F16 => out
@@ -281,11 +285,14 @@ impl Model {
                 ElementType::F32 => out.try_extract_tensor::<f32>()?.1.to_vec(),
             };
             if rows.len() != expected {
-                return Err(RuntimeError::Ort(format!(
-                    "the vision graph returned {} values for {} tiles, expected {expected}",
-                    rows.len(),
-                    image.tiles
-                )));
+                return Err(RuntimeError::bug(
+                    "vision",
+                    format!(
+                        "the vision graph returned {} values for {} tiles, expected {expected}",
+                        rows.len(),
+                        image.tiles
+                    ),
+                ));
             }
             features.extend(rows);
         }
@@ -352,7 +359,7 @@ impl Model {
                 None => cache = Some(part),
             }
         }
-        cache.ok_or_else(|| RuntimeError::Param("the bundle has no decoder stages".into()))
+        cache.ok_or_else(|| RuntimeError::bug("cache", "the bundle has no decoder stages"))
     }
 
     /// Bytes that crossed the session boundary so far (ids, positions, image rows, logits).
@@ -400,7 +407,7 @@ impl Model {
                 &[][..]
             } else {
                 features.get(row * h..(row + patches) * h).ok_or_else(|| {
-                    RuntimeError::Param(format!(
+                    RuntimeError::ImageMismatch(format!(
                         "{} image feature rows for more <|patch|> tokens",
                         features.len() / h.max(1)
                     ))
@@ -418,7 +425,7 @@ impl Model {
             done += n;
         }
         if !features.is_empty() && row * h != features.len() {
-            return Err(RuntimeError::Param(format!(
+            return Err(RuntimeError::ImageMismatch(format!(
                 "{} image feature rows for {row} <|patch|> tokens",
                 features.len() / h.max(1)
             )));
@@ -440,7 +447,7 @@ impl Model {
     ) -> Result<Vec<f32>, RuntimeError> {
         let m = &self.bundle.manifest;
         if !features.is_empty() && m.vision.is_none() {
-            return Err(RuntimeError::Param("this bundle takes no images".into()));
+            return Err(RuntimeError::NoVision);
         }
         if ids.len() > m.model.max_positions {
             return Err(RuntimeError::TooLong {
@@ -499,7 +506,7 @@ impl Model {
             for name in names {
                 let value = outputs
                     .get(name)
-                    .ok_or_else(|| RuntimeError::Ort(format!("no {name} output")))?;
+                    .ok_or_else(|| RuntimeError::bug("probe", format!("no {name} output")))?;
                 let (shape, data) = value.try_extract_tensor::<f32>()?;
                 let shape: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
                 visit(name, &shape, data)?;

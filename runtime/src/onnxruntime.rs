@@ -63,7 +63,9 @@ pub fn environment(explicit: Option<&Path>) -> Result<&'static Environment, Runt
         Err(LoadError::Missing(tried)) => Err(RuntimeError::OrtMissing {
             tried: tried.clone(),
         }),
-        Err(LoadError::Failed(message)) => Err(RuntimeError::Ort(message.clone())),
+        Err(LoadError::Failed(message)) => Err(RuntimeError::OrtInit {
+            message: message.clone(),
+        }),
     }
 }
 

@@ -1,12 +1,13 @@
 //! Execution providers: CPU (always), CUDA and TensorRT (built with the `tensorrt` feature and run with
 //! a GPU build of ONNX Runtime). TensorRT is configured from the bundle manifest's optimisation profiles;
-//! engines are built once per GPU type with [`build_engine`] and refused on an incompatible device.
+//! an engine built for another GPU type or TensorRT version is refused at load ([`check_engine`]).
+//! Engines are built by the compiler (`herd build-engine`), not by this library.
 
 use std::path::Path;
 use std::process::Command;
 use std::str::FromStr;
 
-use crate::error::RuntimeError;
+use crate::error::{GpuError, RuntimeError};
 use crate::manifest::{EngineInfo, Manifest};
 
 /// Where a session runs.
@@ -25,9 +26,10 @@ impl FromStr for Provider {
             "cpu" => Ok(Provider::Cpu),
             "cuda" => Ok(Provider::Cuda),
             "tensorrt" => Ok(Provider::TensorRt),
-            other => Err(RuntimeError::Param(format!(
-                "unknown execution provider `{other}`: use cpu, cuda or tensorrt"
-            ))),
+            other => Err(RuntimeError::option(
+                "execution provider",
+                format!("unknown execution provider `{other}`: use cpu, cuda or tensorrt"),
+            )),
         }
     }
 }
@@ -46,11 +48,6 @@ pub enum GraphKind {
     Vision,
 }
 
-/// What a GPU machine needs, for error messages.
-const GPU_SETUP: &str = "a machine with the target GPU (H100, SM 9.0), CUDA 13 with cuDNN 9, TensorRT 10.x (libnvinfer.so.10) and \
-the GPU build of ONNX Runtime 1.31.1 (the onnxruntime-gpu wheel's libonnxruntime.so with its \
-libonnxruntime_providers_tensorrt.so; point ORT_DYLIB_PATH at it), and herd built with `--features tensorrt`";
-
 /// The TensorRT EP options for one of a bundle's graphs (profiles from the manifest, timing cache in
 /// `cache_dir`).
 pub fn tensorrt_options(
@@ -60,7 +57,7 @@ pub fn tensorrt_options(
     cache_dir: &Path,
 ) -> Result<Vec<(String, String)>, RuntimeError> {
     let trt = manifest.tensorrt.as_ref().ok_or_else(|| {
-        RuntimeError::Param("the bundle was not compiled for TensorRT: recompile with `herd compile --target tensorrt-h100`".into())
+        RuntimeError::Unsupported("the bundle was not compiled for TensorRT: recompile with `herd compile --target tensorrt-h100`".into())
     })?;
     let [min, opt, max] = match graph {
         GraphKind::Decoder => [
@@ -73,10 +70,12 @@ pub fn tensorrt_options(
             .get(k)
             .and_then(|s| s.tensorrt_profile.clone())
             .ok_or_else(|| {
-                RuntimeError::Param(format!("the bundle has no TensorRT profile for stage {k}"))
+                RuntimeError::Unsupported(format!(
+                    "the bundle has no TensorRT profile for stage {k}"
+                ))
             })?,
         GraphKind::Vision => trt.vision_profile_shapes.clone().ok_or_else(|| {
-            RuntimeError::Param("the bundle has no vision profile: it takes no images".into())
+            RuntimeError::Unsupported("the bundle has no vision profile: it takes no images".into())
         })?,
     };
     let cache = cache_dir.display().to_string();
@@ -104,11 +103,7 @@ pub struct GpuInfo {
 
 /// The name and compute capability of GPU `device`, or why there is none.
 pub fn gpu_info(device: u32) -> Result<GpuInfo, RuntimeError> {
-    let missing = |why: String| {
-        RuntimeError::Gpu(format!(
-            "no NVIDIA GPU {device} ({why}); this needs {GPU_SETUP}"
-        ))
-    };
+    let missing = |why: String| RuntimeError::Gpu(GpuError::NoDevice { device, why });
     let out = Command::new("nvidia-smi")
         .args([
             "--query-gpu=name,compute_cap",
@@ -157,10 +152,13 @@ pub fn check_engine(
     tensorrt_major: Option<u32>,
 ) -> Result<(), RuntimeError> {
     if engine.compute_capability != gpu.compute_capability {
-        return Err(RuntimeError::Gpu(format!(
-            "the bundle's TensorRT engine was built for compute capability {} ({}), but this GPU is {} ({}): rebuild it here with `herd build-engine`",
-            engine.compute_capability, engine.gpu_name, gpu.compute_capability, gpu.name
-        )));
+        return Err(GpuError::EngineForOtherGpu {
+            built: engine.compute_capability.clone(),
+            built_gpu: engine.gpu_name.clone(),
+            found: gpu.compute_capability.clone(),
+            found_gpu: gpu.name.clone(),
+        }
+        .into());
     }
     let built_major = engine
         .tensorrt_version
@@ -169,18 +167,20 @@ pub fn check_engine(
         .and_then(|m| m.parse::<u32>().ok());
     if let (Some(built), Some(found)) = (built_major, tensorrt_major) {
         if built != found {
-            return Err(RuntimeError::Gpu(format!(
-                "the bundle's TensorRT engine was built with TensorRT {}, but this machine has TensorRT {found}: rebuild it with `herd build-engine`",
-                engine.tensorrt_version
-            )));
+            return Err(GpuError::EngineForOtherTensorRt {
+                built: engine.tensorrt_version.clone(),
+                found,
+            }
+            .into());
         }
     }
     Ok(())
 }
 
-/// Adds the provider to a session builder.
+/// Adds `provider` to a session builder for `graph` of the bundle described by `manifest` (TensorRT:
+/// its profiles, engine and timing caches in `cache_dir`).
 #[cfg(feature = "tensorrt")]
-pub(crate) fn register(
+pub fn register(
     builder: ort::session::builder::SessionBuilder,
     provider: Provider,
     manifest: &Manifest,
@@ -189,9 +189,7 @@ pub(crate) fn register(
     cache_dir: &Path,
 ) -> Result<ort::session::builder::SessionBuilder, RuntimeError> {
     use ort::ep::{ArbitrarilyConfigurableExecutionProvider, ExecutionProvider};
-    let unavailable = |ep: &str| {
-        RuntimeError::Gpu(format!("the loaded ONNX Runtime has no {ep} execution provider (it is the CPU build); this needs {GPU_SETUP}"))
-    };
+    let unavailable = |provider: &'static str| RuntimeError::Gpu(GpuError::NoProvider { provider });
     let cuda = ort::ep::CUDA::default().with_device_id(device as i32);
     match provider {
         Provider::Cpu => Ok(builder),
@@ -225,9 +223,9 @@ pub(crate) fn register(
     }
 }
 
-/// Adds the provider to a session builder.
+/// Adds `provider` to a session builder; without the `tensorrt` feature only the CPU is there.
 #[cfg(not(feature = "tensorrt"))]
-pub(crate) fn register(
+pub fn register(
     builder: ort::session::builder::SessionBuilder,
     provider: Provider,
     _manifest: &Manifest,
@@ -237,118 +235,8 @@ pub(crate) fn register(
 ) -> Result<ort::session::builder::SessionBuilder, RuntimeError> {
     match provider {
         Provider::Cpu => Ok(builder),
-        Provider::Cuda | Provider::TensorRt => Err(RuntimeError::Gpu(format!(
-            "this herd was built without GPU execution providers: rebuild with `cargo build --release --features tensorrt`; running on a GPU also needs {GPU_SETUP}"
-        ))),
+        Provider::Cuda | Provider::TensorRt => Err(GpuError::NotBuilt.into()),
     }
-}
-
-/// Builds the TensorRT engine of a tensorrt-target bundle on GPU `device`: writes the EPContext model
-/// (engine embedded) into the bundle and records the GPU, TensorRT and ONNX Runtime versions in the
-/// manifest. Fails, naming what is missing, on a machine without a GPU, TensorRT or a GPU ONNX Runtime.
-pub fn build_engine(
-    dir: &Path,
-    device: u32,
-    ort_library: Option<&Path>,
-) -> Result<EngineInfo, RuntimeError> {
-    let bundle = crate::bundle::Bundle::open(dir)?;
-    if bundle.manifest.tensorrt.is_none() {
-        return Err(RuntimeError::Param(format!(
-            "{} was compiled for `{}`: compile it with `herd compile --target tensorrt-h100` first",
-            dir.display(),
-            bundle.manifest.target
-        )));
-    }
-    if !bundle.manifest.stages.is_empty() {
-        return Err(RuntimeError::Param(format!(
-            "{} holds {} pipeline stages: `herd build-engine` builds single-graph bundles; a staged bundle's engines are built by the TensorRT EP when each stage's session first loads (from the stage's profile) and kept in its engine cache",
-            dir.display(),
-            bundle.manifest.stages.len()
-        )));
-    }
-    let gpu = gpu_info(device)?;
-    let wanted = &bundle
-        .manifest
-        .tensorrt
-        .as_ref()
-        .expect("checked")
-        .compute_capability;
-    if &gpu.compute_capability != wanted {
-        return Err(RuntimeError::Gpu(format!(
-            "GPU {device} ({}) has compute capability {}, the bundle targets {wanted}: build engines on the GPU type that will serve them",
-            gpu.name, gpu.compute_capability
-        )));
-    }
-    build_on_gpu(&bundle, device, ort_library, gpu)
-}
-
-#[cfg(feature = "tensorrt")]
-fn build_on_gpu(
-    bundle: &crate::bundle::Bundle,
-    device: u32,
-    ort_library: Option<&Path>,
-    gpu: GpuInfo,
-) -> Result<EngineInfo, RuntimeError> {
-    let env = crate::onnxruntime::environment(ort_library)?;
-    let cache = bundle.dir.join("trt_cache");
-    std::fs::create_dir_all(&cache).map_err(|e| RuntimeError::Io {
-        path: cache.display().to_string(),
-        message: e.to_string(),
-    })?;
-    let compile = |graph: GraphKind, model: &str, out: &str| -> Result<(), RuntimeError> {
-        let builder = ort::session::Session::builder(env)?;
-        let builder = register(
-            builder,
-            Provider::TensorRt,
-            &bundle.manifest,
-            graph,
-            device,
-            &cache,
-        )?;
-        ort::compiler::ModelCompiler::new(builder)?
-            .with_model_from_file(bundle.file(model))?
-            .with_embed_ep_context()?
-            .compile_to_file(bundle.file(out))?;
-        Ok(())
-    };
-    compile(
-        GraphKind::Decoder,
-        &bundle.manifest.graph.model_file,
-        ENGINE_MODEL_FILE,
-    )?;
-    let vision_model_file = match &bundle.manifest.vision {
-        Some(v) => {
-            compile(GraphKind::Vision, &v.model_file, VISION_ENGINE_MODEL_FILE)?;
-            Some(VISION_ENGINE_MODEL_FILE.to_string())
-        }
-        None => None,
-    };
-    let engine = EngineInfo {
-        model_file: ENGINE_MODEL_FILE.into(),
-        vision_model_file,
-        gpu_name: gpu.name,
-        compute_capability: gpu.compute_capability,
-        tensorrt_version: tensorrt_major().map_or_else(|| "unknown".into(), |m| format!("{m}")),
-        onnxruntime_version: ort::info()
-            .split(',')
-            .find_map(|part| part.trim().strip_prefix("git-branch=rel-"))
-            .unwrap_or("unknown")
-            .to_string(),
-    };
-    crate::bundle::record_engine(&bundle.dir, &engine)?;
-    Ok(engine)
-}
-
-#[cfg(not(feature = "tensorrt"))]
-fn build_on_gpu(
-    _: &crate::bundle::Bundle,
-    _: u32,
-    _: Option<&Path>,
-    _: GpuInfo,
-) -> Result<EngineInfo, RuntimeError> {
-    Err(RuntimeError::Gpu(format!(
-        "this herd was built without GPU execution providers: rebuild with `cargo build --release --features tensorrt`; engines also need {GPU_SETUP}"
-    )))
 }
 
 #[cfg(test)]

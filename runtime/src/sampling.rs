@@ -50,24 +50,29 @@ impl Sampling {
         let Sampling::Sample(p) = self else {
             return Ok(());
         };
-        let bad = |what: String| Err(RuntimeError::Param(what));
+        let bad = |name: &'static str, message: String| {
+            Err(RuntimeError::Parameter {
+                name,
+                message: format!("{name} {message}"),
+            })
+        };
         if !(p.temperature.is_finite() && p.temperature > 0.0) {
-            return bad(format!(
-                "temperature must be a positive number, got {}",
-                p.temperature
-            ));
+            return bad(
+                "temperature",
+                format!("must be a positive number, got {}", p.temperature),
+            );
         }
         if !(p.top_p > 0.0 && p.top_p <= 1.0) {
-            return bad(format!("top_p must be in (0, 1], got {}", p.top_p));
+            return bad("top_p", format!("must be in (0, 1], got {}", p.top_p));
         }
         if !(0.0..1.0).contains(&p.min_p) {
-            return bad(format!("min_p must be in [0, 1), got {}", p.min_p));
+            return bad("min_p", format!("must be in [0, 1), got {}", p.min_p));
         }
         if !(p.repetition_penalty.is_finite() && p.repetition_penalty > 0.0) {
-            return bad(format!(
-                "repetition_penalty must be a positive number, got {}",
-                p.repetition_penalty
-            ));
+            return bad(
+                "repetition_penalty",
+                format!("must be a positive number, got {}", p.repetition_penalty),
+            );
         }
         Ok(())
     }

@@ -42,7 +42,7 @@ impl<'m> Session<'m> {
     ) -> Result<Vec<f32>, RuntimeError> {
         let m = &self.model.bundle.manifest;
         if ids.is_empty() {
-            return Err(RuntimeError::Param("no tokens to feed".into()));
+            return Err(RuntimeError::EmptyPrompt);
         }
         crate::decode::check_ids(m.model.vocab_size, ids)?;
         let end = self.position + ids.len();
@@ -53,9 +53,7 @@ impl<'m> Session<'m> {
             });
         }
         if !features.is_empty() && m.vision.is_none() {
-            return Err(RuntimeError::Param(
-                "this bundle takes no images (it was compiled without a vision encoder)".into(),
-            ));
+            return Err(RuntimeError::NoVision);
         }
         let mut last = Vec::new();
         let feed = crate::decode::Feed {

@@ -29,9 +29,7 @@ impl Stage {
     /// A free session of the stage if there is one, else the next in turn once it is free.
     pub(crate) fn lock(&self) -> Result<MutexGuard<'_, Session>, RuntimeError> {
         if self.down.load(Ordering::Relaxed) {
-            return Err(self.error(RuntimeError::Ort(
-                "its session was taken down (as when its device is lost)".into(),
-            )));
+            return Err(self.error(RuntimeError::SessionDown));
         }
         match self.sessions.iter().find_map(|s| s.try_lock().ok()) {
             Some(free) => Ok(free),
@@ -39,7 +37,7 @@ impl Stage {
                 let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.sessions.len();
                 self.sessions[turn]
                     .lock()
-                    .map_err(|_| RuntimeError::Ort("session lock poisoned".into()))
+                    .map_err(|_| RuntimeError::bug("stage", "session lock poisoned"))
             }
         }
     }
@@ -47,10 +45,10 @@ impl Stage {
     /// The stage's failure as an error naming it.
     pub(crate) fn error(&self, e: RuntimeError) -> RuntimeError {
         match e {
-            RuntimeError::Ort(message) => RuntimeError::Stage {
+            RuntimeError::Ort { .. } | RuntimeError::SessionDown => RuntimeError::Stage {
                 stage: self.index,
                 layers: format!("{}..{}", self.io.first_layer, self.io.end_layer),
-                message,
+                source: Box::new(e),
             },
             other => other,
         }
@@ -65,8 +63,9 @@ fn stage_devices(
 ) -> Result<Vec<Option<u32>>, RuntimeError> {
     if options.provider == Provider::Cpu {
         if !options.devices.is_empty() {
-            return Err(RuntimeError::Param(
-                "--devices names GPUs for --ep cuda or tensorrt; on the CPU every stage runs in this process".into(),
+            return Err(RuntimeError::option(
+                "devices",
+                "--devices names GPUs for --ep cuda or tensorrt; on the CPU every stage runs in this process",
             ));
         }
         return Ok(vec![None; stages]);
@@ -75,9 +74,10 @@ fn stage_devices(
         0 => Ok(vec![Some(options.device); stages]),
         1 => Ok(vec![Some(options.devices[0]); stages]),
         n if n == stages => Ok(options.devices.iter().map(|&d| Some(d)).collect()),
-        n => Err(RuntimeError::Param(format!(
-            "--devices lists {n} GPUs for a bundle of {stages} pipeline stages: list one per stage, or one for all"
-        ))),
+        n => Err(RuntimeError::option(
+            "devices",
+            format!("--devices lists {n} GPUs for a bundle of {stages} pipeline stages: list one per stage, or one for all"),
+        )),
     }
 }
 
@@ -163,7 +163,7 @@ pub(crate) fn load_stages(
                 builder
                     .commit_from_file(&path)
                     .map(Mutex::new)
-                    .map_err(|e| RuntimeError::Ort(format!("{}: {e}", path.display())))
+                    .map_err(|e| crate::error::load_error(&path, e))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let stage = Stage {

@@ -72,10 +72,10 @@ impl TextCodec {
     pub fn load(dir: &Path) -> Result<TextCodec, RuntimeError> {
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
-            return Err(RuntimeError::Param(format!(
-                "{} has no tokenizer.json: text needs a bundle compiled from a checkpoint folder that has one (token ids still work)",
-                dir.display()
-            )));
+            return Err(RuntimeError::Io {
+                path: path.display().to_string(),
+                message: "not found: text needs a bundle compiled from a checkpoint folder that has one (token ids still work)".into(),
+            });
         }
         let bytes = std::fs::read(&path).map_err(|e| RuntimeError::Io {
             path: path.display().to_string(),
@@ -158,10 +158,11 @@ impl TextCodec {
     pub fn check_length(&self, text: &str, max_tokens: usize) -> Result<(), RuntimeError> {
         let least = text.len() / self.max_token_bytes;
         if least > max_tokens {
-            return Err(RuntimeError::Param(format!(
-                "the text is {} bytes: at least {least} tokens, more than the {max_tokens} positions the bundle accepts",
-                text.len()
-            )));
+            return Err(RuntimeError::TextTooLong {
+                bytes: text.len(),
+                least,
+                max: max_tokens,
+            });
         }
         Ok(())
     }
@@ -170,7 +171,7 @@ impl TextCodec {
         let enc = self
             .tokenizer
             .encode(text, special)
-            .map_err(|e| RuntimeError::Param(format!("cannot tokenize: {e}")))?;
+            .map_err(|e| RuntimeError::Tokenizer(format!("cannot tokenize: {e}")))?;
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }
 
@@ -194,7 +195,7 @@ impl TextCodec {
         let mut env = minijinja::Environment::new();
         env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_template("chat", &self.template)
-            .map_err(|e| RuntimeError::Param(format!("invalid chat template: {e}")))?;
+            .map_err(|e| RuntimeError::ChatTemplate(format!("invalid: {e}")))?;
         let ctx = minijinja::context! { messages => messages, add_generation_prompt => add_generation_prompt, bos_token => &self.bos_token };
         let mut out = CappedWriter {
             bytes: Vec::new(),
@@ -204,15 +205,15 @@ impl TextCodec {
             .and_then(|t| t.render_captured_to(ctx, &mut out).map(|_| ()))
             .map_err(|e| {
                 if out.bytes.len() > out.max {
-                    RuntimeError::Param(format!(
+                    RuntimeError::ChatTemplate(format!(
                         "the rendered conversation passes {max_bytes} bytes, more than the bundle's positions can hold"
                     ))
                 } else {
-                    RuntimeError::Param(format!("cannot render the chat template: {e}"))
+                    RuntimeError::ChatTemplate(format!("cannot render it: {e}"))
                 }
             })?;
         String::from_utf8(out.bytes)
-            .map_err(|_| RuntimeError::Param("the chat template rendered invalid UTF-8".into()))
+            .map_err(|_| RuntimeError::ChatTemplate("it rendered invalid UTF-8".into()))
     }
 
     /// Token ids of a rendered conversation (BOS from the template only).
@@ -244,7 +245,7 @@ impl TextCodec {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
         self.tokenizer
             .decode(&ids, skip_special)
-            .map_err(|e| RuntimeError::Param(format!("cannot decode: {e}")))
+            .map_err(|e| RuntimeError::Tokenizer(format!("cannot decode: {e}")))
     }
 }
 

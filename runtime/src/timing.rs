@@ -19,7 +19,7 @@ impl Model {
     ) -> Result<(Duration, Duration), RuntimeError> {
         let m = &self.bundle.manifest;
         if batch == 0 || prompt_len == 0 {
-            return Err(RuntimeError::Param(
+            return Err(RuntimeError::Call(
                 "batch and prompt length must be positive".into(),
             ));
         }
@@ -116,8 +116,9 @@ impl Model {
         steps: usize,
     ) -> Result<Duration, RuntimeError> {
         if groups == 0 || rows == 0 || groups > 64 {
-            return Err(RuntimeError::Param(
-                "use 1 to 64 micro-batches of at least one row".into(),
+            return Err(RuntimeError::option(
+                "micro-batches",
+                "use 1 to 64 micro-batches of at least one row",
             ));
         }
         let mut caches = (0..groups)

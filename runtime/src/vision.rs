@@ -431,7 +431,7 @@ pub fn expand_prompt(
         return Ok(out);
     }
     if found != layouts.len() {
-        return Err(RuntimeError::Param(format!(
+        return Err(RuntimeError::ImageMismatch(format!(
             "the prompt has {found} <|image|> placeholders but {} images were given",
             layouts.len()
         )));

@@ -21,11 +21,8 @@ pub struct BuildEngineArgs {
 
 /// Runs the command.
 pub fn run(args: &BuildEngineArgs) -> Result<()> {
-    let engine = herd_runtime::providers::build_engine(
-        &args.bundle,
-        args.device,
-        args.ort_library.as_deref(),
-    )?;
+    let engine =
+        crate::engine::build_engine(&args.bundle, args.device, args.ort_library.as_deref())?;
     eprintln!(
         "built {} for {} (compute capability {}, TensorRT {}, ONNX Runtime {})",
         args.bundle.join(&engine.model_file).display(),

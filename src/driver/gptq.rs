@@ -97,7 +97,7 @@ pub(super) fn collect(options: &CompileOptions) -> Result<Calibration> {
             .probe(prompt, &names, &mut |name, shape, values| {
                 spool
                     .append(name, shape.last().copied().unwrap_or(0), values)
-                    .map_err(|e| herd_runtime::RuntimeError::Param(format!("{e:#}")))
+                    .map_err(|e| herd_runtime::RuntimeError::Visitor(format!("{e:#}")))
             })
             .with_context(|| format!("GPTQ calibration prompt {} of {}", i + 1, prompts.len()))?;
         tokens += prompt.len();

@@ -153,8 +153,8 @@ impl BundleWriter {
     /// Writes the manifest and moves the bundle into place.
     pub fn finish(mut self, manifest: &Manifest) -> Result<PathBuf, TargetError> {
         let path = self.staging.join(MANIFEST_FILE);
-        let text =
-            serde_json::to_string_pretty(manifest).map_err(|e| TargetError::Bug(e.to_string()))?;
+        let text = serde_json::to_string_pretty(manifest)
+            .map_err(|e| TargetError::bug("bundle", e.to_string()))?;
         fs::write(&path, text + "\n").map_err(|e| TargetError::io(&path, e))?;
         if self.destination.symlink_metadata().is_ok() {
             // Whatever appeared at the destination while compiling gets the same scrutiny.

@@ -101,6 +101,16 @@ pub struct WeightRef {
 }
 
 impl WeightRef {
+    /// The checkpoint tensors the weight reads, joined with `+` (for error messages).
+    pub fn label(&self) -> String {
+        let names: Vec<&str> = self
+            .parts
+            .iter()
+            .map(|p| p.source.tensor.as_str())
+            .collect();
+        names.join("+")
+    }
+
     /// A weight that is exactly one stored tensor.
     pub fn single(part: WeightPart) -> WeightRef {
         WeightRef {
@@ -436,8 +446,8 @@ impl WeightStore {
     /// Reads a weight as f32 with its concatenation and transforms applied. Only this call copies
     /// weight bytes, one weight at a time.
     pub fn load_f32(&self, weight: &WeightRef) -> Result<ArrayD<f32>, WeightError> {
-        let invalid = |problem: String| WeightError::BadShard {
-            file: "<weight>".into(),
+        let invalid = |problem: String| WeightError::BadWeight {
+            tensor: weight.label(),
             problem,
         };
         weight.shape().map_err(invalid)?;

@@ -74,13 +74,15 @@ impl IntoResponse for ApiError {
 impl From<RuntimeError> for ApiError {
     fn from(e: RuntimeError) -> ApiError {
         match e {
-            RuntimeError::TooLong { .. } | RuntimeError::TooLongWithNew { .. } => ApiError::new(
+            RuntimeError::TooLong { .. }
+            | RuntimeError::TooLongWithNew { .. }
+            | RuntimeError::TextTooLong { .. } => ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "context_length_exceeded",
                 e.to_string(),
             ),
-            RuntimeError::Param(_) | RuntimeError::Image { .. } => ApiError::bad(e.to_string()),
-            _ => ApiError::new(
+            e if e.is_request_error() => ApiError::bad(e.to_string()),
+            e => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
                 e.to_string(),

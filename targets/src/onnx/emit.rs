@@ -95,19 +95,20 @@ pub fn emit_as(
 ) -> Result<OnnxModel, TargetError> {
     let graph = graph.graph();
     if !matches!(graph.phase, Phase::Lowered | Phase::Quantized) {
-        return Err(TargetError::Bug(
-            "the ONNX target needs a Lowered graph".into(),
+        return Err(TargetError::bug(
+            "ONNX emission",
+            "the ONNX target needs a Lowered graph",
         ));
     }
     if !matches!(options.dtype, DType::F32 | DType::F16 | DType::BF16) {
-        return Err(TargetError::Bug(format!(
-            "unsupported compute dtype {}",
-            options.dtype
-        )));
+        return Err(TargetError::bug(
+            "ONNX emission",
+            format!("unsupported compute dtype {}", options.dtype),
+        ));
     }
     let order = graph
         .topo_order()
-        .map_err(|_| TargetError::Bug("graph has a cycle".into()))?;
+        .map_err(|_| TargetError::bug("ONNX emission", "graph has a cycle"))?;
     let total_weight_bytes = order
         .iter()
         .filter_map(|&n| match &graph.node(n)?.op {
@@ -235,7 +236,7 @@ impl Emitter<'_> {
         let node = self
             .graph
             .node(v.node)
-            .ok_or_else(|| TargetError::Bug("missing producer".into()))?;
+            .ok_or_else(|| TargetError::bug("ONNX emission", "missing producer"))?;
         match &node.op {
             Op::Weight(_) | Op::Constant(_) => self.constant(v.node, transposed),
             _ if transposed => {
@@ -249,10 +250,11 @@ impl Emitter<'_> {
                 ))
             }
             _ => self.names.get(&v).cloned().ok_or_else(|| {
-                TargetError::Bug(format!(
-                    "value of `{}` used before it was emitted",
-                    node.name
-                ))
+                TargetError::bug_at(
+                    "ONNX emission",
+                    &node.name,
+                    "its value is used before it was emitted",
+                )
             }),
         }
     }
@@ -291,7 +293,7 @@ impl Emitter<'_> {
                 let name = self.fresh(&label);
                 let array =
                     ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&c.shape), c.values.to_vec())
-                        .map_err(|e| TargetError::Bug(e.to_string()))?;
+                        .map_err(|e| TargetError::bug("ONNX emission", e.to_string()))?;
                 let array = if transposed {
                     array.reversed_axes().as_standard_layout().into_owned()
                 } else {
@@ -301,13 +303,13 @@ impl Emitter<'_> {
                 let mut tensor = float_tensor(&name, &dims, &[], dtype)?;
                 let values = array
                     .as_slice()
-                    .ok_or_else(|| TargetError::Bug("non-contiguous constant".into()))?;
+                    .ok_or_else(|| TargetError::bug("ONNX emission", "non-contiguous constant"))?;
                 self.data
                     .append(&mut tensor, &super::proto::encode_floats(values, dtype)?)?;
                 self.initializers.push(tensor);
                 Ok(name)
             }
-            _ => Err(TargetError::Bug("not a constant".into())),
+            _ => Err(TargetError::bug("ONNX emission", "not a constant")),
         }
     }
 
@@ -322,7 +324,7 @@ impl Emitter<'_> {
         let name = self.fresh(label);
         let dims: Vec<i64> = w
             .shape()
-            .map_err(TargetError::Bug)?
+            .map_err(|m| TargetError::bug("ONNX emission", m))?
             .iter()
             .map(|&d| d as i64)
             .collect();
@@ -341,7 +343,7 @@ impl Emitter<'_> {
             |_, block| {
                 let values = block
                     .as_slice()
-                    .ok_or_else(|| TargetError::Bug("non-contiguous block".into()))?;
+                    .ok_or_else(|| TargetError::bug("ONNX emission", "non-contiguous block"))?;
                 let bytes = super::proto::encode_floats(values, dtype)?;
                 *written += bytes.len() as u64;
                 data.write_owned(bytes)?;
@@ -503,11 +505,9 @@ impl Emitter<'_> {
         let t = self.options.dtype;
         let mut infos = Vec::new();
         for (out_name, value) in self.graph.outputs().to_vec() {
-            let ty = self
-                .graph
-                .value_type(value)
-                .cloned()
-                .ok_or_else(|| TargetError::Bug(format!("output `{out_name}` has no type")))?;
+            let ty = self.graph.value_type(value).cloned().ok_or_else(|| {
+                TargetError::bug("ONNX emission", format!("output `{out_name}` has no type"))
+            })?;
             let src = self.input(value, false)?;
             if src == out_name {
                 // The producer wrote the output itself (a cache update).
@@ -529,9 +529,10 @@ impl Emitter<'_> {
                 )
             };
             if !self.used.insert(out_name.clone()) {
-                return Err(TargetError::Bug(format!(
-                    "output name `{out_name}` collides with another tensor"
-                )));
+                return Err(TargetError::bug(
+                    "ONNX emission",
+                    format!("output name `{out_name}` collides with another tensor"),
+                ));
             }
             self.nodes.push(node(
                 &format!("output.{out_name}"),
@@ -605,9 +606,9 @@ impl Emitter<'_> {
         }
         model.opset_import = opsets;
         model.graph = Some(graph).into();
-        let bytes = model
-            .write_to_bytes()
-            .map_err(|e| TargetError::Bug(format!("serialising the ONNX model: {e}")))?;
+        let bytes = model.write_to_bytes().map_err(|e| {
+            TargetError::bug("ONNX emission", format!("serialising the ONNX model: {e}"))
+        })?;
         let names = self.model_names;
         let path = dir.join(&names.model_file);
         std::fs::write(&path, &bytes).map_err(|e| TargetError::io(&path, e))?;

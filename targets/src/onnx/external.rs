@@ -111,7 +111,7 @@ impl ExternalData {
             return Err(self
                 .join()
                 .err()
-                .unwrap_or_else(|| TargetError::Bug("data writer stopped".into())));
+                .unwrap_or_else(|| TargetError::bug("data writer", "data writer stopped")));
         }
         self.offset += n;
         Ok(())
@@ -122,10 +122,10 @@ impl ExternalData {
         let worker = self
             .worker
             .take()
-            .ok_or_else(|| TargetError::Bug("data writer already finished".into()))?;
+            .ok_or_else(|| TargetError::bug("data writer", "data writer already finished"))?;
         let result = worker
             .join()
-            .map_err(|_| TargetError::Bug("data writer panicked".into()))?;
+            .map_err(|_| TargetError::bug("data writer", "data writer panicked"))?;
         result.map_err(|e| TargetError::io(&self.path, e))
     }
 

@@ -141,10 +141,10 @@ pub fn encode_floats(values: &[f32], dtype: DType) -> Result<Vec<u8>, TargetErro
             .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
             .collect(),
         DType::F8E4M3 | DType::I8 | DType::I4 | DType::I32 | DType::I64 | DType::Bool => {
-            return Err(TargetError::Bug(format!(
-                "float values written as {}",
-                dtype.name()
-            )))
+            return Err(TargetError::bug(
+                "ONNX encoding",
+                format!("float values written as {}", dtype.name()),
+            ))
         }
     })
 }

@@ -79,7 +79,9 @@ impl Source {
             QLayout::Stored => (base.clone(), spec.k_axis, ".q".to_string()),
             QLayout::Experts => (base.clone(), spec.k_axis, ".qmoe".to_string()),
         };
-        let shape = src.shape().map_err(TargetError::Bug)?;
+        let shape = src
+            .shape()
+            .map_err(|m| TargetError::bug("quantized weights", m))?;
         Ok(Source {
             layout,
             base,
@@ -126,14 +128,18 @@ impl Emitter<'_> {
         let node = self
             .graph
             .node(index)
-            .ok_or_else(|| TargetError::Bug("missing weight".into()))?;
+            .ok_or_else(|| TargetError::bug("quantized weights", "missing weight"))?;
         let Op::Weight(w) = &node.op else {
-            return Err(TargetError::Bug(format!("`{}` is not a weight", node.name)));
+            return Err(TargetError::bug_at(
+                "quantized weights",
+                &node.name,
+                "not a weight",
+            ));
         };
         let name = node.name.clone();
         let spec = w
             .effective_quant()
-            .ok_or_else(|| TargetError::Bug(format!("`{name}` is not quantized")))?;
+            .ok_or_else(|| TargetError::bug_at("quantized weights", &name, "not quantized"))?;
         let source = Source::new(w, spec, layout, &name)?;
         let fixed_scales = self.fixed_scales(w, &source)?;
         let written = self.write_values(&source, fixed_scales.as_ref())?;
@@ -149,7 +155,7 @@ impl Emitter<'_> {
                     _ => source.spec.scale_shape(shape),
                 };
                 ArrayD::from_shape_vec(IxDyn(&scale_shape), written.scales)
-                    .map_err(|e| TargetError::Bug(e.to_string()))?
+                    .map_err(|e| TargetError::bug("quantized weights", e.to_string()))?
             }
         };
         let scales_name = self.write_scales(&source, &scales)?;
@@ -217,7 +223,7 @@ impl Emitter<'_> {
         )?;
         Ok(Some(
             ArrayD::from_shape_vec(IxDyn(&[1, scales.len()]), scales)
-                .map_err(|e| TargetError::Bug(e.to_string()))?,
+                .map_err(|e| TargetError::bug("quantized weights", e.to_string()))?,
         ))
     }
 

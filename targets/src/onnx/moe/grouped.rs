@@ -149,19 +149,24 @@ impl Emitter<'_> {
         let node = self
             .graph
             .node(weight.node)
-            .ok_or_else(|| TargetError::Bug("missing expert weight".into()))?;
+            .ok_or_else(|| TargetError::bug("MoE lowering", "missing expert weight"))?;
         let Op::Weight(w) = &node.op else {
-            return Err(TargetError::Bug(format!(
-                "`{}`: expert matrices must be weights",
-                node.name
-            )));
+            return Err(TargetError::bug_at(
+                "MoE lowering",
+                &node.name,
+                "expert matrices must be weights",
+            ));
         };
         if let Some(spec) = w.effective_quant() {
             if spec.k_axis != k_axis {
-                return Err(TargetError::Bug(format!(
-                    "`{}` is quantized along axis {} but its K is axis {k_axis}",
-                    node.name, spec.k_axis
-                )));
+                return Err(TargetError::bug_at(
+                    "MoE lowering",
+                    &node.name,
+                    format!(
+                        "quantized along axis {} but its K is axis {k_axis}",
+                        spec.k_axis
+                    ),
+                ));
             }
             let q = self.quantized(weight.node, QLayout::ExpertMatMul { expert })?;
             let name = format!("{}.dequantized", q.values);

@@ -44,12 +44,16 @@ impl Emitter<'_> {
         }
         let lowering = self.options.moe;
         if m.layout != super::expert_layout(lowering) {
-            return Err(TargetError::Bug(format!(
-                "`{name}` has layout {:?} but --moe {} needs {:?}",
-                m.layout,
-                lowering.name(),
-                super::expert_layout(lowering)
-            )));
+            return Err(TargetError::bug_at(
+                "MoE lowering",
+                name,
+                format!(
+                    "layout {:?} but --moe {} needs {:?}",
+                    m.layout,
+                    lowering.name(),
+                    super::expert_layout(lowering)
+                ),
+            ));
         }
         let x = self.input(inputs[0], false)?;
         let hidden = self
