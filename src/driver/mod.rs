@@ -560,10 +560,18 @@ fn calibrate(options: &CompileOptions) -> Result<(std::collections::HashMap<Stri
     let tmp = tempfile::Builder::new()
         .prefix("herd-calibrate")
         .tempdir()?;
+    // The calibration bundle computes in f32 (its CompileOptions default), so its dequantized weights
+    // must be f32 too: the target's f16 scales would meet f32 activations in every MatMul.
     let calibration = CompileOptions {
         moe: options.moe,
         max_context: options.max_context,
-        quant: options.quant.clone(),
+        quant: options
+            .quant
+            .clone()
+            .map(|q| herd_passes::quantize::QuantOptions {
+                scale_dtype: DType::F32,
+                ..q
+            }),
         expose_calibration: Some(herd_passes::calibrate::Exposed::Fp8Inputs),
         ..CompileOptions::new(options.model.clone(), tmp.path().join("calibration"))
     };

@@ -264,27 +264,48 @@ pub fn synth(dir: &std::path::Path, preset: &str, extra: &[&str]) -> PathBuf {
 /// snapshot that differs is rewritten and the test fails anyway (naming it), so a bless run can never
 /// pass unnoticed; rerun without it to check.
 pub fn check_snapshot(file: &str, text: &str, what: &str) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/snapshots")
-        .join(file);
-    let committed = std::fs::read_to_string(&path).ok();
-    if std::env::var_os("HERD_BLESS").is_some() {
-        if committed.as_deref() != Some(text) {
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(&path, text).unwrap();
+    check_snapshots(&[(file.to_string(), text.to_string(), what.to_string())]);
+}
+
+/// [`check_snapshot`] over several (file, text, what): a bless run rewrites every one that differs
+/// before it fails, naming them all.
+pub fn check_snapshots(snapshots: &[(String, String, String)]) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots");
+    let bless = std::env::var_os("HERD_BLESS").is_some();
+    let mut blessed = Vec::new();
+    for (file, text, what) in snapshots {
+        let path = dir.join(file);
+        let committed = std::fs::read_to_string(&path).ok();
+        if bless {
+            if committed.as_deref() != Some(text.as_str()) {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(&path, text).unwrap();
+                blessed.push(format!("{} ({what})", path.display()));
+            }
+            continue;
+        }
+        let expected = committed
+            .unwrap_or_else(|| panic!("{} missing: run with HERD_BLESS=1", path.display()));
+        if *text != expected {
+            let (line, (got, want)) = text
+                .lines()
+                .chain(std::iter::repeat("<end>"))
+                .zip(expected.lines().chain(std::iter::repeat("<end>")))
+                .enumerate()
+                .find(|(_, (a, b))| a != b)
+                .expect("texts differ");
             panic!(
-                "blessed {}: {what} changed; review the diff and rerun without HERD_BLESS",
-                path.display()
+                "{what} differs from {} at line {} (re-bless with HERD_BLESS=1 if intended):\n  now:      {got}\n  snapshot: {want}",
+                path.display(),
+                line + 1
             );
         }
-        return;
     }
-    let expected =
-        committed.unwrap_or_else(|| panic!("{} missing: run with HERD_BLESS=1", path.display()));
     assert!(
-        text == expected,
-        "{what} differs from {} (re-bless with HERD_BLESS=1 if intended):\n{text}",
-        path.display()
+        blessed.is_empty(),
+        "blessed {} snapshot(s), review the diff and rerun without HERD_BLESS:\n{}",
+        blessed.len(),
+        blessed.join("\n")
     );
 }
 
