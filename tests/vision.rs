@@ -297,9 +297,10 @@ fn text_only_bundles_refuse_images() {
     );
 }
 
-/// f16 keeps 11 significant bits; through the vision tower and 4 decoder layers the logits drift about
-/// 1e-3 of their scale (the text-only f16 bound of tests/end_to_end.rs).
-const F16_TOLERANCE: f32 = 5e-3;
+/// f16 keeps 11 significant bits; through the vision tower and 4 decoder layers the logits drift
+/// 1.66e-3 of their scale (measured on tiny-scout's image prompt; text alone drifts 1.25e-3, see
+/// tests/end_to_end.rs). The bound leaves half as much again for other CPUs' f16 kernels.
+const F16_TOLERANCE: f32 = 2.5e-3;
 
 #[test]
 fn f16_bundle_reports_its_image_prompt_error() {
