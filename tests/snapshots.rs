@@ -7,7 +7,7 @@
 mod common;
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::{fixture, ok, FIXTURES};
 use onnx_protobuf::attribute_proto::AttributeType;
@@ -102,34 +102,50 @@ fn onnx_listing(model: &Path) -> String {
     out
 }
 
+/// Compiles fixture `name` with `args` into `dir/{label}`, dumping the IR after `passes`; returns the
+/// bundle and the dump folder.
+fn compile_dumping(
+    dir: &Path,
+    name: &str,
+    label: &str,
+    args: &[&str],
+    passes: &[&str],
+) -> (PathBuf, PathBuf) {
+    let bundle = dir.join(format!("{name}.{label}"));
+    let dump = dir.join(format!("{name}.{label}.ir"));
+    std::fs::create_dir_all(&dump).unwrap();
+    let model = fixture(name);
+    let mut compile = vec![
+        "compile",
+        model.to_str().unwrap(),
+        "-o",
+        bundle.to_str().unwrap(),
+        "--max-context",
+        "64",
+        "--dump-dir",
+        dump.to_str().unwrap(),
+    ];
+    for pass in passes {
+        compile.extend(["--dump-ir-after", pass]);
+    }
+    compile.extend_from_slice(args);
+    ok(&compile);
+    (bundle, dump)
+}
+
 #[test]
 fn ir_after_each_pass_and_emitted_graphs_match_their_snapshots() {
     let dir = tempfile::tempdir().unwrap();
     let mut snapshots = Vec::new();
     for name in FIXTURES {
         for (k, (label, args, fusion_is_new)) in CASES.iter().enumerate() {
-            let bundle = dir.path().join(format!("{name}.{label}"));
-            let dump = dir.path().join(format!("{name}.{label}.ir"));
-            std::fs::create_dir_all(&dump).unwrap();
-            let model = fixture(name);
-            let mut compile = vec![
-                "compile",
-                model.to_str().unwrap(),
-                "-o",
-                bundle.to_str().unwrap(),
-                "--max-context",
-                "64",
-                "--dump-dir",
-                dump.to_str().unwrap(),
-                "--dump-ir-after",
-                "irope",
-                "--dump-ir-after",
-                "expert_fusion",
-                "--dump-ir-after",
-                "quantize",
-            ];
-            compile.extend_from_slice(args);
-            ok(&compile);
+            let (bundle, dump) = compile_dumping(
+                dir.path(),
+                name,
+                label,
+                args,
+                &["irope", "expert_fusion", "quantize"],
+            );
             let ir = |pass: &str| std::fs::read_to_string(dump.join(format!("{pass}.ir"))).unwrap();
             if k == 0 {
                 // irope does not depend on the target, the lowering or the scheme.
@@ -171,24 +187,7 @@ fn each_case_that_claims_a_new_lowering_has_one() {
     let name = "tiny-scout";
     let mut seen: Vec<String> = Vec::new();
     for (label, args, fusion_is_new) in CASES {
-        let dump = dir.path().join(label);
-        std::fs::create_dir_all(&dump).unwrap();
-        let model = fixture(name);
-        let bundle = dir.path().join(format!("{label}.bundle"));
-        let mut compile = vec![
-            "compile",
-            model.to_str().unwrap(),
-            "-o",
-            bundle.to_str().unwrap(),
-            "--max-context",
-            "64",
-            "--dump-dir",
-            dump.to_str().unwrap(),
-            "--dump-ir-after",
-            "expert_fusion",
-        ];
-        compile.extend_from_slice(args);
-        ok(&compile);
+        let (_, dump) = compile_dumping(dir.path(), name, label, args, &["expert_fusion"]);
         let ir = std::fs::read_to_string(dump.join("expert_fusion.ir")).unwrap();
         let repeats = seen.contains(&ir);
         assert_eq!(

@@ -32,25 +32,28 @@ pub fn run(graph: &mut Graph, options: &PassOptions) -> Result<(), PassError> {
         pass: "expert_fusion",
         diagnostic,
     };
-    let targets: Vec<_> = graph
+    // The feed-forward blocks, selected once: the loop below handles exactly these two kinds.
+    let blocks: Vec<(herd_ir::graph::NodeIndex, String, Option<MoeAttrs>)> = graph
         .node_indices()
         .into_iter()
-        .filter(|&n| matches!(graph.node(n).map(|n| &n.op), Some(Op::Moe(_) | Op::Mlp)))
+        .filter_map(|n| {
+            let node = graph.node(n)?;
+            match &node.op {
+                Op::Moe(m) => Some((n, node.name.clone(), Some(m.clone()))),
+                Op::Mlp => Some((n, node.name.clone(), None)),
+                _ => None,
+            }
+        })
         .collect();
-    for node in targets {
-        let (name, op) = match graph.node(node) {
-            Some(n) => (n.name.clone(), n.op.clone()),
-            None => continue,
-        };
+    for (node, name, moe) in blocks {
         let inputs = graph.inputs(node);
         let weights = weight_inputs(graph, &inputs[1..]).ok_or_else(|| PassError::Unsupported {
             pass: "expert_fusion",
             message: format!("`{name}`: feed-forward weights must be checkpoint tensors"),
         })?;
-        let out = match op {
-            Op::Moe(m) => fuse_moe(graph, &name, &m, inputs[0], &weights, options.moe_layout),
-            Op::Mlp => fuse_mlp(graph, &name, inputs[0], &weights),
-            _ => continue,
+        let out = match moe {
+            Some(m) => fuse_moe(graph, &name, &m, inputs[0], &weights, options.moe_layout),
+            None => fuse_mlp(graph, &name, inputs[0], &weights),
         }
         .map_err(build)?;
         graph.replace_uses(Value { node, slot: 0 }, out);
