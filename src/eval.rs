@@ -130,16 +130,16 @@ fn log_softmax(logits: &[f32]) -> Vec<f64> {
     logits.iter().map(|&v| v as f64 - log_sum).collect()
 }
 
-/// Loads both bundles and compares them.
+/// Loads both bundles (the candidate with `candidate_options`) and compares them.
 pub fn compare_bundles(
     candidate: &Path,
+    candidate_options: &RuntimeOptions,
     reference: &Path,
     prompt_source: Option<&Path>,
     reference_name: &str,
 ) -> Result<Accuracy> {
-    let options = RuntimeOptions::default();
-    let cand = Model::load(candidate, &options)?;
-    let refm = Model::load(reference, &options)?;
+    let cand = Model::load(candidate, candidate_options)?;
+    let refm = Model::load(reference, &RuntimeOptions::default())?;
     let m = &cand.bundle.manifest.model;
     let prompts = prompts(prompt_source, m.vocab_size, m.max_positions)?;
     compare(&cand, &refm, &prompts, reference_name)

@@ -49,6 +49,12 @@ pub struct RuntimeOptions {
     /// Positions each session's KV cache holds (allocated when the session starts); the bundle's
     /// --max-context when None.
     pub context: Option<usize>,
+    /// Let ONNX Runtime quantize the activations of int4/int8 MatMuls (MatMulNBits,
+    /// `accuracy_level` 4) and prepacked QMoE experts to int8 on the fly, as llama.cpp's Q4_0/Q8_0
+    /// dot products do: int8 weights then run on MLAS's int8 kernels (its f32 path for 8-bit
+    /// weights is a slow fallback) at a KL cost `herd eval --int8-activations` measures. Off by
+    /// default: activations stay f32 and the bundle computes what the reference evaluator computes.
+    pub int8_activations: bool,
 }
 
 /// The most ONNX Runtime sessions one model runs (each has its own thread pools).
@@ -80,7 +86,7 @@ impl RuntimeOptions {
             .quantization
             .as_ref()
             .is_some_and(|q| q.scheme.starts_with("int4"));
-        self.prepack.unwrap_or(int4)
+        self.prepack.unwrap_or(int4 || self.int8_activations)
     }
 }
 

@@ -89,8 +89,12 @@ fn decoder_builder(
 ) -> Result<SessionBuilder, RuntimeError> {
     let mut builder = Session::builder(env)?
         .with_optimization_level(GraphOptimizationLevel::Level3)?
-        // Keep fp32 activations if a quantized MatMulNBits is formed (its default quantizes them).
-        .with_config_entry("session.qdq_matmulnbits_accuracy_level", "0")?
+        // Keep fp32 activations in the MatMulNBits ONNX Runtime forms from DQ -> MatMul (its default
+        // quantizes them to int8), unless the caller asked for int8 activations.
+        .with_config_entry(
+            "session.qdq_matmulnbits_accuracy_level",
+            if options.int8_activations { "4" } else { "0" },
+        )?
         .with_config_entry(
             "session.disable_prepacking",
             if options.prepack_for(bundle) {

@@ -413,8 +413,10 @@ fn accuracy_report(
     };
     eprintln!("report: compiling the unquantized reference");
     let reference = compile(&reference, &mut |_, _| {})?.bundle;
+    let exact = herd_runtime::RuntimeOptions::default();
     let accuracy = crate::eval::compare_bundles(
         bundle,
+        &exact,
         &reference,
         Some(&args.model),
         "unquantized f32 (compile --report)",
@@ -435,6 +437,7 @@ fn accuracy_report(
             let rtn = compile(&rtn, &mut |_, _| {})?.bundle;
             Some(crate::eval::compare_bundles(
                 &rtn,
+                &exact,
                 &reference,
                 Some(&args.model),
                 "unquantized f32 (compile --report)",

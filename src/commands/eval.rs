@@ -20,6 +20,10 @@ pub struct EvalArgs {
     /// Store the result in BUNDLE's manifest (quantized bundles only).
     #[arg(long)]
     pub store: bool,
+    /// Run BUNDLE with int8 activations (`herd run --int8-activations`): the KL cost of that mode.
+    /// Not stored: the manifest's accuracy is the exact mode's.
+    #[arg(long, conflicts_with = "store")]
+    pub int8_activations: bool,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -50,8 +54,13 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     } else {
         None
     };
+    let candidate_options = herd_runtime::RuntimeOptions {
+        int8_activations: args.int8_activations,
+        ..Default::default()
+    };
     let accuracy = crate::eval::compare_bundles(
         &args.bundle,
+        &candidate_options,
         &reference,
         source,
         &args.against.display().to_string(),
