@@ -146,7 +146,12 @@ pub fn compare_bundles(
 }
 
 /// Stores `accuracy` in the bundle's manifest (the manifest is not among the checksummed files).
-pub fn store(bundle: &Path, accuracy: &Accuracy, rtn: Option<&Accuracy>) -> Result<()> {
+pub fn store(
+    bundle: &Path,
+    accuracy: &Accuracy,
+    rtn: Option<&Accuracy>,
+    head_kept: Option<&Accuracy>,
+) -> Result<()> {
     herd_runtime::bundle::update_manifest(bundle, |manifest| {
         let q = manifest.quantization.as_mut().ok_or_else(|| {
             herd_runtime::RuntimeError::Unsupported(format!(
@@ -157,6 +162,9 @@ pub fn store(bundle: &Path, accuracy: &Accuracy, rtn: Option<&Accuracy>) -> Resu
         q.accuracy = Some(accuracy.clone());
         if let Some(rtn) = rtn {
             q.rtn_accuracy = Some(rtn.clone());
+        }
+        if let Some(kept) = head_kept {
+            q.head_kept_accuracy = Some(kept.clone());
         }
         Ok(())
     })?;

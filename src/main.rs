@@ -31,6 +31,7 @@ mod driver;
 mod engine;
 mod eval;
 mod plan;
+mod profile;
 mod serve;
 mod synth;
 use herd::vision_manifest;
@@ -101,6 +102,10 @@ fn exit_quietly_on_closed_pipe() {
     }
 }
 
+/// Set by the interrupt thread before it removes staging folders: from then on that thread owns the
+/// exit, so the main thread must not report the write errors the removal causes as its own failure.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// On SIGINT or SIGTERM, remove the staging folders of unfinished bundles before exiting (the
 /// default disposition would leave hundreds of MB behind), with the shell's 128 + signal status.
 fn clean_up_on_interrupt() {
@@ -110,6 +115,7 @@ fn clean_up_on_interrupt() {
     };
     std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
+            INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
             herd_targets::bundle::remove_staging_folders();
             eprintln!("herd: interrupted; unfinished bundles removed");
             std::process::exit(128 + signal);
@@ -165,6 +171,12 @@ fn main() -> ExitCode {
         Command::BuildEngine(args) => commands::build_engine::run(&args),
         Command::Serve(args) => serve::run(&args),
     };
+    if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        // The interrupt thread is cleaning up and exits with 128 + signal; wait for it.
+        loop {
+            std::thread::park();
+        }
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

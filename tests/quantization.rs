@@ -41,8 +41,9 @@ fn quantized_bundle_sizes() {
         manifest(&bundle)["model"]["weight_bytes"].as_f64().unwrap()
     };
     let f16 = size("f16", &[]);
-    let int4 = size("int4", &["--quant", "int4:64", "--quant-embeddings"]);
-    let int8 = size("int8", &["--quant", "int8:64", "--quant-embeddings"]);
+    // lm_head and the embedding table are quantized by default.
+    let int4 = size("int4", &["--quant", "int4:64"]);
+    let int8 = size("int8", &["--quant", "int8:64"]);
     eprintln!(
         "weight bytes: f16 {f16}, int4:64 {int4} ({:.3}x), int8:64 {int8} ({:.3}x)",
         int4 / f16,
@@ -76,11 +77,23 @@ fn report_orders_schemes_by_precision() {
         assert_eq!(q["scheme"], scheme);
         let sqnr = q["sqnr_db"].as_object().unwrap();
         // Attention (fused q/k/v, o) per layer, two dense MLPs, two MoE layers of four expert tensors.
-        assert_eq!(sqnr.len(), 4 * 2 + 2 * 2 + 2 * 4, "{:?}", sqnr.keys());
-        assert!(!sqnr.keys().any(|k| k.contains("router")
-            || k.contains("norm")
-            || k.contains("embed")
-            || k.contains("lm_head")));
+        // int4/int8 also quantize lm_head and the embedding table; fp8 keeps them.
+        let head = if scheme == "fp8" { 0 } else { 2 };
+        assert_eq!(
+            sqnr.len(),
+            4 * 2 + 2 * 2 + 2 * 4 + head,
+            "{:?}",
+            sqnr.keys()
+        );
+        assert!(!sqnr
+            .keys()
+            .any(|k| k.contains("router") || k.contains("norm")));
+        assert_eq!(
+            sqnr.keys()
+                .filter(|k| k.contains("embed") || k.contains("lm_head"))
+                .count(),
+            head
+        );
         let acc = &q["accuracy"];
         let (kl, top1) = (
             acc["kl_mean"].as_f64().unwrap(),
@@ -231,29 +244,70 @@ fn quantization_options() {
         "{:?}",
         sqnr.keys()
     );
-    let embeddings = dir.path().join("embeddings");
+    let names = |bundle: &Path| {
+        manifest(bundle)["quantization"]["sqnr_db"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let head = |names: &[String]| {
+        (
+            names.iter().any(|k| k.contains("lm_head")),
+            names.iter().any(|k| k.contains("embed_tokens")),
+        )
+    };
+    // By default int8 quantizes lm_head and the embedding table, gathered quantized.
+    let default = dir.path().join("default");
     ok(&[
         "compile",
         m,
         "-o",
-        embeddings.to_str().unwrap(),
+        default.to_str().unwrap(),
         "--quant",
         "int8",
-        "--quant-embeddings",
         "--max-context",
         "64",
     ]);
-    let names = manifest(&embeddings)["quantization"]["sqnr_db"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .cloned()
-        .collect::<Vec<_>>();
-    assert!(
-        names.iter().any(|k| k.contains("lm_head"))
-            && names.iter().any(|k| k.contains("embed_tokens")),
-        "{names:?}"
+    assert_eq!(
+        head(&names(&default)),
+        (true, true),
+        "{:?}",
+        names(&default)
     );
+    let ops = common::onnx_op_types(&default.join("model.onnx"));
+    assert!(ops.contains("GatherBlockQuantized"), "{ops:?}");
+    assert!(!ops.contains("Gather"), "the float table is gone: {ops:?}");
+    // --keep-head keeps both in float.
+    let keep = dir.path().join("keep-head");
+    ok(&[
+        "compile",
+        m,
+        "-o",
+        keep.to_str().unwrap(),
+        "--quant",
+        "int8",
+        "--keep-head",
+        "--max-context",
+        "64",
+    ]);
+    assert_eq!(head(&names(&keep)), (false, false), "{:?}", names(&keep));
+    // TensorRT's parser has no quantized Gather: the head is quantized, the table stays float.
+    let trt = dir.path().join("trt");
+    ok(&[
+        "compile",
+        m,
+        "-o",
+        trt.to_str().unwrap(),
+        "--target",
+        "tensorrt-h100",
+        "--quant",
+        "int4",
+        "--max-context",
+        "64",
+    ]);
+    assert_eq!(head(&names(&trt)), (true, false), "{:?}", names(&trt));
     let refused = |args: &[&str], expect: &str| {
         let out = herd(args);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -271,7 +325,7 @@ fn quantization_options() {
         "unknown quantization",
     );
     refused(
-        &["compile", m, "-o", "/tmp/never", "--quant-embeddings"],
+        &["compile", m, "-o", "/tmp/never", "--keep-head"],
         "--quant",
     );
     refused(&["compile", m, "-o", "/tmp/never", "--report"], "--quant");
@@ -403,6 +457,9 @@ fn report_kl(model: &Path, bundle: &Path, scheme: &str, method: &str, calibratio
         "--report".into(),
         "--max-context".into(),
         "128".into(),
+        // The comparison is of the methods on the decoder's matrices; lm_head (quantized by default,
+        // GPTQ'd from the final norm's output) adds the same head error to both sides.
+        "--keep-head".into(),
     ];
     if method != "rtn" {
         args.extend(["--calibrate".into(), calibration.to_str().unwrap().into()]);

@@ -138,6 +138,7 @@ fn quantized_reference_matches_fake_quant_goldens() {
                 scale_dtype: herd_ir::DType::F32,
                 // The fixture script's fake quantization takes absmax scales.
                 search: herd_ir::quant::ScaleSearch::Absmax,
+                head: false,
                 embeddings: false,
                 keep: vec![],
             };
@@ -190,6 +191,7 @@ fn clipped_int_bundles_match_the_reference_evaluator() {
                 scheme: QuantScheme::parse(scheme).unwrap(),
                 scale_dtype: herd_ir::DType::F32,
                 search: ScaleSearch::Clip,
+                head: false,
                 embeddings: false,
                 keep: vec![],
             }),

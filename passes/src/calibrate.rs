@@ -34,8 +34,8 @@ pub enum Activations {
 pub enum Exposed {
     /// The inputs of projections whose weight is fp8 (activation maxima for fp8 inputs).
     Fp8Inputs,
-    /// The input of every `Linear` but lm_head and of every `FusedMoe` (activations for GPTQ's
-    /// Hessians).
+    /// The input of every `Linear` (lm_head's at every token) and of every `FusedMoe` (activations
+    /// for GPTQ's Hessians).
     AllInputs,
 }
 
@@ -107,7 +107,7 @@ pub fn output_name(node: &str) -> String {
 }
 
 /// (node name, input value) of every `Linear` and `FusedMoe` but `lm_head` (which sees only the rows
-/// whose logits are picked, not every token).
+/// whose logits are picked, not every token: see [`head_input_at_every_token`]).
 fn all_projections(graph: &Graph) -> Vec<(String, Value)> {
     graph
         .node_indices()
@@ -121,15 +121,45 @@ fn all_projections(graph: &Graph) -> Vec<(String, Value)> {
         .collect()
 }
 
+/// lm_head's input at every token: the graph computes `final_norm(pick_rows(h))`, so this adds the
+/// same norm over `h` itself (calibration bundles only). None if the head is not in that form.
+fn head_input_at_every_token(graph: &mut Graph) -> Option<Value> {
+    let head = graph.node_indices().into_iter().find(|&n| {
+        graph
+            .node(n)
+            .is_some_and(|x| matches!(x.op, Op::Linear) && x.name == herd_ir::names::LM_HEAD)
+    })?;
+    let norm = graph.inputs(head)[0].node;
+    let norm_op = match graph.node(norm).map(|x| &x.op) {
+        Some(op @ Op::RmsNorm(_)) => op.clone(),
+        _ => return None,
+    };
+    let norm_inputs = graph.inputs(norm);
+    let picked = norm_inputs[0].node;
+    if !matches!(graph.node(picked).map(|x| &x.op), Some(Op::PickRows)) {
+        return None;
+    }
+    let mut inputs = vec![graph.inputs(picked)[0]];
+    inputs.extend(norm_inputs.get(1).copied());
+    graph
+        .add("calib.final_norm_every_token", norm_op, &inputs)
+        .ok()
+}
+
 /// Exposes the inputs `which` names as graph outputs; returns the output names.
 pub fn expose(graph: &mut Graph, which: Exposed) -> Vec<String> {
-    let projections = match which {
+    let mut projections: Vec<(String, Value)> = match which {
         Exposed::Fp8Inputs => fp8_projections(graph)
             .into_iter()
             .map(|(name, _, value)| (name, value))
             .collect(),
         Exposed::AllInputs => all_projections(graph),
     };
+    if which == Exposed::AllInputs {
+        if let Some(value) = head_input_at_every_token(graph) {
+            projections.push((herd_ir::names::LM_HEAD.to_string(), value));
+        }
+    }
     let mut names = Vec::new();
     for (name, value) in projections {
         let out = output_name(&name);

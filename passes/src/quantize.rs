@@ -1,7 +1,8 @@
 //! `quantize`: marks weights for quantized storage (see `herd_ir::quant` for the arithmetic).
 //!
 //! Quantized: attention projections, dense MLPs, shared and routed experts. Kept in full precision: the
-//! router, the norms, and (unless `embeddings`) the embedding table and lm_head; also every node whose
+//! router, the norms, lm_head unless `head`, the embedding table unless `embeddings`, and a weight
+//! lm_head shares with a float embedding table (tied embeddings); also every node whose
 //! name matches a `keep` pattern (`*` matches any run of characters, e.g. `layers.0.*`). Each marked
 //! weight records which of its axes is K, so blocks run along the input features whatever layout
 //! expert_fusion chose.
@@ -25,7 +26,10 @@ pub struct QuantOptions {
     pub scale_dtype: DType,
     /// How int blocks' scales are chosen (fp8 always takes absmax).
     pub search: ScaleSearch,
-    /// Also quantize the embedding table and lm_head.
+    /// Also quantize lm_head.
+    pub head: bool,
+    /// Also quantize the embedding table (the ONNX target gathers its rows with
+    /// `GatherBlockQuantized`, so a token reads one quantized row).
     pub embeddings: bool,
     /// Node-name patterns to keep in full precision.
     pub keep: Vec<String>,
@@ -44,7 +48,8 @@ pub fn run(graph: &mut Graph, options: &PassOptions) -> Result<(), PassError> {
         }
         let inputs = graph.inputs(node);
         match &n.op {
-            Op::Linear if n.name != herd_ir::names::LM_HEAD || q.embeddings => {
+            Op::Linear if n.name != herd_ir::names::LM_HEAD => marks.push((inputs[1].node, 1)),
+            Op::Linear if q.head && (q.embeddings || !feeds_embedding(graph, inputs[1].node)) => {
                 marks.push((inputs[1].node, 1))
             }
             Op::Embedding { .. } if q.embeddings => marks.push((inputs[1].node, 1)),
@@ -60,7 +65,8 @@ pub fn run(graph: &mut Graph, options: &PassOptions) -> Result<(), PassError> {
                     (inputs[5].node, 1),
                 ]);
             }
-            // Their weights stay in float: lm_head and the embedding without --quant-embeddings,
+            // Their weights stay in float: lm_head with --keep-head, the embedding with --keep-head
+            // or on the TensorRT target,
             // norms (RmsNorm, LayerNorm: per-channel scales), the router (small, and routing is
             // sensitive to it; FusedMoe's input 1 above is skipped for that reason).
             Op::Linear | Op::Embedding { .. } | Op::RmsNorm(_) | Op::LayerNorm(_) => {}
@@ -131,6 +137,14 @@ pub fn run(graph: &mut Graph, options: &PassOptions) -> Result<(), PassError> {
         w.quant = Some(spec);
     }
     Ok(())
+}
+
+/// Whether weight `weight` is also an embedding table (lm_head tied to the embeddings).
+fn feeds_embedding(graph: &Graph, weight: NodeIndex) -> bool {
+    graph.node_indices().into_iter().any(|o| {
+        matches!(graph.node(o).map(|n| &n.op), Some(Op::Embedding { .. }))
+            && graph.inputs(o).get(1).is_some_and(|v| v.node == weight)
+    })
 }
 
 /// Whether `name` matches `pattern`, where `*` matches any run of characters.

@@ -251,6 +251,10 @@ pub struct QuantizationInfo {
     /// With `--report` for GPTQ/AWQ: the same scheme rounded to nearest, against the same reference.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rtn_accuracy: Option<Accuracy>,
+    /// With `--report` when lm_head is quantized: the same bundle with lm_head and the embedding table
+    /// kept in float (`--keep-head`), against the same reference: the head's share of the error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_kept_accuracy: Option<Accuracy>,
 }
 
 /// Agreement of next-token distributions between a bundle and a reference, over teacher-forced prompts.

@@ -55,6 +55,9 @@ pub struct RuntimeOptions {
     /// weights is a slow fallback) at a KL cost `herd eval --int8-activations` measures. Off by
     /// default: activations stay f32 and the bundle computes what the reference evaluator computes.
     pub int8_activations: bool,
+    /// Write ONNX Runtime's profile (a Chrome trace of every kernel run) of each decoder session to a
+    /// file named from this prefix (`PREFIX_<date>.json`) when the session closes.
+    pub profile: Option<PathBuf>,
 }
 
 /// The most ONNX Runtime sessions one model runs (each has its own thread pools).

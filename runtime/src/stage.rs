@@ -116,6 +116,9 @@ fn decoder_builder(
     if let Some(n) = options.intra_threads {
         builder = builder.with_intra_threads(n)?;
     }
+    if let Some(prefix) = &options.profile {
+        builder = builder.with_profiling(prefix)?;
+    }
     if !bundle.manifest.stages.is_empty() {
         // Stages share the host's cores: a stage's idle pool must not spin while another works
         // (on 2 cores spinning pools cost a 2-stage scout-mini decode 25% of its speed).

@@ -51,6 +51,12 @@ pub struct BenchArgs {
     /// With --serve: tokens generated per request.
     #[arg(long, default_value_t = 32)]
     pub max_tokens: usize,
+    /// Also profile the decoder sessions with ONNX Runtime's profiler: it writes its trace to
+    /// `PREFIX_<date>.json` and herd prints the kernel time per operator type over the whole run
+    /// (prefill and decode at every batch size), e.g. `--profile /tmp/scout`. Timings are slower while
+    /// profiling.
+    #[arg(long, value_name = "PREFIX", conflicts_with_all = ["compile", "serve"])]
+    pub profile: Option<PathBuf>,
     /// Print one JSON object with stable keys instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -76,7 +82,32 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             micro_batches: args.micro_batches.clone(),
             micro_batch_rows: args.micro_batch_rows,
         };
-        crate::bench::bundle(&args.path, &args.runtime.options(), &shape)?
+        let options = herd_runtime::RuntimeOptions {
+            profile: args.profile.clone(),
+            ..args.runtime.options()
+        };
+        let before = match &args.profile {
+            Some(prefix) => crate::profile::written_since(prefix, &[])?,
+            None => Vec::new(),
+        };
+        let mut report = crate::bench::bundle(&args.path, &options, &shape)?;
+        if let Some(prefix) = &args.profile {
+            // The bundle's sessions are closed by now: ONNX Runtime wrote their profiles.
+            let files = crate::profile::written_since(prefix, &before)?;
+            let ops = crate::profile::kernel_time_by_op(&files)?;
+            let total: f64 = ops.iter().map(|o| o.milliseconds).sum();
+            report["profile_files"] = json!(files);
+            report["kernel_ms_by_op"] = json!(ops
+                .iter()
+                .map(|o| json!({
+                    "op": o.op,
+                    "ms": (o.milliseconds * 10.0).round() / 10.0,
+                    "share": (o.milliseconds / total.max(1e-9) * 1000.0).round() / 1000.0,
+                    "calls": o.calls,
+                }))
+                .collect::<Vec<_>>());
+        }
+        report
     };
     if args.json {
         outln!("{report}");

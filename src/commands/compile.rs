@@ -131,8 +131,8 @@ pub struct CompileArgs {
     #[arg(long, default_value_t = 8192)]
     pub max_context: usize,
     /// Quantize weights: int4[:BLOCK] or int8[:BLOCK] (symmetric, blocks of 32, 64 or 128 along K; default
-    /// 64) or fp8 (e4m3, one scale per output channel). Router, norms, embeddings and lm_head stay in
-    /// full precision unless --quant-embeddings.
+    /// 64) or fp8 (e4m3, one scale per output channel). int4/int8 also quantize lm_head and (on the
+    /// ONNX target) the embedding table unless --keep-head; router and norms stay in full precision.
     #[arg(long, value_name = "SCHEME", value_parser = parse_quant)]
     pub quant: Option<herd_ir::quant::QuantScheme>,
     /// With --quant int4/int8: how each block's scale is chosen. `clip` (default): the scale of least
@@ -140,9 +140,12 @@ pub struct CompileArgs {
     /// never worse than absmax; `absmax`: the largest magnitude maps to the largest code.
     #[arg(long, value_enum, requires = "quant", default_value = "clip")]
     pub scales: ScalesArg,
-    /// With --quant: also quantize the embedding table and lm_head.
+    /// With --quant int4/int8: keep lm_head and the embedding table in full precision (by default
+    /// they are quantized like the other weights: at Scout's shapes lm_head is 4.1 GB in f32, read
+    /// whole for every token; the table is gathered one quantized row per token on the ONNX target
+    /// and stays float on TensorRT, whose parser has no quantized Gather). fp8 always keeps them.
     #[arg(long, requires = "quant")]
-    pub quant_embeddings: bool,
+    pub keep_head: bool,
     /// With --quant: keep nodes whose name matches in full precision (`*` wildcard, e.g. `layers.0.*`);
     /// repeatable. `herd inspect --ir` and --dump-ir-after show node names.
     #[arg(long, value_name = "PATTERN", requires = "quant")]
@@ -290,7 +293,8 @@ fn compile_options(args: &CompileArgs) -> Result<CompileOptions> {
                     ScalesArg::Clip => herd_ir::quant::ScaleSearch::Clip,
                     ScalesArg::Absmax => herd_ir::quant::ScaleSearch::Absmax,
                 },
-                embeddings: args.quant_embeddings,
+                head: head_quantized(scheme, args.keep_head),
+                embeddings: head_quantized(scheme, args.keep_head) && !tensorrt,
                 keep: args.quant_keep.clone(),
             }),
         tensorrt: tensorrt.then(|| TensorRtOptions {
@@ -444,7 +448,31 @@ fn accuracy_report(
             )?)
         }
     };
-    crate::eval::store(bundle, &accuracy, rtn.as_ref())?;
+    let head_kept = match &options.quant {
+        Some(q) if q.head => {
+            eprintln!("report: compiling the same bundle with lm_head and the embeddings in float");
+            let kept = CompileOptions {
+                output: tmp.path().join("head-kept"),
+                quant: Some(herd_passes::quantize::QuantOptions {
+                    head: false,
+                    embeddings: false,
+                    ..q.clone()
+                }),
+                force: false,
+                ..options.clone()
+            };
+            let kept = compile(&kept, &mut |_, _| {})?.bundle;
+            Some(crate::eval::compare_bundles(
+                &kept,
+                &exact,
+                &reference,
+                Some(&args.model),
+                "unquantized f32 (compile --report)",
+            )?)
+        }
+        _ => None,
+    };
+    crate::eval::store(bundle, &accuracy, rtn.as_ref(), head_kept.as_ref())?;
     let manifest = herd_runtime::Bundle::open(bundle)?.manifest;
     let sqnr: Vec<f64> = manifest
         .quantization
@@ -465,5 +493,18 @@ fn accuracy_report(
         }
         None => eprintln!("report: {}", crate::eval::describe(&accuracy)),
     }
+    if let Some(kept) = &head_kept {
+        eprintln!(
+            "report: with lm_head and the embeddings in float (--keep-head): {}",
+            crate::eval::describe(kept)
+        );
+    }
     Ok(())
+}
+
+/// Whether lm_head (and on the ONNX target the embedding table) is quantized: by default for int4/int8.
+/// fp8 keeps them: its calibration does not cover lm_head's input, and TensorRT's own FP8 recipes
+/// leave the head in higher precision too.
+fn head_quantized(scheme: herd_ir::quant::QuantScheme, keep_head: bool) -> bool {
+    !keep_head && !matches!(scheme, herd_ir::quant::QuantScheme::Fp8)
 }

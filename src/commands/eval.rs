@@ -66,7 +66,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         &args.against.display().to_string(),
     )?;
     if args.store {
-        crate::eval::store(&args.bundle, &accuracy, None)?;
+        crate::eval::store(&args.bundle, &accuracy, None, None)?;
     }
     if args.json {
         outln!("{}", serde_json::to_string(&accuracy)?);

@@ -91,6 +91,7 @@ impl RuntimeArgs {
             verify: self.verify,
             context: self.kv_context,
             int8_activations: self.int8_activations,
+            profile: None,
         }
     }
 }

@@ -228,7 +228,7 @@ fn projections(
             continue;
         };
         if !consumers.iter().all(|e| calibration.spool.has(e)) {
-            // lm_head (--quant-embeddings): its inputs are not exposed; it stays rounded to nearest.
+            // lm_head (quantized unless --keep-head): its inputs are not exposed; it keeps RTN.
             tracing::info!(
                 "GPTQ: no calibration inputs for `{}`: rounded to nearest",
                 node_name(graph, *weight)
@@ -646,6 +646,7 @@ mod tests {
                     scheme: herd_ir::quant::QuantScheme::Int4 { block: 32 },
                     scale_dtype: DType::F32,
                     search: herd_ir::quant::ScaleSearch::Clip,
+                    head: false,
                     embeddings: false,
                     keep: vec![],
                 }),

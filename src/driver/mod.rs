@@ -548,6 +548,7 @@ fn manifest(
             activations: written.activations,
             accuracy: None,
             rtn_accuracy: None,
+            head_kept_accuracy: None,
         }),
         vision,
     })

@@ -318,3 +318,10 @@ pub fn every_logit_row(batch: usize, n: usize) -> (String, herd_ir::eval::Tensor
         herd_ir::eval::Tensor::I64(ndarray::ArrayD::from_shape_vec(vec![batch, n], index).unwrap()),
     )
 }
+
+/// The operator types of the ONNX model at `path`.
+pub fn onnx_op_types(path: &std::path::Path) -> std::collections::BTreeSet<String> {
+    use onnx_protobuf::Message;
+    let model = onnx_protobuf::ModelProto::parse_from_bytes(&std::fs::read(path).unwrap()).unwrap();
+    model.graph.node.iter().map(|n| n.op_type.clone()).collect()
+}

@@ -32,8 +32,36 @@ impl Emitter<'_> {
         inputs: &[Value],
     ) -> Result<String, TargetError> {
         let name = node.name.as_str();
-        let table = self.input(inputs[1], false)?;
         let ids = self.input(inputs[0], false)?;
+        let int_quantized = match self.graph.node(inputs[1].node).map(|n| &n.op) {
+            Some(Op::Weight(w)) if !w.prequantized() => match w.effective_quant().map(|q| q.scheme)
+            {
+                Some(herd_ir::quant::QuantScheme::Int4 { .. }) => Some(4),
+                Some(herd_ir::quant::QuantScheme::Int8 { .. }) => Some(8),
+                Some(herd_ir::quant::QuantScheme::Fp8) | None => None,
+            },
+            _ => None,
+        };
+        if let Some(bits) = int_quantized {
+            // One quantized row per token, dequantized by the gather: never the whole table.
+            let q = self.quantized(inputs[1].node, super::quantized::QLayout::Gather)?;
+            let block = q.block_size.ok_or_else(|| {
+                TargetError::bug_at("ONNX emission", name, "an int table without blocks")
+            })?;
+            return Ok(self.push(
+                name,
+                "GatherBlockQuantized",
+                "com.microsoft",
+                &[&q.values, &ids, &q.scales],
+                vec![
+                    ("gather_axis", Attr::Int(0)),
+                    ("quantize_axis", Attr::Int(1)),
+                    ("block_size", Attr::Int(block)),
+                    ("bits", Attr::Int(bits as i64)),
+                ],
+            ));
+        }
+        let table = self.input(inputs[1], false)?;
         Ok(self.push(
             name,
             "Gather",

@@ -26,6 +26,9 @@ pub enum QLayout {
     /// `com.microsoft.QMoE`: [E, N, K] with K packed per byte for int4, stored unsigned (q + 8 or q + 128,
     /// the op's default zero point); scales [E, N, K/B].
     Experts,
+    /// `com.microsoft.GatherBlockQuantized` over an embedding table [V, H] (blocks along H): packed and
+    /// unsigned as `Experts` (the op's default zero points are 8 and 128 too); scales [V, H/B].
+    Gather,
 }
 
 /// Names of a written quantized weight and the DequantizeLinear attributes that read it.
@@ -78,6 +81,7 @@ impl Source {
             ),
             QLayout::Stored => (base.clone(), spec.k_axis, ".q".to_string()),
             QLayout::Experts => (base.clone(), spec.k_axis, ".qmoe".to_string()),
+            QLayout::Gather => (base.clone(), spec.k_axis, ".qgather".to_string()),
         };
         let shape = src
             .shape()
@@ -188,7 +192,7 @@ impl Emitter<'_> {
             let scales = match layout {
                 QLayout::MatMul => scales.with(Transform::Transpose { perm: vec![1, 0] }),
                 QLayout::ExpertMatMul { expert } => expert_matrix_ref(&scales, spec.k_axis, expert),
-                QLayout::Stored | QLayout::Experts => scales,
+                QLayout::Stored | QLayout::Experts | QLayout::Gather => scales,
             };
             return Ok(Some(self.graph.weights().load_f32(&scales)?));
         }
@@ -236,12 +240,12 @@ impl Emitter<'_> {
     ) -> Result<WrittenValues, TargetError> {
         let (layout, spec, k_axis) = (source.layout, source.stored_spec, source.spec.k_axis);
         let (values_dtype, dims) = match (layout, spec.scheme) {
-            (QLayout::Experts, QuantScheme::Int4 { .. }) => {
+            (QLayout::Experts | QLayout::Gather, QuantScheme::Int4 { .. }) => {
                 let mut d = source.shape.clone();
-                *d.last_mut().expect("rank 3") /= 2;
+                *d.last_mut().expect("rank 2 or 3") /= 2;
                 (DataType::UINT8, d)
             }
-            (QLayout::Experts, _) => (DataType::UINT8, source.shape.clone()),
+            (QLayout::Experts | QLayout::Gather, _) => (DataType::UINT8, source.shape.clone()),
             _ => (onnx_dtype(spec.scheme.storage()), source.shape.clone()),
         };
         let values_name = self.fresh(&source.label);
@@ -257,7 +261,7 @@ impl Emitter<'_> {
         } else {
             1
         };
-        let unsigned = layout == QLayout::Experts;
+        let unsigned = matches!(layout, QLayout::Experts | QLayout::Gather);
         let mut scales: Vec<f32> = Vec::new();
         let mut carry: Option<u8> = None;
         let (mut signal, mut noise) = (0f64, 0f64);
