@@ -208,6 +208,8 @@ fn clipped_int_bundles_match_the_reference_evaluator() {
                 moe,
                 "--quant",
                 scheme,
+                // The evaluator's graph below keeps lm_head float (QuantOptions head: false).
+                "--keep-head",
                 "--max-context",
                 "64",
             ]);
