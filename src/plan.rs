@@ -4,8 +4,9 @@
 //!
 //! Weight bytes follow what `herd compile` writes: quantized matrices (attention, experts, shared
 //! expert, dense MLP) as codes plus one scale per block (int4/int8) or per output channel (fp8) in the
-//! compute dtype; router, norms, embeddings and lm_head in the compute dtype (rotary angles are computed
-//! in the graph: only the inverse frequencies are stored); the experts
+//! compute dtype; lm_head and the embedding table likewise when the input says they are quantized
+//! ([`PlanInput::quantized_head`]), else in the compute dtype; router and norms in the compute dtype
+//! (rotary angles are computed in the graph: only the inverse frequencies are stored); the experts
 //! of a compressed-tensors fp8 checkpoint as fp8 with f32 channel scales. A bundle's figures are read
 //! from its initializers instead (a test holds the two equal).
 
@@ -71,6 +72,10 @@ pub struct PlanInput {
     pub gpus: u64,
     pub dtype: DType,
     pub quant: Option<QuantScheme>,
+    /// lm_head stored with `quant` (`herd compile`'s default for int4/int8 unless `--keep-head`).
+    pub quantized_head: bool,
+    /// The embedding table stored with `quant` (as the head, on the ONNX target only).
+    pub quantized_embeddings: bool,
     pub kv_bytes_per_value: u64,
     pub batch: u64,
     pub context: u64,
@@ -165,8 +170,9 @@ pub fn config_weights(config: &Llama4Config, input: &PlanInput, prequant_fp8: bo
             *parts.get_mut(part).unwrap() += bytes;
         }
     }
-    *parts.get_mut("embeddings").unwrap() += float(v * h);
-    *parts.get_mut("lm_head").unwrap() += float(v * h);
+    let (table, head) = head_bytes(h, v, input);
+    *parts.get_mut("embeddings").unwrap() += table;
+    *parts.get_mut("lm_head").unwrap() += head;
     *parts.get_mut("norms_and_tables").unwrap() += float(h);
     // No rotary tables: the angles are computed from the positions in the graph, whose inverse
     // frequencies (a few hundred bytes) sit inline in the model file like the other small constants.
@@ -197,9 +203,21 @@ pub fn config_layer_weights(
                     .sum()
             })
             .collect(),
-        first: float(v * h) + vision,
-        last: float(v * h) + float(h),
+        first: head_bytes(h, v, input).0 + vision,
+        last: head_bytes(h, v, input).1 + float(h),
     }
+}
+
+/// Bytes of the embedding table [V, H] and of lm_head [H, V]: quantized as the input says (the
+/// table's blocks run along H, as lm_head's along its K = H, so both store V x H codes and V x H / B
+/// scales), else in the compute dtype.
+fn head_bytes(h: u64, v: u64, input: &PlanInput) -> (u64, u64) {
+    let t = input.dtype;
+    let stored = |quantized: bool| matrix_bytes(h, v, input.quant.filter(|_| quantized), t, t);
+    (
+        stored(input.quantized_embeddings),
+        stored(input.quantized_head),
+    )
 }
 
 /// Values of the vision encoder, adapter and projector (kept in the compute dtype), for a text

@@ -199,8 +199,20 @@ fn compile_stages_split_as_plan_gpus_says() {
 fn bundle_figures_equal_the_config_figures() {
     let dir = tempfile::tempdir().unwrap();
     // tiny-scout carries a vision tower: its vision.onnx is counted as the `vision` part.
-    let cases: [(&str, &[&str], &str); 5] = [
+    // The flags after the fixture go to both commands: lm_head and the table are quantized by
+    // default, kept by --keep-head, and on tensorrt-h100 only lm_head is quantized.
+    let cases: [(&str, &[&str], &str); 7] = [
         ("tiny-maverick", &["--quant", "int4:64"], "grouped"),
+        (
+            "tiny-maverick",
+            &["--quant", "int4:64", "--keep-head"],
+            "ort",
+        ),
+        (
+            "tiny-scout",
+            &["--quant", "int4:64", "--target", "tensorrt-h100"],
+            "cuda",
+        ),
         ("tiny-maverick", &["--quant", "int8:32"], "cuda"),
         ("tiny-scout", &["--quant", "fp8"], "ort"),
         ("tiny-scout", &["--quant", "int4:32"], "grouped"),
@@ -218,6 +230,8 @@ fn bundle_figures_equal_the_config_figures() {
             moe,
             "--max-context",
             "64",
+            "--dtype",
+            "f32",
         ];
         args.extend_from_slice(quant);
         ok(&args);

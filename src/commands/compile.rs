@@ -505,6 +505,6 @@ fn accuracy_report(
 /// Whether lm_head (and on the ONNX target the embedding table) is quantized: by default for int4/int8.
 /// fp8 keeps them: its calibration does not cover lm_head's input, and TensorRT's own FP8 recipes
 /// leave the head in higher precision too.
-fn head_quantized(scheme: herd_ir::quant::QuantScheme, keep_head: bool) -> bool {
+pub fn head_quantized(scheme: herd_ir::quant::QuantScheme, keep_head: bool) -> bool {
     !keep_head && !matches!(scheme, herd_ir::quant::QuantScheme::Fp8)
 }

@@ -9,7 +9,7 @@ use herd_ir::quant::QuantScheme;
 use herd_ir::{DType, Llama4Config};
 use herd_runtime::manifest::ElementType;
 
-use super::compile::DtypeArg;
+use super::compile::{head_quantized, DtypeArg, TargetArg};
 use crate::plan::{self, PlanInput, GPUS};
 
 /// KV cache element type.
@@ -36,6 +36,14 @@ pub struct PlanArgs {
     /// Weight quantization, as `herd compile --quant` (int4[:B], int8[:B], fp8); a checkpoint only.
     #[arg(long)]
     pub quant: Option<String>,
+    /// As `herd compile --keep-head`: lm_head and the embedding table in the compute dtype under
+    /// int4/int8; a checkpoint only.
+    #[arg(long, requires = "quant")]
+    pub keep_head: bool,
+    /// As `herd compile --target`: the embedding table stays in the compute dtype on tensorrt-h100
+    /// (its parser has no quantized Gather); a checkpoint only.
+    #[arg(long, value_enum, default_value = "onnx")]
+    pub target: TargetArg,
     /// Compute dtype of the bundle; a checkpoint only.
     #[arg(long, value_enum, default_value = "f16")]
     pub dtype: DtypeArg,
@@ -94,8 +102,9 @@ pub fn run(args: &PlanArgs) -> Result<()> {
     let bundle_manifest = args.path.join("manifest.json");
     let (config, weights, input) = if bundle_manifest.is_file() {
         anyhow::ensure!(
-            args.quant.is_none(),
-            "--quant is for a checkpoint: a bundle's scheme is in its manifest"
+            args.quant.is_none() && args.target == TargetArg::Onnx,
+            "--quant, --keep-head and --target are for a checkpoint: a bundle's scheme and target \
+             are in its manifest"
         );
         let bundle = herd_runtime::Bundle::open(&args.path)?;
         let m = &bundle.manifest;
@@ -156,11 +165,14 @@ pub fn run(args: &PlanArgs) -> Result<()> {
 }
 
 fn input(args: &PlanArgs, gpu: plan::Gpu, dtype: DType, quant: Option<QuantScheme>) -> PlanInput {
+    let quantized_head = quant.is_some_and(|q| head_quantized(q, args.keep_head));
     PlanInput {
         gpu,
         gpus: args.gpus,
         dtype,
         quant,
+        quantized_head,
+        quantized_embeddings: quantized_head && args.target == TargetArg::Onnx,
         kv_bytes_per_value: match args.kv_dtype {
             KvDtypeArg::F16 => 2,
             KvDtypeArg::Fp8 => 1,

@@ -137,6 +137,8 @@ pub fn stage_plans(
         gpus: 1,
         dtype: options.dtype,
         quant: options.quant.as_ref().map(|q| q.scheme),
+        quantized_head: options.quant.as_ref().is_some_and(|q| q.head),
+        quantized_embeddings: options.quant.as_ref().is_some_and(|q| q.embeddings),
         kv_bytes_per_value: options.dtype.bits() as u64 / 8,
         batch: options.tensorrt.as_ref().map_or(1, |t| t.max_batch) as u64,
         context: options.max_context as u64,
