@@ -167,6 +167,7 @@ pub fn bundle(path: &Path, options: &RuntimeOptions, shape: &DecodeShape) -> Res
         "decode_steps": decode_steps,
         "peak_rss_bytes": peak_rss,
         "prepack": options.prepack_for(&model.bundle),
+        "int8_activations": options.int8_activations_for(&model.bundle),
         "kv_bytes_per_token": kv_per_token,
         "memory_bandwidth_bytes_per_s": bandwidth,
         "active_weight_bytes_per_token": m.model.active_weight_bytes_per_token,

@@ -227,6 +227,8 @@ fn clipped_int_bundles_match_the_reference_evaluator() {
                     "--greedy",
                     "--dump-logits",
                     npy.to_str().unwrap(),
+                    // As the evaluator computes: f32 activations (int8 bundles' CPU default is int8).
+                    "--exact-activations",
                 ]);
                 let ours: Array2<f32> = ndarray_npy::read_npy(&npy).expect("logits .npy");
                 let reference = lowered_logits(&graph, &golden.input_ids);

@@ -411,3 +411,54 @@ fn chat_streams_over_a_pipe() {
         "two replies: {stdout:?}"
     );
 }
+
+/// An f16 bundle on the CPU provider: ONNX Runtime casts its weights to f32, so it is refused with the
+/// reason and the alternatives when that copy does not fit the memory available, and runs otherwise.
+#[test]
+fn f16_bundles_on_the_cpu_are_refused_when_their_f32_copy_does_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("f16");
+    let bundle = bundle.to_str().unwrap();
+    ok(&[
+        "compile",
+        fixture("tiny-maverick").to_str().unwrap(),
+        "-o",
+        bundle,
+        "--dtype",
+        "f16",
+        "--max-context",
+        "64",
+    ]);
+    let run = |memory: Option<&str>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_herd"));
+        command.args([
+            "run",
+            bundle,
+            "--input-ids",
+            "1,2,3",
+            "--max-new-tokens",
+            "1",
+        ]);
+        match memory {
+            Some(m) => command.env(herd_runtime::cpu_memory::MEMORY_ENV, m),
+            None => command.env_remove(herd_runtime::cpu_memory::MEMORY_ENV),
+        };
+        command.output().unwrap()
+    };
+    let refused = run(Some("1000"));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "an f16 bundle ran in 1000 bytes");
+    for part in ["f16", "--dtype f32", "--quant int4", "--ep cuda", bundle] {
+        assert!(
+            stderr.contains(part),
+            "the refusal does not say `{part}`: {stderr}"
+        );
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let ran = run(None);
+    assert!(
+        ran.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+}

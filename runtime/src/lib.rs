@@ -6,6 +6,7 @@ pub mod batch;
 pub mod bundle;
 pub mod cache;
 pub mod capi;
+pub mod cpu_memory;
 pub mod decode;
 pub mod error;
 pub mod generate;

@@ -52,9 +52,12 @@ pub struct RuntimeOptions {
     /// Let ONNX Runtime quantize the activations of int4/int8 MatMuls (MatMulNBits,
     /// `accuracy_level` 4) and prepacked QMoE experts to int8 on the fly, as llama.cpp's Q4_0/Q8_0
     /// dot products do: int8 weights then run on MLAS's int8 kernels (its f32 path for 8-bit
-    /// weights is a slow fallback) at a KL cost `herd eval --int8-activations` measures. Off by
-    /// default: activations stay f32 and the bundle computes what the reference evaluator computes.
-    pub int8_activations: bool,
+    /// weights is a slow fallback) at a KL cost `herd eval --int8-activations` measures. `None`
+    /// (the default) turns it on for int8 bundles on the CPU provider, where exact int8 decodes
+    /// ~30x slower than int4 (llama.cpp's Q8_0 quantizes its activations the same way), and leaves
+    /// it off otherwise; `Some(false)` keeps f32 activations, so the bundle computes what the
+    /// reference evaluator computes.
+    pub int8_activations: Option<bool>,
     /// Write ONNX Runtime's profile (a Chrome trace of every kernel run) of each decoder session to a
     /// file named from this prefix (`PREFIX_<date>.json`) when the session closes.
     pub profile: Option<PathBuf>,
@@ -89,7 +92,21 @@ impl RuntimeOptions {
             .quantization
             .as_ref()
             .is_some_and(|q| q.scheme.starts_with("int4"));
-        self.prepack.unwrap_or(int4 || self.int8_activations)
+        self.prepack
+            .unwrap_or(int4 || self.int8_activations_for(bundle))
+    }
+
+    /// Whether `bundle`'s int4/int8 activations are quantized to int8 (see
+    /// [`RuntimeOptions::int8_activations`]).
+    pub fn int8_activations_for(&self, bundle: &Bundle) -> bool {
+        self.int8_activations.unwrap_or_else(|| {
+            self.provider == crate::providers::Provider::Cpu
+                && bundle
+                    .manifest
+                    .quantization
+                    .as_ref()
+                    .is_some_and(|q| q.scheme.starts_with("int8"))
+        })
     }
 }
 
@@ -171,6 +188,9 @@ impl Model {
             return Err(RuntimeError::Unsupported(
                 "bf16 bundles run on the GPU providers (--ep cuda or tensorrt): ONNX Runtime's CPU kernels have no bf16 MatMul or Attention; compile with --dtype f16 or f32 to run on the CPU".into(),
             ));
+        }
+        if options.provider == crate::providers::Provider::Cpu {
+            crate::cpu_memory::check_f16_on_cpu(&bundle)?;
         }
         if options.verify {
             bundle.verify_all()?;

@@ -93,7 +93,11 @@ fn decoder_builder(
         // quantizes them to int8), unless the caller asked for int8 activations.
         .with_config_entry(
             "session.qdq_matmulnbits_accuracy_level",
-            if options.int8_activations { "4" } else { "0" },
+            if options.int8_activations_for(bundle) {
+                "4"
+            } else {
+                "0"
+            },
         )?
         .with_config_entry(
             "session.disable_prepacking",

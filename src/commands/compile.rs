@@ -417,7 +417,10 @@ fn accuracy_report(
     };
     eprintln!("report: compiling the unquantized reference");
     let reference = compile(&reference, &mut |_, _| {})?.bundle;
-    let exact = herd_runtime::RuntimeOptions::default();
+    let exact = herd_runtime::RuntimeOptions {
+        int8_activations: Some(false),
+        ..Default::default()
+    };
     let accuracy = crate::eval::compare_bundles(
         bundle,
         &exact,

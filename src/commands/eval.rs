@@ -20,8 +20,9 @@ pub struct EvalArgs {
     /// Store the result in BUNDLE's manifest (quantized bundles only).
     #[arg(long)]
     pub store: bool,
-    /// Run BUNDLE with int8 activations (`herd run --int8-activations`): the KL cost of that mode.
-    /// Not stored: the manifest's accuracy is the exact mode's.
+    /// Run BUNDLE with int8 activations (`herd run --int8-activations`, the CPU's default for int8
+    /// bundles): the KL cost of that mode. Without it BUNDLE runs with exact f32 activations, the
+    /// mode the GPU providers run. Not stored: the manifest's accuracy is the exact mode's.
     #[arg(long, conflicts_with = "store")]
     pub int8_activations: bool,
     /// Print one JSON object.
@@ -55,7 +56,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         None
     };
     let candidate_options = herd_runtime::RuntimeOptions {
-        int8_activations: args.int8_activations,
+        int8_activations: Some(args.int8_activations),
         ..Default::default()
     };
     let accuracy = crate::eval::compare_bundles(
