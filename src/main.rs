@@ -148,8 +148,14 @@ fn main() -> ExitCode {
     exit_quietly_on_closed_pipe();
     keep_freed_blocks();
     explain_bus_errors();
+    // HERD_LOG picks the levels (`info` shows pass timings); without it herd's own warnings show,
+    // and ONNX Runtime's log lines do not.
+    let filter = std::env::var("HERD_LOG").unwrap_or_else(|_| {
+        "herd=warn,herd_runtime=warn,herd_passes=warn,herd_targets=warn,herd_ir=warn".to_string()
+    });
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("HERD_LOG"))
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
