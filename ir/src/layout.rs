@@ -32,28 +32,41 @@ pub fn row_major(view: ArrayViewD<'_, f32>) -> ArrayD<f32> {
             match unit {
                 Some(k) if k != last => {
                     // chunk = output axes k.. for one index of axes ..k: tile the (k, last) plane, the axes
-                    // between them (if any) walked one by one.
+                    // between them (if any) walked one by one. A 2-D transpose is one plane, so the
+                    // plane's TILE-row bands are shared out too.
                     let mid: Vec<usize> = shape[k + 1..last].to_vec();
                     let mid_count: usize = mid.iter().product();
                     let (dk, dl) = (shape[k], shape[last]);
                     let start = offset(outer, &shape[..k], &strides[..k]);
-                    for m in 0..mid_count {
-                        let mid_off = start + offset(m, &mid, &strides[k + 1..last]);
-                        for i0 in (0..dk).step_by(TILE) {
-                            for j0 in (0..dl).step_by(TILE) {
-                                for i in i0..(i0 + TILE).min(dk) {
-                                    for j in j0..(j0 + TILE).min(dl) {
-                                        let s = mid_off
-                                            + i as isize * strides[k]
-                                            + j as isize * strides[last];
-                                        // SAFETY: s indexes an element of `view`, whose data outlives this call.
-                                        chunk[(i * mid_count + m) * dl + j] =
-                                            unsafe { *src.offset(s) };
+                    let band = (TILE * mid_count * dl).max(1);
+                    chunk
+                        .par_chunks_mut(band)
+                        .enumerate()
+                        .for_each(|(b, rows)| {
+                            let src = base as *const f32;
+                            let i0 = b * TILE;
+                            for m in 0..mid_count {
+                                let mid_off = start + offset(m, &mid, &strides[k + 1..last]);
+                                for j0 in (0..dl).step_by(TILE) {
+                                    for i in i0..(i0 + TILE).min(dk) {
+                                        let row =
+                                            &mut rows[((i - i0) * mid_count + m) * dl..][..dl];
+                                        for (j, v) in row
+                                            .iter_mut()
+                                            .enumerate()
+                                            .take((j0 + TILE).min(dl))
+                                            .skip(j0)
+                                        {
+                                            let s = mid_off
+                                                + i as isize * strides[k]
+                                                + j as isize * strides[last];
+                                            // SAFETY: s indexes an element of `view`, whose data outlives this call.
+                                            *v = unsafe { *src.offset(s) };
+                                        }
                                     }
                                 }
                             }
-                        }
-                    }
+                        });
                 }
                 _ => {
                     let start = offset(outer, &shape[..last], &strides[..last]);

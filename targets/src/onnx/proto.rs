@@ -9,6 +9,7 @@ use onnx_protobuf::{
     AttributeProto, NodeProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 
+use half::slice::HalfFloatSliceExt;
 use herd_ir::{DType, Dim};
 
 /// ONNX element type of an IR dtype.
@@ -128,18 +129,30 @@ pub fn float_tensor(
     Ok(t)
 }
 
+/// `values` encoded one by one into a buffer sized up front.
+fn encode_each<const N: usize>(values: &[f32], encode: impl Fn(f32) -> [u8; N]) -> Vec<u8> {
+    let mut out = vec![0u8; N * values.len()];
+    for (o, v) in out.chunks_exact_mut(N).zip(values) {
+        o.copy_from_slice(&encode(*v));
+    }
+    out
+}
+
 /// Little-endian bytes of `values` in `dtype` (f32, f16 or bf16; any other dtype is a herd bug).
 pub fn encode_floats(values: &[f32], dtype: DType) -> Result<Vec<u8>, TargetError> {
     Ok(match dtype {
-        DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DType::F16 => values
-            .iter()
-            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-            .collect(),
-        DType::BF16 => values
-            .iter()
-            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-            .collect(),
+        DType::F32 => encode_each(values, f32::to_le_bytes),
+        DType::F16 => {
+            // half's slice conversion uses the CPU's F16C instructions where it has them.
+            let mut halves = vec![half::f16::ZERO; values.len()];
+            halves.convert_from_f32_slice(values);
+            let mut out = vec![0u8; 2 * values.len()];
+            for (o, h) in out.chunks_exact_mut(2).zip(&halves) {
+                o.copy_from_slice(&h.to_le_bytes());
+            }
+            out
+        }
+        DType::BF16 => encode_each(values, |v| half::bf16::from_f32(v).to_le_bytes()),
         DType::F8E4M3 | DType::I8 | DType::I4 | DType::I32 | DType::I64 | DType::Bool => {
             return Err(TargetError::bug(
                 "ONNX encoding",
