@@ -23,6 +23,10 @@ pub struct BenchArgs {
     /// With --compile: MoE lowering.
     #[arg(long, value_enum, default_value = "ort")]
     pub moe: MoeArg,
+    /// With --compile: weight quantization as `herd compile --quant` (int4[:B], int8[:B], fp8), with
+    /// its default clipped scales and lm_head/table quantized for int4/int8.
+    #[arg(long, requires = "compile", value_parser = herd_ir::quant::QuantScheme::parse)]
+    pub quant: Option<herd_ir::quant::QuantScheme>,
     /// Decode steps timed per batch size.
     #[arg(long, default_value_t = 32)]
     pub decode_steps: usize,
@@ -128,6 +132,21 @@ fn compile_bench(args: &BenchArgs) -> Result<serde_json::Value> {
         moe: args.moe.lowering(),
         dtype: args.dtype.dtype(),
         max_context: 4096,
+        quant: args.quant.map(|scheme| {
+            let head = super::compile::head_quantized(scheme, false);
+            herd_passes::quantize::QuantOptions {
+                scheme,
+                scale_dtype: if args.dtype == DtypeArg::F32 {
+                    herd_ir::DType::F32
+                } else {
+                    herd_ir::DType::F16
+                },
+                search: herd_ir::quant::ScaleSearch::Clip,
+                head,
+                embeddings: head,
+                keep: Vec::new(),
+            }
+        }),
         ..CompileOptions::new(args.path.clone(), out.path().join("bundle"))
     };
     // The copy is made (and removed) before the compile writes, so the disk holds one of them.
@@ -139,6 +158,7 @@ fn compile_bench(args: &BenchArgs) -> Result<serde_json::Value> {
     let read_gbps = read_bytes as f64 / read_seconds / 1e9;
     Ok(json!({
         "model": args.path,
+        "quant": args.quant.map(|q| q.name()),
         "checkpoint_bytes": report.checkpoint_bytes,
         "bytes_written": report.bytes_written,
         "compile_seconds": seconds,

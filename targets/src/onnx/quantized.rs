@@ -288,10 +288,9 @@ impl Emitter<'_> {
                     f.slice_axis(ndarray::Axis(0), scale_rows.into()).to_owned()
                 });
                 let q = quantize(block, &source.spec, fixed.as_ref());
-                for (w, d) in block.iter().zip(q.dequantized.iter()) {
-                    signal += (*w as f64) * (*w as f64);
-                    noise += ((*w - *d) as f64) * ((*w - *d) as f64);
-                }
+                let (s, n) = signal_and_noise(block, &q.dequantized);
+                signal += s;
+                noise += n;
                 if fixed.is_none() {
                     scales.extend(q.scales.iter().copied());
                 }
@@ -434,5 +433,34 @@ fn pack(
             })
             .collect(),
         QuantScheme::Fp8 => codes.iter().map(|&c| c as u8).collect(),
+    }
+}
+
+/// Sums of w² and (w - dequantized)² over a block, in parallel over contiguous runs.
+fn signal_and_noise(weights: &ArrayD<f32>, dequantized: &ArrayD<f32>) -> (f64, f64) {
+    use rayon::prelude::*;
+    let sums = |w: &[f32], d: &[f32]| {
+        w.iter().zip(d).fold((0f64, 0f64), |(s, n), (&w, &d)| {
+            let e = (w - d) as f64;
+            (s + w as f64 * w as f64, n + e * e)
+        })
+    };
+    match (weights.as_slice(), dequantized.as_slice()) {
+        // Chunk sums collected in order and added in order: the figure is the same on every run.
+        (Some(w), Some(d)) => w
+            .par_chunks(1 << 16)
+            .zip(d.par_chunks(1 << 16))
+            .map(|(w, d)| sums(w, d))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1)),
+        _ => {
+            let (w, d): (Vec<f32>, Vec<f32>) = weights
+                .iter()
+                .zip(dequantized.iter())
+                .map(|(w, d)| (*w, *d))
+                .unzip();
+            sums(&w, &d)
+        }
     }
 }
