@@ -281,7 +281,13 @@ impl Emitter<'_> {
         let op_type = match node.op {
             Op::Add => "Add",
             Op::Mul => "Mul",
-            _ => "Sigmoid",
+            Op::Sigmoid => "Sigmoid",
+            ref other => {
+                return Err(TargetError::bug(
+                    "ONNX emission",
+                    format!("{name}: {} is not an elementwise op", other.name()),
+                ))
+            }
         };
         let args: Vec<String> = inputs
             .iter()
