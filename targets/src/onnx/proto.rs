@@ -143,12 +143,17 @@ pub fn encode_floats(values: &[f32], dtype: DType) -> Result<Vec<u8>, TargetErro
     Ok(match dtype {
         DType::F32 => encode_each(values, f32::to_le_bytes),
         DType::F16 => {
-            // half's slice conversion uses the CPU's F16C instructions where it has them.
-            let mut halves = vec![half::f16::ZERO; values.len()];
-            halves.convert_from_f32_slice(values);
+            // half's slice conversion uses the CPU's F16C instructions where it has them; a small
+            // buffer at a time, so encoding holds no second copy of the block.
+            const RUN: usize = 4096;
+            let mut halves = [half::f16::ZERO; RUN];
             let mut out = vec![0u8; 2 * values.len()];
-            for (o, h) in out.chunks_exact_mut(2).zip(&halves) {
-                o.copy_from_slice(&h.to_le_bytes());
+            for (o, v) in out.chunks_mut(2 * RUN).zip(values.chunks(RUN)) {
+                let halves = &mut halves[..v.len()];
+                halves.convert_from_f32_slice(v);
+                for (b, h) in o.chunks_exact_mut(2).zip(halves.iter()) {
+                    b.copy_from_slice(&h.to_le_bytes());
+                }
             }
             out
         }
