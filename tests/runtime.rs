@@ -455,6 +455,9 @@ fn f16_bundles_on_the_cpu_are_refused_when_their_f32_copy_does_not_fit() {
         );
     }
     assert!(!stderr.contains("panicked"), "{stderr}");
+    let bad = run(Some("lots"));
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("HERD_CPU_MEMORY_BYTES=lots"));
     let ran = run(None);
     assert!(
         ran.status.success(),

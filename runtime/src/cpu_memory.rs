@@ -28,7 +28,7 @@ pub fn check_f16_on_cpu(bundle: &Bundle) -> Result<(), RuntimeError> {
     }
     let weights = m.model.weight_bytes;
     let needed = weights.saturating_mul(2);
-    let Some(available) = available_memory() else {
+    let Some(available) = available_memory()? else {
         return Ok(());
     };
     let gb = |b: u64| b as f64 / 1e9;
@@ -56,9 +56,18 @@ pub fn check_f16_on_cpu(bundle: &Bundle) -> Result<(), RuntimeError> {
 
 /// Memory a new session can take: `HERD_CPU_MEMORY_BYTES`, else the smaller of `MemAvailable` and
 /// the cgroup's room (`memory.max - memory.current`); None where neither is readable.
-fn available_memory() -> Option<u64> {
+fn available_memory() -> Result<Option<u64>, RuntimeError> {
     if let Some(v) = std::env::var_os(MEMORY_ENV) {
-        return v.to_str().and_then(|s| s.trim().parse().ok());
+        return match v.to_str().and_then(|s| s.trim().parse().ok()) {
+            Some(bytes) => Ok(Some(bytes)),
+            None => Err(RuntimeError::option(
+                MEMORY_ENV,
+                format!(
+                    "{MEMORY_ENV}={}: not a byte count; set it to a whole number of bytes or unset it",
+                    v.to_string_lossy()
+                ),
+            )),
+        };
     }
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
         s.lines()
@@ -73,8 +82,8 @@ fn available_memory() -> Option<u64> {
     };
     let cgroup =
         read("memory.max").map(|max| max.saturating_sub(read("memory.current").unwrap_or(0)));
-    match (meminfo, cgroup) {
+    Ok(match (meminfo, cgroup) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
-    }
+    })
 }

@@ -421,13 +421,20 @@ fn accuracy_report(
         int8_activations: Some(false),
         ..Default::default()
     };
-    let accuracy = crate::eval::compare_bundles(
-        bundle,
-        &exact,
-        &reference,
-        Some(&args.model),
-        "unquantized f32 (compile --report)",
-    )?;
+    let against_reference = |candidate: &std::path::Path| {
+        crate::eval::compare_bundles(
+            candidate,
+            &exact,
+            &reference,
+            Some(&args.model),
+            "unquantized f32 (compile --report)",
+        )
+    };
+    // A variant of this compile (other options, its own folder), measured the same way.
+    let variant = |variant: &CompileOptions| -> Result<herd_runtime::manifest::Accuracy> {
+        against_reference(&compile(variant, &mut |_, _| {})?.bundle)
+    };
+    let accuracy = against_reference(bundle)?;
     let rtn = match options.quant_method {
         crate::driver::QuantMethod::Rtn => None,
         method => {
@@ -441,14 +448,7 @@ fn accuracy_report(
                 force: false,
                 ..options.clone()
             };
-            let rtn = compile(&rtn, &mut |_, _| {})?.bundle;
-            Some(crate::eval::compare_bundles(
-                &rtn,
-                &exact,
-                &reference,
-                Some(&args.model),
-                "unquantized f32 (compile --report)",
-            )?)
+            Some(variant(&rtn)?)
         }
     };
     let head_kept = match &options.quant {
@@ -464,14 +464,7 @@ fn accuracy_report(
                 force: false,
                 ..options.clone()
             };
-            let kept = compile(&kept, &mut |_, _| {})?.bundle;
-            Some(crate::eval::compare_bundles(
-                &kept,
-                &exact,
-                &reference,
-                Some(&args.model),
-                "unquantized f32 (compile --report)",
-            )?)
+            Some(variant(&kept)?)
         }
         _ => None,
     };

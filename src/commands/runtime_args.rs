@@ -70,19 +70,18 @@ pub struct RuntimeArgs {
     pub exact_activations: bool,
 }
 
+/// A pair of opposite flags (clap keeps them apart): `Some(true)`, `Some(false)` or neither.
+fn either(on: bool, off: bool) -> Option<bool> {
+    (on || off).then_some(on)
+}
+
 impl RuntimeArgs {
     /// The runtime options these arguments ask for.
     pub fn options(&self) -> RuntimeOptions {
         RuntimeOptions {
             ort_library: self.ort_library.clone(),
             intra_threads: self.intra_threads.map(usize::from),
-            prepack: if self.prepack {
-                Some(true)
-            } else if self.no_prepack {
-                Some(false)
-            } else {
-                None
-            },
+            prepack: either(self.prepack, self.no_prepack),
             provider: match self.ep {
                 EpArg::Cpu => Provider::Cpu,
                 EpArg::Cuda => Provider::Cuda,
@@ -94,13 +93,7 @@ impl RuntimeArgs {
             sessions: self.sessions.into(),
             verify: self.verify,
             context: self.kv_context,
-            int8_activations: if self.int8_activations {
-                Some(true)
-            } else if self.exact_activations {
-                Some(false)
-            } else {
-                None
-            },
+            int8_activations: either(self.int8_activations, self.exact_activations),
             profile: None,
         }
     }
