@@ -8,6 +8,7 @@ mod common;
 use std::collections::HashMap;
 
 use common::{fixture, greedy, ok};
+use herd_runtime::sampling::argmax;
 use herd_runtime::{Batch, BatchEvent, Model, Prompt, RuntimeOptions};
 
 fn bundle(dir: &std::path::Path, extra: &[&str]) -> std::path::PathBuf {
@@ -83,16 +84,6 @@ fn solo(model: &Model, case: &Case) -> (Vec<i64>, Vec<Vec<f32>>) {
         }
     }
     (tokens, all)
-}
-
-fn argmax(logits: &[f32]) -> i64 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as i64
 }
 
 fn assert_close(ours: &[f32], alone: &[f32], what: &str) {

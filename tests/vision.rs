@@ -426,11 +426,23 @@ fn chat_attaches_images_and_survives_a_bad_one() {
     );
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("truncated.png"), "{stderr}");
-    assert_eq!(
-        stdout.lines().filter(|l| l.len() > 2).count(),
-        2,
-        "two replies (the turn with the bad image is dropped): {stdout:?}"
+    // The turn with the bad image is dropped: the third turn continues the first, with both good
+    // images in order.
+    let model = herd_runtime::Model::load(&bundle, &Default::default()).unwrap();
+    let first_turn = common::message("user", "<|image|>What is this?");
+    let first = common::chat_reply(&model, &[first_turn.clone()], &[image("small.png")], 4);
+    let third = common::chat_reply(
+        &model,
+        &[
+            first_turn,
+            common::message("assistant", &first),
+            common::message("user", "<|image|>Compare them."),
+        ],
+        &[image("small.png"), image("padded.png")],
+        4,
     );
+    assert!(!first.is_empty() && !third.is_empty());
+    assert_eq!(stdout, format!("> > {first}\n> > > > {third}\n> "));
 }
 
 #[test]

@@ -339,11 +339,12 @@ fn sha256_file(path: &Path) -> Result<String, RuntimeError> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(digest_hex(&hasher.finalize()))
+}
+
+/// A digest as the manifest records it: lowercase hex. The one spelling of it, for writer and checker.
+pub fn digest_hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Reads `dir`'s manifest, checked as [`parse_manifest`] checks it (format, fields, model facts),

@@ -10,8 +10,5 @@ pub use error::TargetError;
 /// Lowercase hex sha256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    herd_runtime::bundle::digest_hex(&sha2::Sha256::digest(bytes))
 }

@@ -112,15 +112,10 @@ pub fn max_error(ours: &Array2<f32>, theirs: &Array2<f32>) -> (f32, f32) {
 /// Relative tolerance against the logit scale that every fp32 comparison uses.
 pub const LOGIT_TOLERANCE: f32 = 1e-4;
 
-/// Index of the largest value (first on ties), like torch.argmax.
+/// Index of the largest value (first on ties, like torch.argmax): the runtime's greedy rule, which
+/// the goldens' greedy tokens check.
 pub fn argmax(row: &Array1<f32>) -> i64 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as i64
+    herd_runtime::sampling::argmax(&row.to_vec())
 }
 
 /// Counts inputs by name for readability in assertions.
@@ -324,4 +319,47 @@ pub fn onnx_op_types(path: &std::path::Path) -> std::collections::BTreeSet<Strin
     use onnx_protobuf::Message;
     let model = onnx_protobuf::ModelProto::parse_from_bytes(&std::fs::read(path).unwrap()).unwrap();
     model.graph.node.iter().map(|n| n.op_type.clone()).collect()
+}
+
+/// The text `herd chat --max-new-tokens N` prints for one turn: the greedy reply to the whole
+/// conversation so far (with the turns' images, in order), stopped at the bundle's end tokens.
+pub fn chat_reply(
+    model: &herd_runtime::Model,
+    messages: &[herd_runtime::Message],
+    images: &[std::path::PathBuf],
+    max_new_tokens: usize,
+) -> String {
+    use herd_runtime::Prompt;
+    let chat = Prompt::Chat(messages.to_vec());
+    let prompt = if images.is_empty() {
+        chat
+    } else {
+        Prompt::WithImages {
+            prompt: Box::new(chat),
+            images: images
+                .iter()
+                .map(|p| herd_runtime::vision::ImageSource::Path(p.clone()))
+                .collect(),
+        }
+    };
+    let params = herd_runtime::GenerateParams {
+        max_new_tokens,
+        sampling: herd_runtime::Sampling::Greedy,
+        stop_ids: None,
+        stop_strings: vec![],
+        return_logits: false,
+    };
+    model
+        .stream(prompt, &params, None)
+        .unwrap()
+        .map(|event| event.unwrap().text)
+        .collect()
+}
+
+/// A chat message.
+pub fn message(role: &str, content: &str) -> herd_runtime::Message {
+    herd_runtime::Message {
+        role: role.into(),
+        content: content.into(),
+    }
 }

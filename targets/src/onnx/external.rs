@@ -134,10 +134,9 @@ impl ExternalData {
         let (file, hasher) = self.join()?;
         file.sync_all()
             .map_err(|e| TargetError::io(&self.path, e))?;
-        let digest = hasher.finalize();
         Ok((
             self.offset,
-            digest.iter().map(|b| format!("{b:02x}")).collect(),
+            herd_runtime::bundle::digest_hex(&hasher.finalize()),
         ))
     }
 }
