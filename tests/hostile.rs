@@ -878,12 +878,8 @@ fn templates_and_prompts_cannot_run_away() {
 /// Re-records one file's size and sha256 in a bundle's manifest (a deliberate edit, as a user would
 /// make with their own template).
 fn edit_manifest_checksum(bundle: &Path, name: &str) {
-    use sha2::Digest;
     let bytes = std::fs::read(bundle.join(name)).unwrap();
-    let sha: String = sha2::Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let sha = herd_targets::sha256_hex(&bytes);
     edit_json(&bundle.join("manifest.json"), |m| {
         let files = m["files"].as_array_mut().unwrap();
         match files.iter_mut().find(|f| f["path"] == name) {

@@ -204,27 +204,8 @@ impl WeightStore {
                 .map_err(|e| bad(&w.label(), e.to_string()))?
         };
         for (t, &axis) in w.transforms.iter().zip(&trace.axes) {
-            array = match t {
-                Transform::Transpose { perm } => array.permuted_axes(IxDyn(perm)),
-                // Slices along the traced axis were applied when the region was chosen.
-                Transform::Slice { axis: s, .. } if *s == axis => array,
-                Transform::Slice {
-                    axis: s,
-                    start,
-                    end,
-                } => array.slice_axis(Axis(*s), (*start..*end).into()).to_owned(),
-                Transform::Select { axis: s, index } => {
-                    array.index_axis(Axis(*s), *index).to_owned()
-                }
-                Transform::Reshape { shape } => {
-                    let mut shape = shape.clone();
-                    let row: usize = shape[1..].iter().product();
-                    shape[0] = array.len() / row.max(1);
-                    crate::layout::row_major(array.view())
-                        .into_shape_with_order(IxDyn(&shape))
-                        .map_err(|e| bad(&w.label(), e.to_string()))?
-                }
-            };
+            array = crate::weights::apply_transform(array, t, Some(axis))
+                .map_err(|e| bad(&w.label(), e))?;
         }
         let array = crate::layout::row_major(array.view());
         // Quantization blocks run along K, never axis 0, so every block of rows holds whole blocks.

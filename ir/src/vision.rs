@@ -5,7 +5,7 @@
 //! transformers' `Llama4VisionModel` + `Llama4MultiModalProjector`; see the vision section of
 //! shared/llama4.md.
 
-use crate::config::VisionConfig;
+use crate::config::{RopeConfig, RopeScaling, VisionConfig};
 use crate::error::ImportError;
 use crate::graph::{Graph, Value};
 use crate::import::{Builder, Checkpoint};
@@ -299,10 +299,12 @@ pub fn rotary_tables(c: &VisionConfig) -> (ConstantData, ConstantData) {
     let g = c.grid();
     let freq_dim = c.hidden_size / c.num_heads / 2;
     let quarter = freq_dim / 2;
-    let theta = c.rope_theta as f32;
-    let freqs: Vec<f32> = (0..quarter)
-        .map(|k| 1.0 / theta.powf((2 * k) as f32 / freq_dim as f32))
-        .collect();
+    // The text model's rule, unscaled: `quarter` frequencies over a `freq_dim`-wide rotation.
+    let freqs = RopeConfig {
+        theta: c.rope_theta,
+        scaling: RopeScaling::Default,
+    }
+    .inv_freq(freq_dim);
     let rows = g * g + 1;
     let mut cos = Vec::with_capacity(rows * freq_dim);
     let mut sin = Vec::with_capacity(rows * freq_dim);

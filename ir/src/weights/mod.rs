@@ -464,22 +464,9 @@ impl WeightStore {
                 .map_err(|e| invalid(e.to_string()))?
         };
         for t in &weight.transforms {
-            array = match t {
-                Transform::Transpose { perm } => array.permuted_axes(IxDyn(perm)),
-                Transform::Slice { axis, start, end } => array
-                    .slice_axis(Axis(*axis), (*start..*end).into())
-                    .to_owned(),
-                Transform::Select { axis, index } => {
-                    array.index_axis(Axis(*axis), *index).to_owned()
-                }
-                Transform::Reshape { shape } => array
-                    .as_standard_layout()
-                    .into_owned()
-                    .into_shape_with_order(IxDyn(shape))
-                    .map_err(|e| invalid(e.to_string()))?,
-            };
+            array = apply_transform(array, t, None).map_err(invalid)?;
         }
-        let array = array.as_standard_layout().into_owned();
+        let array = crate::layout::row_major(array.view());
         Ok(match &weight.quant {
             Some(spec) => crate::quant::quantize(&array, spec, None).dequantized,
             None => array,
@@ -487,25 +474,46 @@ impl WeightStore {
     }
 }
 
-/// Decodes little-endian stored values to f32.
-pub fn decode_f32(dtype: DType, bytes: &[u8]) -> Option<Vec<f32>> {
-    Some(match dtype {
-        DType::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        DType::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        DType::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        DType::F8E4M3 => bytes.iter().map(|&b| f8e4m3_to_f32(b)).collect(),
-        DType::I8 => bytes.iter().map(|&b| b as i8 as f32).collect(),
-        DType::I4 | DType::I32 | DType::I64 | DType::Bool => return None,
+/// Applies one lazy transform to `array`: the one definition of what each [`Transform`] does, for
+/// whole reads (`traced: None`) and streamed row regions. A region is cut along its `traced` axis
+/// before the transforms run, so a slice along that axis was already applied and a reshape's
+/// leading dimension is the region's, not the whole weight's.
+pub(crate) fn apply_transform(
+    array: ArrayD<f32>,
+    transform: &Transform,
+    traced: Option<usize>,
+) -> Result<ArrayD<f32>, String> {
+    Ok(match transform {
+        Transform::Transpose { perm } => array.permuted_axes(IxDyn(perm)),
+        Transform::Slice { axis, .. } if traced == Some(*axis) => array,
+        Transform::Slice { axis, start, end } => array
+            .slice_axis(Axis(*axis), (*start..*end).into())
+            .to_owned(),
+        Transform::Select { axis, index } => array.index_axis(Axis(*axis), *index).to_owned(),
+        Transform::Reshape { shape } => {
+            let mut shape = shape.clone();
+            if traced.is_some() && !shape.is_empty() {
+                let row: usize = shape[1..].iter().product();
+                shape[0] = array.len() / row.max(1);
+            }
+            crate::layout::row_major(array.view())
+                .into_shape_with_order(IxDyn(&shape))
+                .map_err(|e| e.to_string())?
+        }
     })
+}
+
+/// Decodes little-endian stored values to f32 (through [`decode_into`], the one decoder).
+pub fn decode_f32(dtype: DType, bytes: &[u8]) -> Option<Vec<f32>> {
+    let width = match dtype {
+        DType::F32 => 4,
+        DType::F16 | DType::BF16 => 2,
+        DType::F8E4M3 | DType::I8 => 1,
+        DType::I4 | DType::I32 | DType::I64 | DType::Bool => return None,
+    };
+    let mut out = vec![0f32; bytes.len() / width];
+    decode_into(dtype, bytes, &mut out);
+    Some(out)
 }
 
 /// Decodes little-endian stored values into `out` (same count); dtypes `decode_f32` refuses are left 0.
