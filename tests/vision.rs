@@ -430,7 +430,12 @@ fn chat_attaches_images_and_survives_a_bad_one() {
     // images in order.
     let model = herd_runtime::Model::load(&bundle, &Default::default()).unwrap();
     let first_turn = common::message("user", "<|image|>What is this?");
-    let first = common::chat_reply(&model, &[first_turn.clone()], &[image("small.png")], 4);
+    let first = common::chat_reply(
+        &model,
+        std::slice::from_ref(&first_turn),
+        &[image("small.png")],
+        4,
+    );
     let third = common::chat_reply(
         &model,
         &[
