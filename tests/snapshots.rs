@@ -113,7 +113,6 @@ fn compile_dumping(
 ) -> (PathBuf, PathBuf) {
     let bundle = dir.join(format!("{name}.{label}"));
     let dump = dir.join(format!("{name}.{label}.ir"));
-    std::fs::create_dir_all(&dump).unwrap();
     let model = fixture(name);
     let mut compile = vec![
         "compile",

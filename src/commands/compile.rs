@@ -179,7 +179,7 @@ pub struct CompileArgs {
     /// quantize, calibrate.
     #[arg(long = "dump-ir-after", value_name = "PASS")]
     pub dump_ir_after: Vec<String>,
-    /// Folder for --dump-ir-after files (PASS.ir) instead of stdout.
+    /// Folder for --dump-ir-after files (PASS.ir, replaced if present) instead of stdout; created if missing.
     #[arg(long)]
     pub dump_dir: Option<PathBuf>,
     /// Skip a pass (for debugging; the compile then fails if anything is left unlowered); repeatable.

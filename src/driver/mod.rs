@@ -431,7 +431,9 @@ fn run_passes(
         |pass, text| match &dump_dir {
             Some(dir) => {
                 let path = dir.join(format!("{pass}.ir"));
-                if let Err(e) = std::fs::write(&path, text) {
+                if let Err(e) =
+                    std::fs::create_dir_all(dir).and_then(|_| std::fs::write(&path, text))
+                {
                     dump_error = Some(format!("{}: {e}", path.display()));
                 }
             }
