@@ -172,6 +172,9 @@ impl WeightStore {
         trace: &Trace,
         rows: Range<usize>,
     ) -> Result<ArrayD<f32>, WeightError> {
+        if let Some(block) = self.transposed_block(w, &rows)? {
+            return Ok(block);
+        }
         let (mut lo, mut hi) = (rows.start, rows.end);
         for map in trace.rows.iter().rev() {
             (lo, hi) = match *map {
@@ -213,6 +216,65 @@ impl WeightStore {
             Some(spec) => crate::quant::quantize(&array, spec, None).dequantized,
             None => array,
         })
+    }
+
+    /// Output rows `rows` of a stored 2-D float tensor read transposed (`[N, K]` stored, `[K, N]` out:
+    /// every nn.Linear weight as ONNX's MatMul takes it), decoded straight into the transposed order
+    /// in TILE x TILE tiles, parallel over bands of output rows: no decoded copy in the stored order.
+    /// None for every other chain (they take the general path).
+    fn transposed_block(
+        &self,
+        w: &WeightRef,
+        rows: &Range<usize>,
+    ) -> Result<Option<ArrayD<f32>>, WeightError> {
+        let ([part], [Transform::Transpose { perm }], None) =
+            (w.parts.as_slice(), w.transforms.as_slice(), &w.quant)
+        else {
+            return Ok(None);
+        };
+        let &[n, k] = part.stored_shape.as_slice() else {
+            return Ok(None);
+        };
+        if perm != &[1, 0] || part.scale.is_some() || decode_f32(part.dtype, &[]).is_none() {
+            return Ok(None);
+        }
+        let missing = || WeightError::Missing {
+            tensor: part.source.tensor.clone(),
+        };
+        let shard = self
+            .shards()
+            .get(part.source.shard.0 as usize)
+            .ok_or_else(missing)?;
+        let bytes = shard.bytes(&part.source.tensor).ok_or_else(missing)?;
+        let elem = part.dtype.bits() / 8;
+        if rows.end > k || bytes.len() < n * k * elem {
+            return Err(bad(&part.source.tensor, "region outside the tensor".into()));
+        }
+        const TILE: usize = 32;
+        let mut out = vec![0f32; rows.len() * n];
+        out.par_chunks_mut((TILE * n).max(1))
+            .enumerate()
+            .for_each(|(band, values)| {
+                // Output rows k0 + i of this band are stored columns; each stored row n gives one
+                // contiguous run of them, decoded into `run` and written down output column n.
+                let k0 = rows.start + band * TILE;
+                let height = values.len() / n.max(1);
+                let mut run = [0f32; TILE];
+                for row in 0..n {
+                    let first = (row * k + k0) * elem;
+                    decode_into(
+                        part.dtype,
+                        &bytes[first..first + height * elem],
+                        &mut run[..height],
+                    );
+                    for (i, &v) in run[..height].iter().enumerate() {
+                        values[i * n + row] = v;
+                    }
+                }
+            });
+        ArrayD::from_shape_vec(IxDyn(&[rows.len(), n]), out)
+            .map(Some)
+            .map_err(|e| bad(&part.source.tensor, e.to_string()))
     }
 
     /// Decodes `range` of `axis` of one stored tensor: one contiguous run per index of the axes before it.
@@ -311,8 +373,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a: Vec<f32> = (0..120).map(|i| i as f32).collect();
         let b: Vec<f32> = (0..90).map(|i| 1000.0 + i as f32).collect();
+        // 2-D, wider and taller than one transpose tile; "d" in bf16 (small integers are exact).
+        let c: Vec<f32> = (0..37 * 45).map(|i| -(i as f32)).collect();
         let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-        let (ab, bb) = (bytes(&a), bytes(&b));
+        let (ab, bb, cb) = (bytes(&a), bytes(&b), bytes(&c));
+        let db: Vec<u8> = (0..40 * 33)
+            .flat_map(|i| half::bf16::from_f32(i as f32).to_le_bytes())
+            .collect();
         let views = vec![
             (
                 "a",
@@ -322,6 +389,16 @@ mod tests {
             (
                 "b",
                 safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![3, 6, 5], &bb)
+                    .unwrap(),
+            ),
+            (
+                "c",
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![37, 45], &cb)
+                    .unwrap(),
+            ),
+            (
+                "d",
+                safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, vec![40, 33], &db)
                     .unwrap(),
             ),
         ];
@@ -482,6 +559,21 @@ mod tests {
                 },
             ),
         ];
+        let bf16 = WeightPart {
+            dtype: DType::BF16,
+            ..part("d", &[40, 33])
+        };
+        let transposed = Transform::Transpose { perm: vec![1, 0] };
+        let chains = chains.into_iter().chain([
+            (
+                "2-D transpose (decoded transposed)",
+                WeightRef::single(part("c", &[37, 45])).with(transposed.clone()),
+            ),
+            (
+                "2-D bf16 transpose (decoded transposed)",
+                WeightRef::single(bf16).with(transposed),
+            ),
+        ]);
         for (what, w) in chains {
             let whole = store.load_f32(&w).unwrap();
             for block in [1, 7, 30, 1 << 20] {
