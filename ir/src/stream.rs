@@ -373,7 +373,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a: Vec<f32> = (0..120).map(|i| i as f32).collect();
         let b: Vec<f32> = (0..90).map(|i| 1000.0 + i as f32).collect();
-        // 2-D, wider and taller than one transpose tile; "d" in bf16 (small integers are exact).
+        // 2-D, wider and taller than one transpose tile; "d" stored in bf16.
         let c: Vec<f32> = (0..37 * 45).map(|i| -(i as f32)).collect();
         let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let (ab, bb, cb) = (bytes(&a), bytes(&b), bytes(&c));
