@@ -7,24 +7,19 @@ mod common;
 
 use common::ok;
 
-fn compile_peak_rss(preset: &str, dir: &std::path::Path) -> (u64, u64) {
-    let model = dir.join(preset);
-    // Experts of 1024: each layer's gate_up_proj is [16, 1024, 2048], 33.5M values, so it streams in
-    // more than one block of 16M values (STREAM_BLOCK_ELEMENTS).
-    ok(&[
-        "synth",
-        "--preset",
-        preset,
-        "--intermediate",
-        "1024",
-        "-o",
-        model.to_str().unwrap(),
-    ]);
+/// Synthesizes `preset` with `synth_args` into `dir/name`, compiles it to f16 and returns the
+/// checkpoint's bytes and the compile's peak RSS.
+fn compile_peak_rss(dir: &std::path::Path, name: &str, synth_args: &[&str]) -> (u64, u64) {
+    let model = dir.join(name);
+    let mut synth = vec!["synth"];
+    synth.extend_from_slice(synth_args);
+    synth.extend(["-o", model.to_str().unwrap()]);
+    ok(&synth);
     let out = ok(&[
         "compile",
         model.to_str().unwrap(),
         "-o",
-        dir.join(format!("{preset}.bundle")).to_str().unwrap(),
+        dir.join(format!("{name}.bundle")).to_str().unwrap(),
         "--dtype",
         "f16",
         "--max-context",
@@ -40,11 +35,18 @@ fn compile_peak_rss(preset: &str, dir: &std::path::Path) -> (u64, u64) {
     )
 }
 
+/// Two layers or eight of the same tensors. Experts of 1024: each layer's gate_up_proj is
+/// [16, 1024, 2048], 33.5M values, so it streams in more than one block of 16M values
+/// (STREAM_BLOCK_ELEMENTS).
+fn preset(dir: &std::path::Path, preset: &str) -> (u64, u64) {
+    compile_peak_rss(dir, preset, &["--preset", preset, "--intermediate", "1024"])
+}
+
 #[test]
 fn compile_memory_does_not_grow_with_checkpoint_size() {
     let dir = tempfile::tempdir().unwrap();
-    let (small_bytes, small_rss) = compile_peak_rss("ci-small", dir.path());
-    let (large_bytes, large_rss) = compile_peak_rss("ci-large", dir.path());
+    let (small_bytes, small_rss) = preset(dir.path(), "ci-small");
+    let (large_bytes, large_rss) = preset(dir.path(), "ci-large");
     eprintln!("ci-small: {small_bytes} B checkpoint, peak RSS {small_rss} B; ci-large: {large_bytes} B, peak RSS {large_rss} B");
     assert!(
         large_bytes > 3 * small_bytes,
@@ -75,31 +77,18 @@ fn compile_memory_does_not_grow_with_checkpoint_size() {
 #[test]
 fn no_weight_is_read_whole() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("wide");
-    ok(&[
-        "synth",
-        "--preset",
-        "ci-small",
-        "--layers",
-        "1",
-        "--intermediate",
-        "4096",
-        "-o",
-        model.to_str().unwrap(),
-    ]);
-    let out = ok(&[
-        "compile",
-        model.to_str().unwrap(),
-        "-o",
-        dir.path().join("wide.bundle").to_str().unwrap(),
-        "--dtype",
-        "f16",
-        "--max-context",
-        "128",
-        "--json",
-    ]);
-    let summary: serde_json::Value = serde_json::from_str(&out).expect("JSON summary");
-    let peak = summary["peak_rss_bytes"].as_u64().expect("peak RSS");
+    let (_, peak) = compile_peak_rss(
+        dir.path(),
+        "wide",
+        &[
+            "--preset",
+            "ci-small",
+            "--layers",
+            "1",
+            "--intermediate",
+            "4096",
+        ],
+    );
     let largest_f32 = 16 * 1024 * 8192 * 4u64;
     eprintln!("peak RSS {peak} B; the largest weight is {largest_f32} B as f32");
     assert!(

@@ -17,7 +17,9 @@ use ndarray::{ArrayD, Axis, IxDyn};
 use crate::error::WeightError;
 use rayon::prelude::*;
 
-use crate::weights::{decode_f32, decode_into, Transform, WeightPart, WeightRef, WeightStore};
+use crate::weights::{
+    decode_f32, decode_into, Shard, Transform, WeightPart, WeightRef, WeightStore,
+};
 
 /// How a block of output rows maps back to the concatenation of the stored parts.
 struct Trace {
@@ -238,16 +240,9 @@ impl WeightStore {
         if perm != &[1, 0] || part.scale.is_some() || decode_f32(part.dtype, &[]).is_none() {
             return Ok(None);
         }
-        let missing = || WeightError::Missing {
-            tensor: part.source.tensor.clone(),
-        };
-        let shard = self
-            .shards()
-            .get(part.source.shard.0 as usize)
-            .ok_or_else(missing)?;
-        let bytes = shard.bytes(&part.source.tensor).ok_or_else(missing)?;
+        let (_, bytes) = self.stored(part)?;
         let elem = part.dtype.bits() / 8;
-        if rows.end > k || bytes.len() < n * k * elem {
+        if rows.end > k {
             return Err(bad(&part.source.tensor, "region outside the tensor".into()));
         }
         const TILE: usize = 32;
@@ -277,13 +272,8 @@ impl WeightStore {
             .map_err(|e| bad(&part.source.tensor, e.to_string()))
     }
 
-    /// Decodes `range` of `axis` of one stored tensor: one contiguous run per index of the axes before it.
-    fn load_region(
-        &self,
-        part: &WeightPart,
-        axis: usize,
-        range: Range<usize>,
-    ) -> Result<ArrayD<f32>, WeightError> {
+    /// The shard holding `part` and its stored bytes, checked to hold every element its shape says.
+    fn stored(&self, part: &WeightPart) -> Result<(&Shard, &[u8]), WeightError> {
         let missing = || WeightError::Missing {
             tensor: part.source.tensor.clone(),
         };
@@ -292,20 +282,32 @@ impl WeightStore {
             .get(part.source.shard.0 as usize)
             .ok_or_else(missing)?;
         let bytes = shard.bytes(&part.source.tensor).ok_or_else(missing)?;
-        let dims = &part.stored_shape;
-        let elem = part.dtype.bits() / 8;
-        let outer: usize = dims[..axis].iter().product();
-        let inner: usize = dims[axis + 1..].iter().product();
-        let run = range.len() * inner;
+        let elements: usize = part.stored_shape.iter().product();
+        if bytes.len() < elements * (part.dtype.bits() / 8) {
+            return Err(bad(&part.source.tensor, "region outside the tensor".into()));
+        }
+        Ok((shard, bytes))
+    }
+
+    /// Decodes `range` of `axis` of one stored tensor: one contiguous run per index of the axes before it.
+    fn load_region(
+        &self,
+        part: &WeightPart,
+        axis: usize,
+        range: Range<usize>,
+    ) -> Result<ArrayD<f32>, WeightError> {
         if decode_f32(part.dtype, &[]).is_none() {
             return Err(WeightError::UnsupportedDtype {
                 tensor: part.source.tensor.clone(),
                 dtype: part.dtype,
             });
         }
-        if bytes.len() < outer * dims[axis] * inner * elem {
-            return Err(bad(&part.source.tensor, "region outside the tensor".into()));
-        }
+        let (shard, bytes) = self.stored(part)?;
+        let dims = &part.stored_shape;
+        let elem = part.dtype.bits() / 8;
+        let outer: usize = dims[..axis].iter().product();
+        let inner: usize = dims[axis + 1..].iter().product();
+        let run = range.len() * inner;
         let mut values = vec![0f32; outer * run];
         values
             .par_chunks_mut(run.max(1))
