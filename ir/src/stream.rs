@@ -220,15 +220,26 @@ impl WeightStore {
         })
     }
 
-    /// Output rows `rows` of a stored 2-D float tensor read transposed (`[N, K]` stored, `[K, N]` out:
-    /// every nn.Linear weight as ONNX's MatMul takes it), decoded straight into the transposed order
-    /// in TILE x TILE tiles, parallel over bands of output rows: no decoded copy in the stored order.
-    /// None for every other chain (they take the general path).
+    /// Output rows `rows` of a projection weight read transposed (see [`Transposed`]) as f32; None for
+    /// every other chain (they take the general path).
     fn transposed_block(
         &self,
         w: &WeightRef,
         rows: &Range<usize>,
     ) -> Result<Option<ArrayD<f32>>, WeightError> {
+        let Some(t) = self.transposed(w)? else {
+            return Ok(None);
+        };
+        let values = t.rows(rows.clone(), 0f32, &|run: &[f32], out: &mut [f32]| {
+            out.copy_from_slice(run)
+        })?;
+        ArrayD::from_shape_vec(IxDyn(&[rows.len(), t.n]), values)
+            .map(Some)
+            .map_err(|e| bad(&t.part.source.tensor, e.to_string()))
+    }
+
+    /// The weight as a [`Transposed`] projection, if it is one.
+    fn transposed<'a>(&'a self, w: &'a WeightRef) -> Result<Option<Transposed<'a>>, WeightError> {
         let ([part], [Transform::Transpose { perm }], None) =
             (w.parts.as_slice(), w.transforms.as_slice(), &w.quant)
         else {
@@ -240,36 +251,48 @@ impl WeightStore {
         if perm != &[1, 0] || part.scale.is_some() || decode_f32(part.dtype, &[]).is_none() {
             return Ok(None);
         }
-        let (_, bytes) = self.stored(part)?;
-        let elem = part.dtype.bits() / 8;
-        if rows.end > k {
-            return Err(bad(&part.source.tensor, "region outside the tensor".into()));
+        let (shard, bytes) = self.stored(part)?;
+        Ok(Some(Transposed {
+            part,
+            shard,
+            bytes,
+            n,
+            k,
+        }))
+    }
+
+    /// Calls `sink` with consecutive blocks of the weight's output rows (as [`Self::stream_rows`] cuts
+    /// them with a row multiple of 1) as bytes, `N` per value, `encode` turning decoded values into
+    /// them (it takes any number of values). A projection read transposed is decoded and encoded in
+    /// one pass with no f32 block between: the f16 and bf16 bundles' one pass over the data.
+    pub fn stream_encoded<const N: usize, E: From<WeightError>>(
+        &self,
+        w: &WeightRef,
+        max_block_elements: usize,
+        encode: &(dyn Fn(&[f32], &mut [[u8; N]]) + Sync),
+        mut sink: impl FnMut(Vec<u8>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        if let Some(t) = self.transposed(w)? {
+            let step = (max_block_elements / t.n.max(1)).max(1);
+            let mut start = 0;
+            while start < t.k {
+                let rows = start..(start + step).min(t.k);
+                sink(t.rows(rows.clone(), [0u8; N], encode)?.into_flattened())?;
+                start = rows.end;
+            }
+            t.shard.release(&t.part.source.tensor, 0..usize::MAX);
+            return Ok(());
         }
-        const TILE: usize = 32;
-        let mut out = vec![0f32; rows.len() * n];
-        out.par_chunks_mut((TILE * n).max(1))
-            .enumerate()
-            .for_each(|(band, values)| {
-                // Output rows k0 + i of this band are stored columns; each stored row n gives one
-                // contiguous run of them, decoded into `run` and written down output column n.
-                let k0 = rows.start + band * TILE;
-                let height = values.len() / n.max(1);
-                let mut run = [0f32; TILE];
-                for row in 0..n {
-                    let first = (row * k + k0) * elem;
-                    decode_into(
-                        part.dtype,
-                        &bytes[first..first + height * elem],
-                        &mut run[..height],
-                    );
-                    for (i, &v) in run[..height].iter().enumerate() {
-                        values[i * n + row] = v;
-                    }
-                }
-            });
-        ArrayD::from_shape_vec(IxDyn(&[rows.len(), n]), out)
-            .map(Some)
-            .map_err(|e| bad(&part.source.tensor, e.to_string()))
+        self.stream_rows(w, max_block_elements, 1, |_, block| {
+            let values = block
+                .as_slice()
+                .ok_or_else(|| bad(&w.label(), "non-contiguous block".into()))?;
+            let mut out = vec![[0u8; N]; values.len()];
+            out.par_chunks_mut(ENCODE_RUN)
+                .zip(values.par_chunks(ENCODE_RUN))
+                .for_each(|(o, v)| encode(v, o));
+            sink(out.into_flattened())
+        })
     }
 
     /// The shard holding `part` and its stored bytes, checked to hold every element its shape says.
@@ -330,6 +353,64 @@ impl WeightStore {
         shape[axis] = range.len();
         ArrayD::from_shape_vec(IxDyn(&shape), values)
             .map_err(|e| bad(&part.source.tensor, e.to_string()))
+    }
+}
+
+/// Values per parallel task when encoding a block of the general path.
+const ENCODE_RUN: usize = 1 << 16;
+
+/// A projection weight read transposed: one stored 2-D float part `[N, K]` under `Transpose [1, 0]`,
+/// unquantized and unscaled (every nn.Linear weight, as ONNX's MatMul takes it `[K, N]`).
+struct Transposed<'a> {
+    part: &'a WeightPart,
+    shard: &'a Shard,
+    bytes: &'a [u8],
+    n: usize,
+    k: usize,
+}
+
+impl Transposed<'_> {
+    /// Output rows `rows` (`[rows, N]`, row-major) decoded straight into the transposed order: each
+    /// stored row gives one contiguous run of up to TILE values of a band of output rows, which
+    /// `convert` turns into output elements written down that output column. Parallel over bands of
+    /// TILE output rows; no decoded copy in the stored order.
+    fn rows<T: Copy + Send + Sync>(
+        &self,
+        rows: Range<usize>,
+        zero: T,
+        convert: &(impl Fn(&[f32], &mut [T]) + Sync + ?Sized),
+    ) -> Result<Vec<T>, WeightError> {
+        const TILE: usize = 32;
+        let (n, k) = (self.n, self.k);
+        if rows.end > k {
+            return Err(bad(
+                &self.part.source.tensor,
+                "region outside the tensor".into(),
+            ));
+        }
+        let elem = self.part.dtype.bits() / 8;
+        let mut out = vec![zero; rows.len() * n];
+        out.par_chunks_mut((TILE * n).max(1))
+            .enumerate()
+            .for_each(|(band, values)| {
+                let k0 = rows.start + band * TILE;
+                let height = values.len() / n.max(1);
+                let mut run = [0f32; TILE];
+                let mut converted = [zero; TILE];
+                for row in 0..n {
+                    let first = (row * k + k0) * elem;
+                    decode_into(
+                        self.part.dtype,
+                        &self.bytes[first..first + height * elem],
+                        &mut run[..height],
+                    );
+                    convert(&run[..height], &mut converted[..height]);
+                    for (i, &v) in converted[..height].iter().enumerate() {
+                        values[i * n + row] = v;
+                    }
+                }
+            });
+        Ok(out)
     }
 }
 
@@ -576,11 +657,25 @@ mod tests {
                 WeightRef::single(bf16).with(transposed),
             ),
         ]);
+        let encode = |v: &[f32], o: &mut [[u8; 4]]| {
+            for (o, v) in o.iter_mut().zip(v) {
+                *o = v.to_le_bytes();
+            }
+        };
         for (what, w) in chains {
             let whole = store.load_f32(&w).unwrap();
+            let whole_bytes: Vec<u8> = whole.iter().flat_map(|v| v.to_le_bytes()).collect();
             for block in [1, 7, 30, 1 << 20] {
                 let (joined, count) = streamed(&store, &w, block);
                 assert_eq!(joined, whole, "{what}, block {block}");
+                let mut encoded = Vec::new();
+                store
+                    .stream_encoded::<4, WeightError>(&w, block, &encode, |bytes| {
+                        encoded.extend(bytes);
+                        Ok(())
+                    })
+                    .unwrap();
+                assert_eq!(encoded, whole_bytes, "{what}, encoded in blocks of {block}");
                 if block == 1 && !what.contains("read whole") {
                     assert_eq!(count, whole.shape()[0], "{what}: one row per block");
                 }

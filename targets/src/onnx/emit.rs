@@ -336,21 +336,28 @@ impl Emitter<'_> {
             self.total_weight_bytes,
             &mut self.progress,
         );
-        self.graph.weights().stream_rows::<TargetError>(
-            w,
-            STREAM_BLOCK_ELEMENTS,
-            1,
-            |_, block| {
-                let values = block
-                    .as_slice()
-                    .ok_or_else(|| TargetError::bug("ONNX emission", "non-contiguous block"))?;
-                let bytes = super::proto::encode_floats(values, dtype)?;
-                *written += bytes.len() as u64;
-                data.write_owned(bytes)?;
-                progress((*written).min(total), total);
-                Ok(())
-            },
-        )?;
+        let sink = |bytes: Vec<u8>| -> Result<(), TargetError> {
+            *written += bytes.len() as u64;
+            data.write_owned(bytes)?;
+            progress((*written).min(total), total);
+            Ok(())
+        };
+        // Decoded and encoded in one pass per block (projections: straight into ONNX's [K, N]).
+        let weights = self.graph.weights();
+        use super::proto::{encode_bf16_into, encode_f16_into, encode_f32_into};
+        match dtype {
+            DType::F32 => weights.stream_encoded(w, STREAM_BLOCK_ELEMENTS, &encode_f32_into, sink),
+            DType::F16 => weights.stream_encoded(w, STREAM_BLOCK_ELEMENTS, &encode_f16_into, sink),
+            DType::BF16 => {
+                weights.stream_encoded(w, STREAM_BLOCK_ELEMENTS, &encode_bf16_into, sink)
+            }
+            DType::F8E4M3 | DType::I8 | DType::I4 | DType::I32 | DType::I64 | DType::Bool => {
+                Err(TargetError::bug(
+                    "ONNX emission",
+                    format!("float weight `{label}` emitted as {}", dtype.name()),
+                ))
+            }
+        }?;
         self.data.end(&mut tensor, offset);
         self.initializers.push(tensor);
         Ok(name)

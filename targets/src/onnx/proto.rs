@@ -133,46 +133,51 @@ pub fn float_tensor(
 /// Values per parallel task when encoding (a few per core for a 16M-value block).
 const ENCODE_RUN: usize = 1 << 16;
 
-fn encode_each<const N: usize>(values: &[f32], encode: impl Fn(f32) -> [u8; N] + Sync) -> Vec<u8> {
-    use rayon::prelude::*;
-    let mut out = vec![0u8; N * values.len()];
-    out.par_chunks_mut(N * ENCODE_RUN)
-        .zip(values.par_chunks(ENCODE_RUN))
-        .for_each(|(o, v)| {
-            for (b, x) in o.chunks_exact_mut(N).zip(v) {
-                b.copy_from_slice(&encode(*x));
-            }
-        });
-    out
+/// f32 values as little-endian f32 bytes.
+pub fn encode_f32_into(values: &[f32], out: &mut [[u8; 4]]) {
+    for (o, v) in out.iter_mut().zip(values) {
+        *o = v.to_le_bytes();
+    }
 }
 
-/// f16 bytes of `values`, in parallel runs; each run converts through a small buffer with half's
-/// slice conversion (the CPU's F16C instructions where it has them), holding no second copy of the block.
-fn encode_f16(values: &[f32]) -> Vec<u8> {
+/// f32 values as little-endian bf16 bytes (round to nearest even).
+pub fn encode_bf16_into(values: &[f32], out: &mut [[u8; 2]]) {
+    for (o, &v) in out.iter_mut().zip(values) {
+        *o = half::bf16::from_f32(v).to_le_bytes();
+    }
+}
+
+/// f32 values as little-endian f16 bytes, through a small buffer with half's slice conversion (the
+/// CPU's F16C instructions where it has them). Any number of values: the one-pass stream hands it
+/// runs of a few dozen, [`encode_floats`] runs of [`ENCODE_RUN`].
+pub fn encode_f16_into(values: &[f32], out: &mut [[u8; 2]]) {
+    const BUFFER: usize = 64;
+    let mut halves = [half::f16::ZERO; BUFFER];
+    for (o, v) in out.chunks_mut(BUFFER).zip(values.chunks(BUFFER)) {
+        let halves = &mut halves[..v.len()];
+        halves.convert_from_f32_slice(v);
+        for (b, h) in o.iter_mut().zip(halves.iter()) {
+            *b = h.to_le_bytes();
+        }
+    }
+}
+
+/// `encode` over `values` in parallel runs.
+fn encode_parallel<const N: usize>(values: &[f32], encode: fn(&[f32], &mut [[u8; N]])) -> Vec<u8> {
     use rayon::prelude::*;
-    const BUFFER: usize = 4096;
-    let mut out = vec![0u8; 2 * values.len()];
-    out.par_chunks_mut(2 * ENCODE_RUN)
+    let mut out = vec![[0u8; N]; values.len()];
+    out.par_chunks_mut(ENCODE_RUN)
         .zip(values.par_chunks(ENCODE_RUN))
-        .for_each(|(o, v)| {
-            let mut halves = [half::f16::ZERO; BUFFER];
-            for (o, v) in o.chunks_mut(2 * BUFFER).zip(v.chunks(BUFFER)) {
-                let halves = &mut halves[..v.len()];
-                halves.convert_from_f32_slice(v);
-                for (b, h) in o.chunks_exact_mut(2).zip(halves.iter()) {
-                    b.copy_from_slice(&h.to_le_bytes());
-                }
-            }
-        });
-    out
+        .for_each(|(o, v)| encode(v, o));
+    out.into_flattened()
 }
 
 /// Little-endian bytes of `values` in `dtype` (f32, f16 or bf16; any other dtype is a herd bug).
 pub fn encode_floats(values: &[f32], dtype: DType) -> Result<Vec<u8>, TargetError> {
     Ok(match dtype {
-        DType::F32 => encode_each(values, f32::to_le_bytes),
-        DType::F16 => encode_f16(values),
-        DType::BF16 => encode_each(values, |v| half::bf16::from_f32(v).to_le_bytes()),
+        DType::F32 => encode_parallel(values, encode_f32_into),
+        DType::F16 => encode_parallel(values, encode_f16_into),
+        DType::BF16 => encode_parallel(values, encode_bf16_into),
         DType::F8E4M3 | DType::I8 | DType::I4 | DType::I32 | DType::I64 | DType::Bool => {
             return Err(TargetError::bug(
                 "ONNX encoding",
