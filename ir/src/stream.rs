@@ -269,7 +269,7 @@ impl WeightStore {
         &self,
         w: &WeightRef,
         max_block_elements: usize,
-        encode: &(dyn Fn(&[f32], &mut [[u8; N]]) + Sync),
+        encode: &Encoder<N>,
         mut sink: impl FnMut(Vec<u8>) -> Result<(), E>,
     ) -> Result<(), E> {
         if let Some(t) = self.transposed(w)? {
@@ -355,6 +355,9 @@ impl WeightStore {
             .map_err(|e| bad(&part.source.tensor, e.to_string()))
     }
 }
+
+/// Turns decoded values into `N` bytes each (for [`WeightStore::stream_encoded`]).
+pub type Encoder<const N: usize> = dyn Fn(&[f32], &mut [[u8; N]]) + Sync;
 
 /// Values per parallel task when encoding a block of the general path.
 const ENCODE_RUN: usize = 1 << 16;
