@@ -129,7 +129,6 @@ pub fn float_tensor(
     Ok(t)
 }
 
-/// `values` encoded one by one into a buffer sized up front.
 /// Values per parallel task when encoding (a few per core for a 16M-value block).
 const ENCODE_RUN: usize = 1 << 16;
 
