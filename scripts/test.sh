@@ -12,3 +12,4 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy -p herd-runtime --features tensorrt --locked -- -D warnings
 cargo build --features tensorrt --locked
 cargo test --workspace --locked
+echo "test.sh: target/ holds $(du -sh target | cut -f1) after the suite; $(df -h . | awk 'NR==2 {print $4}') left on the disk" >&2
