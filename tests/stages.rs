@@ -269,6 +269,53 @@ fn stage_options_and_tampered_stages_are_refused() {
         .unwrap()
         .to_string();
     assert!(err.contains("elsewhere.onnx"), "{err}");
+    // A bundle of stage 1 alone loads only as a calibration window (`layer_window`), which serves
+    // nothing and must be handed the residual stream.
+    std::fs::write(&manifest, &original).unwrap();
+    common::edit_json(&manifest, |m| {
+        let second = m["stages"][1].clone();
+        m["stages"] = serde_json::json!([second]);
+    });
+    let err = Model::load(&bundle, &RuntimeOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("not from layer 0"), "{err}");
+    let edited: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    let start = edited["stages"][0]["first_layer"].clone();
+    common::edit_json(&manifest, |m| {
+        m["layer_window"] = serde_json::json!({"start": start, "end": 4});
+    });
+    let window = Model::load(&bundle, &RuntimeOptions::default()).unwrap();
+    let err = window.prompt_logits(&[1, 2]).unwrap_err().to_string();
+    assert!(err.contains("calibration window"), "{err}");
+    let err = window
+        .probe_window(&[1, 2], None, &[], &mut |_, _, _| Ok(()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("residual stream"), "{err}");
+    let hidden = window.bundle.manifest.model.hidden_size;
+    let handed_on = window
+        .probe_window(
+            &[1, 2],
+            Some(&vec![0.5; 2 * hidden]),
+            &[],
+            &mut |_, _, _| Ok(()),
+        )
+        .unwrap();
+    assert!(
+        handed_on.is_none(),
+        "the last window returns logits, not a residual stream"
+    );
+    common::edit_json(&manifest, |m| {
+        m["layer_window"] = serde_json::json!({"start": 0, "end": 4});
+    });
+    let err = Model::load(&bundle, &RuntimeOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("not from layer 0"), "{err}");
 }
 
 #[test]

@@ -26,6 +26,15 @@ pub fn residual_name(layer: usize) -> String {
     format!("layers.{layer}.ffn_residual")
 }
 
+/// The decoder layer a node belongs to, from its name (`layers.{layer}.…`).
+fn node_layer(name: &str) -> Option<usize> {
+    name.strip_prefix("layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Whether a graph output belongs to decoder layer `layer` (its KV cache).
 fn output_layer(name: &str) -> Option<usize> {
     match crate::names::Cache::parse(name)? {
@@ -122,7 +131,18 @@ pub fn stage(graph: &Graph, num_layers: usize, range: Range<usize>) -> Result<Gr
     }
     let last = range.end == num_layers;
     let end: Value = find_node(&g, &residual_name(range.end - 1))?.into();
-    g.retain_outputs(|name| match output_layer(name) {
+    // Outputs of a layer's nodes (the caches, calibration exposures) go with the layer's stage; the
+    // rest (the logits) with the last.
+    let output_layers: std::collections::HashMap<String, Option<usize>> = g
+        .outputs()
+        .iter()
+        .map(|(name, value)| {
+            let layer =
+                output_layer(name).or_else(|| g.node(value.node).and_then(|n| node_layer(&n.name)));
+            (name.clone(), layer)
+        })
+        .collect();
+    g.retain_outputs(|name| match output_layers.get(name).copied().flatten() {
         Some(layer) => range.contains(&layer),
         None => last,
     });
@@ -147,11 +167,7 @@ fn rewire_masks(g: &mut Graph, range: &Range<usize>) {
     let mut done = std::collections::HashSet::new();
     for sdpa in g.topo_order().unwrap_or_default() {
         let Some(node) = g.node(sdpa) else { continue };
-        let layer = node
-            .name
-            .strip_prefix("layers.")
-            .and_then(|r| r.split('.').next())
-            .and_then(|i| i.parse::<usize>().ok());
+        let layer = node_layer(&node.name);
         if !matches!(node.op, Op::Sdpa { .. }) || !layer.is_some_and(|l| range.contains(&l)) {
             continue;
         }

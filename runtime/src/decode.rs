@@ -79,7 +79,7 @@ pub(crate) struct Call {
 }
 
 /// What one stage of a call hands on.
-enum StageOutput {
+pub(crate) enum StageOutput {
     /// The residual stream for the next stage.
     Hidden(DynValue),
     /// The last stage's logits, [slots, picked, vocab].
@@ -99,6 +99,12 @@ impl Model {
         extra: &[String],
         inspect: &mut dyn FnMut(&SessionOutputs) -> Result<(), RuntimeError>,
     ) -> Result<CallLogits, RuntimeError> {
+        if let Some(w) = &self.bundle.manifest.layer_window {
+            return Err(RuntimeError::Unsupported(format!(
+                "this bundle runs decoder layers {}..{} only (a calibration window): it serves no requests",
+                w.start, w.end
+            )));
+        }
         if !extra.is_empty() && self.stages.len() > 1 {
             return Err(RuntimeError::Unsupported(
                 "extra outputs are for single-graph bundles".into(),
@@ -233,7 +239,7 @@ impl Model {
     }
 
     /// Checks a call's rows against `cache` and builds its host inputs.
-    fn prepare_call(
+    pub(crate) fn prepare_call(
         &self,
         cache: &KvCache,
         rows: &[RowInput<'_>],
@@ -338,7 +344,7 @@ impl Model {
     /// Runs `stage` of `call`: stage 0 reads the ids (and image rows), a later stage the residual
     /// stream `hidden`; the last returns the logits on the host, the others the residual stream on
     /// their own device. `layers` are the stage's caches, bound as both past and present.
-    fn run_stage(
+    pub(crate) fn run_stage(
         &self,
         stage: &crate::stage::Stage,
         call: &Call,

@@ -20,6 +20,7 @@ mod stage;
 pub mod text;
 mod timing;
 pub mod vision;
+mod window;
 
 /// The `ort` this runtime is built against (the compiler's engine builder uses the same one).
 pub use ort;

@@ -49,6 +49,11 @@ pub struct Manifest {
     /// names (ids, positions, logits, every layer's KV) the stages share.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stages: Vec<StageIo>,
+    /// Set on a calibration window (herd's GPTQ): a bundle of one stage running only these layers,
+    /// taking the residual stream unless it starts at layer 0 and handing it on unless it ends at the
+    /// last. It serves no requests; [`crate::Model::probe_window`] runs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_window: Option<std::ops::Range<usize>>,
 }
 
 /// One pipeline stage: a graph running decoder layers `first_layer..end_layer`.
@@ -373,19 +378,33 @@ impl Manifest {
         }]
     }
 
-    /// Refuses stages that do not run every layer once, in order, handing the residual stream on.
+    /// Refuses stages that do not run every layer once (every layer of the window, for a
+    /// [`Manifest::layer_window`]), in order, handing the residual stream on.
     pub fn check_stages(&self) -> Result<(), String> {
         let stages = self.stage_list();
-        let mut next = 0;
+        let layers = self.model.num_layers;
+        let covered = self.layer_window.clone().unwrap_or(0..layers);
+        if let Some(w) = &self.layer_window {
+            if w.is_empty() || w.end > layers || stages.len() != 1 {
+                return Err(format!(
+                    "layer window {}..{} of {layers} layers in {} stages: a window is one stage of at least one layer",
+                    w.start,
+                    w.end,
+                    stages.len()
+                ));
+            }
+        }
+        let mut next = covered.start;
         for (k, s) in stages.iter().enumerate() {
-            let last = k + 1 == stages.len();
             if s.first_layer != next || s.end_layer <= s.first_layer {
                 return Err(format!(
                     "stage {k} runs layers {}..{}, not from layer {next}",
                     s.first_layer, s.end_layer
                 ));
             }
-            if s.hidden_in.is_some() != (k > 0) || s.hidden_out.is_some() == last {
+            if s.hidden_in.is_some() != (s.first_layer > 0)
+                || s.hidden_out.is_some() != (s.end_layer < layers)
+            {
                 return Err(format!(
                     "stage {k} must take the residual stream unless first and hand it on unless last"
                 ));
@@ -401,10 +420,10 @@ impl Manifest {
             }
             next = s.end_layer;
         }
-        if next != self.model.num_layers {
+        if next != covered.end {
             return Err(format!(
-                "the stages end at layer {next}, the model has {}",
-                self.model.num_layers
+                "the stages end at layer {next}, not at layer {}",
+                covered.end
             ));
         }
         Ok(())

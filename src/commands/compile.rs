@@ -122,6 +122,12 @@ pub struct CompileArgs {
     /// norm weight, then runs GPTQ; `rtn` rounds each weight to nearest (default without).
     #[arg(long, value_enum, requires = "quant")]
     pub method: Option<MethodArg>,
+    /// GPTQ/AWQ: decoder layers per calibration window. Each window of the float model is compiled,
+    /// run on the calibration prompts (fed the residual stream of the windows before it), quantized
+    /// and deleted before the next, so disk holds one window's float weights and activations, never
+    /// the whole model's (Scout: ~4.5 GB of f16 weights per layer). More layers: fewer compiles.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub calibration_window: u16,
     /// TensorRT target: do not fail on this lint rule (repeatable; `herd lint --rules` lists them).
     #[arg(long = "allow-lint", value_name = "RULE")]
     pub allow_lint: Vec<String>,
@@ -312,6 +318,7 @@ fn compile_options(args: &CompileArgs) -> Result<CompileOptions> {
         },
         dump_dir: args.dump_dir.clone(),
         calibration_prompts,
+        calibration_window_layers: args.calibration_window.into(),
         quant_method,
         expose_calibration: None,
         stages: match (args.stages, &args.stage_layers) {

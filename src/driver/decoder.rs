@@ -23,11 +23,15 @@ pub enum StageSplit {
     Balanced(usize),
     /// These layer ranges.
     Layers(Vec<Range<usize>>),
+    /// Only the stage of these layers, as a calibration window (GPTQ): not a bundle to serve.
+    Window(Range<usize>),
 }
 
 /// The emitted decoder: its graphs in stage order with the layers each runs.
 pub struct EmittedDecoder {
     pub stages: Vec<(Range<usize>, OnnxModel)>,
+    /// The calibration exposures the graphs output (`calib.*`; compiles with `expose_calibration`).
+    pub calibration_outputs: Vec<String>,
 }
 
 impl EmittedDecoder {
@@ -103,12 +107,14 @@ impl EmittedDecoder {
             .collect()
     }
 
-    /// The manifest's stages (empty for one graph); `profiles` holds each stage's TensorRT profile.
-    pub fn stage_ios(&self, profiles: Option<&[[String; 3]]>) -> Vec<StageIo> {
-        if self.stages.len() < 2 {
-            return Vec::new();
+    /// The manifest's stages (empty for one graph of all `num_layers` layers); `profiles` holds each
+    /// stage's TensorRT profile.
+    pub fn stage_ios(&self, num_layers: usize, profiles: Option<&[[String; 3]]>) -> Vec<StageIo> {
+        if let [(range, _)] = self.stages.as_slice() {
+            if *range == (0..num_layers) {
+                return Vec::new();
+            }
         }
-        let last = self.stages.len() - 1;
         self.stages
             .iter()
             .enumerate()
@@ -116,8 +122,9 @@ impl EmittedDecoder {
                 model_file: m.model_file.clone(),
                 first_layer: range.start,
                 end_layer: range.end,
-                hidden_in: (k > 0).then(|| herd_ir::split::HIDDEN_IN.to_string()),
-                hidden_out: (k < last).then(|| herd_ir::split::HIDDEN_OUT.to_string()),
+                hidden_in: (range.start > 0).then(|| herd_ir::split::HIDDEN_IN.to_string()),
+                hidden_out: (range.end < num_layers)
+                    .then(|| herd_ir::split::HIDDEN_OUT.to_string()),
                 kv: m.io.kv.clone(),
                 weight_bytes: m.data_bytes,
                 tensorrt_profile: profiles.and_then(|p| p.get(k).cloned()),
@@ -178,6 +185,19 @@ pub fn stage_plans(
                 .map_err(|d| anyhow::anyhow!("--stage-layers: {}", d.message))?;
             plan::describe_stages(&weights, &kv, ranges, activation, usable)
         }
+        StageSplit::Window(window) => {
+            anyhow::ensure!(
+                !window.is_empty() && window.end <= n,
+                "herd bug: calibration window {window:?} of {n} layers"
+            );
+            plan::describe_stages(
+                &weights,
+                &kv,
+                std::slice::from_ref(window),
+                activation,
+                usable,
+            )
+        }
     })
 }
 
@@ -186,7 +206,8 @@ fn verified<'g>(graph: &'g Graph, after: &str) -> Result<herd_ir::Verified<'g>> 
     herd_ir::verified(graph, Some(after)).map_err(|e| anyhow::anyhow!("herd bug: {e}"))
 }
 
-/// Emits `graph` (verified, lowered) as one decoder graph, or cut at `ranges` into one per stage.
+/// Emits `graph` (verified, lowered) as one decoder graph, or cut at `ranges` into one per stage (one
+/// range short of all layers: a calibration window).
 pub fn emit_decoder(
     graph: &Graph,
     ranges: &[Range<usize>],
@@ -195,23 +216,31 @@ pub fn emit_decoder(
     options: &OnnxOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<EmittedDecoder> {
-    if ranges.len() < 2 {
+    if ranges.len() == 1 && ranges[0] == (0..num_layers) {
         let model = onnx::emit(verified(graph, "the passes")?, dir, options, progress)?;
         return Ok(EmittedDecoder {
             stages: vec![(0..num_layers, model)],
+            calibration_outputs: herd_passes::calibrate::exposed(graph),
         });
     }
     let bug = |d: herd_ir::Diagnostic| {
         anyhow::anyhow!("herd bug: splitting the decoder: {}: {}", d.name, d.message)
     };
-    herd_ir::split::check_ranges(num_layers, ranges).map_err(bug)?;
+    if ranges.len() > 1 {
+        herd_ir::split::check_ranges(num_layers, ranges).map_err(bug)?;
+    }
     let mut stages = Vec::with_capacity(ranges.len());
+    let mut calibration_outputs = Vec::new();
     for (k, range) in ranges.iter().enumerate() {
         // One stage graph at a time: each holds the nodes of its layers only.
         let stage = herd_ir::split::stage(graph, num_layers, range.clone()).map_err(bug)?;
+        calibration_outputs.extend(herd_passes::calibrate::exposed(&stage));
         let stage = verified(&stage, "split")?;
         let model = onnx::emit_as(stage, dir, ModelNames::stage(k), options, progress)?;
         stages.push((range.clone(), model));
     }
-    Ok(EmittedDecoder { stages })
+    Ok(EmittedDecoder {
+        stages,
+        calibration_outputs,
+    })
 }

@@ -1,13 +1,13 @@
-//! GPTQ for int4/int8 (`--method gptq`): a float calibration bundle exposes the input of every
-//! projection and MoE; the calibration prompts' activations are spooled to disk; then, one weight at a
-//! time, each matrix's Hessian is summed from its inputs (routed experts: the tokens routed to them,
+//! GPTQ for int4/int8 (`--method gptq`): window by window of layers ([`super::gptq_windows`]), a float
+//! calibration bundle of the window exposes the input of every projection and MoE and the calibration
+//! prompts' activations are spooled to disk; then, one weight of the window at a time, each matrix's Hessian is summed from its inputs (routed experts: the tokens routed to them,
 //! scaled by their sigmoid router score as Llama 4 scales them; down projections: the float gate/up
 //! output of those inputs) and [`herd_ir::gptq::gptq`] writes its codes and block scales to a
 //! safetensors file that becomes the weight's source (pre-quantized parts, read back as
 //! `code * scale`), so the emitters and the reference evaluator see exactly GPTQ's weights.
 //!
 //! Memory: one matrix, its Hessian and the spooled rows of one input at a time (a MoE's tokens once per
-//! layer); the spool holds prompt tokens x the widths of the exposed inputs on disk.
+//! layer); the spool holds prompt tokens x the widths of one window's exposed inputs on disk.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,8 +18,8 @@ use herd_ir::graph::NodeIndex;
 use herd_ir::ops::ExpertLayout;
 use herd_ir::quant::QuantSpec;
 use herd_ir::weights::{Transform, WeightRef};
-use herd_ir::{DType, Graph, Op};
-use herd_passes::calibrate::{output_name, Exposed};
+use herd_ir::{Graph, Op};
+use herd_passes::calibrate::output_name;
 
 use super::gptq_files::{rewrite, MatrixWriter};
 use super::spool::Spool;
@@ -48,80 +48,9 @@ impl QuantMethod {
     }
 }
 
-/// Activations of the calibration prompts, one spooled stream per exposed input.
+/// Activations of the calibration prompts in one window of layers, one spooled stream per exposed input.
 pub(super) struct Calibration {
     pub(super) spool: Spool,
-    pub prompts: usize,
-    pub tokens: usize,
-}
-
-/// Compiles a float calibration bundle of `options.model` exposing every projection's input, runs the
-/// calibration prompts through it and spools the activations.
-pub(super) fn collect(options: &CompileOptions) -> Result<Calibration> {
-    let tmp = tempfile::Builder::new()
-        .prefix("herd-gptq-calibrate")
-        .tempdir()?;
-    let calibration = CompileOptions {
-        moe: options.moe,
-        max_context: options.max_context,
-        // ONNX Runtime's CPU kernels run f32 and f16, not bf16.
-        dtype: match options.dtype {
-            DType::BF16 => DType::F16,
-            d => d,
-        },
-        expose_calibration: Some(Exposed::AllInputs),
-        vision: false,
-        ..CompileOptions::new(options.model.clone(), tmp.path().join("calibration"))
-    };
-    tracing::info!("GPTQ: compiling a float calibration bundle");
-    let report = super::compile(&calibration, &mut |_, _| {})?;
-    let model =
-        herd_runtime::Model::load(&report.bundle, &herd_runtime::RuntimeOptions::default())?;
-    let m = &model.bundle.manifest.model;
-    let prompts = match &options.calibration_prompts {
-        Some(p) => p.clone(),
-        None => crate::eval::prompts(Some(&options.model), m.vocab_size, m.max_positions)?,
-    };
-    let mut spool = Spool::create(tmp.path().join("activations"))?;
-    let names = report.calibration_outputs.clone();
-    let mut tokens = 0;
-    let bar = progress_bar(prompts.len(), "calibration prompts");
-    for (i, prompt) in prompts.iter().enumerate() {
-        tracing::info!(
-            "GPTQ: calibration prompt {}/{} ({} tokens)",
-            i + 1,
-            prompts.len(),
-            prompt.len()
-        );
-        model
-            .probe(prompt, &names, &mut |name, shape, values| {
-                spool
-                    .append(name, shape.last().copied().unwrap_or(0), values)
-                    .map_err(|e| herd_runtime::RuntimeError::Visitor(format!("{e:#}")))
-            })
-            .with_context(|| format!("GPTQ calibration prompt {} of {}", i + 1, prompts.len()))?;
-        tokens += prompt.len();
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    spool.finish()?;
-    for name in &names {
-        let rows = spool.rows(name);
-        if rows != tokens {
-            bail!(
-                "herd bug: calibration output {name} holds {rows} rows for {tokens} prompt tokens"
-            );
-        }
-    }
-    drop(model);
-    // The calibration bundle is no longer needed; the spool stays until the weights are written.
-    std::fs::remove_dir_all(&report.bundle).ok();
-    spool.keep(tmp);
-    Ok(Calibration {
-        spool,
-        prompts: prompts.len(),
-        tokens,
-    })
 }
 
 /// What [`apply`] did.
@@ -139,21 +68,19 @@ pub(super) struct GptqSummary {
 }
 
 /// Replaces every int4/int8-quantized weight of `graph` by GPTQ's codes and scales, written under
-/// `dir` (which must outlive the graph's use).
+/// `dir` (which must outlive the graph's use), calibrating `options.model` a window of layers at a
+/// time ([`super::gptq_windows`]).
 pub(super) fn apply(
     graph: &mut Graph,
-    calibration: &Calibration,
+    options: &CompileOptions,
+    config: &herd_ir::Llama4Config,
     dir: &Path,
     search: herd_ir::quant::ScaleSearch,
-    activation_aware: bool,
 ) -> Result<GptqSummary> {
     std::fs::create_dir_all(dir)?;
-    let bar = progress_bar(matrix_count(graph), "GPTQ matrices");
-    let channels = if activation_aware {
-        super::awq::search(graph, calibration)?
-    } else {
-        super::awq::ChannelScales::none()
-    };
+    let activation_aware = options.quant_method == QuantMethod::Awq;
+    let progress = indicatif::MultiProgress::new();
+    let bar = progress.add(progress_bar(matrix_count(graph), "GPTQ matrices"));
     let mut writer = MatrixWriter {
         dir: dir.to_path_buf(),
         files: Vec::new(),
@@ -167,18 +94,55 @@ pub(super) fn apply(
     };
     // Each weight's matrices (expert order) as written files.
     let mut replaced: BTreeMap<NodeIndex, Vec<usize>> = BTreeMap::new();
-    projections(graph, calibration, &channels, &mut writer, &mut replaced)?;
-    for moe in moe_nodes(graph) {
-        moe_experts(
-            graph,
-            moe,
-            calibration,
-            &channels,
-            &mut writer,
-            &mut replaced,
-        )?;
+    let mut scaled_norms = 0;
+    let quantized: &Graph = graph;
+    let (prompts, tokens) = super::gptq_windows::calibrate(
+        options,
+        config,
+        &dir.join("calibration"),
+        &progress,
+        |calibration| {
+            let channels = if activation_aware {
+                super::awq::search(quantized, calibration)?
+            } else {
+                super::awq::ChannelScales::none()
+            };
+            projections(
+                quantized,
+                calibration,
+                &channels,
+                &mut writer,
+                &mut replaced,
+            )?;
+            for moe in moe_nodes(quantized) {
+                if calibration
+                    .spool
+                    .has(&output_name(&node_name(quantized, moe)))
+                {
+                    moe_experts(
+                        quantized,
+                        moe,
+                        calibration,
+                        &channels,
+                        &mut writer,
+                        &mut replaced,
+                    )?;
+                }
+            }
+            fold_channel_scales(quantized, &channels, &mut writer, &mut replaced)?;
+            scaled_norms += channels.norms.iter().filter(|n| n.alpha > 0.0).count();
+            Ok(())
+        },
+    )?;
+    for weight in linear_inputs(graph)?.keys() {
+        if int_weight(graph, *weight).is_some() && !replaced.contains_key(weight) {
+            // lm_head (quantized unless --keep-head): its inputs are not exposed.
+            tracing::info!(
+                "GPTQ: no calibration inputs for `{}`: rounded to nearest",
+                node_name(graph, *weight)
+            );
+        }
     }
-    fold_channel_scales(graph, &channels, &mut writer, &mut replaced)?;
     let warning = (writer.undersampled > 0).then(|| {
         format!(
             "GPTQ: {} of {} matrices saw fewer calibration rows than input features (experts see only the tokens routed to them) and can be fitted to the calibration prompts: pass more or longer prompts with --calibrate",
@@ -189,10 +153,7 @@ pub(super) fn apply(
     let summary = GptqSummary {
         matrices: writer.files.len(),
         weights: replaced.len(),
-        calibration: format!(
-            "{} prompts, {} tokens",
-            calibration.prompts, calibration.tokens
-        ),
+        calibration: format!("{prompts} prompts, {tokens} tokens"),
         sqnr_db: writer
             .error
             .iter()
@@ -206,7 +167,7 @@ pub(super) fn apply(
             })
             .collect(),
         warning,
-        scaled_norms: channels.norms.iter().filter(|n| n.alpha > 0.0).count(),
+        scaled_norms,
     };
     bar.finish_and_clear();
     rewrite(graph, &writer, &replaced)?;
@@ -227,13 +188,19 @@ fn projections(
         let Some((w, spec)) = int_weight(graph, *weight) else {
             continue;
         };
-        if !consumers.iter().all(|e| calibration.spool.has(e)) {
-            // lm_head (quantized unless --keep-head): its inputs are not exposed; it keeps RTN.
-            tracing::info!(
-                "GPTQ: no calibration inputs for `{}`: rounded to nearest",
+        let present = consumers
+            .iter()
+            .filter(|e| calibration.spool.has(e))
+            .count();
+        if present == 0 {
+            // Another window's weight, or one whose inputs are not exposed (lm_head).
+            continue;
+        }
+        if present != consumers.len() {
+            bail!(
+                "herd bug: `{}` is fed from two calibration windows",
                 node_name(graph, *weight)
             );
-            continue;
         }
         let scales = consumers.first().and_then(|e| channels.of(e));
         if consumers.iter().any(|e| channels.of(e) != scales) {
@@ -288,7 +255,7 @@ fn fold_channel_scales(
 }
 
 /// A bar of `total` steps on stderr (hidden when stderr is not a terminal).
-fn progress_bar(total: usize, what: &str) -> indicatif::ProgressBar {
+pub(super) fn progress_bar(total: usize, what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(total as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} (eta {eta})")
@@ -644,7 +611,7 @@ mod tests {
                 max_context: 64,
                 quant: Some(herd_passes::quantize::QuantOptions {
                     scheme: herd_ir::quant::QuantScheme::Int4 { block: 32 },
-                    scale_dtype: DType::F32,
+                    scale_dtype: herd_ir::DType::F32,
                     search: herd_ir::quant::ScaleSearch::Clip,
                     head: false,
                     embeddings: false,
@@ -658,7 +625,6 @@ mod tests {
                     dir.path().join(format!("{method:?}-{moe:?}")),
                 )
             };
-            let calibration = collect(&options).expect("calibration");
             let mut imported = super::super::import(&options).expect("import");
             let mut stages = Vec::new();
             super::super::run_passes(
@@ -668,9 +634,13 @@ mod tests {
                 &mut stages,
             )
             .expect("passes");
-            let (summary, _weights) =
-                super::super::gptq_stage(&options, &calibration, &mut imported.graph, &mut stages)
-                    .expect("gptq");
+            let (summary, _weights) = super::super::gptq_stage(
+                &options,
+                &imported.config,
+                &mut imported.graph,
+                &mut stages,
+            )
+            .expect("gptq");
             assert!(
                 summary.matrices > summary.weights,
                 "experts are quantized one by one"
@@ -681,9 +651,7 @@ mod tests {
                     "AWQ scaled no norm: the folding is untested"
                 );
             }
-            let report =
-                super::super::compile_calibrated(&options, Some(&calibration), &mut |_, _| {})
-                    .expect("compile");
+            let report = super::super::compile(&options, &mut |_, _| {}).expect("compile");
             let model = herd_runtime::Model::load(&report.bundle, &Default::default()).unwrap();
             let vocab = model.bundle.manifest.model.vocab_size;
             for ids in prompts.iter().take(3) {

@@ -16,6 +16,7 @@ mod awq;
 mod decoder;
 mod gptq;
 mod gptq_files;
+mod gptq_windows;
 mod spool;
 mod tensorrt;
 
@@ -55,6 +56,9 @@ pub struct CompileOptions {
     pub quant_method: QuantMethod,
     /// Token-id prompts for calibration (fp8 activations for TensorRT, GPTQ); a built-in set when None.
     pub calibration_prompts: Option<Vec<Vec<i64>>>,
+    /// Decoder layers per GPTQ calibration window: each window's float weights are compiled, run and
+    /// deleted in turn, so disk holds one window of the float model at a time.
+    pub calibration_window_layers: usize,
     /// Build a calibration bundle exposing these inputs as outputs (internal).
     pub expose_calibration: Option<herd_passes::calibrate::Exposed>,
     /// Compile the vision tower when the checkpoint has one (`--text-only` turns it off).
@@ -83,6 +87,7 @@ impl CompileOptions {
             run: RunOptions::default(),
             dump_dir: None,
             calibration_prompts: None,
+            calibration_window_layers: 1,
             expose_calibration: None,
             quant_method: QuantMethod::Rtn,
             vision: true,
@@ -125,19 +130,6 @@ pub fn compile(
     options: &CompileOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<CompileReport> {
-    let gptq_calibration = match options.quant_method {
-        QuantMethod::Gptq | QuantMethod::Awq => Some(gptq::collect(options)?),
-        QuantMethod::Rtn => None,
-    };
-    compile_calibrated(options, gptq_calibration.as_ref(), progress)
-}
-
-/// [`compile`] with GPTQ's calibration activations already collected (when the method is GPTQ).
-fn compile_calibrated(
-    options: &CompileOptions,
-    gptq_calibration: Option<&gptq::Calibration>,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<CompileReport> {
     if let Some(trt) = &options.tensorrt {
         tensorrt::check_tensorrt(options, trt)?;
     } else if options.dtype == DType::BF16 {
@@ -159,11 +151,15 @@ fn compile_calibrated(
     stages.push(("import".to_string(), start.elapsed()));
     let activation_pass = activation_pass(options, calibration.as_ref().map(|(s, _)| s));
     run_passes(options, activation_pass, &mut imported.graph, &mut stages)?;
-    let gptq_weights = match gptq_calibration {
-        Some(c) => Some(gptq_stage(options, c, &mut imported.graph, &mut stages)?),
-        None => None,
+    let gptq_weights = match options.quant_method {
+        QuantMethod::Gptq | QuantMethod::Awq => Some(gptq_stage(
+            options,
+            &imported.config,
+            &mut imported.graph,
+            &mut stages,
+        )?),
+        QuantMethod::Rtn => None,
     };
-    let calibration_outputs = herd_passes::calibrate::exposed(&imported.graph);
     let activations = calibration.as_ref().map(|(_, prompts)| {
         let n = herd_passes::calibrate::quantized_inputs(&imported.graph);
         format!(
@@ -225,7 +221,7 @@ fn compile_calibrated(
         checkpoint_bytes: imported.checkpoint_bytes,
         peak_rss_bytes: peak_rss_bytes(),
         node_counts: decoder.node_counts(),
-        calibration_outputs,
+        calibration_outputs: decoder.calibration_outputs.clone(),
         warnings: gptq_weights
             .as_ref()
             .and_then(|(g, _)| g.warning.clone())
@@ -370,7 +366,7 @@ fn import(options: &CompileOptions) -> Result<ImportedModel> {
 /// returned directory once the bundle is written).
 fn gptq_stage(
     options: &CompileOptions,
-    calibration: &gptq::Calibration,
+    config: &herd_ir::Llama4Config,
     graph: &mut herd_ir::Graph,
     stages: &mut Vec<(String, Duration)>,
 ) -> Result<(gptq::GptqSummary, tempfile::TempDir)> {
@@ -394,8 +390,7 @@ fn gptq_stage(
                 parent.display()
             )
         })?;
-    let activation_aware = options.quant_method == QuantMethod::Awq;
-    let summary = gptq::apply(graph, calibration, dir.path(), search, activation_aware)?;
+    let summary = gptq::apply(graph, options, config, dir.path(), search)?;
     tracing::info!(
         "GPTQ: {} matrices of {} weights on {}; AWQ scaled the inputs of {} norms",
         summary.matrices,
@@ -528,7 +523,14 @@ fn manifest(
         } else {
             Target::Onnx
         },
-        stages: decoder.stage_ios(written.stage_profiles.as_deref()),
+        stages: decoder.stage_ios(
+            imported.config.num_layers,
+            written.stage_profiles.as_deref(),
+        ),
+        layer_window: match &options.stages {
+            decoder::StageSplit::Window(w) => Some(w.clone()),
+            _ => None,
+        },
         tensorrt: written.tensorrt,
         quantization: options.quant.as_ref().map(|q| QuantizationInfo {
             scheme: q.scheme.name(),

@@ -12,7 +12,6 @@ use anyhow::{bail, Context, Result};
 pub(super) struct Spool {
     dir: PathBuf,
     streams: BTreeMap<String, Stream>,
-    keep: Option<tempfile::TempDir>,
 }
 
 struct Stream {
@@ -31,13 +30,7 @@ impl Spool {
         Ok(Spool {
             dir,
             streams: BTreeMap::new(),
-            keep: None,
         })
-    }
-
-    /// Keeps `dir` (the temporary directory holding the spool) alive as long as the spool.
-    pub(super) fn keep(&mut self, dir: tempfile::TempDir) {
-        self.keep = Some(dir);
     }
 
     pub(super) fn append(&mut self, name: &str, width: usize, values: &[f32]) -> Result<()> {
@@ -139,6 +132,73 @@ impl Spool {
     }
 }
 
+/// The residual stream one calibration window hands the next: each prompt's rows of f32 appended in
+/// prompt order, read back prompt by prompt; the file is removed once read.
+pub(super) struct Residuals {
+    path: PathBuf,
+    writer: BufWriter<File>,
+    width: usize,
+}
+
+impl Residuals {
+    pub(super) fn create(path: PathBuf, width: usize) -> Result<Residuals> {
+        let file = File::create(&path)
+            .with_context(|| format!("{}: cannot spool the residual stream", path.display()))?;
+        Ok(Residuals {
+            path,
+            writer: BufWriter::with_capacity(1 << 20, file),
+            width,
+        })
+    }
+
+    pub(super) fn append(&mut self, rows: &[f32]) -> Result<()> {
+        for v in rows {
+            self.writer.write_all(&v.to_le_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Flushes what was appended and opens it for reading.
+    pub(super) fn finish(mut self) -> Result<ResidualReader> {
+        self.writer.flush().with_context(|| {
+            format!("{}: cannot spool the residual stream", self.path.display())
+        })?;
+        let file = File::open(&self.path)?;
+        Ok(ResidualReader {
+            path: std::mem::take(&mut self.path),
+            reader: BufReader::with_capacity(1 << 20, file),
+            width: self.width,
+        })
+    }
+}
+
+/// Reads [`Residuals`] back, prompt by prompt; removes the file when dropped.
+pub(super) struct ResidualReader {
+    path: PathBuf,
+    reader: BufReader<File>,
+    width: usize,
+}
+
+impl ResidualReader {
+    /// The next prompt's rows: `tokens` x the stream's width.
+    pub(super) fn next(&mut self, tokens: usize) -> Result<Vec<f32>> {
+        let mut bytes = vec![0u8; tokens * self.width * 4];
+        self.reader
+            .read_exact(&mut bytes)
+            .with_context(|| format!("{}: residual stream cut short", self.path.display()))?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+}
+
+impl Drop for ResidualReader {
+    fn drop(&mut self) {
+        std::fs::remove_file(&self.path).ok();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,5 +216,20 @@ mod tests {
             spool.read_all("a").unwrap(),
             vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
         );
+    }
+
+    #[test]
+    fn residuals_come_back_by_prompt_and_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.f32");
+        let mut r = Residuals::create(path.clone(), 2).unwrap();
+        r.append(&[1.0, 2.0]).unwrap();
+        r.append(&[3.0, 4.0, 5.0, 6.0]).unwrap();
+        let mut reader = r.finish().unwrap();
+        assert_eq!(reader.next(1).unwrap(), vec![1.0, 2.0]);
+        assert_eq!(reader.next(2).unwrap(), vec![3.0, 4.0, 5.0, 6.0]);
+        assert!(reader.next(1).is_err());
+        drop(reader);
+        assert!(!path.exists());
     }
 }
