@@ -63,17 +63,24 @@ pub(super) fn calibrate(
             window.end,
             config.num_layers
         );
-        let bundle = compile_window(options, window.clone(), &work.join("window"))?;
+        let bundle =
+            compile_window(options, window.clone(), &work.join("window")).with_context(|| {
+                format!(
+                    "GPTQ: compiling the float calibration window of layers {}..{}",
+                    window.start, window.end
+                )
+            })?;
         let model =
             herd_runtime::Model::load(&bundle.dir, &herd_runtime::RuntimeOptions::default())?;
         let spool_dir = work.join("spool");
         let mut spool = Spool::create(spool_dir.clone())?;
-        let mut next = match window.end < config.num_layers {
-            true => Some(Residuals::create(
+        let mut next = if window.end < config.num_layers {
+            Some(Residuals::create(
                 work.join(format!("residual-{index}.f32")),
                 config.hidden_size,
-            )?),
-            false => None,
+            )?)
+        } else {
+            None
         };
         for (i, prompt) in prompts.iter().enumerate() {
             let hidden_in = match &mut carried {
@@ -116,9 +123,20 @@ pub(super) fn calibrate(
             }
         }
         drop(model);
-        std::fs::remove_dir_all(&bundle.dir).ok();
+        // The next window is compiled to the same path: a leftover would stop it.
+        std::fs::remove_dir_all(&bundle.dir).with_context(|| {
+            format!(
+                "{}: cannot remove the calibration window",
+                bundle.dir.display()
+            )
+        })?;
         quantize(&Calibration { spool })?;
-        std::fs::remove_dir_all(&spool_dir).ok();
+        std::fs::remove_dir_all(&spool_dir).with_context(|| {
+            format!(
+                "{}: cannot remove the calibration spool",
+                spool_dir.display()
+            )
+        })?;
         carried = next.map(Residuals::finish).transpose()?;
     }
     bar.finish_and_clear();
