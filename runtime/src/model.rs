@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session, SessionInputValue, SessionOutputs};
-use ort::value::Tensor;
+use ort::value::{DynValue, Tensor};
 
 use crate::bundle::Bundle;
 use crate::cache::KvCache;
@@ -298,21 +298,7 @@ impl Model {
                 .get(&info.image_features)
                 .ok_or_else(|| RuntimeError::bug("vision", "no image_features output"))?;
             let expected = image.tiles * info.tokens_per_tile * m.model.hidden_size;
-            let rows: Vec<f32> = match m.dtype {
-                ElementType::F16 => out
-                    .try_extract_tensor::<half::f16>()?
-                    .1
-                    .iter()
-                    .map(|v| v.to_f32())
-                    .collect(),
-                ElementType::Bf16 => out
-                    .try_extract_tensor::<half::bf16>()?
-                    .1
-                    .iter()
-                    .map(|v| v.to_f32())
-                    .collect(),
-                ElementType::F32 => out.try_extract_tensor::<f32>()?.1.to_vec(),
-            };
+            let rows = float_values(m.dtype, out)?;
             if rows.len() != expected {
                 return Err(RuntimeError::bug(
                     "vision",
@@ -532,15 +518,7 @@ impl Model {
             extra: names,
         };
         self.feed_pieces(&mut cache, feed, &mut |_| {}, &mut |outputs| {
-            for name in names {
-                let value = outputs
-                    .get(name)
-                    .ok_or_else(|| RuntimeError::bug("probe", format!("no {name} output")))?;
-                let (shape, data) = value.try_extract_tensor::<f32>()?;
-                let shape: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
-                visit(name, &shape, data)?;
-            }
-            Ok(())
+            visit_outputs(outputs, names, visit)
         })
     }
 
@@ -603,6 +581,15 @@ pub(crate) fn float_input(
     shape: Vec<usize>,
     values: &[f32],
 ) -> Result<SessionInputValue<'static>, RuntimeError> {
+    float_value(element, shape, values).map(SessionInputValue::from)
+}
+
+/// Values of f32 as a tensor of the bundle's activation dtype.
+pub(crate) fn float_value(
+    element: ElementType,
+    shape: Vec<usize>,
+    values: &[f32],
+) -> Result<DynValue, RuntimeError> {
     Ok(match element {
         ElementType::F16 => Tensor::<half::f16>::from_array((
             shape,
@@ -611,8 +598,7 @@ pub(crate) fn float_input(
                 .map(|&v| half::f16::from_f32(v))
                 .collect::<Vec<_>>(),
         ))?
-        .into_dyn()
-        .into(),
+        .into_dyn(),
         ElementType::Bf16 => Tensor::<half::bf16>::from_array((
             shape,
             values
@@ -620,10 +606,46 @@ pub(crate) fn float_input(
                 .map(|&v| half::bf16::from_f32(v))
                 .collect::<Vec<_>>(),
         ))?
-        .into_dyn()
-        .into(),
-        ElementType::F32 => Tensor::<f32>::from_array((shape, values.to_vec()))?
-            .into_dyn()
-            .into(),
+        .into_dyn(),
+        ElementType::F32 => Tensor::<f32>::from_array((shape, values.to_vec()))?.into_dyn(),
     })
+}
+
+/// A tensor of the bundle's activation dtype as f32 values.
+pub(crate) fn float_values(
+    element: ElementType,
+    value: &DynValue,
+) -> Result<Vec<f32>, RuntimeError> {
+    Ok(match element {
+        ElementType::F16 => value
+            .try_extract_tensor::<half::f16>()?
+            .1
+            .iter()
+            .map(|v| v.to_f32())
+            .collect(),
+        ElementType::Bf16 => value
+            .try_extract_tensor::<half::bf16>()?
+            .1
+            .iter()
+            .map(|v| v.to_f32())
+            .collect(),
+        ElementType::F32 => value.try_extract_tensor::<f32>()?.1.to_vec(),
+    })
+}
+
+/// Hands `visit` the extra outputs `names` (f32) of one call as (name, shape, values).
+pub(crate) fn visit_outputs(
+    outputs: &SessionOutputs,
+    names: &[String],
+    visit: &mut ProbeVisitor<'_>,
+) -> Result<(), RuntimeError> {
+    for name in names {
+        let value = outputs
+            .get(name)
+            .ok_or_else(|| RuntimeError::bug("probe", format!("no {name} output")))?;
+        let (shape, data) = value.try_extract_tensor::<f32>()?;
+        let shape: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
+        visit(name, &shape, data)?;
+    }
+    Ok(())
 }

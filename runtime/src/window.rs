@@ -4,12 +4,9 @@
 //!
 //! [`Manifest::layer_window`]: crate::manifest::Manifest::layer_window
 
-use ort::value::{DynValue, Tensor};
-
 use crate::decode::{RowInput, StageOutput};
 use crate::error::RuntimeError;
-use crate::manifest::ElementType;
-use crate::model::{Model, ProbeVisitor};
+use crate::model::{float_value, float_values, visit_outputs, Model, ProbeVisitor};
 
 impl Model {
     /// Runs `ids` (one sequence from position 0) through a calibration window. `hidden` is the
@@ -69,7 +66,7 @@ impl Model {
             };
             let call = self.prepare_call(&cache, &[row], false)?;
             let hidden_in = match hidden {
-                Some(rows) => Some(hidden_value(
+                Some(rows) => Some(float_value(
                     m.dtype,
                     vec![1, n, h],
                     &rows[done * h..(done + n) * h],
@@ -79,81 +76,20 @@ impl Model {
             let layers = cache.layers.iter_mut().collect();
             let output =
                 self.run_stage(stage, &call, layers, hidden_in, names, &mut |outputs| {
-                    for name in names {
-                        let value = outputs.get(name).ok_or_else(|| {
-                            RuntimeError::bug("probe_window", format!("no {name} output"))
-                        })?;
-                        let (shape, data) = value.try_extract_tensor::<f32>()?;
-                        let shape: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
-                        visit(name, &shape, data)?;
-                    }
-                    Ok(())
+                    visit_outputs(outputs, names, visit)
                 })?;
             if let (StageOutput::Hidden(value), Some(out)) = (output, out.as_mut()) {
-                let before = out.len();
-                extend_f32(out, m.dtype, &value)?;
-                if out.len() - before != n * h {
+                let rows = float_values(m.dtype, &value)?;
+                if rows.len() != n * h {
                     return Err(RuntimeError::bug(
                         "probe_window",
-                        format!("{} residual values for {n} tokens", out.len() - before),
+                        format!("{} residual values for {n} tokens", rows.len()),
                     ));
                 }
+                out.extend_from_slice(&rows);
             }
             done += n;
         }
         Ok(out)
     }
-}
-
-/// Rows of f32 as a tensor of the bundle's activation type.
-fn hidden_value(
-    element: ElementType,
-    shape: Vec<usize>,
-    values: &[f32],
-) -> Result<DynValue, RuntimeError> {
-    Ok(match element {
-        ElementType::F32 => Tensor::<f32>::from_array((shape, values.to_vec()))?.into_dyn(),
-        ElementType::F16 => Tensor::<half::f16>::from_array((
-            shape,
-            values
-                .iter()
-                .map(|&v| half::f16::from_f32(v))
-                .collect::<Vec<_>>(),
-        ))?
-        .into_dyn(),
-        ElementType::Bf16 => Tensor::<half::bf16>::from_array((
-            shape,
-            values
-                .iter()
-                .map(|&v| half::bf16::from_f32(v))
-                .collect::<Vec<_>>(),
-        ))?
-        .into_dyn(),
-    })
-}
-
-/// Appends a tensor of the bundle's activation type to `out` as f32.
-fn extend_f32(
-    out: &mut Vec<f32>,
-    element: ElementType,
-    value: &DynValue,
-) -> Result<(), RuntimeError> {
-    match element {
-        ElementType::F32 => out.extend_from_slice(value.try_extract_tensor::<f32>()?.1),
-        ElementType::F16 => out.extend(
-            value
-                .try_extract_tensor::<half::f16>()?
-                .1
-                .iter()
-                .map(|v| v.to_f32()),
-        ),
-        ElementType::Bf16 => out.extend(
-            value
-                .try_extract_tensor::<half::bf16>()?
-                .1
-                .iter()
-                .map(|v| v.to_f32()),
-        ),
-    }
-    Ok(())
 }

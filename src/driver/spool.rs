@@ -62,9 +62,7 @@ impl Spool {
             );
         }
         let writer = stream.writer.as_mut().context("herd bug: spool finished")?;
-        for v in values {
-            writer.write_all(&v.to_le_bytes())?;
-        }
+        write_f32s(writer, values)?;
         stream.rows += values.len() / width;
         Ok(())
     }
@@ -111,11 +109,7 @@ impl Spool {
             reader.read_exact(&mut bytes).with_context(|| {
                 format!("{}: spooled activations cut short", stream.path.display())
             })?;
-            let values: Vec<f32> = bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            f(&values)?;
+            f(&f32s_of(&bytes))?;
             left -= rows;
         }
         Ok(())
@@ -152,10 +146,8 @@ impl Residuals {
     }
 
     pub(super) fn append(&mut self, rows: &[f32]) -> Result<()> {
-        for v in rows {
-            self.writer.write_all(&v.to_le_bytes())?;
-        }
-        Ok(())
+        write_f32s(&mut self.writer, rows)
+            .with_context(|| format!("{}: cannot spool the residual stream", self.path.display()))
     }
 
     /// Flushes what was appended and opens it for reading.
@@ -186,10 +178,7 @@ impl ResidualReader {
         self.reader
             .read_exact(&mut bytes)
             .with_context(|| format!("{}: residual stream cut short", self.path.display()))?;
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        Ok(f32s_of(&bytes))
     }
 }
 
@@ -197,6 +186,22 @@ impl Drop for ResidualReader {
     fn drop(&mut self) {
         std::fs::remove_file(&self.path).ok();
     }
+}
+
+/// Appends `values` as little-endian f32.
+fn write_f32s(writer: &mut BufWriter<File>, values: &[f32]) -> std::io::Result<()> {
+    for v in values {
+        writer.write_all(&v.to_le_bytes())?;
+    }
+    Ok(())
+}
+
+/// Little-endian f32 bytes as values.
+fn f32s_of(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 #[cfg(test)]
